@@ -1,0 +1,351 @@
+package caddychat
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode/utf8"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/coder/websocket"
+	"go.uber.org/zap"
+)
+
+// ServeHTTP upgrades the request to a WebSocket and serves it until it closes.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	if !isWebSocketUpgrade(r) {
+		w.Header().Set("Upgrade", "websocket")
+		w.Header().Set("Connection", "Upgrade")
+		http.Error(w, "this endpoint speaks WebSocket only", http.StatusUpgradeRequired)
+		return nil
+	}
+	var rawChannel string
+	if h.Protocol == protocolRaw {
+		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+		rawChannel = h.Channel
+		if repl != nil {
+			rawChannel = repl.ReplaceAll(h.Channel, "")
+		}
+		if err := validateChannel(rawChannel); err != nil {
+			http.Error(w, "bad channel: "+err.Error(), http.StatusBadRequest)
+			return nil
+		}
+	}
+
+	ws, err := websocket.Accept(w, r, &h.acceptOptions)
+	if err != nil {
+		// Accept has answered the request (403 for a foreign origin, 400 for a
+		// malformed handshake).
+		h.logger.Debug("websocket upgrade refused", zap.Error(err))
+		return nil
+	}
+	// From here on w belongs to the WebSocket, and r's context ends with
+	// ServeHTTP: the connection runs on contexts of its own.
+	ws.SetReadLimit(h.MaxMessageSize)
+	c := newConn(h, ws, rawChannel)
+	c.serve()
+	return nil
+}
+
+func isWebSocketUpgrade(r *http.Request) bool {
+	return headerHasToken(r.Header, "Connection", "upgrade") && headerHasToken(r.Header, "Upgrade", "websocket")
+}
+
+func headerHasToken(h http.Header, key, token string) bool {
+	for _, v := range h.Values(key) {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// outFrame is one queued server→client frame: either a delivery shared with
+// other subscribers or a frame for this connection alone.
+type outFrame struct {
+	delivery *delivery
+	own      []byte
+}
+
+// conn is one client connection. The goroutine that runs serve reads frames;
+// a second goroutine is its only writer, draining the bounded send queue.
+type conn struct {
+	id         string
+	user       string
+	h          *Handler
+	hub        *hub
+	ws         *websocket.Conn
+	rawChannel string // the bridged channel in raw mode; empty in JSON mode
+
+	send       chan outFrame
+	ctx        context.Context // ends when the connection starts closing
+	cancel     context.CancelFunc
+	closeOnce  sync.Once
+	closeCode  websocket.StatusCode
+	closeWhy   string
+	writerDone chan struct{}
+	pinging    atomic.Bool
+
+	// subscribed is only touched by the reading goroutine.
+	subscribed map[string]struct{}
+}
+
+func newConn(h *Handler, ws *websocket.Conn, rawChannel string) *conn {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &conn{
+		id:         h.hub.nextConnID(),
+		h:          h,
+		hub:        h.hub,
+		ws:         ws,
+		rawChannel: rawChannel,
+		send:       make(chan outFrame, h.SendQueue),
+		ctx:        ctx,
+		cancel:     cancel,
+		writerDone: make(chan struct{}),
+		subscribed: make(map[string]struct{}),
+	}
+}
+
+// fail starts closing the connection with code; the first call wins.
+func (c *conn) fail(code websocket.StatusCode, why string) {
+	c.closeOnce.Do(func() {
+		c.closeCode, c.closeWhy = code, why
+		c.cancel()
+	})
+}
+
+// enqueue queues f without blocking. A full queue means the client does not
+// keep up: it is disconnected so that it never holds anyone else back.
+func (c *conn) enqueue(f outFrame) bool {
+	select {
+	case c.send <- f:
+		return true
+	default:
+		c.fail(closeSlowConsumer, "send queue full")
+		return false
+	}
+}
+
+func (c *conn) serve() {
+	log := c.h.logger.With(zap.String("conn", c.id))
+	if err := c.hub.register(c); err != nil {
+		_ = c.ws.Close(closeGoingAway, "node shutting down")
+		return
+	}
+	log.Debug("connection opened")
+	go c.writeLoop()
+
+	if c.rawChannel != "" {
+		if err := c.join(c.rawChannel); err != nil {
+			log.Info("raw channel subscription failed", zap.String("channel", c.rawChannel), zap.Error(err))
+			c.fail(closeTryAgainLater, "broker unavailable")
+		}
+	} else {
+		c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.user})
+	}
+	if c.ctx.Err() == nil {
+		c.readLoop()
+	}
+	c.fail(closeNormal, "")
+
+	channels := make([]string, 0, len(c.subscribed))
+	for ch := range c.subscribed {
+		channels = append(channels, ch)
+	}
+	c.hub.unregister(c, channels)
+	<-c.writerDone
+	log.Debug("connection closed", zap.Int("code", int(c.closeCode)), zap.String("reason", c.closeWhy))
+}
+
+func (c *conn) readLoop() {
+	for {
+		// The read is not tied to c.ctx: closing goes through the writer's close
+		// handshake, which ends this read once the peer answers or times out.
+		typ, frame, err := c.ws.Read(context.Background())
+		if err != nil {
+			return
+		}
+		if typ != websocket.MessageText {
+			c.fail(closeUnsupported, "binary frames are not supported")
+			return
+		}
+		if !utf8.Valid(frame) {
+			c.fail(closeInvalidPayload, "text frame is not valid UTF-8")
+			return
+		}
+		if c.rawChannel != "" {
+			if !c.publishRaw(frame) {
+				return
+			}
+			continue
+		}
+		c.handleFrame(frame)
+		if c.ctx.Err() != nil {
+			return
+		}
+	}
+}
+
+func (c *conn) brokerContext() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(c.ctx, time.Duration(c.h.PublishTimeout))
+}
+
+func (c *conn) join(channel string) error {
+	ctx, cancel := c.brokerContext()
+	defer cancel()
+	if err := c.hub.subscribe(ctx, c, channel); err != nil {
+		return err
+	}
+	c.subscribed[channel] = struct{}{}
+	return nil
+}
+
+func (c *conn) publishRaw(frame []byte) bool {
+	ctx, cancel := c.brokerContext()
+	defer cancel()
+	if _, err := c.hub.publish(ctx, Publication{Channel: c.rawChannel, From: c.user, Raw: frame}); err != nil {
+		c.h.logger.Info("raw publish failed", zap.String("conn", c.id), zap.Error(err))
+		c.fail(closeTryAgainLater, "broker unavailable")
+		return false
+	}
+	return true
+}
+
+// handleFrame answers one JSON-protocol frame. Every error here is the
+// client's alone and leaves the connection open.
+func (c *conn) handleFrame(frame []byte) {
+	f, err := decodeClientFrame(frame)
+	if err != nil {
+		c.replyError(f.ID, errBadRequest, err.Error())
+		return
+	}
+	switch f.Op {
+	case "subscribe", "unsubscribe", "publish":
+	case "":
+		c.replyError(f.ID, errBadRequest, `missing "op"`)
+		return
+	default:
+		c.replyError(f.ID, errBadRequest, fmt.Sprintf("unknown op %q", truncate(f.Op, 32)))
+		return
+	}
+	if err := validateChannel(f.Channel); err != nil {
+		c.replyError(f.ID, errBadRequest, err.Error())
+		return
+	}
+
+	switch f.Op {
+	case "subscribe":
+		if err := c.join(f.Channel); err != nil {
+			c.h.logger.Info("subscribe failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
+			c.replyError(f.ID, errUnavailable, "cannot subscribe now: the message broker is unavailable")
+			return
+		}
+		c.sendOwn(reply{Type: "ok", ID: f.ID, Channel: f.Channel})
+	case "unsubscribe":
+		if _, ok := c.subscribed[f.Channel]; ok {
+			delete(c.subscribed, f.Channel)
+			c.hub.unsubscribe(c, f.Channel)
+		}
+		c.sendOwn(reply{Type: "ok", ID: f.ID, Channel: f.Channel})
+	case "publish":
+		if len(f.Data) == 0 {
+			c.replyError(f.ID, errBadRequest, `publish needs "data"`)
+			return
+		}
+		ctx, cancel := c.brokerContext()
+		id, err := c.hub.publish(ctx, Publication{Channel: f.Channel, From: c.user, Data: f.Data})
+		cancel()
+		if err != nil {
+			c.h.logger.Info("publish failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
+			c.replyError(f.ID, errUnavailable, "message not published: the message broker is unavailable")
+			return
+		}
+		c.sendOwn(reply{Type: "ok", ID: f.ID, Channel: f.Channel, MessageID: id})
+	}
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
+
+func (c *conn) replyError(id json.RawMessage, code, message string) {
+	c.sendOwn(reply{Type: "error", ID: id, Code: code, Message: message})
+}
+
+func (c *conn) sendOwn(v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		c.h.logger.Error("encoding reply", zap.Error(err))
+		c.fail(closeInternal, "internal error")
+		return
+	}
+	c.enqueue(outFrame{own: b})
+}
+
+// writeLoop is the connection's only writer. It also pings the peer and, once
+// the connection starts closing, performs the close handshake.
+func (c *conn) writeLoop() {
+	defer close(c.writerDone)
+	ping := time.NewTicker(time.Duration(c.h.PingInterval))
+	defer ping.Stop()
+	for {
+		// Closing wins over queued frames: a select alone picks at random.
+		if c.ctx.Err() != nil {
+			_ = c.ws.Close(c.closeCode, c.closeWhy)
+			return
+		}
+		select {
+		case f := <-c.send:
+			if err := c.write(f); err != nil {
+				c.fail(closeInternal, "write failed")
+				_ = c.ws.CloseNow()
+				return
+			}
+		case <-ping.C:
+			if c.pinging.CompareAndSwap(false, true) {
+				go c.ping()
+			}
+		case <-c.ctx.Done():
+			_ = c.ws.Close(c.closeCode, c.closeWhy)
+			return
+		}
+	}
+}
+
+func (c *conn) write(f outFrame) error {
+	frame := f.own
+	if f.delivery != nil {
+		if c.rawChannel != "" {
+			frame = f.delivery.rawForm()
+		} else {
+			frame = f.delivery.jsonForm()
+		}
+	}
+	// Not derived from c.ctx: a write cut short by closing would tear the
+	// connection down before the close frame could be sent.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(c.h.WriteTimeout))
+	defer cancel()
+	return c.ws.Write(ctx, websocket.MessageText, frame)
+}
+
+// ping runs outside the writer so that waiting for the pong never delays
+// deliveries; at most one ping per connection is in flight.
+func (c *conn) ping() {
+	defer c.pinging.Store(false)
+	ctx, cancel := context.WithTimeout(c.ctx, time.Duration(c.h.PingInterval))
+	defer cancel()
+	if err := c.ws.Ping(ctx); err != nil && c.ctx.Err() == nil {
+		c.fail(closePingTimeout, "ping timeout")
+	}
+}

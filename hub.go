@@ -1,0 +1,282 @@
+package caddychat
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+)
+
+// hubs holds one hub per broker configuration, shared by every handler
+// instance that names it, so that a config reload reuses the hub, its
+// connections and its Redis connections instead of opening new ones.
+var hubs = caddy.NewUsagePool()
+
+// hubConfig is what identifies a hub: handlers with equal hubConfigs share one.
+type hubConfig struct {
+	redisURL       string
+	channelPrefix  string
+	brokerTimeouts time.Duration
+}
+
+func (c hubConfig) key() string {
+	return fmt.Sprintf("caddychat|%s|%s", c.redisURL, c.channelPrefix)
+}
+
+// hub is a node's registry of channels and their local subscribers. It holds
+// one broker subscription per channel however many local clients listen, and
+// fans each incoming message out to them without ever waiting on a socket.
+type hub struct {
+	node   string
+	ids    *idGenerator
+	broker Broker
+	redis  redis.UniversalClient // nil for the in-memory broker
+	log    *zap.Logger
+
+	mu       sync.RWMutex
+	channels map[string]*channelState
+	conns    map[*conn]struct{}
+	closed   bool
+	connWG   sync.WaitGroup
+
+	connSeq atomic.Uint64
+	// dropped counts deliveries not queued because a client's send queue was full.
+	dropped atomic.Uint64
+}
+
+// channelState is one channel with local subscribers (or joins in progress).
+type channelState struct {
+	// brokerMu serialises the channel's broker Subscribe and Unsubscribe calls
+	// so Redis always sees them in the order the hub decided them.
+	brokerMu   sync.Mutex
+	subscribed bool // guarded by brokerMu
+
+	// refs counts members plus joins in progress; guarded by hub.mu. The entry
+	// stays in hub.channels while refs > 0 or a broker call is under way.
+	refs    int
+	members map[*conn]struct{} // guarded by hub.mu
+}
+
+var errHubClosed = errors.New("node is shutting down")
+
+func newHub(cfg hubConfig) (*hub, error) {
+	node, err := newNodeID()
+	if err != nil {
+		return nil, err
+	}
+	h := &hub{
+		node:     node,
+		ids:      &idGenerator{node: node},
+		log:      caddy.Log().Named("http.handlers.chat").With(zap.String("node", node)),
+		channels: make(map[string]*channelState),
+		conns:    make(map[*conn]struct{}),
+	}
+	if cfg.redisURL == "" {
+		h.broker = newMemoryBroker(h.ids, h.deliver)
+		return h, nil
+	}
+	opts, err := redis.ParseURL(cfg.redisURL)
+	if err != nil {
+		return nil, fmt.Errorf("parsing redis URL: %w", err)
+	}
+	opts.DialTimeout = cfg.brokerTimeouts
+	opts.ReadTimeout = cfg.brokerTimeouts
+	opts.WriteTimeout = cfg.brokerTimeouts
+	opts.ClientName = "caddychat-" + node
+	client := redis.NewClient(opts)
+	h.redis = client
+	h.broker = newRedisBroker(client, cfg.channelPrefix, h.ids, h.log, h.deliver)
+	return h, nil
+}
+
+func newNodeID() (string, error) {
+	var b [4]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", fmt.Errorf("generating node id: %w", err)
+	}
+	return hex.EncodeToString(b[:]), nil
+}
+
+func (h *hub) nextConnID() string {
+	return fmt.Sprintf("%s-%d", h.node, h.connSeq.Add(1))
+}
+
+// register adds c to the node's connections, so that closing the hub closes it.
+func (h *hub) register(c *conn) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed {
+		return errHubClosed
+	}
+	h.conns[c] = struct{}{}
+	h.connWG.Add(1)
+	return nil
+}
+
+// unregister removes c and every subscription it still holds.
+func (h *hub) unregister(c *conn, channels []string) {
+	for _, ch := range channels {
+		h.unsubscribe(c, ch)
+	}
+	h.mu.Lock()
+	delete(h.conns, c)
+	h.mu.Unlock()
+	h.connWG.Done()
+}
+
+// subscribe adds c to channel's members, subscribing the node to the channel
+// at the broker first when c is its first local member.
+func (h *hub) subscribe(ctx context.Context, c *conn, channel string) error {
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		return errHubClosed
+	}
+	cs := h.channels[channel]
+	if cs == nil {
+		cs = &channelState{members: make(map[*conn]struct{})}
+		h.channels[channel] = cs
+	}
+	if _, ok := cs.members[c]; ok {
+		h.mu.Unlock()
+		return nil
+	}
+	cs.refs++
+	h.mu.Unlock()
+
+	cs.brokerMu.Lock()
+	var err error
+	if !cs.subscribed {
+		if err = h.broker.Subscribe(ctx, channel); err == nil {
+			cs.subscribed = true
+		}
+	}
+	h.mu.Lock()
+	if err == nil {
+		cs.members[c] = struct{}{}
+	} else {
+		cs.refs--
+	}
+	h.mu.Unlock()
+	cs.brokerMu.Unlock()
+
+	if err != nil {
+		h.releaseIfIdle(channel, cs)
+	}
+	return err
+}
+
+// unsubscribe removes c from channel's members; the last member leaving
+// unsubscribes the node from the channel.
+func (h *hub) unsubscribe(c *conn, channel string) {
+	h.mu.Lock()
+	cs := h.channels[channel]
+	if cs == nil {
+		h.mu.Unlock()
+		return
+	}
+	if _, ok := cs.members[c]; !ok {
+		h.mu.Unlock()
+		return
+	}
+	delete(cs.members, c)
+	cs.refs--
+	h.mu.Unlock()
+	h.releaseIfIdle(channel, cs)
+}
+
+func (h *hub) releaseIfIdle(channel string, cs *channelState) {
+	cs.brokerMu.Lock()
+	defer cs.brokerMu.Unlock()
+	h.mu.RLock()
+	idle := cs.refs == 0
+	h.mu.RUnlock()
+	if !idle {
+		return
+	}
+	if cs.subscribed {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		if err := h.broker.Unsubscribe(ctx, channel); err != nil {
+			// The broker has forgotten the channel all the same: it will not be
+			// resubscribed on reconnect.
+			h.log.Debug("unsubscribing channel", zap.String("channel", channel), zap.Error(err))
+		}
+		cancel()
+		cs.subscribed = false
+	}
+	h.mu.Lock()
+	if cs.refs == 0 && h.channels[channel] == cs {
+		delete(h.channels, channel)
+	}
+	h.mu.Unlock()
+}
+
+// deliver queues one broker message to every local member of channel. It is
+// the broker's deliverFunc: it never blocks, and a member whose queue is full
+// is disconnected as a slow consumer rather than waited for.
+func (h *hub) deliver(channel string, payload []byte) {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	cs := h.channels[channel]
+	if cs == nil || len(cs.members) == 0 {
+		return
+	}
+	d := &delivery{channel: channel, payload: payload, ids: h.ids}
+	for c := range cs.members {
+		if !c.enqueue(outFrame{delivery: d}) {
+			h.dropped.Add(1)
+		}
+	}
+}
+
+// publish sends msg through the broker.
+func (h *hub) publish(ctx context.Context, msg Publication) (string, error) {
+	return h.broker.Publish(ctx, msg)
+}
+
+// Destruct closes the hub when no handler uses it any more: on shutdown
+// (1001, going away) or when a reload changed the broker settings (1012,
+// service restart: reconnect and you reach the new configuration).
+func (h *hub) Destruct() error {
+	code, reason := closeServiceRestart, "configuration changed"
+	if caddy.Exiting() {
+		code, reason = closeGoingAway, "node shutting down"
+	}
+	h.mu.Lock()
+	h.closed = true
+	conns := make([]*conn, 0, len(h.conns))
+	for c := range h.conns {
+		conns = append(conns, c)
+	}
+	h.mu.Unlock()
+
+	for _, c := range conns {
+		c.fail(code, reason)
+	}
+	done := make(chan struct{})
+	go func() { h.connWG.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(closeWait + time.Second):
+		h.log.Warn("connections still closing at hub shutdown", zap.Int("connections", len(conns)))
+	}
+
+	err := h.broker.Close()
+	if h.redis != nil {
+		err = errors.Join(err, h.redis.Close())
+	}
+	return err
+}
+
+var _ caddy.Destructor = (*hub)(nil)
+
+// closeWait bounds how long closing one connection may take.
+const closeWait = 5 * time.Second

@@ -1,0 +1,241 @@
+package caddychat
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode/utf8"
+
+	"github.com/coder/websocket"
+)
+
+// Close codes sent to clients. The 1xxx ones are RFC 6455's; 4000–4999 are ours.
+const (
+	closeNormal         = websocket.StatusNormalClosure
+	closeGoingAway      = websocket.StatusGoingAway
+	closeUnsupported    = websocket.StatusUnsupportedData
+	closeInvalidPayload = websocket.StatusInvalidFramePayloadData
+	closeInternal       = websocket.StatusInternalError
+	closeServiceRestart = websocket.StatusServiceRestart
+	closeTryAgainLater  = websocket.StatusTryAgainLater
+	// closeSlowConsumer: the connection's send queue was full.
+	closeSlowConsumer websocket.StatusCode = 4000
+	// closePingTimeout: the peer did not answer a ping in time.
+	closePingTimeout websocket.StatusCode = 4001
+)
+
+// Error codes of JSON-protocol error replies.
+const (
+	errBadRequest  = "bad_request"
+	errForbidden   = "forbidden"
+	errTooLarge    = "too_large"
+	errRateLimited = "rate_limited"
+	errUnavailable = "unavailable"
+	errInternal    = "internal"
+)
+
+// maxChannelLen bounds channel names so that a name can never grow a Redis key
+// or a log line without limit.
+const maxChannelLen = 128
+
+// validateChannel accepts 1..128 bytes of A-Z a-z 0-9 _ - . : @ /. The charset
+// leaves out Redis glob characters (* ? [ ]), white space and control bytes, so
+// a client-supplied name can never act as a pattern or break out of the
+// channel prefix's key space.
+func validateChannel(name string) error {
+	if name == "" {
+		return errors.New("channel name is empty")
+	}
+	if len(name) > maxChannelLen {
+		return fmt.Errorf("channel name is longer than %d bytes", maxChannelLen)
+	}
+	for i := 0; i < len(name); i++ {
+		if !channelByte(name[i]) {
+			return fmt.Errorf("channel name contains %q; allowed are letters, digits and _ - . : @ /", name[i])
+		}
+	}
+	return nil
+}
+
+func channelByte(b byte) bool {
+	switch {
+	case 'a' <= b && b <= 'z', 'A' <= b && b <= 'Z', '0' <= b && b <= '9':
+		return true
+	}
+	switch b {
+	case '_', '-', '.', ':', '@', '/':
+		return true
+	}
+	return false
+}
+
+// clientFrame is one JSON-protocol frame from a client. Unknown fields are
+// ignored so that newer clients can talk to older nodes.
+type clientFrame struct {
+	Op      string          `json:"op"`
+	Channel string          `json:"channel"`
+	ID      json.RawMessage `json:"id,omitempty"`
+	Data    json.RawMessage `json:"data,omitempty"`
+}
+
+// decodeClientFrame parses a text frame. The returned id is echoed in the reply
+// even when the rest of the frame is invalid, so the client can match it.
+func decodeClientFrame(frame []byte) (clientFrame, error) {
+	var f clientFrame
+	trimmed := bytes.TrimLeft(frame, " \t\r\n")
+	if len(trimmed) == 0 || trimmed[0] != '{' {
+		return f, errors.New("frame must be a JSON object")
+	}
+	if err := json.Unmarshal(frame, &f); err != nil {
+		return clientFrame{}, fmt.Errorf("malformed JSON: %v", err)
+	}
+	if len(f.ID) > 0 && !validCorrelationID(f.ID) {
+		f.ID = nil
+		return f, errors.New("id must be a number or a string of at most 64 bytes")
+	}
+	return f, nil
+}
+
+func validCorrelationID(id json.RawMessage) bool {
+	if len(id) > 66 {
+		return false
+	}
+	switch c := id[0]; {
+	case c == '"':
+		return true
+	case c == '-' || ('0' <= c && c <= '9'):
+		return true
+	}
+	return false
+}
+
+// reply is a server→client answer to one client frame.
+type reply struct {
+	Type      string          `json:"type"`
+	ID        json.RawMessage `json:"id,omitempty"`
+	Channel   string          `json:"channel,omitempty"`
+	MessageID string          `json:"message_id,omitempty"`
+	Code      string          `json:"code,omitempty"`
+	Message   string          `json:"message,omitempty"`
+}
+
+type welcome struct {
+	Type string `json:"type"`
+	Conn string `json:"conn"`
+	Node string `json:"node"`
+	User string `json:"user"`
+}
+
+// envelope is a published message as it travels through the broker and as
+// JSON-protocol clients receive it: a node forwards the bytes unchanged.
+type envelope struct {
+	Type    string          `json:"type"`
+	Channel string          `json:"channel"`
+	ID      string          `json:"id"`
+	From    string          `json:"from"`
+	TS      int64           `json:"ts"`
+	Data    json.RawMessage `json:"data"`
+}
+
+const envelopeType = "message"
+
+func encodeEnvelope(channel, id, from string, ts int64, data json.RawMessage) ([]byte, error) {
+	return json.Marshal(envelope{Type: envelopeType, Channel: channel, ID: id, From: from, TS: ts, Data: data})
+}
+
+// parseEnvelope reports whether payload is the module's own envelope for
+// channel. Anything else on the channel came from a backend's plain PUBLISH.
+func parseEnvelope(channel string, payload []byte) (envelope, bool) {
+	var e envelope
+	if len(payload) == 0 || payload[0] != '{' || !utf8.Valid(payload) {
+		return e, false
+	}
+	if err := json.Unmarshal(payload, &e); err != nil {
+		return e, false
+	}
+	ok := e.Type == envelopeType && e.Channel == channel && e.ID != "" && len(e.Data) > 0
+	return e, ok
+}
+
+// idGenerator makes message ids unique across nodes without coordination:
+// <unix ms>-<node>-<sequence>.
+type idGenerator struct {
+	node string
+	seq  atomic.Uint64
+}
+
+func (g *idGenerator) next(now time.Time) string {
+	buf := make([]byte, 0, 40)
+	buf = strconv.AppendInt(buf, now.UnixMilli(), 10)
+	buf = append(buf, '-')
+	buf = append(buf, g.node...)
+	buf = append(buf, '-')
+	buf = strconv.AppendUint(buf, g.seq.Add(1), 10)
+	return string(buf)
+}
+
+// delivery is one message from the broker, shared by every local subscriber.
+// Each wire form is encoded at most once per node, however many clients get it.
+type delivery struct {
+	channel string
+	payload []byte
+	ids     *idGenerator
+
+	jsonOnce  sync.Once
+	jsonFrame []byte
+	rawOnce   sync.Once
+	rawFrame  []byte
+}
+
+// jsonForm is the frame JSON-protocol clients receive. A foreign payload (a
+// backend's plain PUBLISH) is wrapped in an envelope with a node-local id.
+func (d *delivery) jsonForm() []byte {
+	d.jsonOnce.Do(func() {
+		if _, ok := parseEnvelope(d.channel, d.payload); ok {
+			d.jsonFrame = d.payload
+			return
+		}
+		data := json.RawMessage(d.payload)
+		// Text frames must be UTF-8: marshalling as a string replaces bad bytes.
+		if !utf8.Valid(d.payload) || !json.Valid(d.payload) {
+			data, _ = json.Marshal(string(d.payload))
+		}
+		now := time.Now()
+		frame, err := encodeEnvelope(d.channel, d.ids.next(now), "", now.UnixMilli(), data)
+		if err != nil {
+			// Cannot happen for valid JSON data; deliver the text rather than nothing.
+			frame, _ = encodeEnvelope(d.channel, d.ids.next(now), "", now.UnixMilli(), json.RawMessage(`null`))
+		}
+		d.jsonFrame = frame
+	})
+	return d.jsonFrame
+}
+
+// rawForm is the text raw-protocol clients receive: a plain payload as is, an
+// envelope's data (a JSON string's content, otherwise the JSON text).
+func (d *delivery) rawForm() []byte {
+	d.rawOnce.Do(func() {
+		e, ok := parseEnvelope(d.channel, d.payload)
+		if !ok {
+			d.rawFrame = d.payload
+			if !utf8.Valid(d.payload) {
+				// A backend's bytes must not make the client drop the connection.
+				d.rawFrame = []byte(strings.ToValidUTF8(string(d.payload), "\uFFFD"))
+			}
+			return
+		}
+		var s string
+		if len(e.Data) > 0 && e.Data[0] == '"' && json.Unmarshal(e.Data, &s) == nil {
+			d.rawFrame = []byte(s)
+			return
+		}
+		d.rawFrame = e.Data
+	})
+	return d.rawFrame
+}

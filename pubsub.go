@@ -1,0 +1,291 @@
+package caddychat
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+)
+
+// Broker carries published messages between the nodes of a deployment. A hub
+// owns one broker and is its only caller: it subscribes a channel when the
+// first local client wants it and unsubscribes when the last one leaves.
+//
+// Incoming messages reach the hub through the deliverFunc given to the
+// broker's constructor, called from one goroutine per broker, in the order
+// the broker received them; it never blocks.
+type Broker interface {
+	// Publish sends msg to every node subscribed to its channel and returns
+	// the message id the broker assigned.
+	Publish(ctx context.Context, msg Publication) (id string, err error)
+	// Subscribe makes this node receive the channel's messages. It returns once
+	// the subscription is active, so a message published after it returns is
+	// delivered.
+	Subscribe(ctx context.Context, channel string) error
+	// Unsubscribe stops the channel's messages for this node.
+	Unsubscribe(ctx context.Context, channel string) error
+	// Close releases the broker's connections and stops its goroutines.
+	Close() error
+}
+
+// deliverFunc hands one message of channel to the hub. payload is either the
+// module's envelope or a backend's plain payload.
+type deliverFunc func(channel string, payload []byte)
+
+// Publication is a message to publish.
+type Publication struct {
+	Channel string
+	// From is the sender as authenticated by the node; empty for anonymous.
+	From string
+	// Data is the JSON value of a JSON-protocol publish.
+	Data json.RawMessage
+	// Raw, when set, is published as it is instead of an envelope: the raw
+	// protocol's plain text frames.
+	Raw []byte
+}
+
+// payload encodes msg as it travels through the broker, with the id it gets.
+func (msg Publication) payload(id string, now time.Time) ([]byte, error) {
+	if msg.Raw != nil {
+		return msg.Raw, nil
+	}
+	return encodeEnvelope(msg.Channel, id, msg.From, now.UnixMilli(), msg.Data)
+}
+
+// memoryBroker serves a single node from process memory.
+type memoryBroker struct {
+	deliver deliverFunc
+	ids     *idGenerator
+
+	// mu serialises publishes so that every subscriber sees one order.
+	mu         sync.Mutex
+	subscribed map[string]bool
+	closed     bool
+}
+
+func newMemoryBroker(ids *idGenerator, deliver deliverFunc) *memoryBroker {
+	return &memoryBroker{deliver: deliver, ids: ids, subscribed: make(map[string]bool)}
+}
+
+func (b *memoryBroker) Publish(_ context.Context, msg Publication) (string, error) {
+	now := time.Now()
+	id := b.ids.next(now)
+	payload, err := msg.payload(id, now)
+	if err != nil {
+		return "", fmt.Errorf("encoding message: %w", err)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return "", errBrokerClosed
+	}
+	if b.subscribed[msg.Channel] {
+		b.deliver(msg.Channel, payload)
+	}
+	return id, nil
+}
+
+func (b *memoryBroker) Subscribe(_ context.Context, channel string) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return errBrokerClosed
+	}
+	b.subscribed[channel] = true
+	return nil
+}
+
+func (b *memoryBroker) Unsubscribe(_ context.Context, channel string) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	delete(b.subscribed, channel)
+	return nil
+}
+
+func (b *memoryBroker) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.closed = true
+	return nil
+}
+
+var errBrokerClosed = errors.New("broker is closed")
+
+// redisBroker bridges channels to Redis Pub/Sub through one pub/sub connection
+// per node, whatever the number of channels and clients.
+type redisBroker struct {
+	client  redis.UniversalClient
+	pubsub  *redis.PubSub
+	prefix  string
+	deliver deliverFunc
+	ids     *idGenerator
+	log     *zap.Logger
+
+	// waiters are the Subscribe calls waiting for Redis to confirm, by Redis channel.
+	waitersMu sync.Mutex
+	waiters   map[string][]chan struct{}
+
+	stop     context.CancelFunc
+	loopDone chan struct{}
+}
+
+// receiveIdle is how long the receive loop waits for a message before it
+// pings Redis, so that a silently dead connection is noticed.
+const receiveIdle = 15 * time.Second
+
+func newRedisBroker(client redis.UniversalClient, prefix string, ids *idGenerator, log *zap.Logger, deliver deliverFunc) *redisBroker {
+	ctx, stop := context.WithCancel(context.Background())
+	b := &redisBroker{
+		client:   client,
+		pubsub:   client.Subscribe(ctx),
+		prefix:   prefix,
+		deliver:  deliver,
+		ids:      ids,
+		log:      log,
+		waiters:  make(map[string][]chan struct{}),
+		stop:     stop,
+		loopDone: make(chan struct{}),
+	}
+	go b.receiveLoop(ctx)
+	return b
+}
+
+func (b *redisBroker) Publish(ctx context.Context, msg Publication) (string, error) {
+	now := time.Now()
+	id := b.ids.next(now)
+	payload, err := msg.payload(id, now)
+	if err != nil {
+		return "", fmt.Errorf("encoding message: %w", err)
+	}
+	if err := b.client.Publish(ctx, b.prefix+msg.Channel, payload).Err(); err != nil {
+		return "", fmt.Errorf("redis PUBLISH %s: %w", b.prefix+msg.Channel, err)
+	}
+	return id, nil
+}
+
+func (b *redisBroker) Subscribe(ctx context.Context, channel string) error {
+	key := b.prefix + channel
+	confirmed := make(chan struct{})
+	b.waitersMu.Lock()
+	b.waiters[key] = append(b.waiters[key], confirmed)
+	b.waitersMu.Unlock()
+
+	err := b.pubsub.Subscribe(ctx, key)
+	if err == nil {
+		select {
+		case <-confirmed:
+			return nil
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
+	}
+	b.dropWaiter(key, confirmed)
+	// go-redis keeps a failed channel in its list and would subscribe it on
+	// the next reconnect: take it out, nobody here wants it.
+	unsubCtx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_ = b.pubsub.Unsubscribe(unsubCtx, key)
+	return fmt.Errorf("redis SUBSCRIBE %s: %w", key, err)
+}
+
+func (b *redisBroker) dropWaiter(key string, w chan struct{}) {
+	b.waitersMu.Lock()
+	defer b.waitersMu.Unlock()
+	list := b.waiters[key]
+	for i, x := range list {
+		if x == w {
+			list = append(list[:i], list[i+1:]...)
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(b.waiters, key)
+	} else {
+		b.waiters[key] = list
+	}
+}
+
+func (b *redisBroker) confirm(key string) {
+	b.waitersMu.Lock()
+	defer b.waitersMu.Unlock()
+	for _, w := range b.waiters[key] {
+		close(w)
+	}
+	delete(b.waiters, key)
+}
+
+func (b *redisBroker) Unsubscribe(ctx context.Context, channel string) error {
+	// go-redis forgets the channel even when Redis cannot be told now, so a
+	// reconnect will not bring it back.
+	if err := b.pubsub.Unsubscribe(ctx, b.prefix+channel); err != nil {
+		return fmt.Errorf("redis UNSUBSCRIBE %s: %w", b.prefix+channel, err)
+	}
+	return nil
+}
+
+func (b *redisBroker) Close() error {
+	b.stop()
+	err := b.pubsub.Close()
+	<-b.loopDone
+	return err
+}
+
+// receiveLoop reads the pub/sub connection for the broker's lifetime. go-redis
+// reconnects and resubscribes every channel on the next read after an error,
+// so the loop only has to keep reading, with a short backoff while Redis is
+// unreachable.
+func (b *redisBroker) receiveLoop(ctx context.Context) {
+	defer close(b.loopDone)
+	const minBackoff, maxBackoff = 50 * time.Millisecond, 500 * time.Millisecond
+	backoff := minBackoff
+	var outageSince time.Time
+	for {
+		msg, err := b.pubsub.ReceiveTimeout(ctx, receiveIdle)
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, redis.ErrClosed) {
+				return
+			}
+			var netErr net.Error
+			if errors.As(err, &netErr) && netErr.Timeout() {
+				// Idle: a ping proves the connection is alive (or breaks it).
+				_ = b.pubsub.Ping(ctx)
+				continue
+			}
+			if outageSince.IsZero() {
+				outageSince = time.Now()
+				b.log.Warn("redis pub/sub connection lost; retrying", zap.Error(err))
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(backoff*2, maxBackoff)
+			continue
+		}
+		backoff = minBackoff
+		if !outageSince.IsZero() {
+			b.log.Info("redis pub/sub connection restored", zap.Duration("outage", time.Since(outageSince)))
+			outageSince = time.Time{}
+		}
+		switch m := msg.(type) {
+		case *redis.Message:
+			channel, ok := strings.CutPrefix(m.Channel, b.prefix)
+			if !ok {
+				continue
+			}
+			b.deliver(channel, []byte(m.Payload))
+		case *redis.Subscription:
+			if m.Kind == "subscribe" {
+				b.confirm(m.Channel)
+			}
+		}
+	}
+}
