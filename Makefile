@@ -1,0 +1,21 @@
+# `make test` is the one command a newcomer (and CI) needs: it installs what
+# is missing, checks formatting and vet, and runs every test.
+GO ?= go
+
+.PHONY: test setup check gotest run
+
+test: setup check gotest
+
+setup:
+	bash .ci/setup
+
+check:
+	@unformatted="$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))"; \
+	if [ -n "$$unformatted" ]; then echo "gofmt needed on:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+
+gotest:
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+run:
+	$(GO) run ./cmd/caddy run --config Caddyfile.example
