@@ -51,6 +51,32 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("origins needs at least one pattern")
 			}
 			continue
+		case "subscribe", "publish":
+			patterns := d.RemainingArgs()
+			if len(patterns) == 0 {
+				return d.Errf("%s needs at least one channel pattern", option)
+			}
+			if option == "subscribe" {
+				h.Subscribe = append(h.Subscribe, patterns...)
+			} else {
+				h.Publish = append(h.Publish, patterns...)
+			}
+			continue
+		case "jwt":
+			if err := h.unmarshalJWT(d); err != nil {
+				return err
+			}
+			continue
+		case "anonymous":
+			if err := h.unmarshalAnonymous(d); err != nil {
+				return err
+			}
+			continue
+		case "rate_limit":
+			if err := h.unmarshalRateLimit(d); err != nil {
+				return err
+			}
+			continue
 		}
 
 		var value string
@@ -75,12 +101,25 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("max_message_size %q: want a size such as 65536, 64KiB or 1MB", value)
 			}
 			h.MaxMessageSize = int64(size)
-		case "send_queue":
+		case "send_queue", "max_connections", "max_connections_per_user", "max_subscriptions":
 			n, err := strconv.Atoi(value)
 			if err != nil || n < 1 {
-				return d.Errf("send_queue %q: want a positive number of frames", value)
+				return d.Errf("%s %q: want a positive number", option, value)
 			}
-			h.SendQueue = n
+			switch option {
+			case "send_queue":
+				h.SendQueue = n
+			case "max_connections":
+				h.MaxConnections = n
+			case "max_connections_per_user":
+				h.MaxConnectionsPerUser = n
+			default:
+				h.MaxSubscriptions = n
+			}
+		case "publish_endpoint":
+			h.PublishEndpoint = value
+		case "publish_key":
+			h.PublishKey = value
 		case "ping_interval", "write_timeout", "publish_timeout":
 			dur, err := caddy.ParseDuration(value)
 			if err != nil || dur <= 0 {
@@ -98,6 +137,138 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("unknown chat option %q", option)
 		}
 	}
+	return nil
+}
+
+// unmarshalJWT parses
+//
+//	jwt {
+//		secret|public_key|jwks <value>
+//		issuer <iss>
+//		audience <aud>
+//		user_claim <claim>
+//		subscribe_claim <claim>
+//		publish_claim <claim>
+//		leeway <duration>
+//		cookie <name>
+//		query_token [<param>]
+//		max_token_size <size>
+//	}
+func (h *Handler) unmarshalJWT(d *caddyfile.Dispenser) error {
+	if d.NextArg() {
+		return d.Errf("jwt takes its options in a block")
+	}
+	j := new(JWTConfig)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		args := d.RemainingArgs()
+		if option == "query_token" {
+			switch len(args) {
+			case 0:
+				j.QueryParam = "token"
+			case 1:
+				j.QueryParam = args[0]
+			default:
+				return d.Errf("jwt query_token takes at most one parameter name")
+			}
+			continue
+		}
+		if len(args) != 1 {
+			return d.Errf("jwt %s needs exactly one value", option)
+		}
+		value := args[0]
+		switch option {
+		case "secret":
+			j.Secret = value
+		case "public_key":
+			j.PublicKey = value
+		case "jwks":
+			j.JWKS = value
+		case "issuer":
+			j.Issuer = value
+		case "audience":
+			j.Audience = value
+		case "user_claim":
+			j.UserClaim = value
+		case "subscribe_claim":
+			j.SubscribeClaim = value
+		case "publish_claim":
+			j.PublishClaim = value
+		case "cookie":
+			j.Cookie = value
+		case "leeway":
+			dur, err := caddy.ParseDuration(value)
+			if err != nil || dur < 0 {
+				return d.Errf("jwt leeway %q: want a duration such as 5s", value)
+			}
+			j.Leeway = caddy.Duration(dur)
+		case "max_token_size":
+			size, err := humanize.ParseBytes(value)
+			if err != nil || size == 0 || size > 1<<20 {
+				return d.Errf("jwt max_token_size %q: want a size such as 8KiB", value)
+			}
+			j.MaxTokenSize = int(size)
+		default:
+			return d.Errf("unknown jwt option %q", option)
+		}
+	}
+	h.JWT = j
+	return nil
+}
+
+// unmarshalAnonymous parses `anonymous` or
+//
+//	anonymous {
+//		subscribe <pattern...>
+//		publish <pattern...>
+//	}
+func (h *Handler) unmarshalAnonymous(d *caddyfile.Dispenser) error {
+	if d.NextArg() {
+		return d.Errf("anonymous takes its permissions in a block")
+	}
+	p := new(Permissions)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		patterns := d.RemainingArgs()
+		if len(patterns) == 0 {
+			return d.Errf("anonymous %s needs at least one channel pattern", option)
+		}
+		switch option {
+		case "subscribe":
+			p.Subscribe = append(p.Subscribe, patterns...)
+		case "publish":
+			p.Publish = append(p.Publish, patterns...)
+		default:
+			return d.Errf("unknown anonymous option %q (want subscribe or publish)", option)
+		}
+	}
+	h.Anonymous = p
+	return nil
+}
+
+// unmarshalRateLimit parses `rate_limit <per second> [<burst>]` or `rate_limit off`.
+func (h *Handler) unmarshalRateLimit(d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	if len(args) == 1 && args[0] == "off" {
+		h.RateLimit = &RateLimit{PerSecond: -1}
+		return nil
+	}
+	if len(args) < 1 || len(args) > 2 {
+		return d.Errf("rate_limit needs <frames per second> [<burst>], or off")
+	}
+	perSecond, err := strconv.ParseFloat(args[0], 64)
+	if err != nil || perSecond <= 0 || perSecond > 1e6 {
+		return d.Errf("rate_limit %q: want a positive number of frames per second, or off", args[0])
+	}
+	rl := &RateLimit{PerSecond: perSecond}
+	if len(args) == 2 {
+		burst, err := strconv.Atoi(args[1])
+		if err != nil || burst < 1 {
+			return d.Errf("rate_limit burst %q: want a positive number of frames", args[1])
+		}
+		rl.Burst = burst
+	}
+	h.RateLimit = rl
 	return nil
 }
 

@@ -330,9 +330,10 @@ func (n *node) goroutines(t testing.TB) int {
 	return total
 }
 
-// chatRoutes is a JSON-protocol chat route on /ws backed by redisURL.
+// chatRoutes is a JSON-protocol chat route on /ws backed by redisURL. The
+// tests publish faster than the default per-connection rate limit allows.
 func chatRoutes(redisURL string) string {
-	return fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t}", redisURL)
+	return fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off\n\t}", redisURL)
 }
 
 // ---------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 package caddychat
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -15,16 +17,45 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/coder/websocket"
 	"go.uber.org/zap"
+	"golang.org/x/time/rate"
 )
 
 // ServeHTTP upgrades the request to a WebSocket and serves it until it closes.
+// Authentication, origin and connection limits are all checked before the
+// upgrade, so a refused client gets a plain HTTP status.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	if h.PublishEndpoint != "" && r.URL.Path == h.PublishEndpoint {
+		h.servePublish(w, r)
+		return nil
+	}
 	if !isWebSocketUpgrade(r) {
 		w.Header().Set("Upgrade", "websocket")
 		w.Header().Set("Connection", "Upgrade")
 		http.Error(w, "this endpoint speaks WebSocket only", http.StatusUpgradeRequired)
 		return nil
 	}
+	// A token in the URL or in Sec-WebSocket-Protocol would reach Caddy's
+	// access log (which redacts only Authorization and Cookie): such requests
+	// are logged here instead, without the token.
+	if h.carriesLoggableToken(r) {
+		caddyhttp.SetVar(r.Context(), caddyhttp.LogSkipVar, true)
+		status := http.StatusSwitchingProtocols
+		defer func() { h.logRedactedUpgrade(r, status) }()
+		w = &statusRecorder{ResponseWriter: w, status: &status}
+	}
+
+	if _, ok := subprotocolToken(r.Header); ok && !offersAppSubprotocol(r.Header) {
+		http.Error(w, "a bearer.<token> subprotocol must come with the "+appSubprotocol+" subprotocol", http.StatusBadRequest)
+		return nil
+	}
+	id, err := h.auth.authenticate(r)
+	if err != nil {
+		h.logger.Debug("authentication failed", zap.String("reason", err.Error()), zap.String("remote", r.RemoteAddr))
+		w.Header().Set("WWW-Authenticate", `Bearer realm="chat", error="invalid_token"`)
+		http.Error(w, "unauthorized: "+err.Error(), http.StatusUnauthorized)
+		return nil
+	}
+
 	var rawChannel string
 	if h.Protocol == protocolRaw {
 		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
@@ -36,7 +67,23 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 			http.Error(w, "bad channel: "+err.Error(), http.StatusBadRequest)
 			return nil
 		}
+		if !id.subscribe.allows(rawChannel) {
+			http.Error(w, "forbidden: may not subscribe to "+rawChannel, http.StatusForbidden)
+			return nil
+		}
 	}
+
+	release, err := h.hub.admit(id.user, h.MaxConnections, h.MaxConnectionsPerUser)
+	if err != nil {
+		status := http.StatusServiceUnavailable
+		if err == errTooManyUserConnections {
+			status = http.StatusTooManyRequests
+		}
+		w.Header().Set("Retry-After", "5")
+		http.Error(w, err.Error(), status)
+		return nil
+	}
+	defer release()
 
 	ws, err := websocket.Accept(w, r, &h.acceptOptions)
 	if err != nil {
@@ -48,9 +95,47 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	// From here on w belongs to the WebSocket, and r's context ends with
 	// ServeHTTP: the connection runs on contexts of its own.
 	ws.SetReadLimit(h.MaxMessageSize)
-	c := newConn(h, ws, rawChannel)
+	c := newConn(h, ws, rawChannel, id)
 	c.serve()
 	return nil
+}
+
+// carriesLoggableToken reports whether r has a token where Caddy's access
+// log would record it.
+func (h *Handler) carriesLoggableToken(r *http.Request) bool {
+	if _, ok := subprotocolToken(r.Header); ok {
+		return true
+	}
+	return h.JWT != nil && h.JWT.QueryParam != "" && r.URL.Query().Has(h.JWT.QueryParam)
+}
+
+func (h *Handler) logRedactedUpgrade(r *http.Request, status int) {
+	uri := r.URL.RequestURI()
+	if h.JWT != nil && h.JWT.QueryParam != "" {
+		uri = redactQuery(r.URL, h.JWT.QueryParam)
+	}
+	h.logger.Info("websocket request (token redacted; left out of the access log)",
+		zap.String("remote", r.RemoteAddr), zap.String("host", r.Host),
+		zap.String("method", r.Method), zap.String("uri", uri),
+		zap.String("origin", r.Header.Get("Origin")), zap.Int("status", status))
+}
+
+// statusRecorder notes the status written before an upgrade. It passes
+// Hijack and Unwrap through, so the WebSocket upgrade still works.
+type statusRecorder struct {
+	http.ResponseWriter
+	status *int
+}
+
+func (s *statusRecorder) WriteHeader(code int) {
+	*s.status = code
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter }
+
+func (s *statusRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	return http.NewResponseController(s.ResponseWriter).Hijack()
 }
 
 func isWebSocketUpgrade(r *http.Request) bool {
@@ -79,7 +164,6 @@ type outFrame struct {
 // a second goroutine is its only writer, draining the bounded send queue.
 type conn struct {
 	id         string
-	user       string
 	h          *Handler
 	hub        *hub
 	ws         *websocket.Conn
@@ -94,13 +178,27 @@ type conn struct {
 	writerDone chan struct{}
 	pinging    atomic.Bool
 
-	// subscribed is only touched by the reading goroutine.
+	// Only touched by the reading goroutine: subscriptions, the identity
+	// (replaced by a refresh) and the rate limiter's state.
 	subscribed map[string]struct{}
+	identity   *identity
+	expiry     *time.Timer
+	limiter    *rate.Limiter // nil: no rate limit
+	// overLimit grows by one per frame refused by the limiter and shrinks by
+	// one per frame let through: a client that keeps sending faster than
+	// allowed reaches the close threshold, a brief burst does not.
+	overLimit int
 }
 
-func newConn(h *Handler, ws *websocket.Conn, rawChannel string) *conn {
+func newConn(h *Handler, ws *websocket.Conn, rawChannel string, id *identity) *conn {
 	ctx, cancel := context.WithCancel(context.Background())
+	var limiter *rate.Limiter
+	if h.RateLimit.PerSecond > 0 {
+		limiter = rate.NewLimiter(rate.Limit(h.RateLimit.PerSecond), h.RateLimit.Burst)
+	}
 	return &conn{
+		identity:   id,
+		limiter:    limiter,
 		id:         h.hub.nextConnID(),
 		h:          h,
 		hub:        h.hub,
@@ -140,8 +238,14 @@ func (c *conn) serve() {
 		_ = c.ws.Close(closeGoingAway, "node shutting down")
 		return
 	}
-	log.Debug("connection opened")
+	log.Debug("connection opened", zap.String("user", c.identity.user))
 	go c.writeLoop()
+	c.armExpiry()
+	defer func() {
+		if c.expiry != nil {
+			c.expiry.Stop()
+		}
+	}()
 
 	if c.rawChannel != "" {
 		if err := c.join(c.rawChannel); err != nil {
@@ -149,7 +253,7 @@ func (c *conn) serve() {
 			c.fail(closeTryAgainLater, "broker unavailable")
 		}
 	} else {
-		c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.user})
+		c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user})
 	}
 	if c.ctx.Err() == nil {
 		c.readLoop()
@@ -181,6 +285,12 @@ func (c *conn) readLoop() {
 			c.fail(closeInvalidPayload, "text frame is not valid UTF-8")
 			return
 		}
+		if !c.withinRateLimit(frame) {
+			if c.ctx.Err() != nil {
+				return
+			}
+			continue
+		}
 		if c.rawChannel != "" {
 			if !c.publishRaw(frame) {
 				return
@@ -208,10 +318,53 @@ func (c *conn) join(channel string) error {
 	return nil
 }
 
+// armExpiry closes the connection when its token expires.
+func (c *conn) armExpiry() {
+	if c.expiry != nil {
+		c.expiry.Stop()
+		c.expiry = nil
+	}
+	if c.identity.expires.IsZero() {
+		return
+	}
+	c.expiry = time.AfterFunc(time.Until(c.identity.expires), func() {
+		c.fail(closeTokenExpired, "token expired")
+	})
+}
+
+// withinRateLimit applies the connection's token bucket to one frame. A
+// refused frame gets a rate_limited reply (JSON) or is dropped (raw); a
+// client that keeps going is closed.
+func (c *conn) withinRateLimit(frame []byte) bool {
+	if c.limiter == nil {
+		return true
+	}
+	if c.limiter.Allow() {
+		if c.overLimit > 0 {
+			c.overLimit--
+		}
+		return true
+	}
+	c.overLimit++
+	if c.overLimit > 2*c.h.RateLimit.Burst {
+		c.fail(closeRateLimited, "rate limit exceeded")
+		return false
+	}
+	if c.rawChannel == "" {
+		f, _ := decodeClientFrame(frame)
+		c.replyError(f.ID, errRateLimited, fmt.Sprintf("more than %g frames per second; slow down", c.h.RateLimit.PerSecond))
+	}
+	return false
+}
+
 func (c *conn) publishRaw(frame []byte) bool {
+	if !c.identity.publish.allows(c.rawChannel) {
+		c.fail(closePolicyViolation, "may not publish on "+c.rawChannel)
+		return false
+	}
 	ctx, cancel := c.brokerContext()
 	defer cancel()
-	if _, err := c.hub.publish(ctx, Publication{Channel: c.rawChannel, From: c.user, Raw: frame}); err != nil {
+	if _, err := c.hub.publish(ctx, Publication{Channel: c.rawChannel, From: c.identity.user, Raw: frame}); err != nil {
 		c.h.logger.Info("raw publish failed", zap.String("conn", c.id), zap.Error(err))
 		c.fail(closeTryAgainLater, "broker unavailable")
 		return false
@@ -229,6 +382,9 @@ func (c *conn) handleFrame(frame []byte) {
 	}
 	switch f.Op {
 	case "subscribe", "unsubscribe", "publish":
+	case "refresh":
+		c.refresh(f)
+		return
 	case "":
 		c.replyError(f.ID, errBadRequest, `missing "op"`)
 		return
@@ -243,6 +399,14 @@ func (c *conn) handleFrame(frame []byte) {
 
 	switch f.Op {
 	case "subscribe":
+		if !c.identity.subscribe.allows(f.Channel) {
+			c.replyError(f.ID, errForbidden, "may not subscribe to "+f.Channel)
+			return
+		}
+		if _, ok := c.subscribed[f.Channel]; !ok && len(c.subscribed) >= c.h.MaxSubscriptions {
+			c.replyError(f.ID, errLimitExceeded, fmt.Sprintf("at most %d subscriptions per connection", c.h.MaxSubscriptions))
+			return
+		}
 		if err := c.join(f.Channel); err != nil {
 			c.h.logger.Info("subscribe failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
 			c.replyError(f.ID, errUnavailable, "cannot subscribe now: the message broker is unavailable")
@@ -260,8 +424,12 @@ func (c *conn) handleFrame(frame []byte) {
 			c.replyError(f.ID, errBadRequest, `publish needs "data"`)
 			return
 		}
+		if !c.identity.publish.allows(f.Channel) {
+			c.replyError(f.ID, errForbidden, "may not publish on "+f.Channel)
+			return
+		}
 		ctx, cancel := c.brokerContext()
-		id, err := c.hub.publish(ctx, Publication{Channel: f.Channel, From: c.user, Data: f.Data})
+		id, err := c.hub.publish(ctx, Publication{Channel: f.Channel, From: c.identity.user, Data: f.Data})
 		cancel()
 		if err != nil {
 			c.h.logger.Info("publish failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
@@ -270,6 +438,42 @@ func (c *conn) handleFrame(frame []byte) {
 		}
 		c.sendOwn(reply{Type: "ok", ID: f.ID, Channel: f.Channel, MessageID: id})
 	}
+}
+
+// refresh replaces the connection's token before it expires. The new token
+// must be valid and name the same user; its permissions apply from now on
+// (subscriptions it no longer allows are dropped).
+func (c *conn) refresh(f clientFrame) {
+	if c.h.JWT == nil {
+		c.replyError(f.ID, errBadRequest, "this route does not use tokens")
+		return
+	}
+	if f.Token == "" {
+		c.replyError(f.ID, errBadRequest, `refresh needs "token"`)
+		return
+	}
+	id, err := c.h.auth.verify(f.Token)
+	if err != nil {
+		c.replyError(f.ID, errUnauthorized, err.Error())
+		return
+	}
+	if !c.identity.anonymous && id.user != c.identity.user {
+		c.replyError(f.ID, errForbidden, "the new token is for another user")
+		return
+	}
+	if c.identity.anonymous {
+		c.replyError(f.ID, errForbidden, "an anonymous connection cannot become a user; reconnect with the token")
+		return
+	}
+	c.identity = id
+	c.armExpiry()
+	for ch := range c.subscribed {
+		if !id.subscribe.allows(ch) {
+			delete(c.subscribed, ch)
+			c.hub.unsubscribe(c, ch)
+		}
+	}
+	c.sendOwn(reply{Type: "ok", ID: f.ID})
 }
 
 func truncate(s string, n int) string {

@@ -358,7 +358,7 @@ func dialSlowReader(t *testing.T, url string) *websocket.Conn {
 }
 
 func TestSlowConsumerIsDisconnectedOthersGetEverything(t *testing.T) {
-	n := startNode(t, &Handler{SendQueue: 8, WriteTimeout: caddy.Duration(5 * time.Second)})
+	n := startNode(t, &Handler{SendQueue: 8, WriteTimeout: caddy.Duration(5 * time.Second), RateLimit: &RateLimit{PerSecond: -1}})
 	const channel, messages = "room:firehose", 600
 
 	slow := dialSlowReader(t, n.url("/ws"))

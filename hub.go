@@ -47,6 +47,12 @@ type hub struct {
 	closed   bool
 	connWG   sync.WaitGroup
 
+	// admitted counts connections accepted or being accepted, and userConns
+	// those of each authenticated user; both guarded by admitMu.
+	admitMu   sync.Mutex
+	admitted  int
+	userConns map[string]int
+
 	connSeq atomic.Uint64
 	// dropped counts deliveries not queued because a client's send queue was full.
 	dropped atomic.Uint64
@@ -107,6 +113,45 @@ func newNodeID() (string, error) {
 
 func (h *hub) nextConnID() string {
 	return fmt.Sprintf("%s-%d", h.node, h.connSeq.Add(1))
+}
+
+// errTooManyConnections and errTooManyUserConnections refuse an upgrade.
+var (
+	errTooManyConnections     = errors.New("this node has too many connections")
+	errTooManyUserConnections = errors.New("too many connections for this user")
+)
+
+// admit reserves a connection slot for user (empty: anonymous) before the
+// upgrade; release gives it back when the connection ends.
+func (h *hub) admit(user string, maxTotal, maxPerUser int) (release func(), err error) {
+	h.admitMu.Lock()
+	defer h.admitMu.Unlock()
+	if h.admitted >= maxTotal {
+		return nil, errTooManyConnections
+	}
+	if user != "" {
+		if h.userConns == nil {
+			h.userConns = make(map[string]int)
+		}
+		if h.userConns[user] >= maxPerUser {
+			return nil, errTooManyUserConnections
+		}
+		h.userConns[user]++
+	}
+	h.admitted++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			h.admitMu.Lock()
+			defer h.admitMu.Unlock()
+			h.admitted--
+			if user != "" {
+				if h.userConns[user]--; h.userConns[user] <= 0 {
+					delete(h.userConns, user)
+				}
+			}
+		})
+	}, nil
 }
 
 // register adds c to the node's connections, so that closing the hub closes it.

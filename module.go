@@ -34,6 +34,12 @@ const (
 	defaultPingInterval   = 25 * time.Second
 	defaultWriteTimeout   = 10 * time.Second
 	defaultPublishTimeout = 2 * time.Second
+
+	defaultRatePerSecond         = 50
+	defaultRateBurst             = 100
+	defaultMaxConnections        = 100000
+	defaultMaxConnectionsPerUser = 100
+	defaultMaxSubscriptions      = 100
 )
 
 // Handler serves WebSocket clients of a chat and pub/sub gateway. Every node
@@ -83,8 +89,47 @@ type Handler struct {
 	// told "unavailable". Default: 2s.
 	PublishTimeout caddy.Duration `json:"publish_timeout,omitempty"`
 
+	// JWT authentication before the upgrade. Without it the route has no
+	// authentication: every connection is anonymous, with the permissions of
+	// Anonymous (default: every channel).
+	JWT *JWTConfig `json:"jwt,omitempty"`
+
+	// Channels every authenticated user may subscribe to and publish on, in
+	// addition to those the token's claims grant.
+	Subscribe []string `json:"subscribe,omitempty"`
+	Publish   []string `json:"publish,omitempty"`
+
+	// Lets connections without a token in, with these permissions. Off by
+	// default when JWT is set; without JWT it defaults to every channel.
+	Anonymous *Permissions `json:"anonymous,omitempty"`
+
+	// Frames per second one connection may send (any frame counts). Over it,
+	// a frame gets a rate_limited error (raw: it is dropped); a client that
+	// keeps going is closed with 4003. Default: 50/s, burst 100.
+	RateLimit *RateLimit `json:"rate_limit,omitempty"`
+
+	// Connections this node accepts on the route's hub; more get 503.
+	// Default: 100000.
+	MaxConnections int `json:"max_connections,omitempty"`
+
+	// Connections one authenticated user may hold on this node; more get 429.
+	// Default: 100. Anonymous connections count only towards MaxConnections.
+	MaxConnectionsPerUser int `json:"max_connections_per_user,omitempty"`
+
+	// Channels one connection may be subscribed to. Default: 100.
+	MaxSubscriptions int `json:"max_subscriptions,omitempty"`
+
+	// Path of the HTTP publish endpoint for backends (POST), e.g.
+	// "/chat/publish". The Caddyfile adds it to the directive's matcher.
+	PublishEndpoint string `json:"publish_endpoint,omitempty"`
+
+	// API key that authorizes HTTP publishes to any channel, sent as
+	// "Authorization: Bearer <key>". A JWT with publish rights works too.
+	PublishKey string `json:"publish_key,omitempty"`
+
 	hub           *hub
 	hubKey        string
+	auth          *authenticator
 	acceptOptions websocket.AcceptOptions
 	logger        *zap.Logger
 }
@@ -136,6 +181,27 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 	}
 	h.acceptOptions.OriginPatterns = h.Origins
+	h.acceptOptions.Subprotocols = []string{appSubprotocol}
+
+	if h.RateLimit == nil {
+		h.RateLimit = &RateLimit{PerSecond: defaultRatePerSecond}
+	}
+	if h.RateLimit.Burst == 0 && h.RateLimit.PerSecond > 0 {
+		h.RateLimit.Burst = max(1, int(2*h.RateLimit.PerSecond))
+	}
+	if h.MaxConnections == 0 {
+		h.MaxConnections = defaultMaxConnections
+	}
+	if h.MaxConnectionsPerUser == 0 {
+		h.MaxConnectionsPerUser = defaultMaxConnectionsPerUser
+	}
+	if h.MaxSubscriptions == 0 {
+		h.MaxSubscriptions = defaultMaxSubscriptions
+	}
+	h.PublishKey = repl.ReplaceKnown(h.PublishKey, "")
+	if err := h.provisionAuth(repl); err != nil {
+		return err
+	}
 
 	if h.Redis != "" {
 		if _, err := redis.ParseURL(h.Redis); err != nil {
@@ -198,11 +264,56 @@ func (h *Handler) Validate() error {
 			errs = append(errs, errors.New("chat: origins: empty pattern"))
 		}
 	}
+	errs = append(errs, h.validateSecurity()...)
 	return errors.Join(errs...)
+}
+
+// provisionAuth applies the authentication defaults and loads key material.
+func (h *Handler) provisionAuth(repl *caddy.Replacer) error {
+	anon := h.Anonymous
+	if h.JWT == nil {
+		if anon == nil {
+			anon = &Permissions{Subscribe: []string{"**"}, Publish: []string{"**"}}
+		}
+	} else {
+		j := h.JWT
+		j.Secret = repl.ReplaceKnown(j.Secret, "")
+		j.PublicKey = repl.ReplaceKnown(j.PublicKey, "")
+		j.JWKS = repl.ReplaceKnown(j.JWKS, "")
+		j.Issuer = repl.ReplaceKnown(j.Issuer, "")
+		j.Audience = repl.ReplaceKnown(j.Audience, "")
+		if j.UserClaim == "" {
+			j.UserClaim = defaultUserClaim
+		}
+		if j.SubscribeClaim == "" {
+			j.SubscribeClaim = defaultSubscribeClaim
+		}
+		if j.PublishClaim == "" {
+			j.PublishClaim = defaultPublishClaim
+		}
+		if j.Leeway == 0 {
+			j.Leeway = caddy.Duration(defaultLeeway)
+		}
+		if j.Cookie == "" {
+			j.Cookie = defaultTokenCookie
+		}
+		if j.MaxTokenSize == 0 {
+			j.MaxTokenSize = defaultMaxTokenSize
+		}
+	}
+	auth, err := newAuthenticator(h.JWT, anon, Permissions{Subscribe: h.Subscribe, Publish: h.Publish}, h.logger)
+	if err != nil {
+		return fmt.Errorf("chat: %w", err)
+	}
+	h.auth = auth
+	return nil
 }
 
 // Cleanup releases the handler's hold on its hub; the last holder closes it.
 func (h *Handler) Cleanup() error {
+	if h.auth != nil {
+		h.auth.close()
+	}
 	if h.hubKey == "" {
 		return nil
 	}
@@ -218,3 +329,56 @@ var (
 	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )
+
+// validateSecurity checks the authentication, authorization and limit options.
+func (h *Handler) validateSecurity() []error {
+	var errs []error
+	patterns := func(option string, list []string) {
+		for _, p := range list {
+			if err := validatePattern(p); err != nil {
+				errs = append(errs, fmt.Errorf("chat: %s: %v", option, err))
+			}
+		}
+	}
+	patterns("subscribe", h.Subscribe)
+	patterns("publish", h.Publish)
+	if h.Anonymous != nil {
+		patterns("anonymous subscribe", h.Anonymous.Subscribe)
+		patterns("anonymous publish", h.Anonymous.Publish)
+	}
+	if j := h.JWT; j != nil {
+		if j.Leeway < 0 || time.Duration(j.Leeway) > 5*time.Minute {
+			errs = append(errs, fmt.Errorf("chat: jwt leeway %v: must be between 0 and 5m", time.Duration(j.Leeway)))
+		}
+		if j.MaxTokenSize < 256 || j.MaxTokenSize > 64<<10 {
+			errs = append(errs, fmt.Errorf("chat: jwt max_token_size %d: must be between 256 and 65536 bytes", j.MaxTokenSize))
+		}
+		if j.Secret != "" && len(j.Secret) < 32 {
+			errs = append(errs, errors.New("chat: jwt secret: must be at least 32 bytes (HS256 keys shorter than the hash are guessable)"))
+		}
+	} else if len(h.Subscribe) > 0 || len(h.Publish) > 0 {
+		errs = append(errs, errors.New("chat: subscribe and publish rules apply to authenticated users and need a jwt block; use anonymous { ... } for a route without tokens"))
+	}
+	if rl := h.RateLimit; rl.PerSecond > 0 && (rl.Burst < 1 || rl.Burst > 100000) {
+		errs = append(errs, fmt.Errorf("chat: rate_limit burst %d: must be between 1 and 100000", rl.Burst))
+	}
+	if h.MaxConnections < 1 {
+		errs = append(errs, fmt.Errorf("chat: max_connections %d: must be at least 1", h.MaxConnections))
+	}
+	if h.MaxConnectionsPerUser < 1 {
+		errs = append(errs, fmt.Errorf("chat: max_connections_per_user %d: must be at least 1", h.MaxConnectionsPerUser))
+	}
+	if h.MaxSubscriptions < 1 {
+		errs = append(errs, fmt.Errorf("chat: max_subscriptions %d: must be at least 1", h.MaxSubscriptions))
+	}
+	if h.PublishEndpoint != "" && !strings.HasPrefix(h.PublishEndpoint, "/") {
+		errs = append(errs, fmt.Errorf("chat: publish_endpoint %q: must be a path starting with /", h.PublishEndpoint))
+	}
+	if h.PublishEndpoint != "" && h.PublishKey == "" && h.JWT == nil {
+		errs = append(errs, errors.New("chat: publish_endpoint needs publish_key or a jwt block to authenticate backends"))
+	}
+	if h.PublishKey != "" && len(h.PublishKey) < 16 {
+		errs = append(errs, errors.New("chat: publish_key: must be at least 16 bytes"))
+	}
+	return errs
+}

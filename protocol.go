@@ -28,6 +28,12 @@ const (
 	closeSlowConsumer websocket.StatusCode = 4000
 	// closePingTimeout: the peer did not answer a ping in time.
 	closePingTimeout websocket.StatusCode = 4001
+	// closeTokenExpired: the connection's token expired without a refresh.
+	closeTokenExpired websocket.StatusCode = 4002
+	// closeRateLimited: the client kept sending over its rate limit.
+	closeRateLimited websocket.StatusCode = 4003
+	// closePolicyViolation: a raw client published where it may not.
+	closePolicyViolation = websocket.StatusPolicyViolation
 )
 
 // Error codes of JSON-protocol error replies.
@@ -38,6 +44,10 @@ const (
 	errRateLimited = "rate_limited"
 	errUnavailable = "unavailable"
 	errInternal    = "internal"
+	// errUnauthorized: a refresh token was refused.
+	errUnauthorized = "unauthorized"
+	// errLimitExceeded: a per-connection limit (subscriptions) was reached.
+	errLimitExceeded = "limit_exceeded"
 )
 
 // maxChannelLen bounds channel names so that a name can never grow a Redis key
@@ -82,6 +92,7 @@ type clientFrame struct {
 	Channel string          `json:"channel"`
 	ID      json.RawMessage `json:"id,omitempty"`
 	Data    json.RawMessage `json:"data,omitempty"`
+	Token   string          `json:"token,omitempty"`
 }
 
 // decodeClientFrame parses a text frame. The returned id is echoed in the reply
