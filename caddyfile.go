@@ -4,6 +4,7 @@ import (
 	"strconv"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -11,16 +12,41 @@ import (
 )
 
 func init() {
-	httpcaddyfile.RegisterHandlerDirective("chat", parseCaddyfile)
+	httpcaddyfile.RegisterDirective("chat", parseChatDirective)
 	// After encode, as Mercure does: early enough that a catch-all
 	// reverse_proxy or file_server never sees the upgrade requests.
 	httpcaddyfile.RegisterDirectiveOrder("chat", httpcaddyfile.After, "encode")
 }
 
-func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+// parseChatDirective builds the chat route as a handler directive does, and
+// when publish_endpoint is set, widens the route's matcher to that path too,
+// so the endpoint works without a second matcher.
+func parseChatDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error) {
+	if !h.Next() {
+		return nil, h.ArgErr()
+	}
+	matcherSet, err := h.ExtractMatcherSet()
+	if err != nil {
+		return nil, err
+	}
 	handler := new(Handler)
-	err := handler.UnmarshalCaddyfile(h.Dispenser)
-	return handler, err
+	if err := handler.UnmarshalCaddyfile(h.Dispenser); err != nil {
+		return nil, err
+	}
+	values := h.NewRoute(matcherSet, handler)
+	if handler.PublishEndpoint == "" || matcherSet == nil {
+		return values, nil
+	}
+	for i, v := range values {
+		route, ok := v.Value.(caddyhttp.Route)
+		if !ok {
+			continue
+		}
+		endpoint := caddy.ModuleMap{"path": caddyconfig.JSON(caddyhttp.MatchPath{handler.PublishEndpoint}, nil)}
+		route.MatcherSetsRaw = append(route.MatcherSetsRaw, endpoint)
+		values[i].Value = route
+	}
+	return values, nil
 }
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens:
@@ -38,7 +64,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		publish_timeout  <duration>
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next() // the directive's name
+	d.Next() // the directive's name (the matcher, if any, was taken already)
 	if d.NextArg() {
 		return d.Errf("chat takes no arguments besides a matcher; options go in its block")
 	}

@@ -50,6 +50,20 @@ func TestCaddyfileErrorsNameTheOption(t *testing.T) {
 		{"chat {\n publish_timeout x\n}", "publish_timeout"},
 		{"chat {\n origins\n}", "origins needs at least one pattern"},
 		{"chat extra", "no arguments"},
+		{"chat {\n jwt {\n bogus 1\n }\n}", `unknown jwt option "bogus"`},
+		{"chat {\n jwt {\n secret\n }\n}", "jwt secret needs exactly one value"},
+		{"chat {\n jwt {\n leeway never\n }\n}", "jwt leeway"},
+		{"chat {\n jwt {\n max_token_size huge\n }\n}", "jwt max_token_size"},
+		{"chat {\n jwt {\n query_token a b\n }\n}", "jwt query_token"},
+		{"chat {\n anonymous {\n read x\n }\n}", `unknown anonymous option "read"`},
+		{"chat {\n anonymous {\n subscribe\n }\n}", "anonymous subscribe needs at least one channel pattern"},
+		{"chat {\n subscribe\n}", "subscribe needs at least one channel pattern"},
+		{"chat {\n rate_limit fast\n}", `rate_limit "fast"`},
+		{"chat {\n rate_limit 10 many\n}", `rate_limit burst "many"`},
+		{"chat {\n rate_limit\n}", "rate_limit needs"},
+		{"chat {\n max_connections 0\n}", "max_connections"},
+		{"chat {\n max_connections_per_user x\n}", "max_connections_per_user"},
+		{"chat {\n max_subscriptions -1\n}", "max_subscriptions"},
 	}
 	for _, tc := range cases {
 		var h Handler
@@ -75,6 +89,15 @@ func TestValidateRejectsBadValues(t *testing.T) {
 		{Handler{PingInterval: caddy.Duration(time.Millisecond)}, "ping_interval"},
 		{Handler{WriteTimeout: caddy.Duration(2 * time.Hour)}, "write_timeout"},
 		{Handler{Origins: []string{""}}, "origins"},
+		{Handler{Anonymous: &Permissions{Subscribe: []string{"room:x*"}}}, `anonymous subscribe: pattern "room:x*"`},
+		{Handler{Subscribe: []string{"room:*"}}, "subscribe and publish rules apply to authenticated users and need a jwt block"},
+		{Handler{JWT: &JWTConfig{Secret: "short"}}, "jwt secret: must be at least 32 bytes"},
+		{Handler{JWT: &JWTConfig{Secret: testSecret, Leeway: caddy.Duration(time.Hour)}}, "jwt leeway"},
+		{Handler{JWT: &JWTConfig{Secret: testSecret}, Publish: []string{"a::b"}}, "publish: pattern"},
+		{Handler{RateLimit: &RateLimit{PerSecond: 5, Burst: -2}}, "rate_limit burst"},
+		{Handler{PublishEndpoint: "chat/publish", PublishKey: "0123456789abcdef"}, `publish_endpoint "chat/publish"`},
+		{Handler{PublishEndpoint: "/chat/publish"}, "publish_endpoint needs publish_key or a jwt block"},
+		{Handler{PublishEndpoint: "/p", PublishKey: "short"}, "publish_key: must be at least 16 bytes"},
 	}
 	for _, tc := range cases {
 		h := tc.h
@@ -88,6 +111,39 @@ func TestValidateRejectsBadValues(t *testing.T) {
 		}
 		if err := h.Cleanup(); err != nil {
 			t.Errorf("Cleanup: %v", err)
+		}
+		cancel()
+	}
+}
+
+// testSecret is an HMAC secret long enough for Validate.
+const testSecret = "0123456789abcdef0123456789abcdef"
+
+func TestProvisionRejectsBadKeyMaterial(t *testing.T) {
+	notPEM := filepath.Join(t.TempDir(), "key.pem")
+	if err := os.WriteFile(notPEM, []byte("not a key"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		jwt  JWTConfig
+		want string
+	}{
+		{JWTConfig{}, "jwt needs exactly one of secret, public_key and jwks"},
+		{JWTConfig{Secret: testSecret, JWKS: "https://idp.example.com/jwks.json"}, "jwt needs exactly one of"},
+		{JWTConfig{PublicKey: filepath.Join(t.TempDir(), "missing.pem")}, "jwt public_key"},
+		{JWTConfig{PublicKey: notPEM}, "holds no PEM block"},
+		{JWTConfig{JWKS: "ftp://idp.example.com/jwks"}, "jwt jwks"},
+	}
+	for _, tc := range cases {
+		jwtCfg := tc.jwt
+		h := Handler{JWT: &jwtCfg}
+		ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
+		err := h.Provision(ctx)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%+v: Provision error %v, want one containing %q", tc.jwt, err, tc.want)
+		}
+		if h.hubKey != "" {
+			t.Errorf("%+v: a failed Provision holds a hub", tc.jwt)
 		}
 		cancel()
 	}
