@@ -327,7 +327,9 @@ func (c *conn) armExpiry() {
 	if c.identity.expires.IsZero() {
 		return
 	}
-	c.expiry = time.AfterFunc(time.Until(c.identity.expires), func() {
+	// The leeway that let the token in also keeps it valid that much longer.
+	deadline := c.identity.expires.Add(time.Duration(c.h.JWT.Leeway))
+	c.expiry = time.AfterFunc(time.Until(deadline), func() {
 		c.fail(closeTokenExpired, "token expired")
 	})
 }
