@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"mime"
 	"net/http"
 	"strings"
@@ -76,7 +77,9 @@ func (h *Handler) servePublish(w http.ResponseWriter, r *http.Request) {
 		writePublishError(w, http.StatusBadRequest, errBadRequest, "body must be a JSON object: "+err.Error())
 		return
 	}
-	if dec.More() {
+	// Only white space may follow the object. (dec.More would miss a stray
+	// closing ']' or '}'.)
+	if _, err := dec.Token(); err != io.EOF {
 		writePublishError(w, http.StatusBadRequest, errBadRequest, "body must hold one JSON object")
 		return
 	}
@@ -103,8 +106,16 @@ func (h *Handler) servePublish(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	results := make([]publishResult, len(req.Messages))
+	brokerDown := false
 	for i, item := range req.Messages {
+		if brokerDown {
+			// One outage fails the rest at once: a batch never waits
+			// publish_timeout once per message.
+			results[i] = publishResult{Channel: item.Channel, Error: &publishError{Code: errUnavailable, Message: "message not published: the message broker is unavailable"}}
+			continue
+		}
 		results[i], _ = h.publishOne(r.Context(), id, item)
+		brokerDown = results[i].Error != nil && results[i].Error.Code == errUnavailable
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"results": results})
 }
