@@ -161,7 +161,10 @@ func newAuthenticator(jwtCfg *JWTConfig, anon *Permissions, rules Permissions, l
 		}
 		ctx, cancel := context.WithCancel(context.Background())
 		kf, err := keyfunc.NewDefaultOverrideCtx(ctx, []string{jwtCfg.JWKS}, keyfunc.Override{
-			HTTPTimeout:       5 * time.Second,
+			HTTPTimeout: 5 * time.Second,
+			// An unknown kid never waits for the refresh limiter: it fails at
+			// once, so tokens with made-up kids cannot hold requests open.
+			RateLimitWaitMax:  time.Millisecond,
 			RefreshUnknownKID: rate.NewLimiter(rate.Every(jwksUnknownKIDInterval), 1),
 			RefreshErrorHandlerFunc: func(u string) func(context.Context, error) {
 				return func(_ context.Context, err error) {
@@ -266,10 +269,11 @@ const (
 func (a *authenticator) requestToken(r *http.Request) (string, tokenSource, error) {
 	if v := r.Header.Get("Authorization"); v != "" {
 		scheme, token, ok := strings.Cut(v, " ")
-		if !ok || !strings.EqualFold(scheme, "Bearer") {
+		token = strings.TrimSpace(token)
+		if !ok || !strings.EqualFold(scheme, "Bearer") || token == "" {
 			return "", tokenHeader, authErr("authorization header must be Bearer <token>")
 		}
-		return strings.TrimSpace(token), tokenHeader, nil
+		return token, tokenHeader, nil
 	}
 	if token, ok := subprotocolToken(r.Header); ok {
 		return token, tokenSubprotocol, nil
@@ -382,7 +386,15 @@ func jwtFailureReason(err error) string {
 	case errors.Is(err, jwt.ErrTokenInvalidAudience):
 		return "wrong token audience"
 	case errors.Is(err, jwt.ErrTokenRequiredClaimMissing):
-		return "token lacks a required claim (exp)"
+		// exp is always required, iss and aud when configured. golang-jwt's
+		// message names the claim ("iss claim is required"); only these fixed
+		// names are echoed, never the token's content.
+		for _, claim := range []string{"exp", "iss", "aud"} {
+			if strings.Contains(err.Error(), claim+" claim is required") {
+				return "token lacks a required claim (" + claim + ")"
+			}
+		}
+		return "token lacks a required claim"
 	case errors.Is(err, jwt.ErrTokenUnverifiable):
 		return "token signing method or key not accepted"
 	}

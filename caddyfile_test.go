@@ -116,9 +116,6 @@ func TestValidateRejectsBadValues(t *testing.T) {
 	}
 }
 
-// testSecret is an HMAC secret long enough for Validate.
-const testSecret = "0123456789abcdef0123456789abcdef"
-
 func TestProvisionRejectsBadKeyMaterial(t *testing.T) {
 	notPEM := filepath.Join(t.TempDir(), "key.pem")
 	if err := os.WriteFile(notPEM, []byte("not a key"), 0o600); err != nil {

@@ -76,7 +76,7 @@ func post(t *testing.T, n *testNode, auth, body string) publishResponse {
 	return postPublish(t, n, http.MethodPost, auth, "application/json", body)
 }
 
-func bearer(token string) string { return "Bearer " + token }
+func bearerHeader(token string) string { return "Bearer " + token }
 
 func keys(m map[string]any) []string {
 	out := make([]string, 0, len(m))
@@ -158,7 +158,7 @@ func wantDelivery(t *testing.T, m map[string]any, channel, id, from, data string
 // before it.
 func expectNoMessageBefore(t *testing.T, n *testNode, c *testClient, channel string) {
 	t.Helper()
-	id := wantPublished(t, post(t, n, bearer(testPublishKey), `{"channel":"`+channel+`","data":"marker"}`), channel)
+	id := wantPublished(t, post(t, n, bearerHeader(testPublishKey), `{"channel":"`+channel+`","data":"marker"}`), channel)
 	m := c.next("message")
 	if m["id"] != id || m["data"] != "marker" {
 		t.Fatalf("got delivery %v before the marker %s", m, id)
@@ -185,7 +185,7 @@ func userToken(t *testing.T, sub string, chat map[string]any) string {
 // dialWithToken opens a JSON-protocol WebSocket authenticated by token.
 func dialWithToken(t *testing.T, n *testNode, token string) *testClient {
 	t.Helper()
-	c := dial(t, n.url("/ws"), &websocket.DialOptions{HTTPHeader: http.Header{"Authorization": {bearer(token)}}})
+	c := dial(t, n.url("/ws"), &websocket.DialOptions{HTTPHeader: http.Header{"Authorization": {bearerHeader(token)}}})
 	c.next("welcome")
 	return c
 }
@@ -203,7 +203,7 @@ func TestPublishEndpointKeyPublishReachesSubscriber(t *testing.T) {
 	sub.next("welcome")
 	sub.subscribe("room:a", 1)
 
-	r := post(t, n, bearer(testPublishKey), `{"channel":"room:a","data":{"x":1}}`)
+	r := post(t, n, bearerHeader(testPublishKey), `{"channel":"room:a","data":{"x":1}}`)
 	id := wantPublished(t, r, "room:a")
 	if cc := r.header.Get("Cache-Control"); cc != "no-store" {
 		t.Errorf("Cache-Control = %q, want no-store", cc)
@@ -214,15 +214,15 @@ func TestPublishEndpointKeyPublishReachesSubscriber(t *testing.T) {
 	// no Content-Type at all is accepted too.
 	r = postPublish(t, n, http.MethodPost, "bearer "+testPublishKey, "application/json; charset=utf-8", `{"channel":"room:a","data":"two"}`)
 	wantDelivery(t, sub.next("message"), "room:a", wantPublished(t, r, "room:a"), "", `"two"`)
-	r = postPublish(t, n, http.MethodPost, bearer(testPublishKey), "", `{"channel":"room:a","data":[3]}`)
+	r = postPublish(t, n, http.MethodPost, bearerHeader(testPublishKey), "", `{"channel":"room:a","data":[3]}`)
 	wantDelivery(t, sub.next("message"), "room:a", wantPublished(t, r, "room:a"), "", `[3]`)
 	// White space around the object (curl -d @file sends a final newline).
-	r = post(t, n, bearer(testPublishKey), " \n{\"channel\":\"room:a\",\"data\":4}\r\n\t ")
+	r = post(t, n, bearerHeader(testPublishKey), " \n{\"channel\":\"room:a\",\"data\":4}\r\n\t ")
 	wantDelivery(t, sub.next("message"), "room:a", wantPublished(t, r, "room:a"), "", `4`)
 
 	// A channel nobody listens to still gets an id; the subscriber of room:a
 	// sees nothing of it.
-	wantPublished(t, post(t, n, bearer(testPublishKey), `{"channel":"room:b","data":1}`), "room:b")
+	wantPublished(t, post(t, n, bearerHeader(testPublishKey), `{"channel":"room:b","data":1}`), "room:b")
 	expectNoMessageBefore(t, n, sub, "room:a")
 }
 
@@ -234,13 +234,13 @@ func TestPublishEndpointUnauthorized(t *testing.T) {
 	body := `{"channel":"room:a","data":{"x":1}}`
 	cases := []struct{ name, auth string }{
 		{"missing Authorization", ""},
-		{"wrong key", bearer("test-publish-key-0123456780")},
-		{"key prefix", bearer(testPublishKey[:20])},
-		{"key with suffix", bearer(testPublishKey + "x")},
+		{"wrong key", bearerHeader("test-publish-key-0123456780")},
+		{"key prefix", bearerHeader(testPublishKey[:20])},
+		{"key with suffix", bearerHeader(testPublishKey + "x")},
 		{"Basic scheme", "Basic " + testPublishKey},
 		{"key without scheme", testPublishKey},
 		{"empty bearer", "Bearer "},
-		{"a JWT on a route without jwt", bearer(userToken(t, "alice", map[string]any{"publish": "**"}))},
+		{"a JWT on a route without jwt", bearerHeader(userToken(t, "alice", map[string]any{"publish": "**"}))},
 	}
 	for _, tc := range cases {
 		r := post(t, n, tc.auth, body)
@@ -263,25 +263,25 @@ func TestPublishEndpointJWT(t *testing.T) {
 	sub.subscribe("other:x", 2)
 
 	backend := userToken(t, "backend-1", map[string]any{"publish": []string{"room:*"}})
-	r := post(t, n, bearer(backend), `{"channel":"room:a","data":{"x":1}}`)
+	r := post(t, n, bearerHeader(backend), `{"channel":"room:a","data":{"x":1}}`)
 	wantDelivery(t, sub.next("message"), "room:a", wantPublished(t, r, "room:a"), "backend-1", `{"x":1}`)
 
-	wantError(t, "publish outside the token's rights", post(t, n, bearer(backend), `{"channel":"other:x","data":1}`), http.StatusForbidden, "forbidden")
+	wantError(t, "publish outside the token's rights", post(t, n, bearerHeader(backend), `{"channel":"other:x","data":1}`), http.StatusForbidden, "forbidden")
 	// "room:*" is one segment: room:a:b is not granted.
-	wantError(t, "publish on a deeper channel", post(t, n, bearer(backend), `{"channel":"room:a:b","data":1}`), http.StatusForbidden, "forbidden")
+	wantError(t, "publish on a deeper channel", post(t, n, bearerHeader(backend), `{"channel":"room:a:b","data":1}`), http.StatusForbidden, "forbidden")
 	subscriber := userToken(t, "watcher", map[string]any{"subscribe": []string{"**"}})
-	wantError(t, "token without publish rights", post(t, n, bearer(subscriber), `{"channel":"room:a","data":1}`), http.StatusForbidden, "forbidden")
+	wantError(t, "token without publish rights", post(t, n, bearerHeader(subscriber), `{"channel":"room:a","data":1}`), http.StatusForbidden, "forbidden")
 
 	now := time.Now()
 	unauthorized := []struct{ name, auth string }{
-		{"expired token", bearer(signToken(t, jwt.MapClaims{
+		{"expired token", bearerHeader(signToken(t, jwt.MapClaims{
 			"sub": "backend-1", "iat": now.Add(-2 * time.Hour).Unix(), "exp": now.Add(-time.Hour).Unix(),
 			"chat": map[string]any{"publish": []string{"room:*"}},
 		}))},
-		{"token without exp", bearer(signToken(t, jwt.MapClaims{
+		{"token without exp", bearerHeader(signToken(t, jwt.MapClaims{
 			"sub": "backend-1", "chat": map[string]any{"publish": []string{"room:*"}},
 		}))},
-		{"token signed with another secret", bearer(func() string {
+		{"token signed with another secret", bearerHeader(func() string {
 			s, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
 				"sub": "backend-1", "exp": now.Add(time.Minute).Unix(), "chat": map[string]any{"publish": []string{"room:*"}},
 			}).SignedString([]byte(strings.Repeat("z", 32)))
@@ -290,7 +290,7 @@ func TestPublishEndpointJWT(t *testing.T) {
 			}
 			return s
 		}())},
-		{"not a token", bearer("not-a-token")},
+		{"not a token", bearerHeader("not-a-token")},
 		{"missing Authorization", ""},
 	}
 	for _, tc := range unauthorized {
@@ -309,7 +309,7 @@ func TestPublishEndpointBadRequests(t *testing.T) {
 	sub := dial(t, n.url("/ws"), nil)
 	sub.next("welcome")
 	sub.subscribe("room:a", 1)
-	auth := bearer(testPublishKey)
+	auth := bearerHeader(testPublishKey)
 
 	// The method is checked first, even before authentication.
 	for _, method := range []string{http.MethodGet, http.MethodPut, http.MethodDelete} {
@@ -376,7 +376,7 @@ func TestPublishEndpointBatch(t *testing.T) {
 	sub := dialWithToken(t, n, userToken(t, "watcher", map[string]any{"subscribe": []string{"**"}}))
 	sub.subscribe("room:b", 1)
 	sub.subscribe("other:x", 2)
-	backend := bearer(userToken(t, "backend-2", map[string]any{"publish": []string{"room:*"}}))
+	backend := bearerHeader(userToken(t, "backend-2", map[string]any{"publish": []string{"room:*"}}))
 
 	r := post(t, n, backend, `{"messages":[
 		{"channel":"room:b","data":{"n":1}},
@@ -447,7 +447,7 @@ func TestPublishEndpointBatch(t *testing.T) {
 
 	// 100 messages is the maximum, each delivered once.
 	hundred := strings.TrimSuffix(strings.Repeat(item+",", 100), ",")
-	r = post(t, n, bearer(testPublishKey), `{"messages":[`+hundred+`]}`)
+	r = post(t, n, bearerHeader(testPublishKey), `{"messages":[`+hundred+`]}`)
 	if r.status != http.StatusOK {
 		t.Fatalf("100 messages: got %s", r)
 	}
@@ -472,7 +472,7 @@ func TestPublishEndpointBrokerUnavailable(t *testing.T) {
 	sub := dial(t, n.url("/ws"), nil)
 	sub.next("welcome")
 	sub.subscribe("room:r", 1)
-	auth := bearer(testPublishKey)
+	auth := bearerHeader(testPublishKey)
 
 	// Through Redis while it runs.
 	r := post(t, n, auth, `{"channel":"room:r","data":{"up":true}}`)
