@@ -318,12 +318,17 @@ func offersAppSubprotocol(h http.Header) bool {
 
 // authenticate turns a request into an identity, or an *authError.
 func (a *authenticator) authenticate(r *http.Request) (*identity, error) {
+	if a.cfg == nil {
+		// A route without tokens ignores credentials meant for others (e.g.
+		// Basic auth of a proxy in front).
+		return a.anonymousIdentity(), nil
+	}
 	token, _, err := a.requestToken(r)
 	if err != nil {
 		return nil, err
 	}
-	if a.cfg == nil || token == "" {
-		if a.cfg != nil && a.anonymous == nil {
+	if token == "" {
+		if a.anonymous == nil {
 			return nil, authErr("missing token")
 		}
 		return a.anonymousIdentity(), nil

@@ -1173,3 +1173,15 @@ func TestRedactQuery(t *testing.T) {
 		}
 	}
 }
+
+// TestOpenRouteIgnoresForeignCredentials: a route without jwt lets in a
+// request that carries credentials meant for something else.
+func TestOpenRouteIgnoresForeignCredentials(t *testing.T) {
+	n := startNode(t, &Handler{})
+	for _, v := range []string{"Basic dXNlcjpwYXNz", "Bearer not-a-token", "Bearer "} {
+		c := dial(t, n.url("/ws"), &websocket.DialOptions{HTTPHeader: http.Header{"Authorization": {v}}})
+		if w := c.next("welcome"); w["user"] != "" {
+			t.Fatalf("Authorization %q: welcome %v, want an anonymous user", v, w)
+		}
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -514,6 +515,16 @@ func (c *conn) writeLoop() {
 		select {
 		case f := <-c.send:
 			if err := c.write(f); err != nil {
+				if errors.Is(err, net.ErrClosed) {
+					// A close frame is already out: the WebSocket library sent
+					// one itself (1009 for an oversized frame, 1002) or answered
+					// the peer's. The read fails too and ends c.ctx; then finish
+					// the close handshake, since closing the socket now could
+					// reset it before the peer has read that close frame.
+					<-c.ctx.Done()
+					_ = c.ws.Close(c.closeCode, c.closeWhy)
+					return
+				}
 				c.fail(closeInternal, "write failed")
 				_ = c.ws.CloseNow()
 				return
