@@ -51,6 +51,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 	id, err := h.auth.authenticate(r)
 	if err != nil {
+		moduleMetrics().authFailures.WithLabelValues(authFailureLabel(err)).Inc()
 		h.logger.Debug("authentication failed", zap.String("reason", err.Error()), zap.String("remote", r.RemoteAddr))
 		w.Header().Set("WWW-Authenticate", `Bearer realm="chat", error="invalid_token"`)
 		http.Error(w, "unauthorized: "+err.Error(), http.StatusUnauthorized)
@@ -239,6 +240,16 @@ func (c *conn) serve() {
 		_ = c.ws.Close(closeGoingAway, "node shutting down")
 		return
 	}
+	m := moduleMetrics()
+	m.connections.Inc()
+	m.connectionsOpened.Inc()
+	defer func() {
+		m.connections.Dec()
+		m.connectionsClosed.WithLabelValues(closeReason(c.closeCode)).Inc()
+		if c.closeCode == closeSlowConsumer {
+			m.slowConsumers.Inc()
+		}
+	}()
 	log.Debug("connection opened", zap.String("user", c.identity.user))
 	go c.writeLoop()
 	c.armExpiry()
@@ -278,6 +289,7 @@ func (c *conn) readLoop() {
 		if err != nil {
 			return
 		}
+		moduleMetrics().received.Inc()
 		if typ != websocket.MessageText {
 			c.fail(closeUnsupported, "binary frames are not supported")
 			return

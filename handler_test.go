@@ -16,6 +16,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/coder/websocket"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
 )
 
@@ -360,6 +361,8 @@ func dialSlowReader(t *testing.T, url string) *websocket.Conn {
 func TestSlowConsumerIsDisconnectedOthersGetEverything(t *testing.T) {
 	n := startNode(t, &Handler{SendQueue: 8, WriteTimeout: caddy.Duration(5 * time.Second), RateLimit: &RateLimit{PerSecond: -1}})
 	const channel, messages = "room:firehose", 600
+	m := moduleMetrics()
+	slowBefore, droppedBefore := testutil.ToFloat64(m.slowConsumers), testutil.ToFloat64(m.dropped)
 
 	slow := dialSlowReader(t, n.url("/ws"))
 	sub := func(ws *websocket.Conn) {
@@ -407,6 +410,11 @@ func TestSlowConsumerIsDisconnectedOthersGetEverything(t *testing.T) {
 	}
 	if code != closeSlowConsumer {
 		t.Fatalf("slow client close code = %v, want %v", code, closeSlowConsumer)
+	}
+	// The metrics count the drops and the disconnect (other tests may add).
+	waitFor(t, func() bool { return testutil.ToFloat64(m.slowConsumers) >= slowBefore+1 })
+	if got := testutil.ToFloat64(m.dropped); got < droppedBefore+float64(n.h.hub.dropped.Load()) {
+		t.Fatalf("messages_dropped_total grew by %v, the hub dropped %d", got-droppedBefore, n.h.hub.dropped.Load())
 	}
 }
 

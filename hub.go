@@ -202,6 +202,7 @@ func (h *hub) subscribe(ctx context.Context, c *conn, channel string) error {
 	if !cs.subscribed {
 		if err = h.broker.Subscribe(ctx, channel); err == nil {
 			cs.subscribed = true
+			moduleMetrics().channels.Inc()
 		}
 	}
 	h.mu.Lock()
@@ -256,6 +257,7 @@ func (h *hub) releaseIfIdle(channel string, cs *channelState) {
 		}
 		cancel()
 		cs.subscribed = false
+		moduleMetrics().channels.Dec()
 	}
 	h.mu.Lock()
 	if cs.refs == 0 && h.channels[channel] == cs {
@@ -275,16 +277,27 @@ func (h *hub) deliver(channel string, payload []byte) {
 		return
 	}
 	d := &delivery{channel: channel, payload: payload, ids: h.ids}
+	queued := 0
 	for c := range cs.members {
-		if !c.enqueue(outFrame{delivery: d}) {
-			h.dropped.Add(1)
+		if c.enqueue(outFrame{delivery: d}) {
+			queued++
 		}
+	}
+	// One metrics update per message, not per subscriber.
+	m := moduleMetrics()
+	m.delivered.Add(float64(queued))
+	if dropped := len(cs.members) - queued; dropped > 0 {
+		h.dropped.Add(uint64(dropped))
+		m.dropped.Add(float64(dropped))
 	}
 }
 
 // publish sends msg through the broker.
 func (h *hub) publish(ctx context.Context, msg Publication) (string, error) {
-	return h.broker.Publish(ctx, msg)
+	start := time.Now()
+	id, err := h.broker.Publish(ctx, msg)
+	moduleMetrics().publishSeconds.Observe(time.Since(start).Seconds())
+	return id, err
 }
 
 // Destruct closes the hub when no handler uses it any more: on shutdown

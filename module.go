@@ -147,6 +147,9 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // (across config reloads too).
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	if err := moduleMetrics().register(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("chat: registering metrics: %w", err)
+	}
 	repl := caddy.NewReplacer()
 	h.Redis = strings.TrimSpace(repl.ReplaceKnown(h.Redis, ""))
 	if h.ChannelPrefix == nil {

@@ -53,6 +53,7 @@ func (h *Handler) servePublish(w http.ResponseWriter, r *http.Request) {
 	}
 	id, err := h.publisherIdentity(r)
 	if err != nil {
+		moduleMetrics().authFailures.WithLabelValues(authFailureLabel(err)).Inc()
 		h.logger.Debug("publish endpoint: authentication failed", zap.String("reason", err.Error()), zap.String("remote", r.RemoteAddr))
 		w.Header().Set("WWW-Authenticate", `Bearer realm="chat publish"`)
 		writePublishError(w, http.StatusUnauthorized, errUnauthorized, err.Error())
@@ -142,6 +143,7 @@ func (h *Handler) publisherIdentity(r *http.Request) (*identity, error) {
 func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem) (publishResult, int) {
 	res := publishResult{Channel: item.Channel}
 	fail := func(status int, code, message string) (publishResult, int) {
+		moduleMetrics().httpPublishes.WithLabelValues(code).Inc()
 		res.Error = &publishError{Code: code, Message: message}
 		return res, status
 	}
@@ -165,6 +167,7 @@ func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem
 		return fail(http.StatusServiceUnavailable, errUnavailable, "message not published: the message broker is unavailable")
 	}
 	res.ID = msgID
+	moduleMetrics().httpPublishes.WithLabelValues("ok").Inc()
 	return res, http.StatusOK
 }
 

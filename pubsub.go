@@ -273,6 +273,7 @@ func (b *redisBroker) receiveLoop(ctx context.Context) {
 		backoff = minBackoff
 		if !outageSince.IsZero() {
 			b.log.Info("redis pub/sub connection restored", zap.Duration("outage", time.Since(outageSince)))
+			moduleMetrics().brokerReconnects.Inc()
 			outageSince = time.Time{}
 		}
 		switch m := msg.(type) {

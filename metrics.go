@@ -1,0 +1,156 @@
+package caddychat
+
+import (
+	"errors"
+	"strings"
+	"sync"
+
+	"github.com/coder/websocket"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// chatMetrics are the module's Prometheus metrics, shown on Caddy's admin
+// /metrics endpoint. They are process-wide, as the hubs they describe outlive
+// config reloads, and carry no per-channel or per-user labels.
+type chatMetrics struct {
+	connections       prometheus.Gauge
+	connectionsOpened prometheus.Counter
+	connectionsClosed *prometheus.CounterVec
+	channels          prometheus.Gauge
+	received          prometheus.Counter
+	delivered         prometheus.Counter
+	dropped           prometheus.Counter
+	slowConsumers     prometheus.Counter
+	publishSeconds    prometheus.Histogram
+	brokerReconnects  prometheus.Counter
+	authFailures      *prometheus.CounterVec
+	httpPublishes     *prometheus.CounterVec
+}
+
+var (
+	metricsOnce sync.Once
+	metrics     *chatMetrics
+)
+
+// moduleMetrics returns the metrics, creating them on first use.
+func moduleMetrics() *chatMetrics {
+	metricsOnce.Do(func() {
+		const ns, sub = "caddy", "chat"
+		counter := func(name, help string) prometheus.Counter {
+			return prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help})
+		}
+		gauge := func(name, help string) prometheus.Gauge {
+			return prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help})
+		}
+		metrics = &chatMetrics{
+			connections:       gauge("connections", "WebSocket connections open now."),
+			connectionsOpened: counter("connections_opened_total", "WebSocket connections accepted."),
+			connectionsClosed: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Namespace: ns, Subsystem: sub, Name: "connections_closed_total",
+				Help: "WebSocket connections closed, by reason.",
+			}, []string{"reason"}),
+			channels:      gauge("channels", "Channels this node is subscribed to at the broker (channels with local subscribers)."),
+			received:      counter("messages_received_total", "Frames received from clients."),
+			delivered:     counter("messages_delivered_total", "Messages queued to local subscribers (one per subscriber)."),
+			dropped:       counter("messages_dropped_total", "Deliveries dropped because a subscriber's send queue was full."),
+			slowConsumers: counter("slow_consumers_total", "Clients disconnected because they could not keep up (close 4000)."),
+			publishSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+				Namespace: ns, Subsystem: sub, Name: "broker_publish_seconds",
+				Help:    "Time a publish takes at the broker.",
+				Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
+			}),
+			brokerReconnects: counter("broker_reconnects_total", "Times the broker's pub/sub connection came back after an outage."),
+			authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Namespace: ns, Subsystem: sub, Name: "auth_failures_total",
+				Help: "Refused authentications, by reason.",
+			}, []string{"reason"}),
+			httpPublishes: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Namespace: ns, Subsystem: sub, Name: "http_publishes_total",
+				Help: "Messages published through the HTTP publish endpoint, by result.",
+			}, []string{"result"}),
+		}
+	})
+	return metrics
+}
+
+// register adds the metrics to a config's registry (each config has its own;
+// the collectors are shared, so a second registration is expected).
+func (m *chatMetrics) register(reg prometheus.Registerer) error {
+	if reg == nil {
+		return nil
+	}
+	for _, c := range []prometheus.Collector{
+		m.connections, m.connectionsOpened, m.connectionsClosed, m.channels,
+		m.received, m.delivered, m.dropped, m.slowConsumers, m.publishSeconds,
+		m.brokerReconnects, m.authFailures, m.httpPublishes,
+	} {
+		if err := reg.Register(c); err != nil {
+			var already prometheus.AlreadyRegisteredError
+			if !errors.As(err, &already) {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// closeReason is the connections_closed_total label of a close code.
+func closeReason(code websocket.StatusCode) string {
+	switch code {
+	case closeNormal, -1:
+		return "normal"
+	case closeGoingAway:
+		return "going_away"
+	case closeServiceRestart:
+		return "service_restart"
+	case closeSlowConsumer:
+		return "slow_consumer"
+	case closePingTimeout:
+		return "ping_timeout"
+	case closeTokenExpired:
+		return "token_expired"
+	case closeRateLimited:
+		return "rate_limited"
+	case closePolicyViolation:
+		return "forbidden"
+	case closeUnsupported, closeInvalidPayload, websocket.StatusMessageTooBig, websocket.StatusProtocolError:
+		return "protocol_error"
+	case closeTryAgainLater:
+		return "broker_unavailable"
+	case closeInternal:
+		return "internal"
+	}
+	return "other"
+}
+
+// authFailureLabel turns an authError's reason into a small, fixed label.
+func authFailureLabel(err error) string {
+	reason := err.Error()
+	switch {
+	case reason == "missing token":
+		return "missing_token"
+	case reason == "token too large":
+		return "too_large"
+	case reason == "malformed token":
+		return "malformed"
+	case reason == "invalid token signature":
+		return "signature"
+	case reason == "token expired":
+		return "expired"
+	case reason == "token not valid yet":
+		return "not_valid_yet"
+	case reason == "wrong token issuer":
+		return "issuer"
+	case reason == "wrong token audience":
+		return "audience"
+	case strings.HasPrefix(reason, "token lacks"), strings.HasPrefix(reason, "token has no"):
+		return "missing_claim"
+	case strings.HasPrefix(reason, "token signing method"):
+		return "key_or_algorithm"
+	case strings.HasPrefix(reason, "authorization header"):
+		return "bad_header"
+	case reason == "wrong publish key" || strings.HasPrefix(reason, "missing Authorization"):
+		return "publish_key"
+	}
+	return "invalid"
+}
