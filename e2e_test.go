@@ -1431,12 +1431,12 @@ func TestMetricsMoveWithTraffic(t *testing.T) {
 	during := n.scrapeMetrics(t)
 	delta := func(m map[string]float64, name string) float64 { return m[name] - before[name] }
 	expect := map[string]float64{
-		"caddy_chat_connections":                  3,
-		"caddy_chat_connections_opened_total":     3,
-		"caddy_chat_channels":                     1,
-		"caddy_chat_messages_received_total":      6, // 2 subscribes, 4 publishes
-		"caddy_chat_messages_delivered_total":     8, // 4 messages × 2 subscribers
-		"caddy_chat_broker_publish_seconds_count": 4,
+		"caddy_chat_connections":                                 3,
+		"caddy_chat_connections_opened_total":                    3,
+		"caddy_chat_channels":                                    1,
+		"caddy_chat_messages_received_total":                     6, // 2 subscribes, 4 publishes
+		"caddy_chat_messages_delivered_total":                    8, // 4 messages × 2 subscribers
+		"caddy_chat_broker_publish_seconds_count":                4,
 		`caddy_chat_auth_failures_total{reason="missing_token"}`: 1,
 	}
 	for name, want := range expect {
