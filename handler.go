@@ -155,12 +155,6 @@ func headerHasToken(h http.Header, key, token string) bool {
 	return false
 }
 
-// outFrame is one queued server→client frame: either a delivery shared with
-// other subscribers or a frame for this connection alone.
-type outFrame struct {
-	delivery *delivery
-	own      []byte
-}
 
 // conn is one client connection. The goroutine that runs serve reads frames;
 // a second goroutine is its only writer, draining the bounded send queue.
@@ -171,7 +165,13 @@ type conn struct {
 	ws         *websocket.Conn
 	rawChannel string // the bridged channel in raw mode; empty in JSON mode
 
-	send       chan outFrame
+	// send holds pointers only (8 bytes a slot), so an idle connection's
+	// queue costs little however long it may grow.
+	send       chan *delivery
+	// writeTimer bounds each write: it cuts the connection when a write
+	// takes longer than write_timeout. One timer per connection, reset per
+	// write, instead of a context (and its allocations) per write.
+	writeTimer *time.Timer
 	ctx        context.Context // ends when the connection starts closing
 	cancel     context.CancelFunc
 	closeOnce  sync.Once
@@ -206,7 +206,7 @@ func newConn(h *Handler, ws *websocket.Conn, rawChannel string, id *identity) *c
 		hub:        h.hub,
 		ws:         ws,
 		rawChannel: rawChannel,
-		send:       make(chan outFrame, h.SendQueue),
+		send:       make(chan *delivery, h.SendQueue),
 		ctx:        ctx,
 		cancel:     cancel,
 		writerDone: make(chan struct{}),
@@ -224,9 +224,9 @@ func (c *conn) fail(code websocket.StatusCode, why string) {
 
 // enqueue queues f without blocking. A full queue means the client does not
 // keep up: it is disconnected so that it never holds anyone else back.
-func (c *conn) enqueue(f outFrame) bool {
+func (c *conn) enqueue(d *delivery) bool {
 	select {
-	case c.send <- f:
+	case c.send <- d:
 		return true
 	default:
 		c.fail(closeSlowConsumer, "send queue full")
@@ -509,13 +509,16 @@ func (c *conn) sendOwn(v any) {
 		c.fail(closeInternal, "internal error")
 		return
 	}
-	c.enqueue(outFrame{own: b})
+	c.enqueue(&delivery{own: b})
 }
 
 // writeLoop is the connection's only writer. It also pings the peer and, once
 // the connection starts closing, performs the close handshake.
 func (c *conn) writeLoop() {
 	defer close(c.writerDone)
+	c.writeTimer = time.AfterFunc(time.Hour, c.writeTimedOut)
+	c.writeTimer.Stop()
+	defer c.writeTimer.Stop()
 	ping := time.NewTicker(time.Duration(c.h.PingInterval))
 	defer ping.Stop()
 	for {
@@ -552,20 +555,29 @@ func (c *conn) writeLoop() {
 	}
 }
 
-func (c *conn) write(f outFrame) error {
-	frame := f.own
-	if f.delivery != nil {
+func (c *conn) write(d *delivery) error {
+	frame := d.own
+	if frame == nil {
 		if c.rawChannel != "" {
-			frame = f.delivery.rawForm()
+			frame = d.rawForm()
 		} else {
-			frame = f.delivery.jsonForm()
+			frame = d.jsonForm()
 		}
 	}
-	// Not derived from c.ctx: a write cut short by closing would tear the
-	// connection down before the close frame could be sent.
-	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(c.h.WriteTimeout))
-	defer cancel()
-	return c.ws.Write(ctx, websocket.MessageText, frame)
+	// context.Background, not c.ctx: a write cut short by closing would tear
+	// the connection down before the close frame could be sent. The timer
+	// bounds it instead.
+	c.writeTimer.Reset(time.Duration(c.h.WriteTimeout))
+	err := c.ws.Write(context.Background(), websocket.MessageText, frame)
+	c.writeTimer.Stop()
+	return err
+}
+
+// writeTimedOut runs when a write took longer than write_timeout: the peer
+// is not reading, so the connection is cut without a close handshake.
+func (c *conn) writeTimedOut() {
+	c.fail(closeSlowConsumer, "write timed out")
+	_ = c.ws.CloseNow()
 }
 
 // ping runs outside the writer so that waiting for the pong never delays

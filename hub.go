@@ -279,7 +279,7 @@ func (h *hub) deliver(channel string, payload []byte) {
 	d := &delivery{channel: channel, payload: payload, ids: h.ids}
 	queued := 0
 	for c := range cs.members {
-		if c.enqueue(outFrame{delivery: d}) {
+		if c.enqueue(d) {
 			queued++
 		}
 	}

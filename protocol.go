@@ -174,6 +174,24 @@ func parseEnvelope(channel string, payload []byte) (envelope, bool) {
 	return e, ok
 }
 
+// isOwnEnvelope is parseEnvelope's answer for JSON clients without decoding:
+// envelopes are encoded by encodeEnvelope, so they start with a fixed prefix
+// naming the channel; json.Valid (allocation-free) guards the rest.
+func isOwnEnvelope(channel string, payload []byte) bool {
+	const head, mid = `{"type":"message","channel":"`, `","id":"`
+	rest, ok := bytes.CutPrefix(payload, []byte(head))
+	if !ok {
+		return false
+	}
+	if rest, ok = bytes.CutPrefix(rest, []byte(channel)); !ok {
+		return false
+	}
+	if rest, ok = bytes.CutPrefix(rest, []byte(mid)); !ok || len(rest) == 0 || rest[0] == '"' {
+		return false
+	}
+	return bytes.Contains(rest, []byte(`"data":`)) && utf8.Valid(payload) && json.Valid(payload)
+}
+
 // idGenerator makes message ids unique across nodes without coordination:
 // <unix ms>-<node>-<sequence>.
 type idGenerator struct {
@@ -194,6 +212,10 @@ func (g *idGenerator) next(now time.Time) string {
 // delivery is one message from the broker, shared by every local subscriber.
 // Each wire form is encoded at most once per node, however many clients get it.
 type delivery struct {
+	// own, when set, is a frame for one connection alone (a reply); the
+	// other fields are then unused.
+	own []byte
+
 	channel string
 	payload []byte
 	ids     *idGenerator
@@ -208,7 +230,7 @@ type delivery struct {
 // backend's plain PUBLISH) is wrapped in an envelope with a node-local id.
 func (d *delivery) jsonForm() []byte {
 	d.jsonOnce.Do(func() {
-		if _, ok := parseEnvelope(d.channel, d.payload); ok {
+		if isOwnEnvelope(d.channel, d.payload) {
 			d.jsonFrame = d.payload
 			return
 		}

@@ -1,0 +1,141 @@
+package caddychat
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/coder/websocket"
+)
+
+// BenchmarkHubDeliver measures the fan-out path: one broker message queued to
+// every local subscriber of its channel. allocs/delivery is the figure that
+// must stay at 0: the one delivery value per message is shared by all.
+func BenchmarkHubDeliver(b *testing.B) {
+	for _, subscribers := range []int{100, 1000, 10000} {
+		b.Run(fmt.Sprintf("subscribers=%d", subscribers), func(b *testing.B) {
+			h, err := newHub(hubConfig{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			const channel = "room:bench"
+			cs := &channelState{members: make(map[*conn]struct{}, subscribers), subscribed: true, refs: subscribers}
+			h.channels[channel] = cs
+			var drained sync.WaitGroup
+			for range subscribers {
+				c := &conn{send: make(chan *delivery, 1024)}
+				cs.members[c] = struct{}{}
+				drained.Add(1)
+				go func() {
+					defer drained.Done()
+					for range c.send {
+					}
+				}()
+			}
+			payload := []byte(`{"type":"message","channel":"room:bench","id":"1-a-1","from":"","ts":1,"data":{"text":"hello"}}`)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for range b.N {
+				h.deliver(channel, payload)
+			}
+			b.StopTimer()
+			allocs := testing.AllocsPerRun(100, func() { h.deliver(channel, payload) })
+			b.ReportMetric(allocs/float64(subscribers), "allocs/delivery")
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*subscribers), "ns/delivery")
+			for c := range cs.members {
+				close(c.send)
+			}
+			drained.Wait()
+		})
+	}
+}
+
+// BenchmarkConnWrite measures one connection's writer: a queued delivery
+// written to a real WebSocket over loopback.
+func BenchmarkConnWrite(b *testing.B) {
+	n := startBenchNode(b)
+	ctx := context.Background()
+	client, _, err := websocket.Dial(ctx, n.URL, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer client.CloseNow()
+	client.SetReadLimit(-1)
+	if _, _, err := client.Read(ctx); err != nil { // welcome
+		b.Fatal(err)
+	}
+	if err := client.Write(ctx, websocket.MessageText, []byte(`{"op":"subscribe","channel":"room:w","id":1}`)); err != nil {
+		b.Fatal(err)
+	}
+	if _, _, err := client.Read(ctx); err != nil { // ok
+		b.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for range b.N {
+			if _, _, err := client.Read(ctx); err != nil {
+				return
+			}
+		}
+	}()
+	payload := []byte(`{"type":"message","channel":"room:w","id":"1-a-1","from":"","ts":1,"data":{"text":"` + strings.Repeat("x", 100) + `"}}`)
+	h := n.handler.hub
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		h.deliver("room:w", payload)
+		if i%64 == 63 {
+			// Stay below the send queue's bound: this measures writing, not
+			// slow-consumer handling.
+			for h.queued("room:w") > 128 {
+			}
+		}
+	}
+	<-done
+}
+
+type benchNode struct {
+	URL     string
+	handler *Handler
+}
+
+func startBenchNode(b *testing.B) benchNode {
+	h := &Handler{SendQueue: 1024, RateLimit: &RateLimit{PerSecond: -1}}
+	ctx, cancel := caddyContext()
+	b.Cleanup(cancel)
+	if err := h.Provision(ctx); err != nil {
+		b.Fatal(err)
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_ = h.ServeHTTP(w, r, nil)
+	}))
+	b.Cleanup(func() {
+		srv.CloseClientConnections()
+		srv.Close()
+		_ = h.Cleanup()
+	})
+	return benchNode{URL: "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws", handler: h}
+}
+
+// queued is how many frames wait in the queues of channel's members.
+func (h *hub) queued(channel string) int {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	n := 0
+	if cs := h.channels[channel]; cs != nil {
+		for c := range cs.members {
+			n += len(c.send)
+		}
+	}
+	return n
+}
+
+func caddyContext() (caddy.Context, context.CancelFunc) {
+	return caddy.NewContext(caddy.Context{Context: context.Background()})
+}
