@@ -85,20 +85,26 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		http.Error(w, err.Error(), status)
 		return nil
 	}
-	defer release()
 
 	ws, err := websocket.Accept(w, r, &h.acceptOptions)
 	if err != nil {
 		// Accept has answered the request (403 for a foreign origin, 400 for a
 		// malformed handshake).
+		release()
 		h.logger.Debug("websocket upgrade refused", zap.Error(err))
 		return nil
 	}
 	// From here on w belongs to the WebSocket, and r's context ends with
-	// ServeHTTP: the connection runs on contexts of its own.
+	// ServeHTTP: the connection runs on contexts of its own, on a goroutine
+	// of its own. Returning lets net/http's goroutine end, and with it the
+	// stack that Caddy's handler chain grew: an idle connection then costs
+	// two small goroutine stacks, not a large one.
 	ws.SetReadLimit(h.MaxMessageSize)
 	c := newConn(h, ws, rawChannel, id)
-	c.serve()
+	go func() {
+		defer release()
+		c.serve()
+	}()
 	return nil
 }
 
