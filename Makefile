@@ -2,7 +2,7 @@
 # is missing, checks formatting and vet, and runs every test.
 GO ?= go
 
-.PHONY: test setup check gotest run
+.PHONY: test setup check gotest run bench
 
 test: setup check gotest
 
@@ -19,3 +19,8 @@ gotest:
 
 run:
 	$(GO) run ./cmd/caddy run --config Caddyfile.example
+
+# The benchmark: Caddy nodes, redis-server and chatbench on loopback; writes
+# bench/results.md (about 5 minutes on 2 cores).
+bench:
+	bash bench/run.sh

@@ -386,7 +386,7 @@ func (c *conn) publishRaw(frame []byte) bool {
 	ctx, cancel := c.brokerContext()
 	defer cancel()
 	if _, err := c.hub.publish(ctx, Publication{Channel: c.rawChannel, From: c.identity.user, Raw: frame}); err != nil {
-		c.h.logger.Info("raw publish failed", zap.String("conn", c.id), zap.Error(err))
+		c.h.logger.Debug("raw publish failed", zap.String("conn", c.id), zap.Error(err))
 		c.fail(closeTryAgainLater, "broker unavailable")
 		return false
 	}
@@ -429,7 +429,7 @@ func (c *conn) handleFrame(frame []byte) {
 			return
 		}
 		if err := c.join(f.Channel); err != nil {
-			c.h.logger.Info("subscribe failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
+			c.h.logger.Debug("subscribe failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
 			c.replyError(f.ID, errUnavailable, "cannot subscribe now: the message broker is unavailable")
 			return
 		}
@@ -453,7 +453,7 @@ func (c *conn) handleFrame(frame []byte) {
 		id, err := c.hub.publish(ctx, Publication{Channel: f.Channel, From: c.identity.user, Data: f.Data})
 		cancel()
 		if err != nil {
-			c.h.logger.Info("publish failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
+			c.h.logger.Debug("publish failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
 			c.replyError(f.ID, errUnavailable, "message not published: the message broker is unavailable")
 			return
 		}

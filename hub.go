@@ -296,7 +296,11 @@ func (h *hub) deliver(channel string, payload []byte) {
 func (h *hub) publish(ctx context.Context, msg Publication) (string, error) {
 	start := time.Now()
 	id, err := h.broker.Publish(ctx, msg)
-	moduleMetrics().publishSeconds.Observe(time.Since(start).Seconds())
+	m := moduleMetrics()
+	m.publishSeconds.Observe(time.Since(start).Seconds())
+	if err != nil {
+		m.publishFailures.Inc()
+	}
 	return id, err
 }
 

@@ -22,6 +22,7 @@ type chatMetrics struct {
 	dropped           prometheus.Counter
 	slowConsumers     prometheus.Counter
 	publishSeconds    prometheus.Histogram
+	publishFailures   prometheus.Counter
 	brokerReconnects  prometheus.Counter
 	authFailures      *prometheus.CounterVec
 	httpPublishes     *prometheus.CounterVec
@@ -59,6 +60,7 @@ func moduleMetrics() *chatMetrics {
 				Help:    "Time a publish takes at the broker.",
 				Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
 			}),
+			publishFailures:  counter("publish_failures_total", "Publishes the broker did not accept in time (answered unavailable); logged at debug level only."),
 			brokerReconnects: counter("broker_reconnects_total", "Times the broker's pub/sub connection came back after an outage."),
 			authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 				Namespace: ns, Subsystem: sub, Name: "auth_failures_total",
@@ -81,7 +83,7 @@ func (m *chatMetrics) register(reg prometheus.Registerer) error {
 	}
 	for _, c := range []prometheus.Collector{
 		m.connections, m.connectionsOpened, m.connectionsClosed, m.channels,
-		m.received, m.delivered, m.dropped, m.slowConsumers, m.publishSeconds,
+		m.received, m.delivered, m.dropped, m.slowConsumers, m.publishSeconds, m.publishFailures,
 		m.brokerReconnects, m.authFailures, m.httpPublishes,
 	} {
 		if err := reg.Register(c); err != nil {

@@ -163,7 +163,7 @@ func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem
 	defer cancel()
 	msgID, err := h.hub.publish(ctx, Publication{Channel: item.Channel, From: id.user, Data: item.Data})
 	if err != nil {
-		h.logger.Info("publish endpoint: publish failed", zap.String("channel", item.Channel), zap.Error(err))
+		h.logger.Debug("publish endpoint: publish failed", zap.String("channel", item.Channel), zap.Error(err))
 		return fail(http.StatusServiceUnavailable, errUnavailable, "message not published: the message broker is unavailable")
 	}
 	res.ID = msgID

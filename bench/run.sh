@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Runs every chatbench scenario against real Caddy nodes and one redis-server
+# on loopback, and writes bench/results.md. Sized for a 2-core machine.
+#
+#   bash bench/run.sh            # the full run (about 5 minutes)
+#   QUICK=1 bash bench/run.sh    # smaller sizes, for a smoke test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=bench/out
+rm -rf "$out" && mkdir -p "$out"
+results=bench/results.md
+
+echo "building caddy and chatbench" >&2
+go build -o "$out/caddy" ./cmd/caddy
+go build -o "$out/chatbench" ./cmd/chatbench
+
+pids=()
+cleanup() {
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+free_port() {
+	local p
+	for p in $(seq "$1" $(($1 + 200))); do
+		if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+			echo "$p"
+			return
+		fi
+	done
+	echo "no free port near $1" >&2
+	exit 1
+}
+
+redis_port=$(free_port 16400)
+redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
+	--daemonize no --dir "$out" --logfile "$out/redis.log" &
+pids+=($!)
+redis_pid=$!
+
+# start_node NAME: a Caddy node sharing the Redis; sets node_url and node_pid.
+start_node() {
+	local name=$1 port admin
+	port=$(free_port $((18100 + ${#pids[@]} * 10)))
+	admin=$(free_port $((19100 + ${#pids[@]} * 10)))
+	mkdir -p "$out/$name"
+	cat >"$out/$name/Caddyfile" <<CADDY
+{
+	admin 127.0.0.1:$admin
+	default_bind 127.0.0.1
+	persist_config off
+	auto_https off
+	storage file_system $out/$name/storage
+	log {
+		level WARN
+	}
+}
+http://127.0.0.1:$port {
+	chat /ws {
+		redis redis://127.0.0.1:$redis_port/0
+		rate_limit off
+	}
+}
+CADDY
+	XDG_DATA_HOME="$out/$name" XDG_CONFIG_HOME="$out/$name" HOME="$out/$name" \
+		"$out/caddy" run --config "$out/$name/Caddyfile" --adapter caddyfile >"$out/$name/caddy.log" 2>&1 &
+	node_pid=$!
+	pids+=("$node_pid")
+	node_url="ws://127.0.0.1:$port/ws"
+	for _ in $(seq 100); do
+		(exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return
+		sleep 0.1
+	done
+	echo "node $name did not start; log:" >&2
+	cat "$out/$name/caddy.log" >&2
+	exit 1
+}
+
+start_node A; url_a=$node_url pid_a=$node_pid
+start_node B; url_b=$node_url pid_b=$node_pid
+start_node C; url_c=$node_url pid_c=$node_pid
+
+if [ -n "${QUICK:-}" ]; then
+	fan_small=500 fan_large=2000 rooms=2000 idle_one=3000 idle_each=2000 hold=5s
+else
+	fan_small=2000 fan_large=10000 rooms=10000 idle_one=18000 idle_each=16600 hold=30s
+fi
+
+bench() { # name, then chatbench flags
+	local name=$1
+	shift
+	echo "== $name: chatbench $*" >&2
+	{
+		echo
+		echo "### $name"
+		echo
+		echo '```'
+		echo "chatbench $*"
+		"$out/chatbench" -quiet -out "$out/$name.json" "$@" 2>"$out/$name.err" || echo "(exit $?: $(tail -3 "$out/$name.err"))"
+		echo '```'
+	} >>"$out/tables.md"
+}
+
+bench fanout-$fan_small -url "$url_a,$url_b" -scenario baseline,fanout -subs "$fan_small" \
+	-step-rates 25,50,75,100,150 -max-p99 150ms -messages 300 -inflight 32
+bench fanout-$fan_large -url "$url_a,$url_b" -scenario baseline,fanout -subs "$fan_large" \
+	-step-rates 4,8,12,16 -max-p99 500ms -messages 100 -inflight 32
+bench rooms-$rooms -url "$url_a,$url_b" -scenario rooms -clients "$rooms" -room-size 10 \
+	-client-rate 1 -duration 30s
+bench idle-$idle_one -url "$url_a" -scenario idle -clients "$idle_one" -hold "$hold" -pids "$pid_a"
+
+# Three nodes, three load generators (one process holds at most ~19,000 sockets).
+echo "== idle over three nodes, $((idle_each * 3)) connections" >&2
+for n in a b c; do
+	eval "u=\$url_$n p=\$pid_$n"
+	"$out/chatbench" -quiet -out "$out/idle3-$n.json" -url "$u" -scenario idle \
+		-clients "$idle_each" -hold "$hold" -pids "$p" >"$out/idle3-$n.txt" 2>"$out/idle3-$n.err" &
+	gens+=($!)
+done
+for g in "${gens[@]}"; do wait "$g" || true; done
+{
+	echo
+	echo "### idle-3x$idle_each (three nodes, three load generators)"
+	echo
+	echo '```'
+	for n in a b c; do cat "$out/idle3-$n.txt"; done
+	echo '```'
+} >>"$out/tables.md"
+
+{
+	echo "# Benchmark results"
+	echo
+	echo "Run by \`bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) memory, $(go version | cut -d' ' -f3), redis $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/')."
+	echo "Caddy nodes, redis-server and the load generator share the machine; nodes log at WARN."
+	cat "$out/tables.md"
+} >"$results"
+echo "wrote $results" >&2
