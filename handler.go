@@ -161,7 +161,6 @@ func headerHasToken(h http.Header, key, token string) bool {
 	return false
 }
 
-
 // conn is one client connection. The goroutine that runs serve reads frames;
 // a second goroutine is its only writer, draining the bounded send queue.
 type conn struct {
@@ -173,7 +172,7 @@ type conn struct {
 
 	// send holds pointers only (8 bytes a slot), so an idle connection's
 	// queue costs little however long it may grow.
-	send       chan *delivery
+	send chan *delivery
 	// writeTimer bounds each write: it cuts the connection when a write
 	// takes longer than write_timeout. One timer per connection, reset per
 	// write, instead of a context (and its allocations) per write.
