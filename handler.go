@@ -182,8 +182,14 @@ type conn struct {
 	closeOnce  sync.Once
 	closeCode  websocket.StatusCode
 	closeWhy   string
-	writerDone chan struct{}
-	pinging    atomic.Bool
+	// writing is true while a writer goroutine runs. A writer exists only
+	// while there is something to write (or a close to perform), so an idle
+	// connection costs one goroutine, not two.
+	writing atomic.Bool
+	// closed is closed by the writer once the close handshake is done.
+	closed    chan struct{}
+	pingTimer *time.Timer
+	pinging   atomic.Bool
 
 	// Only touched by the reading goroutine: subscriptions, the identity
 	// (replaced by a refresh) and the rate limiter's state.
@@ -203,7 +209,7 @@ func newConn(h *Handler, ws *websocket.Conn, rawChannel string, id *identity) *c
 	if h.RateLimit.PerSecond > 0 {
 		limiter = rate.NewLimiter(rate.Limit(h.RateLimit.PerSecond), h.RateLimit.Burst)
 	}
-	return &conn{
+	c := &conn{
 		identity:   id,
 		limiter:    limiter,
 		id:         h.hub.nextConnID(),
@@ -214,9 +220,12 @@ func newConn(h *Handler, ws *websocket.Conn, rawChannel string, id *identity) *c
 		send:       make(chan *delivery, h.SendQueue),
 		ctx:        ctx,
 		cancel:     cancel,
-		writerDone: make(chan struct{}),
+		closed:     make(chan struct{}),
 		subscribed: make(map[string]struct{}),
 	}
+	c.writeTimer = time.AfterFunc(time.Hour, c.writeTimedOut)
+	c.writeTimer.Stop()
+	return c
 }
 
 // fail starts closing the connection with code; the first call wins.
@@ -224,7 +233,16 @@ func (c *conn) fail(code websocket.StatusCode, why string) {
 	c.closeOnce.Do(func() {
 		c.closeCode, c.closeWhy = code, why
 		c.cancel()
+		// The writer performs the close handshake.
+		c.kickWriter()
 	})
+}
+
+// kickWriter starts the writer unless one is running.
+func (c *conn) kickWriter() {
+	if c.writing.CompareAndSwap(false, true) {
+		go c.writeLoop()
+	}
 }
 
 // enqueue queues f without blocking. A full queue means the client does not
@@ -232,6 +250,7 @@ func (c *conn) fail(code websocket.StatusCode, why string) {
 func (c *conn) enqueue(d *delivery) bool {
 	select {
 	case c.send <- d:
+		c.kickWriter()
 		return true
 	default:
 		c.fail(closeSlowConsumer, "send queue full")
@@ -240,7 +259,8 @@ func (c *conn) enqueue(d *delivery) bool {
 }
 
 func (c *conn) serve() {
-	log := c.h.logger.With(zap.String("conn", c.id))
+	// No per-connection logger (With copies the encoder): fields per entry.
+	log := c.h.logger
 	if err := c.hub.register(c); err != nil {
 		_ = c.ws.Close(closeGoingAway, "node shutting down")
 		return
@@ -255,8 +275,9 @@ func (c *conn) serve() {
 			m.slowConsumers.Inc()
 		}
 	}()
-	log.Debug("connection opened", zap.String("user", c.identity.user))
-	go c.writeLoop()
+	log.Debug("connection opened", zap.String("conn", c.id), zap.String("user", c.identity.user))
+	c.pingTimer = time.AfterFunc(time.Duration(c.h.PingInterval), c.pingDue)
+	defer c.pingTimer.Stop()
 	c.armExpiry()
 	defer func() {
 		if c.expiry != nil {
@@ -266,7 +287,7 @@ func (c *conn) serve() {
 
 	if c.rawChannel != "" {
 		if err := c.join(c.rawChannel); err != nil {
-			log.Info("raw channel subscription failed", zap.String("channel", c.rawChannel), zap.Error(err))
+			log.Debug("raw channel subscription failed", zap.String("conn", c.id), zap.String("channel", c.rawChannel), zap.Error(err))
 			c.fail(closeTryAgainLater, "broker unavailable")
 		}
 	} else {
@@ -282,8 +303,8 @@ func (c *conn) serve() {
 		channels = append(channels, ch)
 	}
 	c.hub.unregister(c, channels)
-	<-c.writerDone
-	log.Debug("connection closed", zap.Int("code", int(c.closeCode)), zap.String("reason", c.closeWhy))
+	<-c.closed
+	log.Debug("connection closed", zap.String("conn", c.id), zap.Int("code", int(c.closeCode)), zap.String("reason", c.closeWhy))
 }
 
 func (c *conn) readLoop() {
@@ -517,24 +538,19 @@ func (c *conn) sendOwn(v any) {
 	c.enqueue(&delivery{own: b})
 }
 
-// writeLoop is the connection's only writer. It also pings the peer and, once
-// the connection starts closing, performs the close handshake.
+// writeLoop is the connection's only writer while it runs: it drains the
+// send queue and ends when the queue is empty. Once the connection starts
+// closing it performs the close handshake instead, and stays the writer.
 func (c *conn) writeLoop() {
-	defer close(c.writerDone)
-	c.writeTimer = time.AfterFunc(time.Hour, c.writeTimedOut)
-	c.writeTimer.Stop()
-	defer c.writeTimer.Stop()
-	ping := time.NewTicker(time.Duration(c.h.PingInterval))
-	defer ping.Stop()
 	for {
-		// Closing wins over queued frames: a select alone picks at random.
+		// Closing wins over queued frames.
 		if c.ctx.Err() != nil {
-			_ = c.ws.Close(c.closeCode, c.closeWhy)
+			c.closeHandshake()
 			return
 		}
 		select {
-		case f := <-c.send:
-			if err := c.write(f); err != nil {
+		case d := <-c.send:
+			if err := c.write(d); err != nil {
 				if errors.Is(err, net.ErrClosed) {
 					// A close frame is already out: the WebSocket library sent
 					// one itself (1009 for an oversized frame, 1002) or answered
@@ -542,22 +558,36 @@ func (c *conn) writeLoop() {
 					// the close handshake, since closing the socket now could
 					// reset it before the peer has read that close frame.
 					<-c.ctx.Done()
-					_ = c.ws.Close(c.closeCode, c.closeWhy)
+					c.closeHandshake()
 					return
 				}
 				c.fail(closeInternal, "write failed")
 				_ = c.ws.CloseNow()
+				c.closeHandshake()
 				return
 			}
-		case <-ping.C:
-			if c.pinging.CompareAndSwap(false, true) {
-				go c.ping()
+		default:
+			// Queue empty: stop, unless a frame or a close slipped in between
+			// the check and giving up the writer role (its enqueue or fail saw
+			// writing == true and started no writer).
+			c.writing.Store(false)
+			if len(c.send) == 0 && c.ctx.Err() == nil {
+				return
 			}
-		case <-c.ctx.Done():
-			_ = c.ws.Close(c.closeCode, c.closeWhy)
-			return
+			if !c.writing.CompareAndSwap(false, true) {
+				return
+			}
 		}
 	}
+}
+
+// closeHandshake closes the WebSocket with the connection's close code. Only
+// the writer calls it, once: the writing flag stays set, so no other writer
+// starts after it.
+func (c *conn) closeHandshake() {
+	c.writeTimer.Stop()
+	_ = c.ws.Close(c.closeCode, c.closeWhy)
+	close(c.closed)
 }
 
 func (c *conn) write(d *delivery) error {
@@ -583,6 +613,18 @@ func (c *conn) write(d *delivery) error {
 func (c *conn) writeTimedOut() {
 	c.fail(closeSlowConsumer, "write timed out")
 	_ = c.ws.CloseNow()
+}
+
+// pingDue runs every ping_interval on a timer (no goroutine waits for it)
+// and starts a ping unless one is in flight.
+func (c *conn) pingDue() {
+	if c.ctx.Err() != nil {
+		return
+	}
+	if c.pinging.CompareAndSwap(false, true) {
+		go c.ping()
+	}
+	c.pingTimer.Reset(time.Duration(c.h.PingInterval))
 }
 
 // ping runs outside the writer so that waiting for the pong never delays

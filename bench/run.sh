@@ -6,7 +6,7 @@
 #   QUICK=1 bash bench/run.sh    # smaller sizes, for a smoke test
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=bench/out
+out=$PWD/bench/out
 rm -rf "$out" && mkdir -p "$out"
 results=bench/results.md
 
@@ -37,7 +37,11 @@ redis_port=$(free_port 16400)
 redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
 	--daemonize no --dir "$out" --logfile "$out/redis.log" &
 pids+=($!)
-redis_pid=$!
+for _ in $(seq 50); do
+	redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
+	sleep 0.1
+done
+redis-cli -p "$redis_port" ping >/dev/null || { echo "redis-server did not start:" >&2; cat "$out/redis.log" >&2; exit 1; }
 
 # start_node NAME: a Caddy node sharing the Redis; sets node_url and node_pid.
 start_node() {
@@ -98,6 +102,7 @@ bench() { # name, then chatbench flags
 		echo '```'
 		echo "chatbench $*"
 		"$out/chatbench" -quiet -out "$out/$name.json" "$@" 2>"$out/$name.err" || echo "(exit $?: $(tail -3 "$out/$name.err"))"
+		cat "$out/$name.err"
 		echo '```'
 	} >>"$out/tables.md"
 }
