@@ -86,10 +86,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return nil
 	}
 
-	ws, err := websocket.Accept(w, r, &h.acceptOptions)
-	if err != nil {
+	cw := &corkingResponseWriter{ResponseWriter: w}
+	ws, err := websocket.Accept(cw, r, &h.acceptOptions)
+	if err != nil || cw.cork == nil {
 		// Accept has answered the request (403 for a foreign origin, 400 for a
 		// malformed handshake).
+		if err == nil {
+			_ = ws.CloseNow()
+		}
 		release()
 		h.logger.Debug("websocket upgrade refused", zap.Error(err))
 		return nil
@@ -101,6 +105,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	// two small goroutine stacks, not a large one.
 	ws.SetReadLimit(h.MaxMessageSize)
 	c := newConn(h, ws, rawChannel, id)
+	c.cork = cw.cork
 	go func() {
 		defer release()
 		c.serve()
@@ -182,6 +187,7 @@ type conn struct {
 	closeOnce  sync.Once
 	closeCode  websocket.StatusCode
 	closeWhy   string
+	cork *corkWriter // batches queued frames into one socket write
 	// writing is true while a writer goroutine runs. A writer exists only
 	// while there is something to write (or a close to perform), so an idle
 	// connection costs one goroutine, not two.
@@ -550,7 +556,7 @@ func (c *conn) writeLoop() {
 		}
 		select {
 		case d := <-c.send:
-			if err := c.write(d); err != nil {
+			if err := c.writeBatch(d); err != nil {
 				if errors.Is(err, net.ErrClosed) {
 					// A close frame is already out: the WebSocket library sent
 					// one itself (1009 for an oversized frame, 1002) or answered
@@ -588,6 +594,31 @@ func (c *conn) closeHandshake() {
 	c.writeTimer.Stop()
 	_ = c.ws.Close(c.closeCode, c.closeWhy)
 	close(c.closed)
+}
+
+// maxBatch bounds the frames sent with one socket write.
+const maxBatch = 64
+
+// writeBatch writes d and whatever else is queued (up to maxBatch frames)
+// with the socket corked, then sends them with one write.
+func (c *conn) writeBatch(d *delivery) error {
+	c.cork.cork()
+	err := c.write(d)
+	for n := 1; err == nil && n < maxBatch; n++ {
+		select {
+		case next := <-c.send:
+			err = c.write(next)
+			continue
+		default:
+		}
+		break
+	}
+	c.writeTimer.Reset(time.Duration(c.h.WriteTimeout))
+	if uncorkErr := c.cork.uncork(); err == nil {
+		err = uncorkErr
+	}
+	c.writeTimer.Stop()
+	return err
 }
 
 func (c *conn) write(d *delivery) error {

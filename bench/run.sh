@@ -81,9 +81,13 @@ CADDY
 	exit 1
 }
 
-start_node A; url_a=$node_url pid_a=$node_pid
-start_node B; url_b=$node_url pid_b=$node_pid
-start_node C; url_c=$node_url pid_c=$node_pid
+stop_nodes() {
+	for p in "${node_pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	for p in "${node_pids[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
+	node_pids=()
+}
+node_pids=()
+start() { start_node "$1"; node_pids+=("$node_pid"); }
 
 if [ -n "${QUICK:-}" ]; then
 	fan_small=500 fan_large=2000 rooms=2000 idle_one=3000 idle_each=2000 hold=5s
@@ -102,21 +106,22 @@ bench() { # name, then chatbench flags
 		echo '```'
 		echo "chatbench $*"
 		"$out/chatbench" -quiet -out "$out/$name.json" "$@" 2>"$out/$name.err" || echo "(exit $?: $(tail -3 "$out/$name.err"))"
-		cat "$out/$name.err"
 		echo '```'
 	} >>"$out/tables.md"
 }
 
-bench fanout-$fan_small -url "$url_a,$url_b" -scenario baseline,fanout -subs "$fan_small" \
-	-step-rates 25,50,75,100,150 -max-p99 150ms -messages 300 -inflight 32
-bench fanout-$fan_large -url "$url_a,$url_b" -scenario baseline,fanout -subs "$fan_large" \
-	-step-rates 4,8,12,16 -max-p99 500ms -messages 100 -inflight 32
-bench rooms-$rooms -url "$url_a,$url_b" -scenario rooms -clients "$rooms" -room-size 10 \
-	-client-rate 1 -duration 30s
+# Memory is measured on fresh nodes: Go keeps freed memory for a while, so
+# a node that has served a load test shows too little growth.
+start A; url_a=$node_url pid_a=$node_pid
 bench idle-$idle_one -url "$url_a" -scenario idle -clients "$idle_one" -hold "$hold" -pids "$pid_a"
+stop_nodes
 
 # Three nodes, three load generators (one process holds at most ~19,000 sockets).
+start A; url_a=$node_url pid_a=$node_pid
+start B; url_b=$node_url pid_b=$node_pid
+start C; url_c=$node_url pid_c=$node_pid
 echo "== idle over three nodes, $((idle_each * 3)) connections" >&2
+gens=()
 for n in a b c; do
 	eval "u=\$url_$n p=\$pid_$n"
 	"$out/chatbench" -quiet -out "$out/idle3-$n.json" -url "$u" -scenario idle \
@@ -126,12 +131,23 @@ done
 for g in "${gens[@]}"; do wait "$g" || true; done
 {
 	echo
-	echo "### idle-3x$idle_each (three nodes, three load generators)"
+	echo "### idle-3x$idle_each (three nodes, three load generators, one per node)"
 	echo
 	echo '```'
 	for n in a b c; do cat "$out/idle3-$n.txt"; done
 	echo '```'
 } >>"$out/tables.md"
+stop_nodes
+
+start A; url_a=$node_url pid_a=$node_pid
+start B; url_b=$node_url pid_b=$node_pid
+bench fanout-$fan_small -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline,fanout -subs "$fan_small" \
+	-step-rates 25,50,65,80,100 -max-p99 150ms -messages 300 -inflight 32
+bench fanout-$fan_large -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline,fanout -subs "$fan_large" \
+	-step-rates 4,7,10,13 -max-p99 500ms -messages 100 -inflight 32
+bench rooms-$rooms -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario rooms -clients "$rooms" -room-size 10 \
+	-client-rate 1 -duration 30s
+stop_nodes
 
 {
 	echo "# Benchmark results"

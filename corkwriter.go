@@ -1,0 +1,82 @@
+package caddychat
+
+import (
+	"bufio"
+	"net"
+	"net/http"
+	"sync"
+)
+
+// The WebSocket library flushes every message to the socket on its own: one
+// write system call per frame, which is most of the CPU a busy node spends.
+// A corkWriter sits between the library's buffer and the socket so that the
+// writer goroutine can "cork" it, write every frame waiting in the send queue
+// (they collect in memory), and "uncork" to send them all with one call.
+type corkWriter struct {
+	mu     sync.Mutex
+	conn   net.Conn
+	corked bool
+	buf    []byte
+}
+
+// maxCorkRetained bounds the buffer a connection keeps between batches; a
+// larger one (after a burst) is dropped for the garbage collector.
+const maxCorkRetained = 64 << 10
+
+// libraryWriteBuffer is the size of the library's own write buffer. Data
+// frames go through it into the cork buffer, so it can be small: it only
+// saves system calls for control frames written while uncorked.
+const libraryWriteBuffer = 1 << 10
+
+func (w *corkWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.corked {
+		w.buf = append(w.buf, p...)
+		return len(p), nil
+	}
+	return w.conn.Write(p)
+}
+
+func (w *corkWriter) cork() {
+	w.mu.Lock()
+	w.corked = true
+	w.mu.Unlock()
+}
+
+// uncork sends what collected while corked, in one write.
+func (w *corkWriter) uncork() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.corked = false
+	if len(w.buf) == 0 {
+		return nil
+	}
+	_, err := w.conn.Write(w.buf)
+	if cap(w.buf) > maxCorkRetained {
+		w.buf = nil
+	} else {
+		w.buf = w.buf[:0]
+	}
+	return err
+}
+
+// corkingResponseWriter hands the WebSocket library a hijacked connection
+// whose writes go through a corkWriter.
+type corkingResponseWriter struct {
+	http.ResponseWriter
+	cork *corkWriter // set by Hijack
+}
+
+func (w *corkingResponseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func (w *corkingResponseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	// net/http has flushed its writer (the 101 response) before handing it
+	// over; from here on writes go through the cork.
+	w.cork = &corkWriter{conn: conn}
+	return conn, bufio.NewReadWriter(brw.Reader, bufio.NewWriterSize(w.cork, libraryWriteBuffer)), nil
+}
