@@ -187,7 +187,7 @@ type conn struct {
 	closeOnce  sync.Once
 	closeCode  websocket.StatusCode
 	closeWhy   string
-	cork *corkWriter // batches queued frames into one socket write
+	cork       *corkWriter // batches queued frames into one socket write
 	// writing is true while a writer goroutine runs. A writer exists only
 	// while there is something to write (or a close to perform), so an idle
 	// connection costs one goroutine, not two.
