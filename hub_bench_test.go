@@ -29,6 +29,7 @@ func BenchmarkHubDeliver(b *testing.B) {
 			var drained sync.WaitGroup
 			for range subscribers {
 				c := &conn{send: make(chan *delivery, 1024)}
+				c.writing.Store(true) // the drain goroutine below is its writer
 				cs.members[c] = struct{}{}
 				drained.Add(1)
 				go func() {

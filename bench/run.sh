@@ -2,7 +2,7 @@
 # Runs every chatbench scenario against real Caddy nodes and one redis-server
 # on loopback, and writes bench/results.md. Sized for a 2-core machine.
 #
-#   bash bench/run.sh            # the full run (about 5 minutes)
+#   bash bench/run.sh            # the full run (about 5 minutes on 2 cores)
 #   QUICK=1 bash bench/run.sh    # smaller sizes, for a smoke test
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -144,11 +144,11 @@ start B; url_b=$node_url pid_b=$node_pid
 bench fanout-$fan_small -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline,fanout -subs "$fan_small" \
 	-step-rates 25,50,65,80,100 -max-p99 150ms -messages 300 -inflight 32
 bench fanout-$fan_large -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline,fanout -subs "$fan_large" \
-	-step-rates 4,7,10,13 -max-p99 500ms -messages 100 -inflight 32
+	-step-rates 4,7,10,13 -max-p99 500ms -messages 60 -inflight 32
 bench rooms-$((rooms / 2)) -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario rooms -clients "$((rooms / 2))" -room-size 10 \
-	-client-rate 1 -duration 30s
+	-client-rate 1 -duration 20s
 bench rooms-$rooms -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario rooms -clients "$rooms" -room-size 10 \
-	-client-rate 1 -duration 30s
+	-client-rate 1 -duration 20s
 stop_nodes
 
 {
