@@ -162,9 +162,11 @@ func newAuthenticator(jwtCfg *JWTConfig, anon *Permissions, rules Permissions, l
 		ctx, cancel := context.WithCancel(context.Background())
 		kf, err := keyfunc.NewDefaultOverrideCtx(ctx, []string{jwtCfg.JWKS}, keyfunc.Override{
 			HTTPTimeout: 5 * time.Second,
-			// An unknown kid never waits for the refresh limiter: it fails at
-			// once, so tokens with made-up kids cannot hold requests open.
-			RateLimitWaitMax:  time.Millisecond,
+			// Bounds both the wait for the unknown-kid limiter and the
+			// refetch it allows. rate.Limiter.Wait fails at once when the
+			// next refresh is further away than this, so tokens with made-up
+			// kids are refused without holding requests open.
+			RateLimitWaitMax:  3 * time.Second,
 			RefreshUnknownKID: rate.NewLimiter(rate.Every(jwksUnknownKIDInterval), 1),
 			RefreshErrorHandlerFunc: func(u string) func(context.Context, error) {
 				return func(_ context.Context, err error) {
