@@ -2,6 +2,8 @@ package caddychat
 
 import (
 	"bufio"
+	"bytes"
+	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -27,6 +29,10 @@ const maxCorkRetained = 64 << 10
 // frames go through it into the cork buffer, so it can be small: it only
 // saves system calls for control frames written while uncorked.
 const libraryWriteBuffer = 1 << 10
+
+// libraryReadBuffer is the size of the library's read buffer: enough for
+// frame headers and small frames.
+const libraryReadBuffer = 1 << 10
 
 func (w *corkWriter) Write(p []byte) (int, error) {
 	w.mu.Lock()
@@ -78,5 +84,19 @@ func (w *corkingResponseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	// net/http has flushed its writer (the 101 response) before handing it
 	// over; from here on writes go through the cork.
 	w.cork = &corkWriter{conn: conn}
-	return conn, bufio.NewReadWriter(brw.Reader, bufio.NewWriterSize(w.cork, libraryWriteBuffer)), nil
+	// net/http's 4 KiB read buffer is swapped for a small one (frames larger
+	// than it are read straight into the message), keeping what the client
+	// may already have sent after its handshake.
+	br := bufio.NewReaderSize(conn, libraryReadBuffer)
+	if n := brw.Reader.Buffered(); n > 0 {
+		// The early bytes must sit in the new reader's buffer: the library
+		// keeps what is buffered and then reads from conn itself.
+		early, _ := brw.Reader.Peek(n)
+		br = bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn), max(n, libraryReadBuffer))
+		if _, err := br.Peek(n); err != nil {
+			conn.Close()
+			return nil, nil, err
+		}
+	}
+	return conn, bufio.NewReadWriter(br, bufio.NewWriterSize(w.cork, libraryWriteBuffer)), nil
 }
