@@ -175,9 +175,8 @@ type conn struct {
 	ws         *websocket.Conn
 	rawChannel string // the bridged channel in raw mode; empty in JSON mode
 
-	// send holds pointers only (8 bytes a slot), so an idle connection's
-	// queue costs little however long it may grow.
-	send chan *delivery
+	// send is the bounded queue of frames for the writer (send_queue frames).
+	send sendQueue
 	// writeTimer bounds each write: it cuts the connection when a write
 	// takes longer than write_timeout. One timer per connection, reset per
 	// write, instead of a context (and its allocations) per write.
@@ -223,7 +222,6 @@ func newConn(h *Handler, ws *websocket.Conn, rawChannel string, id *identity) *c
 		hub:        h.hub,
 		ws:         ws,
 		rawChannel: rawChannel,
-		send:       make(chan *delivery, h.SendQueue),
 		ctx:        ctx,
 		cancel:     cancel,
 		closed:     make(chan struct{}),
@@ -254,14 +252,12 @@ func (c *conn) kickWriter() {
 // enqueue queues f without blocking. A full queue means the client does not
 // keep up: it is disconnected so that it never holds anyone else back.
 func (c *conn) enqueue(d *delivery) bool {
-	select {
-	case c.send <- d:
-		c.kickWriter()
-		return true
-	default:
+	if !c.send.push(d, c.h.SendQueue) {
 		c.fail(closeSlowConsumer, "send queue full")
 		return false
 	}
+	c.kickWriter()
+	return true
 }
 
 func (c *conn) serve() {
@@ -554,8 +550,7 @@ func (c *conn) writeLoop() {
 			c.closeHandshake()
 			return
 		}
-		select {
-		case d := <-c.send:
+		if d := c.send.pop(); d != nil {
 			if err := c.writeBatch(d); err != nil {
 				if errors.Is(err, net.ErrClosed) {
 					// A close frame is already out: the WebSocket library sent
@@ -572,17 +567,17 @@ func (c *conn) writeLoop() {
 				c.closeHandshake()
 				return
 			}
-		default:
-			// Queue empty: stop, unless a frame or a close slipped in between
-			// the check and giving up the writer role (its enqueue or fail saw
-			// writing == true and started no writer).
-			c.writing.Store(false)
-			if len(c.send) == 0 && c.ctx.Err() == nil {
-				return
-			}
-			if !c.writing.CompareAndSwap(false, true) {
-				return
-			}
+			continue
+		}
+		// Queue empty: stop, unless a frame or a close slipped in between the
+		// check and giving up the writer role (its enqueue or fail saw
+		// writing == true and started no writer).
+		c.writing.Store(false)
+		if c.send.len() == 0 && c.ctx.Err() == nil {
+			return
+		}
+		if !c.writing.CompareAndSwap(false, true) {
+			return
 		}
 	}
 }
@@ -605,13 +600,11 @@ func (c *conn) writeBatch(d *delivery) error {
 	c.cork.cork()
 	err := c.write(d)
 	for n := 1; err == nil && n < maxBatch; n++ {
-		select {
-		case next := <-c.send:
-			err = c.write(next)
-			continue
-		default:
+		next := c.send.pop()
+		if next == nil {
+			break
 		}
-		break
+		err = c.write(next)
 	}
 	c.writeTimer.Reset(time.Duration(c.h.WriteTimeout))
 	if uncorkErr := c.cork.uncork(); err == nil {
