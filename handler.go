@@ -288,12 +288,14 @@ func (c *conn) serve() {
 	}()
 
 	if c.rawChannel != "" {
-		if err := c.join(c.rawChannel); err != nil {
+		var err error
+		c.offStack(func() { err = c.join(c.rawChannel) })
+		if err != nil {
 			log.Debug("raw channel subscription failed", zap.String("conn", c.id), zap.String("channel", c.rawChannel), zap.Error(err))
 			c.fail(closeTryAgainLater, "broker unavailable")
 		}
 	} else {
-		c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user})
+		c.offStack(func() { c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user}) })
 	}
 	if c.ctx.Err() == nil {
 		c.readLoop()
@@ -333,16 +335,32 @@ func (c *conn) readLoop() {
 			continue
 		}
 		if c.rawChannel != "" {
-			if !c.publishRaw(frame) {
+			published := false
+			c.offStack(func() { published = c.publishRaw(frame) })
+			if !published {
 				return
 			}
 			continue
 		}
-		c.handleFrame(frame)
+		c.offStack(func() { c.handleFrame(frame) })
 		if c.ctx.Err() != nil {
 			return
 		}
 	}
+}
+
+// offStack runs f on a short-lived goroutine and waits for it. Decoding
+// frames and calling the broker take deep stacks; done on the reading
+// goroutine, they would grow its stack for good (Go shrinks a stack only
+// when most of it is unused), and an idle connection would carry that
+// stack while it waits in Read.
+func (c *conn) offStack(f func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	<-done
 }
 
 func (c *conn) brokerContext() (context.Context, context.CancelFunc) {
