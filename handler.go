@@ -470,7 +470,7 @@ func (c *conn) handleFrame(frame []byte) {
 		}
 		if err := c.join(f.Channel); err != nil {
 			c.h.logger.Debug("subscribe failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
-			c.replyError(f.ID, errUnavailable, "cannot subscribe now: the message broker is unavailable")
+			c.replyError(f.ID, errUnavailable, "not subscribed: the broker did not answer within publish_timeout (down or overloaded); retry later")
 			return
 		}
 		c.sendOwn(reply{Type: "ok", ID: f.ID, Channel: f.Channel})
@@ -494,7 +494,7 @@ func (c *conn) handleFrame(frame []byte) {
 		cancel()
 		if err != nil {
 			c.h.logger.Debug("publish failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
-			c.replyError(f.ID, errUnavailable, "message not published: the message broker is unavailable")
+			c.replyError(f.ID, errUnavailable, "message not published: the broker did not accept it within publish_timeout (down or overloaded); retry later")
 			return
 		}
 		c.sendOwn(reply{Type: "ok", ID: f.ID, Channel: f.Channel, MessageID: id})

@@ -112,7 +112,7 @@ func (h *Handler) servePublish(w http.ResponseWriter, r *http.Request) {
 		if brokerDown {
 			// One outage fails the rest at once: a batch never waits
 			// publish_timeout once per message.
-			results[i] = publishResult{Channel: item.Channel, Error: &publishError{Code: errUnavailable, Message: "message not published: the message broker is unavailable"}}
+			results[i] = publishResult{Channel: item.Channel, Error: &publishError{Code: errUnavailable, Message: "message not published: the broker did not accept it within publish_timeout (down or overloaded); retry later"}}
 			continue
 		}
 		results[i], _ = h.publishOne(r.Context(), id, item)
@@ -164,7 +164,7 @@ func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem
 	msgID, err := h.hub.publish(ctx, Publication{Channel: item.Channel, From: id.user, Data: item.Data})
 	if err != nil {
 		h.logger.Debug("publish endpoint: publish failed", zap.String("channel", item.Channel), zap.Error(err))
-		return fail(http.StatusServiceUnavailable, errUnavailable, "message not published: the message broker is unavailable")
+		return fail(http.StatusServiceUnavailable, errUnavailable, "message not published: the broker did not accept it within publish_timeout (down or overloaded); retry later")
 	}
 	res.ID = msgID
 	moduleMetrics().httpPublishes.WithLabelValues("ok").Inc()
