@@ -124,7 +124,7 @@ type authenticator struct {
 	parser    *jwt.Parser
 	keyfunc   jwt.Keyfunc
 	stopJWKS  context.CancelFunc
-	anonymous *Permissions // nil: a token is required
+	anonymous *identity // nil: a token is required; shared, never modified
 
 	// Caddyfile rules granted to every authenticated user.
 	rules Permissions
@@ -133,7 +133,14 @@ type authenticator struct {
 // newAuthenticator resolves the key material once. jwtCfg nil means the route
 // has no authentication: everyone is anonymous with anon's permissions.
 func newAuthenticator(jwtCfg *JWTConfig, anon *Permissions, rules Permissions, log *zap.Logger) (*authenticator, error) {
-	a := &authenticator{cfg: jwtCfg, anonymous: anon, rules: rules}
+	a := &authenticator{cfg: jwtCfg, rules: rules}
+	if anon != nil {
+		a.anonymous = &identity{
+			anonymous: true,
+			subscribe: compileACL(anon.Subscribe, ""),
+			publish:   compileACL(anon.Publish, ""),
+		}
+	}
 	if jwtCfg == nil {
 		return a, nil
 	}
@@ -338,13 +345,13 @@ func (a *authenticator) authenticate(r *http.Request) (*identity, error) {
 	return a.verify(token)
 }
 
+// anonymousIdentity is the identity of connections without a token; it does
+// not depend on the request, so it is compiled once and shared.
 func (a *authenticator) anonymousIdentity() *identity {
-	id := &identity{anonymous: true}
-	if a.anonymous != nil {
-		id.subscribe = compileACL(a.anonymous.Subscribe, "")
-		id.publish = compileACL(a.anonymous.Publish, "")
+	if a.anonymous == nil {
+		return &identity{anonymous: true}
 	}
-	return id
+	return a.anonymous
 }
 
 // verify checks a token and derives the user and the channels it may use.

@@ -615,6 +615,12 @@ const maxBatch = 64
 // writeBatch writes d and whatever else is queued (up to maxBatch frames)
 // with the socket corked, then sends them with one write.
 func (c *conn) writeBatch(d *delivery) error {
+	// context.Background in the writes, not c.ctx: a write cut short by
+	// closing would tear the connection down before the close frame could be
+	// sent. The timer bounds the whole batch instead: corked writes can
+	// still wait for the library's lock behind a pong on a full socket.
+	c.writeTimer.Reset(time.Duration(c.h.WriteTimeout))
+	defer c.writeTimer.Stop()
 	c.cork.cork()
 	err := c.write(d)
 	for n := 1; err == nil && n < maxBatch; n++ {
@@ -624,11 +630,9 @@ func (c *conn) writeBatch(d *delivery) error {
 		}
 		err = c.write(next)
 	}
-	c.writeTimer.Reset(time.Duration(c.h.WriteTimeout))
 	if uncorkErr := c.cork.uncork(); err == nil {
 		err = uncorkErr
 	}
-	c.writeTimer.Stop()
 	return err
 }
 
@@ -641,13 +645,7 @@ func (c *conn) write(d *delivery) error {
 			frame = d.jsonForm()
 		}
 	}
-	// context.Background, not c.ctx: a write cut short by closing would tear
-	// the connection down before the close frame could be sent. The timer
-	// bounds it instead.
-	c.writeTimer.Reset(time.Duration(c.h.WriteTimeout))
-	err := c.ws.Write(context.Background(), websocket.MessageText, frame)
-	c.writeTimer.Stop()
-	return err
+	return c.ws.Write(context.Background(), websocket.MessageText, frame)
 }
 
 // writeTimedOut runs when a write took longer than write_timeout: the peer
