@@ -145,9 +145,9 @@ bench fanout-$fan_small -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario bas
 	-step-rates 25,50,65,80,100 -max-p99 150ms -messages 300 -inflight 32
 bench fanout-$fan_large -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline,fanout -subs "$fan_large" \
 	-step-rates 4,7,10,13 -max-p99 500ms -messages 60 -inflight 32
-bench rooms-$((rooms / 2)) -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario rooms -clients "$((rooms / 2))" -room-size 10 \
+bench rooms-$((rooms / 2)) -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline-rooms,rooms -clients "$((rooms / 2))" -room-size 10 \
 	-client-rate 1 -duration 20s
-bench rooms-$rooms -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario rooms -clients "$rooms" -room-size 10 \
+bench rooms-$rooms -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline-rooms,rooms -clients "$rooms" -room-size 10 \
 	-client-rate 1 -duration 20s
 stop_nodes
 

@@ -20,32 +20,32 @@ import (
 	"github.com/coder/websocket"
 )
 
-// runBaseline runs the fanout measurement against a bare coder/websocket
-// broadcast server: what the same clients get with no Caddy and no broker in
-// the way. The server runs in this process. When both ends of every
-// connection would not fit in this process's RLIMIT_NOFILE, the same server
-// runs in a child process of this binary instead (its CPU use is then
-// reported like a node's).
-func runBaseline(ctx context.Context, cfg *config) (*scenarioResult, error) {
-	need := uint64(2*(cfg.subs+1) + 64)
+// runBaseline runs a delivery measurement (runFanout or runRooms) against a
+// bare coder/websocket broadcast server: what the same clients get with no
+// Caddy and no broker in the way. The server runs in this process. When both
+// ends of every connection would not fit in this process's RLIMIT_NOFILE,
+// the same server runs in a child process of this binary instead (its CPU
+// use is then reported like a node's).
+func runBaseline(ctx context.Context, cfg *config, name string, conns int, measure func(ctx context.Context, cfg *config, name string, urls []string, pids []int) (*scenarioResult, error)) (*scenarioResult, error) {
+	need := uint64(2*conns + 64)
 	if cur, _, err := raiseNoFile(); err == nil && need > cur {
 		url, pid, stop, err := startBaselineChild()
 		if err != nil {
-			return &scenarioResult{Scenario: "baseline"}, fmt.Errorf("-subs %d needs about %d file descriptors for both ends in one process (RLIMIT_NOFILE %d), and the baseline server could not run as a child process: %v", cfg.subs, need, cur, err)
+			return &scenarioResult{Scenario: name}, fmt.Errorf("%d connections need about %d file descriptors for both ends in one process (RLIMIT_NOFILE %d), and the baseline server could not run as a child process: %v", conns, need, cur, err)
 		}
 		defer stop()
-		logf(cfg, "[baseline] server in child process %d on %s", pid, url)
-		res, err := runFanout(ctx, cfg, "baseline", []string{url}, []int{pid})
+		logf(cfg, "[%s] server in child process %d on %s", name, pid, url)
+		res, err := measure(ctx, cfg, name, []string{url}, []int{pid})
 		res.Server = fmt.Sprintf("child process %d", pid)
 		return res, err
 	}
 	srv, err := startBaselineServer(baselineQueue)
 	if err != nil {
-		return &scenarioResult{Scenario: "baseline"}, err
+		return &scenarioResult{Scenario: name}, err
 	}
 	defer srv.close()
-	logf(cfg, "[baseline] in-process server on %s", srv.url)
-	res, err := runFanout(ctx, cfg, "baseline", []string{srv.url}, nil)
+	logf(cfg, "[%s] in-process server on %s", name, srv.url)
+	res, err := measure(ctx, cfg, name, []string{srv.url}, nil)
 	res.Server = "in-process"
 	return res, err
 }

@@ -215,7 +215,7 @@ func TestRoomsCounts(t *testing.T) {
 			t.Parallel()
 			_, urls := startFake(t, 2, tc.dropAt, tc.dupAt)
 			cfg := testConfig(urls)
-			res, err := runRooms(context.Background(), cfg)
+			res, err := runRooms(context.Background(), cfg, "rooms", cfg.urls, nil)
 			p := onePhase(t, res, err)
 			// Every publish is expected by the 4 members of its room.
 			if p.Published < int64(cfg.clients) {
@@ -259,13 +259,13 @@ func TestReportFields(t *testing.T) {
 	t.Parallel()
 	_, urls := startFake(t, 2, 0, 0)
 	cfg := testConfig(urls)
-	cfg.scenarios = []string{"fanout", "baseline", "idle"}
+	cfg.scenarios = []string{"fanout", "baseline", "idle", "rooms", "baseline-rooms"}
 	cfg.pids = []int{os.Getpid(), os.Getpid()}
 	rep := run(context.Background(), cfg, []string{"-test"})
 	if rep.Error != "" {
 		t.Fatal(rep.Error)
 	}
-	if len(rep.Scenarios) != 3 {
+	if len(rep.Scenarios) != 5 {
 		t.Fatalf("%d scenarios", len(rep.Scenarios))
 	}
 	base := rep.Scenarios[1].Phases[0]
@@ -273,11 +273,17 @@ func TestReportFields(t *testing.T) {
 	if r := rep.Scenarios[0].Phases[0].BaselineRatio; r == nil || *r <= 0 {
 		t.Errorf("fanout has no baseline ratio")
 	}
+	// The bare server puts every client of a room in it, as the fake does.
+	roomsBase := rep.Scenarios[4].Phases[0]
+	checkCounts(t, roomsBase, 4*roomsBase.Published, 0, 0)
+	if r := rep.Scenarios[3].Phases[0].BaselineRatio; r == nil || *r <= 0 {
+		t.Errorf("rooms has no baseline ratio")
+	}
 
 	var table bytes.Buffer
 	writeTable(&table, rep)
 	for _, col := range []string{"scenario", "deliveries/s", "vs_baseline", "p50_ms", "p90_ms", "p99_ms", "max_ms", "lost", "dup", "ooo", "pub_err", "disc",
-		"conns/s", "connect_s", "tool_cores", "srv_cores", "KiB/conn_settled", "KiB/conn_end", "fanout", "baseline", "idle", "all"} {
+		"conns/s", "connect_s", "tool_cores", "srv_cores", "KiB/conn_settled", "KiB/conn_end", "fanout", "baseline", "idle", "rooms", "baseline-rooms", "all"} {
 		if !strings.Contains(table.String(), col) {
 			t.Errorf("table lacks %q:\n%s", col, table.String())
 		}

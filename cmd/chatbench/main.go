@@ -57,6 +57,9 @@ Scenarios (-scenario, a comma list runs several in order):
             RLIMIT_NOFILE). With fanout in the same run, the table shows
             fanout's deliveries/s relative to baseline's (meaningful when both
             are saturated: -rate 0 or a high -rate).
+  baseline-rooms  the rooms measurement against the same bare server; with
+            rooms in the same run, the table shows rooms' deliveries/s
+            relative to it.
 
 Figures:
   latency       receive time minus the send time the publisher put in the
@@ -159,7 +162,7 @@ Examples:
 `)
 	}
 	urls := fs.String("url", strings.Join(cfg.urls, ","), "node WebSocket URLs, comma separated; clients are spread round-robin over them")
-	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, or a comma list of them")
+	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, baseline-rooms, or a comma list of them")
 	fs.IntVar(&cfg.sources, "sources", cfg.sources, "loopback source addresses 127.0.0.1..127.0.0.N to spread connections over (loopback nodes only)")
 	fs.IntVar(&cfg.connectConcurrency, "connect-concurrency", cfg.connectConcurrency, "WebSocket handshakes in flight at once")
 	fs.DurationVar(&cfg.connectTimeout, "connect-timeout", cfg.connectTimeout, "limit for one connection's handshake, welcome and subscribe")
@@ -197,9 +200,9 @@ Examples:
 	cfg.scenarios = splitList(*scen)
 	for _, s := range cfg.scenarios {
 		switch s {
-		case "fanout", "rooms", "idle", "baseline":
+		case "fanout", "rooms", "idle", "baseline", "baseline-rooms":
 		default:
-			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline)", s)
+			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline, baseline-rooms)", s)
 		}
 	}
 	if len(cfg.scenarios) == 0 {
@@ -383,9 +386,11 @@ func run(ctx context.Context, cfg *config, args []string) *report {
 		case "fanout":
 			res, err = runFanout(ctx, cfg, "fanout", cfg.urls, cfg.pids)
 		case "baseline":
-			res, err = runBaseline(ctx, cfg)
+			res, err = runBaseline(ctx, cfg, s, cfg.subs+1, runFanout)
 		case "rooms":
-			res, err = runRooms(ctx, cfg)
+			res, err = runRooms(ctx, cfg, s, cfg.urls, cfg.pids)
+		case "baseline-rooms":
+			res, err = runBaseline(ctx, cfg, s, cfg.clients, runRooms)
 		case "idle":
 			res, err = runIdle(ctx, cfg)
 		}
@@ -410,27 +415,24 @@ func maxConns(cfg *config) int {
 		switch s {
 		case "fanout", "baseline": // a baseline that does not fit runs its server in a child
 			n = max(n, cfg.subs+1)
-		case "rooms", "idle":
+		case "rooms", "baseline-rooms", "idle":
 			n = max(n, cfg.clients)
 		}
 	}
 	return n
 }
 
-// addBaselineRatios sets fanout's deliveries/s relative to baseline's, phase
-// by phase.
+// addBaselineRatios sets fanout's deliveries/s relative to baseline's, and
+// rooms' relative to baseline-rooms', phase by phase.
 func addBaselineRatios(rep *report) {
-	var base *scenarioResult
+	baseOf := map[string]string{"fanout": "baseline", "rooms": "baseline-rooms"}
+	bases := map[string]*scenarioResult{}
 	for _, s := range rep.Scenarios {
-		if s.Scenario == "baseline" {
-			base = s
-		}
-	}
-	if base == nil {
-		return
+		bases[s.Scenario] = s
 	}
 	for _, s := range rep.Scenarios {
-		if s.Scenario != "fanout" {
+		base := bases[baseOf[s.Scenario]]
+		if base == nil {
 			continue
 		}
 		for i, p := range s.Phases {

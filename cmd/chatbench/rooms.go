@@ -13,11 +13,11 @@ import (
 // client subscribes to its room's channel, then publishes cfg.clientRate
 // messages per second for cfg.duration, starting at a random point of its
 // first interval. Each message is expected by every member of the room,
-// its sender included.
-func runRooms(ctx context.Context, cfg *config) (*scenarioResult, error) {
-	const name = "rooms"
-	res := &scenarioResult{Scenario: name, Targets: cfg.urls}
-	d, err := newDialer(cfg.urls, cfg.sources, cfg.connectTimeout)
+// its sender included. The baseline-rooms scenario runs the same against the
+// bare server.
+func runRooms(ctx context.Context, cfg *config, name string, urls []string, pids []int) (*scenarioResult, error) {
+	res := &scenarioResult{Scenario: name, Targets: urls}
+	d, err := newDialer(urls, cfg.sources, cfg.connectTimeout)
 	if err != nil {
 		return res, err
 	}
@@ -51,7 +51,7 @@ func runRooms(ctx context.Context, cfg *config) (*scenarioResult, error) {
 
 	ph := &deliveryPhase{Phase: 1, Rate: cfg.clientRate, Publishers: cfg.clients, RoomSize: k}
 	res.Phases = append(res.Phases, ph)
-	m := startMeasure(clients, states, 0, 0, cfg.pids)
+	m := startMeasure(clients, states, 0, 0, pids)
 	ph.Subscribers = m.alive
 	// A client's publishes are expected by the members of its room that are
 	// connected now.
