@@ -62,6 +62,8 @@ func parseChatDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, er
 //		ping_interval    <duration>
 //		write_timeout    <duration>
 //		publish_timeout  <duration>
+//		history          [<channel pattern>] <count> [<max age>]
+//		max_replay       <messages>
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive's name (the matcher, if any, was taken already)
@@ -103,6 +105,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			continue
+		case "history":
+			rule, err := unmarshalHistoryRule(d)
+			if err != nil {
+				return err
+			}
+			h.History = append(h.History, rule)
+			continue
 		}
 
 		var value string
@@ -127,7 +136,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("max_message_size %q: want a size such as 65536, 64KiB or 1MB", value)
 			}
 			h.MaxMessageSize = int64(size)
-		case "send_queue", "max_connections", "max_connections_per_user", "max_subscriptions":
+		case "send_queue", "max_connections", "max_connections_per_user", "max_subscriptions", "max_replay":
 			n, err := strconv.Atoi(value)
 			if err != nil || n < 1 {
 				return d.Errf("%s %q: want a positive number", option, value)
@@ -139,6 +148,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.MaxConnections = n
 			case "max_connections_per_user":
 				h.MaxConnectionsPerUser = n
+			case "max_replay":
+				h.MaxReplay = n
 			default:
 				h.MaxSubscriptions = n
 			}
@@ -164,6 +175,35 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// unmarshalHistoryRule parses history [<channel pattern>] <count> [<max age>];
+// a first argument that is a number is the count of a rule for every channel.
+func unmarshalHistoryRule(d *caddyfile.Dispenser) (HistoryRule, error) {
+	const usage = "history [<channel pattern>] <count> [<max age>], e.g. history room:* 100 24h"
+	args := d.RemainingArgs()
+	var rule HistoryRule
+	if len(args) > 0 {
+		if _, err := strconv.Atoi(args[0]); err != nil {
+			rule.Channels, args = args[0], args[1:]
+		}
+	}
+	if len(args) < 1 || len(args) > 2 {
+		return rule, d.Errf("%s", usage)
+	}
+	n, err := strconv.Atoi(args[0])
+	if err != nil || n < 1 {
+		return rule, d.Errf("history count %q: want a positive number of messages (%s)", args[0], usage)
+	}
+	rule.Count = n
+	if len(args) == 2 {
+		dur, err := caddy.ParseDuration(args[1])
+		if err != nil || dur <= 0 {
+			return rule, d.Errf("history max age %q: want a positive duration such as 24h (%s)", args[1], usage)
+		}
+		rule.MaxAge = caddy.Duration(dur)
+	}
+	return rule, nil
 }
 
 // unmarshalJWT parses

@@ -64,6 +64,13 @@ func TestCaddyfileErrorsNameTheOption(t *testing.T) {
 		{"chat {\n max_connections 0\n}", "max_connections"},
 		{"chat {\n max_connections_per_user x\n}", "max_connections_per_user"},
 		{"chat {\n max_subscriptions -1\n}", "max_subscriptions"},
+		{"chat {\n history\n}", "history [<channel pattern>] <count> [<max age>]"},
+		{"chat {\n history room:*\n}", "history [<channel pattern>] <count>"},
+		{"chat {\n history room:* lots\n}", `history count "lots"`},
+		{"chat {\n history 0\n}", "history count"},
+		{"chat {\n history 10 forever\n}", `history max age "forever"`},
+		{"chat {\n history room:* 10 1h extra\n}", "history [<channel pattern>]"},
+		{"chat {\n max_replay none\n}", "max_replay"},
 	}
 	for _, tc := range cases {
 		var h Handler
@@ -98,6 +105,12 @@ func TestValidateRejectsBadValues(t *testing.T) {
 		{Handler{PublishEndpoint: "chat/publish", PublishKey: "0123456789abcdef"}, `publish_endpoint "chat/publish"`},
 		{Handler{PublishEndpoint: "/chat/publish"}, "publish_endpoint needs publish_key or a jwt block"},
 		{Handler{PublishEndpoint: "/p", PublishKey: "short"}, "publish_key: must be at least 16 bytes"},
+		{Handler{History: []HistoryRule{{Count: 0}}}, "history count 0"},
+		{Handler{History: []HistoryRule{{Count: 2_000_000}}}, "history count 2000000"},
+		{Handler{History: []HistoryRule{{Channels: "room:x*", Count: 5}}}, `history room:x*: pattern "room:x*"`},
+		{Handler{History: []HistoryRule{{Channels: "user:{user}", Count: 5}}}, "{user} is not allowed in history patterns"},
+		{Handler{History: []HistoryRule{{Count: 5, MaxAge: caddy.Duration(time.Millisecond)}}}, "history max age 1ms"},
+		{Handler{MaxReplay: -1}, "max_replay -1"},
 	}
 	for _, tc := range cases {
 		h := tc.h

@@ -206,6 +206,12 @@ type conn struct {
 	// one per frame let through: a client that keeps sending faster than
 	// allowed reaches the close threshold, a brief burst does not.
 	overLimit int
+
+	// catchingUp counts channels whose history is being read (resume.go);
+	// while it is zero, deliveries skip catchMu altogether.
+	catchingUp atomic.Int32
+	catchMu    sync.Mutex
+	catchUps   map[string]*catchUp
 }
 
 func newConn(h *Handler, ws *websocket.Conn, rawChannel string, id *identity) *conn {
@@ -252,6 +258,11 @@ func (c *conn) kickWriter() {
 // enqueue queues f without blocking. A full queue means the client does not
 // keep up: it is disconnected so that it never holds anyone else back.
 func (c *conn) enqueue(d *delivery) bool {
+	if d.own == nil && c.catchingUp.Load() > 0 {
+		if held, ok := c.holdForCatchUp(d); held {
+			return ok
+		}
+	}
 	if !c.send.push(d, c.h.SendQueue) {
 		c.fail(closeSlowConsumer, "send queue full")
 		return false
@@ -425,7 +436,7 @@ func (c *conn) publishRaw(frame []byte) bool {
 	}
 	ctx, cancel := c.brokerContext()
 	defer cancel()
-	if _, err := c.hub.publish(ctx, Publication{Channel: c.rawChannel, From: c.identity.user, Raw: frame}); err != nil {
+	if _, err := c.hub.publish(ctx, Publication{Channel: c.rawChannel, From: c.identity.user, Raw: frame, History: c.h.history.policyFor(c.rawChannel)}); err != nil {
 		c.h.logger.Debug("raw publish failed", zap.String("conn", c.id), zap.Error(err))
 		c.fail(closeTryAgainLater, "broker unavailable")
 		return false
@@ -442,7 +453,7 @@ func (c *conn) handleFrame(frame []byte) {
 		return
 	}
 	switch f.Op {
-	case "subscribe", "unsubscribe", "publish":
+	case "subscribe", "unsubscribe", "publish", "history":
 	case "refresh":
 		c.refresh(f)
 		return
@@ -468,18 +479,20 @@ func (c *conn) handleFrame(frame []byte) {
 			c.replyError(f.ID, errLimitExceeded, fmt.Sprintf("at most %d subscriptions per connection", c.h.MaxSubscriptions))
 			return
 		}
+		if f.Since != "" || f.History != 0 {
+			c.subscribeWithHistory(f)
+			return
+		}
 		if err := c.join(f.Channel); err != nil {
-			c.h.logger.Debug("subscribe failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
-			c.replyError(f.ID, errUnavailable, "not subscribed: the broker did not answer within publish_timeout (down or overloaded); retry later")
+			c.replyUnavailableSubscribe(f, err)
 			return
 		}
 		c.sendOwn(reply{Type: "ok", ID: f.ID, Channel: f.Channel})
 	case "unsubscribe":
-		if _, ok := c.subscribed[f.Channel]; ok {
-			delete(c.subscribed, f.Channel)
-			c.hub.unsubscribe(c, f.Channel)
-		}
+		c.leave(f.Channel)
 		c.sendOwn(reply{Type: "ok", ID: f.ID, Channel: f.Channel})
+	case "history":
+		c.historyQuery(f)
 	case "publish":
 		if len(f.Data) == 0 {
 			c.replyError(f.ID, errBadRequest, `publish needs "data"`)
@@ -490,7 +503,7 @@ func (c *conn) handleFrame(frame []byte) {
 			return
 		}
 		ctx, cancel := c.brokerContext()
-		id, err := c.hub.publish(ctx, Publication{Channel: f.Channel, From: c.identity.user, Data: f.Data})
+		id, err := c.hub.publish(ctx, Publication{Channel: f.Channel, From: c.identity.user, Data: f.Data, History: c.h.history.policyFor(f.Channel)})
 		cancel()
 		if err != nil {
 			c.h.logger.Debug("publish failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
@@ -549,13 +562,29 @@ func (c *conn) replyError(id json.RawMessage, code, message string) {
 }
 
 func (c *conn) sendOwn(v any) {
+	if d, err := c.encodeOwn(v); err == nil {
+		c.enqueue(d)
+	}
+}
+
+// encodeOwn encodes a reply for this connection alone; a reply that cannot
+// be encoded is a bug, and closes the connection with 1011.
+func (c *conn) encodeOwn(v any) (*delivery, error) {
 	b, err := json.Marshal(v)
 	if err != nil {
 		c.h.logger.Error("encoding reply", zap.Error(err))
 		c.fail(closeInternal, "internal error")
-		return
+		return nil, err
 	}
-	c.enqueue(&delivery{own: b})
+	return &delivery{own: b}, nil
+}
+
+// leave unsubscribes the connection from channel.
+func (c *conn) leave(channel string) {
+	if _, ok := c.subscribed[channel]; ok {
+		delete(c.subscribed, channel)
+		c.hub.unsubscribe(c, channel)
+	}
 }
 
 // writeLoop is the connection's only writer while it runs: it drains the

@@ -127,11 +127,22 @@ type Handler struct {
 	// "Authorization: Bearer <key>". A JWT with publish rights works too.
 	PublishKey string `json:"publish_key,omitempty"`
 
+	// Channels whose messages are kept, so that clients resume after a
+	// reconnect without a gap and scroll back. The first rule matching a
+	// channel applies; channels no rule matches keep nothing (the default).
+	History []HistoryRule `json:"history,omitempty"`
+
+	// Most messages one resume replays and one history page holds. A resume
+	// that would replay more replays the newest max_replay and says it was
+	// limited. Default: 1000.
+	MaxReplay int `json:"max_replay,omitempty"`
+
 	hub           *hub
 	hubKey        string
 	auth          *authenticator
 	acceptOptions websocket.AcceptOptions
 	logger        *zap.Logger
+	history       *compiledHistory
 }
 
 // CaddyModule returns the Caddy module information.
@@ -202,6 +213,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.MaxSubscriptions = defaultMaxSubscriptions
 	}
 	h.PublishKey = repl.ReplaceKnown(h.PublishKey, "")
+	if h.MaxReplay == 0 {
+		h.MaxReplay = defaultMaxReplay
+	}
+	h.history = compileHistory(h.History)
 	if err := h.provisionAuth(repl); err != nil {
 		return err
 	}
@@ -268,6 +283,10 @@ func (h *Handler) Validate() error {
 		}
 	}
 	errs = append(errs, h.validateSecurity()...)
+	errs = append(errs, validateHistoryRules(h.History)...)
+	if h.MaxReplay < 1 || h.MaxReplay > 100000 {
+		errs = append(errs, fmt.Errorf("chat: max_replay %d: must be between 1 and 100000", h.MaxReplay))
+	}
 	return errors.Join(errs...)
 }
 

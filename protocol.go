@@ -93,6 +93,16 @@ type clientFrame struct {
 	ID      json.RawMessage `json:"id,omitempty"`
 	Data    json.RawMessage `json:"data,omitempty"`
 	Token   string          `json:"token,omitempty"`
+
+	// Subscribe with history: Since resumes after the last message id the
+	// client saw (with the Epoch that message carried); History starts
+	// with the channel's last History messages.
+	Since   string `json:"since,omitempty"`
+	Epoch   string `json:"epoch,omitempty"`
+	History int    `json:"history,omitempty"`
+	// The history op: Limit messages older than Before (default: newest).
+	Limit  int    `json:"limit,omitempty"`
+	Before string `json:"before,omitempty"`
 }
 
 // decodeClientFrame parses a text frame. The returned id is echoed in the reply
@@ -134,6 +144,25 @@ type reply struct {
 	MessageID string          `json:"message_id,omitempty"`
 	Code      string          `json:"code,omitempty"`
 	Message   string          `json:"message,omitempty"`
+
+	// A subscribe with since or history: whether every message after since
+	// was replayed (only with since), the channel's history epoch, how many
+	// messages were replayed, and whether the replay limit left some out.
+	Recovered *bool  `json:"recovered,omitempty"`
+	Epoch     string `json:"epoch,omitempty"`
+	Replayed  *int   `json:"replayed,omitempty"`
+	Limited   bool   `json:"limited,omitempty"`
+}
+
+// historyReply answers the history op: kept messages, oldest first.
+type historyReply struct {
+	Type     string            `json:"type"`
+	ID       json.RawMessage   `json:"id,omitempty"`
+	Channel  string            `json:"channel"`
+	Epoch    string            `json:"epoch,omitempty"`
+	Messages []json.RawMessage `json:"messages"`
+	// More: older messages remain; page on with before = messages[0].id.
+	More bool `json:"more"`
 }
 
 type welcome struct {
@@ -149,6 +178,7 @@ type envelope struct {
 	Type    string          `json:"type"`
 	Channel string          `json:"channel"`
 	ID      string          `json:"id"`
+	Epoch   string          `json:"epoch,omitempty"`
 	From    string          `json:"from"`
 	TS      int64           `json:"ts"`
 	Data    json.RawMessage `json:"data"`

@@ -33,6 +33,8 @@ type Broker interface {
 	Unsubscribe(ctx context.Context, channel string) error
 	// Close releases the broker's connections and stops its goroutines.
 	Close() error
+
+	historyStore
 }
 
 // deliverFunc hands one message of channel to the hub. payload is either the
@@ -49,6 +51,10 @@ type Publication struct {
 	// Raw, when set, is published as it is instead of an envelope: the raw
 	// protocol's plain text frames.
 	Raw []byte
+	// History, when set, keeps the message in the channel's history, and
+	// its id is the history's. A raw frame is then kept and published as an
+	// envelope whose data is the text.
+	History *historyPolicy
 }
 
 // payload encodes msg as it travels through the broker, with the id it gets.
@@ -64,11 +70,18 @@ type memoryBroker struct {
 	deliver deliverFunc
 	ids     *idGenerator
 
-	// mu serialises publishes so that every subscriber sees one order.
+	// mu serialises publishes so that every subscriber sees one order, and
+	// history ids follow it.
 	mu         sync.Mutex
 	subscribed map[string]bool
 	closed     bool
+	lastSweep  time.Time
+
+	memoryHistory
 }
+
+// historySweepEvery is how often expired in-memory histories are deleted.
+const historySweepEvery = time.Minute
 
 func newMemoryBroker(ids *idGenerator, deliver deliverFunc) *memoryBroker {
 	return &memoryBroker{deliver: deliver, ids: ids, subscribed: make(map[string]bool)}
@@ -76,6 +89,9 @@ func newMemoryBroker(ids *idGenerator, deliver deliverFunc) *memoryBroker {
 
 func (b *memoryBroker) Publish(_ context.Context, msg Publication) (string, error) {
 	now := time.Now()
+	if msg.History != nil {
+		return b.publishKept(msg, now)
+	}
 	id := b.ids.next(now)
 	payload, err := msg.payload(id, now)
 	if err != nil {
@@ -90,6 +106,33 @@ func (b *memoryBroker) Publish(_ context.Context, msg Publication) (string, erro
 		b.deliver(msg.Channel, payload)
 	}
 	return id, nil
+}
+
+// publishKept keeps msg in its channel's ring and delivers it, under the
+// publish lock, so history order is delivery order.
+func (b *memoryBroker) publishKept(msg Publication, now time.Time) (string, error) {
+	data, err := msg.historyData()
+	if err != nil {
+		return "", fmt.Errorf("encoding message: %w", err)
+	}
+	tail, err := envelopeTail(msg.From, now.UnixMilli(), data)
+	if err != nil {
+		return "", fmt.Errorf("encoding message: %w", err)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return "", errBrokerClosed
+	}
+	if now.Sub(b.lastSweep) > historySweepEvery {
+		b.memoryHistory.sweep(now)
+		b.lastSweep = now
+	}
+	id, payload := b.memoryHistory.append(msg.Channel, msg.History, now, tail)
+	if b.subscribed[msg.Channel] {
+		b.deliver(msg.Channel, payload)
+	}
+	return id.String(), nil
 }
 
 func (b *memoryBroker) Subscribe(_ context.Context, channel string) error {
@@ -159,6 +202,9 @@ func newRedisBroker(client redis.UniversalClient, prefix string, ids *idGenerato
 
 func (b *redisBroker) Publish(ctx context.Context, msg Publication) (string, error) {
 	now := time.Now()
+	if msg.History != nil {
+		return b.publishKept(ctx, msg, now)
+	}
 	id := b.ids.next(now)
 	payload, err := msg.payload(id, now)
 	if err != nil {

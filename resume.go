@@ -1,0 +1,222 @@
+package caddychat
+
+import (
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// A subscribe with since or history is served in this order, so the client
+// sees no gap and no duplicate: the connection starts holding the channel's
+// live messages, joins the channel, reads the history (which by then holds
+// every message published before the join took effect), and finally queues
+// the ok reply, the history, and the held live messages newer than the last
+// one replayed, before letting live messages through again.
+
+// catchUp holds one channel's live messages while its history is read.
+type catchUp struct {
+	held []*delivery
+}
+
+// holdForCatchUp takes d when its channel is catching up. It reports false
+// when the channel is not, so the caller queues d as usual.
+func (c *conn) holdForCatchUp(d *delivery) (held, ok bool) {
+	c.catchMu.Lock()
+	defer c.catchMu.Unlock()
+	cu := c.catchUps[d.channel]
+	if cu == nil {
+		return false, true
+	}
+	if len(cu.held) >= c.h.SendQueue+c.h.MaxReplay {
+		c.fail(closeSlowConsumer, "send queue full")
+		return true, false
+	}
+	cu.held = append(cu.held, d)
+	return true, true
+}
+
+func (c *conn) beginCatchUp(channel string) {
+	c.catchMu.Lock()
+	defer c.catchMu.Unlock()
+	if c.catchUps == nil {
+		c.catchUps = make(map[string]*catchUp)
+	}
+	c.catchUps[channel] = &catchUp{}
+	c.catchingUp.Add(1)
+}
+
+// endCatchUp queues first (the reply), then the replayed entries after
+// since, then the held live messages newer than the last of them, and lets
+// the channel's live messages through again. Without first (the subscribe
+// failed) the held messages are dropped.
+func (c *conn) endCatchUp(channel string, first *delivery, since streamID, entries []historyEntry) {
+	c.catchMu.Lock()
+	defer c.catchMu.Unlock()
+	cu := c.catchUps[channel]
+	delete(c.catchUps, channel)
+	c.catchingUp.Add(-1)
+	if first == nil || cu == nil {
+		return
+	}
+	// The replay may exceed send_queue by design: it is bounded by max_replay
+	// and the held messages by the check in holdForCatchUp.
+	limit := c.send.len() + 1 + len(entries) + len(cu.held) + c.h.SendQueue
+	c.send.push(first, limit)
+	last := since
+	for _, e := range entries {
+		if last.less(e.id) {
+			c.send.push(&delivery{channel: channel, payload: e.payload, ids: c.hub.ids}, limit)
+			last = e.id
+		}
+	}
+	for _, d := range cu.held {
+		id, kept := messageID(channel, d.payload)
+		if !kept {
+			c.send.push(d, limit) // not from history: it cannot be a duplicate
+			continue
+		}
+		if last.less(id) {
+			c.send.push(d, limit)
+			last = id
+		}
+	}
+	c.kickWriter()
+}
+
+// subscribeWithHistory serves a subscribe frame carrying since or history.
+func (c *conn) subscribeWithHistory(f clientFrame) {
+	var since streamID
+	resume := f.Since != ""
+	if resume {
+		var ok bool
+		if since, ok = parseStreamID(f.Since); !ok {
+			c.replyError(f.ID, errBadRequest, `"since" must be a message id of a channel with history, like "1732540000000-0"`)
+			return
+		}
+	}
+	if f.History < 0 {
+		c.replyError(f.ID, errBadRequest, `"history" must be a positive number of messages`)
+		return
+	}
+	policy := c.h.history.policyFor(f.Channel)
+	if policy == nil {
+		// Nothing to replay: a plain subscribe, telling a resuming client it
+		// cannot have what it missed.
+		if err := c.join(f.Channel); err != nil {
+			c.replyUnavailableSubscribe(f, err)
+			return
+		}
+		r := reply{Type: "ok", ID: f.ID, Channel: f.Channel}
+		if resume {
+			r.Recovered = new(bool)
+		}
+		c.sendOwn(r)
+		return
+	}
+
+	c.beginCatchUp(f.Channel)
+	if err := c.join(f.Channel); err != nil {
+		c.endCatchUp(f.Channel, nil, since, nil)
+		c.replyUnavailableSubscribe(f, err)
+		return
+	}
+	ctx, cancel := c.brokerContext()
+	var page historyPage
+	var err error
+	if resume {
+		page, err = c.hub.broker.readSince(ctx, f.Channel, since, c.h.MaxReplay)
+	} else {
+		page, err = c.hub.broker.readBefore(ctx, f.Channel, nil, min(f.History, c.h.MaxReplay, policy.count))
+	}
+	cancel()
+	if err != nil {
+		c.endCatchUp(f.Channel, nil, since, nil)
+		c.leave(f.Channel)
+		c.h.logger.Debug("reading history failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
+		c.replyError(f.ID, errUnavailable, "not subscribed: the history could not be read within publish_timeout (broker down or overloaded); retry later")
+		return
+	}
+	cutoff := time.Now().Add(-policy.maxAge)
+	entries, aged := withinAge(page.entries, cutoff)
+	r := reply{Type: "ok", ID: f.ID, Channel: f.Channel, Epoch: page.epoch, Limited: page.more}
+	if resume {
+		sameEpoch := f.Epoch == "" || f.Epoch == page.epoch
+		recovered := sameEpoch && page.sinceFound && !page.more && !aged && int64(since.ms) >= cutoff.UnixMilli()
+		r.Recovered = &recovered
+		if !sameEpoch {
+			// The ids the client holds name messages of a lost history.
+			entries = nil
+		}
+	}
+	n := len(entries)
+	r.Replayed = &n
+	first, err := c.encodeOwn(r)
+	if err != nil {
+		c.endCatchUp(f.Channel, nil, since, nil)
+		return
+	}
+	c.endCatchUp(f.Channel, first, since, entries)
+}
+
+// withinAge drops the entries older than cutoff; aged reports whether any was.
+func withinAge(entries []historyEntry, cutoff time.Time) (kept []historyEntry, aged bool) {
+	ms := uint64(max(cutoff.UnixMilli(), 0))
+	i := 0
+	for i < len(entries) && entries[i].id.ms < ms {
+		i++
+	}
+	return entries[i:], i > 0
+}
+
+func (c *conn) replyUnavailableSubscribe(f clientFrame, err error) {
+	c.h.logger.Debug("subscribe failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
+	c.replyError(f.ID, errUnavailable, "not subscribed: the broker did not answer within publish_timeout (down or overloaded); retry later")
+}
+
+// historyQuery serves the history op: a page of kept messages older than
+// before, for scroll-back.
+func (c *conn) historyQuery(f clientFrame) {
+	if !c.identity.subscribe.allows(f.Channel) {
+		c.replyError(f.ID, errForbidden, "may not read the history of "+f.Channel)
+		return
+	}
+	policy := c.h.history.policyFor(f.Channel)
+	if policy == nil {
+		c.replyError(f.ID, errBadRequest, f.Channel+" keeps no history on this route")
+		return
+	}
+	limit := f.Limit
+	if limit == 0 {
+		limit = defaultHistoryLimit
+	}
+	if limit < 0 || limit > c.h.MaxReplay {
+		c.replyError(f.ID, errBadRequest, fmt.Sprintf(`"limit" must be between 1 and %d`, c.h.MaxReplay))
+		return
+	}
+	var before *streamID
+	if f.Before != "" {
+		id, ok := parseStreamID(f.Before)
+		if !ok {
+			c.replyError(f.ID, errBadRequest, `"before" must be a message id like "1732540000000-0"`)
+			return
+		}
+		before = &id
+	}
+	ctx, cancel := c.brokerContext()
+	page, err := c.hub.broker.readBefore(ctx, f.Channel, before, min(limit, policy.count))
+	cancel()
+	if err != nil {
+		c.h.logger.Debug("reading history failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
+		c.replyError(f.ID, errUnavailable, "the history could not be read within publish_timeout (broker down or overloaded); retry later")
+		return
+	}
+	entries, aged := withinAge(page.entries, time.Now().Add(-policy.maxAge))
+	out := historyReply{Type: "history", ID: f.ID, Channel: f.Channel, Epoch: page.epoch, More: page.more && !aged}
+	out.Messages = make([]json.RawMessage, len(entries))
+	for i, e := range entries {
+		out.Messages[i] = e.payload
+	}
+	c.sendOwn(out)
+}
