@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddychat/caddychat/internal/redistest"
+	"github.com/caddyserver/caddy/v2"
 )
 
 // historyNodes starts one node per broker kind with the given history rules,
