@@ -359,6 +359,10 @@ type serverMsg struct {
 	Conn      string          `json:"conn"`
 	Node      string          `json:"node"`
 	User      *string         `json:"user"`
+	// History: a kept message's epoch; a resume's outcome.
+	Epoch     string `json:"epoch"`
+	Recovered *bool  `json:"recovered"`
+	Replayed  *int   `json:"replayed"`
 
 	raw string
 	at  time.Time

@@ -581,6 +581,7 @@ func (c *conn) encodeOwn(v any) (*delivery, error) {
 
 // leave unsubscribes the connection from channel.
 func (c *conn) leave(channel string) {
+	c.cancelCatchUp(channel)
 	if _, ok := c.subscribed[channel]; ok {
 		delete(c.subscribed, channel)
 		c.hub.unsubscribe(c, channel)

@@ -15,18 +15,34 @@ import (
 // the ok reply, the history, and the held live messages newer than the last
 // one replayed, before letting live messages through again.
 
-// catchUp holds one channel's live messages while its history is read.
+// catchUp holds one channel's live messages while its history is read, and
+// afterwards drops the live messages the replay already sent: the history
+// read and the live stream travel on different Redis connections, so live
+// copies of replayed messages can still be on their way.
 type catchUp struct {
 	held []*delivery
+	// draining: the replay is queued; live messages up to floor are
+	// duplicates. The first newer one ends the catch-up, since the broker
+	// delivers a channel's kept messages in id order.
+	draining bool
+	floor    streamID
 }
 
-// holdForCatchUp takes d when its channel is catching up. It reports false
-// when the channel is not, so the caller queues d as usual.
+// holdForCatchUp takes d when its channel is catching up: held while the
+// history is read, dropped as a duplicate while draining. It reports
+// held false when the caller must queue d as usual.
 func (c *conn) holdForCatchUp(d *delivery) (held, ok bool) {
 	c.catchMu.Lock()
 	defer c.catchMu.Unlock()
 	cu := c.catchUps[d.channel]
 	if cu == nil {
+		return false, true
+	}
+	if cu.draining {
+		if id, kept := messageID(d.channel, d.payload); kept && !cu.floor.less(id) {
+			return true, true
+		}
+		c.endCatchUpLocked(d.channel)
 		return false, true
 	}
 	if len(cu.held) >= c.h.SendQueue+c.h.MaxReplay {
@@ -43,21 +59,40 @@ func (c *conn) beginCatchUp(channel string) {
 	if c.catchUps == nil {
 		c.catchUps = make(map[string]*catchUp)
 	}
+	if c.catchUps[channel] == nil {
+		c.catchingUp.Add(1)
+	}
 	c.catchUps[channel] = &catchUp{}
-	c.catchingUp.Add(1)
 }
 
-// endCatchUp queues first (the reply), then the replayed entries after
-// since, then the held live messages newer than the last of them, and lets
-// the channel's live messages through again. Without first (the subscribe
-// failed) the held messages are dropped.
-func (c *conn) endCatchUp(channel string, first *delivery, since streamID, entries []historyEntry) {
+// endCatchUpLocked lets the channel's live messages through again.
+func (c *conn) endCatchUpLocked(channel string) {
+	if _, ok := c.catchUps[channel]; ok {
+		delete(c.catchUps, channel)
+		c.catchingUp.Add(-1)
+	}
+}
+
+// cancelCatchUp ends a channel's catch-up, dropping what it held (the
+// subscribe failed, or the client left the channel).
+func (c *conn) cancelCatchUp(channel string) {
+	if c.catchingUp.Load() == 0 {
+		return
+	}
+	c.catchMu.Lock()
+	defer c.catchMu.Unlock()
+	c.endCatchUpLocked(channel)
+}
+
+// finishCatchUp queues first (the reply), then the replayed entries after
+// since, then the held live messages newer than the last of them, and
+// starts draining. All under catchMu, so no live message of the channel
+// can be queued in between.
+func (c *conn) finishCatchUp(channel string, first *delivery, since streamID, entries []historyEntry) {
 	c.catchMu.Lock()
 	defer c.catchMu.Unlock()
 	cu := c.catchUps[channel]
-	delete(c.catchUps, channel)
-	c.catchingUp.Add(-1)
-	if first == nil || cu == nil {
+	if cu == nil || cu.draining {
 		return
 	}
 	// The replay may exceed send_queue by design: it is bounded by max_replay
@@ -82,6 +117,7 @@ func (c *conn) endCatchUp(channel string, first *delivery, since streamID, entri
 			last = id
 		}
 	}
+	*cu = catchUp{draining: true, floor: last}
 	c.kickWriter()
 }
 
@@ -118,7 +154,7 @@ func (c *conn) subscribeWithHistory(f clientFrame) {
 
 	c.beginCatchUp(f.Channel)
 	if err := c.join(f.Channel); err != nil {
-		c.endCatchUp(f.Channel, nil, since, nil)
+		c.cancelCatchUp(f.Channel)
 		c.replyUnavailableSubscribe(f, err)
 		return
 	}
@@ -132,7 +168,6 @@ func (c *conn) subscribeWithHistory(f clientFrame) {
 	}
 	cancel()
 	if err != nil {
-		c.endCatchUp(f.Channel, nil, since, nil)
 		c.leave(f.Channel)
 		c.h.logger.Debug("reading history failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
 		c.replyError(f.ID, errUnavailable, "not subscribed: the history could not be read within publish_timeout (broker down or overloaded); retry later")
@@ -154,10 +189,10 @@ func (c *conn) subscribeWithHistory(f clientFrame) {
 	r.Replayed = &n
 	first, err := c.encodeOwn(r)
 	if err != nil {
-		c.endCatchUp(f.Channel, nil, since, nil)
+		c.cancelCatchUp(f.Channel)
 		return
 	}
-	c.endCatchUp(f.Channel, first, since, entries)
+	c.finishCatchUp(f.Channel, first, since, entries)
 }
 
 // withinAge drops the entries older than cutoff; aged reports whether any was.
