@@ -374,6 +374,7 @@ func (c *conn) join(channel string) error {
 		return err
 	}
 	c.subscribed[channel] = struct{}{}
+	c.hub.presence.join(c, channel)
 	return nil
 }
 
@@ -442,7 +443,7 @@ func (c *conn) handleFrame(frame []byte) {
 		return
 	}
 	switch f.Op {
-	case "subscribe", "unsubscribe", "publish":
+	case "subscribe", "unsubscribe", "publish", "presence":
 	case "refresh":
 		c.refresh(f)
 		return
@@ -498,6 +499,8 @@ func (c *conn) handleFrame(frame []byte) {
 			return
 		}
 		c.sendOwn(reply{Type: "ok", ID: f.ID, Channel: f.Channel, MessageID: id})
+	case "presence":
+		c.queryPresence(f)
 	}
 }
 
