@@ -64,6 +64,8 @@ func parseChatDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, er
 //		publish_timeout  <duration>
 //		history          [<channel pattern>] <count> [<max age>]
 //		max_replay       <messages>
+//		presence         on|off
+//		presence_ttl     <duration>
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive's name (the matcher, if any, was taken already)
@@ -157,6 +159,17 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.PublishEndpoint = value
 		case "publish_key":
 			h.PublishKey = value
+		case "presence":
+			if value != "on" && value != "off" {
+				return d.Errf("presence %q: want on or off", value)
+			}
+			h.Presence = value == "on"
+		case "presence_ttl":
+			dur, err := caddy.ParseDuration(value)
+			if err != nil || dur <= 0 {
+				return d.Errf("presence_ttl %q: want a duration such as 15s", value)
+			}
+			h.PresenceTTL = caddy.Duration(dur)
 		case "ping_interval", "write_timeout", "publish_timeout":
 			dur, err := caddy.ParseDuration(value)
 			if err != nil || dur <= 0 {

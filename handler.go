@@ -385,6 +385,7 @@ func (c *conn) join(channel string) error {
 		return err
 	}
 	c.subscribed[channel] = struct{}{}
+	c.hub.presence.join(c, channel)
 	return nil
 }
 
@@ -453,7 +454,7 @@ func (c *conn) handleFrame(frame []byte) {
 		return
 	}
 	switch f.Op {
-	case "subscribe", "unsubscribe", "publish", "history":
+	case "subscribe", "unsubscribe", "publish", "history", "presence":
 	case "refresh":
 		c.refresh(f)
 		return
@@ -511,6 +512,8 @@ func (c *conn) handleFrame(frame []byte) {
 			return
 		}
 		c.sendOwn(reply{Type: "ok", ID: f.ID, Channel: f.Channel, MessageID: id})
+	case "presence":
+		c.queryPresence(f)
 	}
 }
 

@@ -40,6 +40,8 @@ type hub struct {
 	broker Broker
 	redis  redis.UniversalClient // nil for the in-memory broker
 	log    *zap.Logger
+	// presence holds this node's presence entries; see presence.go.
+	presence *presence
 
 	mu       sync.RWMutex
 	channels map[string]*channelState
@@ -87,6 +89,7 @@ func newHub(cfg hubConfig) (*hub, error) {
 	}
 	if cfg.redisURL == "" {
 		h.broker = newMemoryBroker(h.ids, h.deliver)
+		h.presence = newPresence(newMemoryPresence(h.broker), node, h.log)
 		return h, nil
 	}
 	opts, err := redis.ParseURL(cfg.redisURL)
@@ -100,6 +103,7 @@ func newHub(cfg hubConfig) (*hub, error) {
 	client := redis.NewClient(opts)
 	h.redis = client
 	h.broker = newRedisBroker(client, cfg.channelPrefix, h.ids, h.log, h.deliver)
+	h.presence = newPresence(newRedisPresence(client, cfg.channelPrefix), node, h.log)
 	return h, nil
 }
 
@@ -168,6 +172,7 @@ func (h *hub) register(c *conn) error {
 
 // unregister removes c and every subscription it still holds.
 func (h *hub) unregister(c *conn, channels []string) {
+	h.presence.leaveConn(c, channels)
 	for _, ch := range channels {
 		h.unsubscribe(c, ch)
 	}
@@ -236,6 +241,7 @@ func (h *hub) unsubscribe(c *conn, channel string) {
 	delete(cs.members, c)
 	cs.refs--
 	h.mu.Unlock()
+	h.presence.leave(c, channel)
 	h.releaseIfIdle(channel, cs)
 }
 
@@ -277,8 +283,14 @@ func (h *hub) deliver(channel string, payload []byte) {
 		return
 	}
 	d := &delivery{channel: channel, payload: payload, ids: h.ids}
-	queued := 0
+	// Join and leave events go to the clients that asked for presence only.
+	event := isPresenceEvent(channel, payload)
+	queued, skipped := 0, 0
 	for c := range cs.members {
+		if event && !c.wantsPresence() {
+			skipped++
+			continue
+		}
 		if c.enqueue(d) {
 			queued++
 		}
@@ -286,7 +298,7 @@ func (h *hub) deliver(channel string, payload []byte) {
 	// One metrics update per message, not per subscriber.
 	m := moduleMetrics()
 	m.delivered.Add(float64(queued))
-	if dropped := len(cs.members) - queued; dropped > 0 {
+	if dropped := len(cs.members) - skipped - queued; dropped > 0 {
 		h.dropped.Add(uint64(dropped))
 		m.dropped.Add(float64(dropped))
 	}
@@ -330,6 +342,7 @@ func (h *hub) Destruct() error {
 	case <-time.After(closeWait + time.Second):
 		h.log.Warn("connections still closing at hub shutdown", zap.Int("connections", len(conns)))
 	}
+	h.presence.close()
 
 	err := h.broker.Close()
 	if h.redis != nil {

@@ -29,9 +29,11 @@ func BenchmarkHubDeliver(b *testing.B) {
 			h.channels[channel] = cs
 			var drained sync.WaitGroup
 			stop := make(chan struct{})
-			owner := &Handler{SendQueue: 1024}
+			// Queues deep enough that drainers sharing two cores with the
+			// deliveries never fill one (a full queue would close the client).
+			owner := &Handler{SendQueue: 1 << 20}
 			for range subscribers {
-				c := &conn{h: owner}
+				c := &conn{h: owner, cancel: func() {}}
 				c.writing.Store(true) // the drain goroutine below is its writer
 				cs.members[c] = struct{}{}
 				drained.Add(1)

@@ -119,6 +119,18 @@ type Handler struct {
 	// Channels one connection may be subscribed to. Default: 100.
 	MaxSubscriptions int `json:"max_subscriptions,omitempty"`
 
+	// Presence: who is subscribed to a channel right now, on every node. The
+	// route's JSON clients get join and leave events (once per user, however
+	// many connections it has) and may ask with the "presence" op. Only
+	// authenticated users are listed. Default: off.
+	Presence bool `json:"presence,omitempty"`
+
+	// How long a node's presence entries outlive its last heartbeat (nodes
+	// heartbeat every presence_ttl/3), hence how long the users of a crashed
+	// node stay listed: others get their leave within presence_ttl +
+	// presence_ttl/3. Default: 15s, at least 3s.
+	PresenceTTL caddy.Duration `json:"presence_ttl,omitempty"`
+
 	// Path of the HTTP publish endpoint for backends (POST), e.g.
 	// "/chat/publish". The Caddyfile adds it to the directive's matcher.
 	PublishEndpoint string `json:"publish_endpoint,omitempty"`
@@ -212,6 +224,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxSubscriptions == 0 {
 		h.MaxSubscriptions = defaultMaxSubscriptions
 	}
+	if h.PresenceTTL == 0 {
+		h.PresenceTTL = caddy.Duration(defaultPresenceTTL)
+	}
+	if h.Presence && h.JWT == nil {
+		h.logger.Warn("presence is on but the route has no jwt block: anonymous connections are never listed, so presence stays empty")
+	}
 	h.PublishKey = repl.ReplaceKnown(h.PublishKey, "")
 	if h.MaxReplay == 0 {
 		h.MaxReplay = defaultMaxReplay
@@ -281,6 +299,12 @@ func (h *Handler) Validate() error {
 		if o == "" {
 			errs = append(errs, errors.New("chat: origins: empty pattern"))
 		}
+	}
+	if ttl := time.Duration(h.PresenceTTL); ttl < minPresenceTTL || ttl > time.Hour {
+		errs = append(errs, fmt.Errorf("chat: presence_ttl %v: must be between %v and 1h", ttl, minPresenceTTL))
+	}
+	if p := *h.ChannelPrefix; h.Presence && strings.ContainsAny(p, "{}") {
+		errs = append(errs, fmt.Errorf("chat: channel_prefix %q: no { or } with presence on (presence keys use {<prefix><channel>} as their Redis Cluster hash tag)", p))
 	}
 	errs = append(errs, h.validateSecurity()...)
 	errs = append(errs, validateHistoryRules(h.History)...)

@@ -257,10 +257,11 @@ type delivery struct {
 }
 
 // jsonForm is the frame JSON-protocol clients receive. A foreign payload (a
-// backend's plain PUBLISH) is wrapped in an envelope with a node-local id.
+// backend's plain PUBLISH) is wrapped in an envelope with a node-local id;
+// presence events go out as they are.
 func (d *delivery) jsonForm() []byte {
 	d.jsonOnce.Do(func() {
-		if isOwnEnvelope(d.channel, d.payload) {
+		if isOwnEnvelope(d.channel, d.payload) || isPresenceEvent(d.channel, d.payload) {
 			d.jsonFrame = d.payload
 			return
 		}

@@ -39,7 +39,11 @@ func (c *conn) holdForCatchUp(d *delivery) (held, ok bool) {
 		return false, true
 	}
 	if cu.draining {
-		if id, kept := messageID(d.channel, d.payload); kept && !cu.floor.less(id) {
+		id, kept := messageID(d.channel, d.payload)
+		if !kept {
+			return false, true // an event or a backend's payload: never replayed
+		}
+		if !cu.floor.less(id) {
 			return true, true
 		}
 		c.endCatchUpLocked(d.channel)
