@@ -65,6 +65,12 @@ http://127.0.0.1:$port {
 		redis redis://127.0.0.1:$redis_port/0
 		rate_limit off
 	}
+	# The same, keeping history: the cost of history on publishing.
+	chat /wsh {
+		redis redis://127.0.0.1:$redis_port/0
+		rate_limit off
+		history 1000 1h
+	}
 }
 CADDY
 	XDG_DATA_HOME="$out/$name" XDG_CONFIG_HOME="$out/$name" HOME="$out/$name" \
@@ -90,9 +96,9 @@ node_pids=()
 start() { start_node "$1"; node_pids+=("$node_pid"); }
 
 if [ -n "${QUICK:-}" ]; then
-	fan_small=500 fan_large=2000 rooms=2000 idle_one=3000 idle_each=2000 hold=5s
+	fan_small=500 fan_large=2000 rooms=2000 idle_one=3000 idle_each=2000 hold=5s history_msgs=2000
 else
-	fan_small=2000 fan_large=10000 rooms=10000 idle_one=18000 idle_each=16600 hold=30s
+	fan_small=2000 fan_large=10000 rooms=10000 idle_one=18000 idle_each=16600 hold=30s history_msgs=20000
 fi
 
 bench() { # name, then chatbench flags
@@ -145,6 +151,10 @@ bench fanout-$fan_small -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario bas
 	-step-rates 25,50,65,80,100 -max-p99 150ms -messages 300 -inflight 32
 bench fanout-$fan_large -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline,fanout -subs "$fan_large" \
 	-step-rates 4,7,10,13 -max-p99 500ms -messages 60 -inflight 32
+# Publish throughput with and without history: one publisher as fast as 64
+# unanswered publishes allow, 100 subscribers over both nodes.
+bench history-cost -url "$url_a,$url_b" -history-url "${url_a}h,${url_b}h" -pids "$pid_a,$pid_b" \
+	-scenario fanout,fanout-history -subs 100 -rate 0 -messages "$history_msgs" -inflight 64
 bench rooms-$((rooms / 2)) -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline-rooms,rooms -clients "$((rooms / 2))" -room-size 10 \
 	-client-rate 1 -duration 20s
 bench rooms-$rooms -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline-rooms,rooms -clients "$rooms" -room-size 10 \

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -396,5 +398,31 @@ func TestParseFlags(t *testing.T) {
 		if _, err := parseFlags(bad, &stderr); err == nil {
 			t.Errorf("%v: no error", bad)
 		}
+	}
+}
+
+// TestFanoutHistoryComparedWithFanout: fanout-history runs against
+// -history-url and is reported relative to fanout from the same run.
+func TestFanoutHistoryComparedWithFanout(t *testing.T) {
+	t.Parallel()
+	_, urls := startFake(t, 2, 0, 0)
+	_, historyURLs := startFake(t, 2, 0, 0)
+	cfg := testConfig(urls)
+	cfg.historyURLs = historyURLs
+	cfg.scenarios = []string{"fanout", "fanout-history"}
+	rep := run(context.Background(), cfg, []string{"-test"})
+	if rep.Error != "" {
+		t.Fatal(rep.Error)
+	}
+	h := rep.Scenarios[1]
+	if h.Scenario != "fanout-history" || fmt.Sprint(h.Targets) != fmt.Sprint(historyURLs) {
+		t.Fatalf("fanout-history ran against %v, want %v", h.Targets, historyURLs)
+	}
+	checkCounts(t, h.Phases[0], int64(cfg.subs*cfg.messages), 0, 0)
+	if r := h.Phases[0].BaselineRatio; r == nil || *r <= 0 {
+		t.Error("fanout-history has no ratio to fanout")
+	}
+	if _, err := parseFlags([]string{"-scenario", "fanout-history"}, io.Discard); err == nil {
+		t.Error("fanout-history without -history-url accepted")
 	}
 }

@@ -57,6 +57,9 @@ Scenarios (-scenario, a comma list runs several in order):
             RLIMIT_NOFILE). With fanout in the same run, the table shows
             fanout's deliveries/s relative to baseline's (meaningful when both
             are saturated: -rate 0 or a high -rate).
+  fanout-history  the fanout measurement against -history-url, the same
+            nodes' route with history on; its vs_baseline column is
+            relative to fanout in the same run: the cost of keeping history.
   baseline-rooms  the rooms measurement against the same bare server; with
             rooms in the same run, the table shows rooms' deliveries/s
             relative to it.
@@ -84,6 +87,7 @@ Flags:
 // config is every flag.
 type config struct {
 	urls               []string
+	historyURLs        []string // fanout-history: a route of the same nodes with history on
 	scenarios          []string
 	sources            int
 	connectConcurrency int
@@ -162,7 +166,8 @@ Examples:
 `)
 	}
 	urls := fs.String("url", strings.Join(cfg.urls, ","), "node WebSocket URLs, comma separated; clients are spread round-robin over them")
-	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, baseline-rooms, or a comma list of them")
+	historyURLs := fs.String("history-url", "", "for fanout-history: the same nodes' URLs of a route that keeps history, comma separated")
+	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, baseline-rooms, fanout-history, or a comma list of them")
 	fs.IntVar(&cfg.sources, "sources", cfg.sources, "loopback source addresses 127.0.0.1..127.0.0.N to spread connections over (loopback nodes only)")
 	fs.IntVar(&cfg.connectConcurrency, "connect-concurrency", cfg.connectConcurrency, "WebSocket handshakes in flight at once")
 	fs.DurationVar(&cfg.connectTimeout, "connect-timeout", cfg.connectTimeout, "limit for one connection's handshake, welcome and subscribe")
@@ -197,12 +202,17 @@ Examples:
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	cfg.urls = splitList(*urls)
+	cfg.historyURLs = splitList(*historyURLs)
 	cfg.scenarios = splitList(*scen)
 	for _, s := range cfg.scenarios {
 		switch s {
 		case "fanout", "rooms", "idle", "baseline", "baseline-rooms":
+		case "fanout-history":
+			if len(cfg.historyURLs) == 0 {
+				return nil, errors.New("-scenario fanout-history needs -history-url")
+			}
 		default:
-			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline, baseline-rooms)", s)
+			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline, baseline-rooms, fanout-history)", s)
 		}
 	}
 	if len(cfg.scenarios) == 0 {
@@ -391,6 +401,8 @@ func run(ctx context.Context, cfg *config, args []string) *report {
 			res, err = runRooms(ctx, cfg, s, cfg.urls, cfg.pids)
 		case "baseline-rooms":
 			res, err = runBaseline(ctx, cfg, s, cfg.clients, runRooms)
+		case "fanout-history":
+			res, err = runFanout(ctx, cfg, s, cfg.historyURLs, cfg.pids)
 		case "idle":
 			res, err = runIdle(ctx, cfg)
 		}
@@ -413,7 +425,7 @@ func maxConns(cfg *config) int {
 	n := 0
 	for _, s := range cfg.scenarios {
 		switch s {
-		case "fanout", "baseline": // a baseline that does not fit runs its server in a child
+		case "fanout", "baseline", "fanout-history": // a baseline that does not fit runs its server in a child
 			n = max(n, cfg.subs+1)
 		case "rooms", "baseline-rooms", "idle":
 			n = max(n, cfg.clients)
@@ -422,10 +434,11 @@ func maxConns(cfg *config) int {
 	return n
 }
 
-// addBaselineRatios sets fanout's deliveries/s relative to baseline's, and
-// rooms' relative to baseline-rooms', phase by phase.
+// addBaselineRatios sets fanout's deliveries/s relative to baseline's,
+// rooms' relative to baseline-rooms', and fanout-history's relative to
+// fanout's (the cost of keeping history), phase by phase.
 func addBaselineRatios(rep *report) {
-	baseOf := map[string]string{"fanout": "baseline", "rooms": "baseline-rooms"}
+	baseOf := map[string]string{"fanout": "baseline", "rooms": "baseline-rooms", "fanout-history": "fanout"}
 	bases := map[string]*scenarioResult{}
 	for _, s := range rep.Scenarios {
 		bases[s.Scenario] = s
