@@ -1,0 +1,219 @@
+// Type declarations for caddychat.js, the browser client of caddychat's JSON protocol.
+
+/** Any JSON value. */
+export type JSONValue = string | number | boolean | null | JSONValue[] | { [key: string]: JSONValue };
+
+/** A token, or a function asked for one on every (re)connect and by refresh(). */
+export type TokenSource = string | null | undefined | (() => string | null | undefined | Promise<string | null | undefined>);
+
+/** The subset of the WebSocket constructor the client uses (browsers' own, or a fake in tests). */
+export interface WebSocketLike {
+  onopen: ((ev: unknown) => void) | null;
+  onmessage: ((ev: { data: unknown }) => void) | null;
+  onclose: ((ev: { code: number; reason?: string }) => void) | null;
+  onerror: ((ev: unknown) => void) | null;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+}
+export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
+
+export interface BackoffOptions {
+  /** Ceiling of the first reconnect's delay, ms. Default 1000. */
+  initial?: number;
+  /** Largest ceiling, ms. Default 30000. */
+  max?: number;
+  /** Growth of the ceiling per attempt. Default 2. */
+  factor?: number;
+}
+
+export interface CaddyChatOptions {
+  /** Sent as the subprotocol pair ["caddychat", "bearer.<token>"]. Omit for cookie or anonymous auth. */
+  token?: TokenSource;
+  /** Defaults to globalThis.WebSocket. */
+  WebSocket?: WebSocketConstructor;
+  /** Reconnect delay = random(0, min(max, initial·factor^attempt)). */
+  backoff?: BackoffOptions;
+  /** A connection up this long (ms) resets the attempt counter. Default 10000. */
+  stableAfter?: number;
+  /** Requests (publish, history, presence) that may wait for a connection. Default 100. */
+  maxQueued?: number;
+  /** A request without a reply after this long (ms) rejects with code "timeout". Default 10000. */
+  requestTimeout?: number;
+  /** Largest frame sent (bytes); larger requests reject with "too_large". Match the route's max_message_size. Default 65536. */
+  maxFrameSize?: number;
+  /** Consecutive reconnect attempts without a stable connection before giving up (state "closed"). Default Infinity. */
+  maxRetries?: number;
+  /** Random source in [0, 1), for the jitter. Default Math.random. */
+  random?: () => number;
+  /** Timer functions, injectable for tests. Default the global ones. */
+  setTimeout?: (fn: () => void, ms: number) => unknown;
+  clearTimeout?: (handle: any) => void;
+}
+
+export type ConnectionState = "connecting" | "connected" | "reconnecting" | "closed";
+
+/** Error codes: the server's, plus the client's own. */
+export type ErrorCode =
+  | "bad_request"
+  | "forbidden"
+  | "unauthorized"
+  | "limit_exceeded"
+  | "too_large"
+  | "rate_limited"
+  | "unavailable"
+  | "internal"
+  | "timeout"
+  | "disconnected"
+  | "queue_full"
+  | "closed"
+  | "unsubscribed"
+  | "token"
+  | "connect"
+  | "bad_frame"
+  | (string & {});
+
+export class CaddyChatError extends Error {
+  constructor(code: ErrorCode, message?: string, details?: object);
+  readonly code: ErrorCode;
+  /** Set on subscribe failures. */
+  channel?: string;
+  /** Set when the server closed the connection for good. */
+  closeCode?: number;
+}
+
+/** A delivery. On channels with history, `id` is a stream id (`<ms>-<seq>`) and `epoch` is set. */
+export interface Message<T = JSONValue> {
+  type: "message";
+  channel: string;
+  id: string;
+  epoch?: string;
+  /** The publisher's authenticated user, "" when anonymous or a backend. */
+  from: string;
+  /** Publish time, Unix ms. */
+  ts: number;
+  data: T;
+}
+
+export interface SubscribeReply {
+  type: "ok";
+  id?: number | string;
+  channel: string;
+  /** With since: whether everything after since was replayed. */
+  recovered?: boolean;
+  epoch?: string;
+  replayed?: number;
+  /** The replay hit max_replay. */
+  limited?: boolean;
+}
+
+export interface Subscription {
+  channel: string;
+  reply: SubscribeReply;
+  /** Removes this listener; the last one leaving unsubscribes the channel. */
+  unsubscribe(): Promise<void>;
+}
+
+export interface SubscribeOptions {
+  /** Start with the channel's last N kept messages (first subscribe only). */
+  history?: number;
+  /** Resume after this stream id (e.g. one stored across page loads), with its epoch. */
+  since?: string;
+  epoch?: string;
+}
+
+export interface HistoryPage<T = JSONValue> {
+  /** Oldest first. */
+  messages: Message<T>[];
+  /** Older messages remain: page on with before = messages[0].id. */
+  more: boolean;
+  epoch: string | null;
+}
+
+export interface PresenceUser {
+  user: string;
+  connections: number;
+}
+
+export interface PresenceEvent {
+  type: "join" | "leave";
+  channel: string;
+  user: string;
+}
+
+export interface Welcome {
+  type: "welcome";
+  conn: string;
+  node: string;
+  /** "" when anonymous. */
+  user: string;
+}
+
+export interface DisconnectEvent {
+  code: number;
+  reason: string;
+  /** Whether the socket had opened (false: the connect itself failed, e.g. an HTTP refusal). */
+  wasOpen: boolean;
+  willReconnect: boolean;
+  /** The reconnect delay in ms, or null when not reconnecting. */
+  delay: number | null;
+}
+
+export interface ResubscribedEvent {
+  channel: string;
+  reply: SubscribeReply;
+  /** Sent with since (a position was known). */
+  resumed: boolean;
+}
+
+export interface GapEvent {
+  channel: string;
+  reply: SubscribeReply;
+  /**
+   * not_recovered: the server said recovered:false (reload, e.g. with history()).
+   * no_resume_point: resubscribed without since (a channel without history, or no
+   * message seen yet), so messages published while disconnected may be missing.
+   */
+  reason: "not_recovered" | "no_resume_point";
+}
+
+export interface CaddyChatEvents {
+  state: ConnectionState;
+  welcome: Welcome;
+  message: Message;
+  presence: PresenceEvent;
+  resubscribed: ResubscribedEvent;
+  gap: GapEvent;
+  disconnect: DisconnectEvent;
+  error: Error;
+}
+
+export const PERMANENT_CLOSE_CODES: readonly number[];
+export const TOKEN_EXPIRED: 4002;
+export function isStreamId(id: unknown): id is string;
+export function compareStreamIds(a: string, b: string): number;
+export function backoffDelay(attempt: number, backoff?: Required<BackoffOptions>, random?: () => number): number;
+
+export class CaddyChat {
+  constructor(url: string, options?: CaddyChatOptions);
+  readonly url: string;
+  readonly state: ConnectionState;
+  readonly welcome: Welcome | null;
+  /** Channels kept subscribed across reconnects. */
+  readonly channels: string[];
+
+  on<K extends keyof CaddyChatEvents>(event: K, fn: (arg: CaddyChatEvents[K]) => void): () => void;
+  off<K extends keyof CaddyChatEvents>(event: K, fn: (arg: CaddyChatEvents[K]) => void): void;
+
+  subscribe<T = JSONValue>(channel: string, onMessage?: (msg: Message<T>) => void, options?: SubscribeOptions): Promise<Subscription>;
+  unsubscribe(channel: string): Promise<void>;
+  /** Where a reconnect would resume the channel, or null. */
+  position(channel: string): { since: string; epoch: string | null } | null;
+
+  /** Resolves with the message id. */
+  publish(channel: string, data: JSONValue): Promise<string>;
+  history<T = JSONValue>(channel: string, options?: { limit?: number; before?: string }): Promise<HistoryPage<T>>;
+  presence(channel: string): Promise<PresenceUser[]>;
+  /** Moves the open connection to a new token; null when disconnected. */
+  refresh(token?: string): Promise<{ type: "ok"; id?: number | string } | null>;
+  close(): void;
+}

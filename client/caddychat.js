@@ -1,0 +1,643 @@
+// caddychat.js: browser client for caddychat's JSON protocol (../PROTOCOL.md).
+// A dependency-free ES module: no build step; modern browsers and Node 20+.
+//
+// What it adds over a bare WebSocket: reconnects with capped, fully jittered
+// exponential backoff; resubscribes every channel after a reconnect, resuming
+// history channels from the last message the app saw (no gap, no duplicate);
+// request/reply matching with timeouts; a bounded queue of publishes made
+// while disconnected.
+
+/** Close codes after which reconnecting cannot help: the client must change. */
+export const PERMANENT_CLOSE_CODES = Object.freeze([1003, 1007, 1008, 1009]);
+
+/** Close code the server uses when the token's exp passed without a refresh. */
+export const TOKEN_EXPIRED = 4002;
+
+const DEFAULT_BACKOFF = Object.freeze({ initial: 1000, max: 30000, factor: 2 });
+
+/** An Error with a machine-readable `code` (the server's error code or one of the client's own). */
+export class CaddyChatError extends Error {
+  constructor(code, message, details) {
+    super(message || code);
+    this.name = "CaddyChatError";
+    this.code = code;
+    if (details) Object.assign(this, details);
+  }
+}
+
+// History channels use Redis stream ids, <ms>-<seq>, which are ordered. Other
+// ids (<ms>-<node>-<seq>) are unique but carry no order we may rely on.
+const STREAM_ID = /^(\d+)-(\d+)$/;
+
+/** Whether `id` is a stream id (`<ms>-<seq>`), the kind a resume can start from. */
+export function isStreamId(id) {
+  return typeof id === "string" && STREAM_ID.test(id);
+}
+
+/** Orders two stream ids: negative, 0 or positive. Exact for any length (no float rounding). */
+export function compareStreamIds(a, b) {
+  const [, am, as] = STREAM_ID.exec(a);
+  const [, bm, bs] = STREAM_ID.exec(b);
+  return compareDigits(am, bm) || compareDigits(as, bs);
+}
+
+function compareDigits(a, b) {
+  a = a.replace(/^0+(?=\d)/, "");
+  b = b.replace(/^0+(?=\d)/, "");
+  if (a.length !== b.length) return a.length < b.length ? -1 : 1;
+  return a < b ? -1 : a > b ? 1 : 0;
+}
+
+/**
+ * Full-jitter backoff: a uniformly random delay in [0, min(max, initial·factor^attempt)).
+ * Full jitter spreads the clients a node drops at once (1001 on shutdown) over
+ * the whole window instead of bringing them back in waves.
+ */
+export function backoffDelay(attempt, { initial, max, factor } = DEFAULT_BACKOFF, random = Math.random) {
+  return random() * Math.min(max, initial * Math.pow(factor, attempt));
+}
+
+// Room left in maxFrameSize for the correlation id the frame gets when sent.
+const ID_ROOM = 24;
+const encoder = new TextEncoder();
+
+function byteLength(text, limit) {
+  // Most frames are far below the limit: skip encoding when even 3 bytes per
+  // UTF-16 unit would fit.
+  return text.length * 3 <= limit ? text.length : encoder.encode(text).length;
+}
+
+function report(err) {
+  (globalThis.reportError ?? console.error)(err);
+}
+
+export class CaddyChat {
+  #url;
+  #token;
+  #WS;
+  #backoff;
+  #stableAfter;
+  #maxQueued;
+  #requestTimeout;
+  #maxFrameSize;
+  #maxRetries;
+  #random;
+  #setTimeout;
+  #clearTimeout;
+
+  #state = "connecting";
+  #ws = null;
+  #open = false; // the current socket is open
+  #ready = false; // ...and its resubscriptions are answered, so requests may go out
+  #closed = false; // permanently: close() or a permanent close code
+  #everOpened = false;
+  #attempt = 0; // reconnects since the last stable connection
+  #reconnectTimer = null;
+  #stableTimer = null;
+  #nextId = 0;
+  #pending = new Map(); // correlation id → request in flight
+  #outbox = []; // requests waiting for a ready connection
+  #channels = new Map(); // channel → subscription entry, in subscribe order
+  #listeners = new Map(); // event → Set of functions
+  #welcome = null;
+
+  /**
+   * @param {string} url  ws:// or wss:// URL of the chat route.
+   * @param {object} [options]  see caddychat.d.ts (CaddyChatOptions).
+   */
+  constructor(url, options = {}) {
+    this.#url = url;
+    this.#token = options.token;
+    this.#WS = options.WebSocket ?? globalThis.WebSocket;
+    if (typeof this.#WS !== "function") {
+      throw new TypeError("CaddyChat: no WebSocket implementation; pass options.WebSocket");
+    }
+    this.#backoff = { ...DEFAULT_BACKOFF, ...options.backoff };
+    this.#stableAfter = options.stableAfter ?? 10000;
+    this.#maxQueued = options.maxQueued ?? 100;
+    this.#requestTimeout = options.requestTimeout ?? 10000;
+    this.#maxFrameSize = options.maxFrameSize ?? 64 * 1024;
+    this.#maxRetries = options.maxRetries ?? Infinity;
+    this.#random = options.random ?? Math.random;
+    // Wrapped: browsers throw "Illegal invocation" when a bare
+    // setTimeout is called with another `this`.
+    this.#setTimeout = options.setTimeout ?? ((fn, ms) => globalThis.setTimeout(fn, ms));
+    this.#clearTimeout = options.clearTimeout ?? ((handle) => globalThis.clearTimeout(handle));
+    this.#connect();
+  }
+
+  /** `connecting` (never connected yet), `connected`, `reconnecting`, or `closed` (for good). */
+  get state() {
+    return this.#state;
+  }
+
+  /** The last welcome frame ({conn, node, user}), or null before the first. */
+  get welcome() {
+    return this.#welcome;
+  }
+
+  get url() {
+    return this.#url;
+  }
+
+  /** Names of the channels the client keeps subscribed. */
+  get channels() {
+    return [...this.#channels.keys()];
+  }
+
+  /**
+   * Listen to `state`, `welcome`, `message`, `presence`, `resubscribed`, `gap`,
+   * `disconnect` or `error`. Returns a function that removes the listener.
+   */
+  on(event, fn) {
+    let set = this.#listeners.get(event);
+    if (!set) this.#listeners.set(event, (set = new Set()));
+    set.add(fn);
+    return () => this.off(event, fn);
+  }
+
+  off(event, fn) {
+    this.#listeners.get(event)?.delete(fn);
+  }
+
+  /**
+   * Subscribes to `channel`; `onMessage` gets each delivery. Resolves with
+   * {channel, reply, unsubscribe} once the server confirmed the first subscribe.
+   * Subscribing again to a channel adds a listener (options of later calls are ignored).
+   */
+  subscribe(channel, onMessage, options = {}) {
+    if (this.#closed) return Promise.reject(closedError());
+    let entry = this.#channels.get(channel);
+    if (!entry) {
+      entry = {
+        channel,
+        listeners: new Set(),
+        history: options.history ?? 0,
+        // An app may resume from a position it stored (e.g. across page loads).
+        streamId: options.since ?? null,
+        epoch: options.epoch ?? null,
+        reply: null,
+        confirmed: false,
+        waiters: [],
+        retryTimer: null,
+        retries: 0,
+      };
+      this.#channels.set(channel, entry);
+      // Not open: the subscribe goes out with the next connection's resubscriptions.
+      if (this.#open) this.#sendSubscribe(entry);
+    }
+    const registration = { fn: onMessage };
+    entry.listeners.add(registration);
+    const subscription = (reply) => ({
+      channel,
+      reply,
+      unsubscribe: () => this.#removeListener(entry, registration),
+    });
+    if (entry.confirmed) return Promise.resolve(subscription(entry.reply));
+    return new Promise((resolve, reject) => {
+      entry.waiters.push({
+        resolve: (reply) => resolve(subscription(reply)),
+        reject: (err) => {
+          entry.listeners.delete(registration);
+          reject(err);
+        },
+      });
+    });
+  }
+
+  /** Leaves `channel` (every listener of it). Resolves when the server confirmed, at once when disconnected. */
+  unsubscribe(channel) {
+    const entry = this.#channels.get(channel);
+    if (!entry) return Promise.resolve();
+    this.#channels.delete(channel);
+    this.#clearTimer(entry.retryTimer);
+    this.#settleWaiters(entry, null, new CaddyChatError("unsubscribed", `unsubscribed from ${channel} before the server confirmed`));
+    // A closed socket holds no subscription; the next one will not be told about this channel.
+    if (!this.#open) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      this.#transmit({ frame: { op: "unsubscribe", channel }, resolve: () => resolve(), reject, onDrop: () => resolve() });
+    });
+  }
+
+  /** The position to resume `channel` from: {since, epoch}, or null when it has none (see README). */
+  position(channel) {
+    const entry = this.#channels.get(channel);
+    return entry && isStreamId(entry.streamId) ? { since: entry.streamId, epoch: entry.epoch } : null;
+  }
+
+  /** Publishes `data` (any JSON value). Resolves with the message id. */
+  publish(channel, data) {
+    if (data === undefined) return Promise.reject(new CaddyChatError("bad_request", "publish needs data (any JSON value but undefined)"));
+    return this.#request({ op: "publish", channel, data }).then((reply) => reply.message_id);
+  }
+
+  /** A page of kept messages older than `before` (the newest without it), oldest first. */
+  history(channel, { limit, before } = {}) {
+    const frame = { op: "history", channel };
+    if (limit !== undefined) frame.limit = limit;
+    if (before !== undefined) frame.before = before;
+    return this.#request(frame).then((reply) => ({
+      messages: reply.messages ?? [],
+      more: Boolean(reply.more),
+      epoch: reply.epoch ?? null,
+    }));
+  }
+
+  /** Who is on `channel` now: [{user, connections}], on every node. */
+  presence(channel) {
+    return this.#request({ op: "presence", channel }).then((reply) => reply.users ?? []);
+  }
+
+  /**
+   * Moves the open connection to a fresh token (the `refresh` op), so it is
+   * not closed with 4002 when the old one expires. Without an argument the
+   * token option is asked for one. When disconnected, resolves with null: the
+   * next connection uses the new token anyway.
+   */
+  async refresh(token) {
+    if (this.#closed) throw closedError();
+    if (token !== undefined && typeof this.#token !== "function") this.#token = token;
+    const fresh = token ?? (await this.#resolveToken());
+    if (!this.#open) return null;
+    return new Promise((resolve, reject) => this.#transmit({ frame: { op: "refresh", token: fresh }, resolve, reject }));
+  }
+
+  /** Closes with 1000 for good: no reconnect; pending and queued requests reject with code `closed`. */
+  close() {
+    if (this.#closed) return;
+    const ws = this.#ws;
+    this.#detach();
+    if (ws) {
+      try {
+        ws.close(1000);
+      } catch {
+        // Already closing: nothing left to do.
+      }
+    }
+    this.#shutdown(closedError());
+  }
+
+  // ---- connection lifecycle ----
+
+  async #connect() {
+    let token;
+    try {
+      token = await this.#resolveToken();
+    } catch (err) {
+      if (this.#closed) return;
+      this.#emit("error", new CaddyChatError("token", `the token function failed: ${err?.message ?? err}`, { cause: err }));
+      this.#retry(this.#nextDelay());
+      return;
+    }
+    if (this.#closed) return;
+    // The server answers with "caddychat" alone, never echoing the token; a
+    // bearer.<token> without "caddychat" is refused with 400.
+    const protocols = token ? ["caddychat", "bearer." + token] : ["caddychat"];
+    let ws;
+    try {
+      ws = new this.#WS(this.#url, protocols);
+    } catch (err) {
+      // A bad URL, or a token with characters a subprotocol cannot carry:
+      // retrying the same thing cannot work.
+      this.#emit("error", new CaddyChatError("connect", `cannot open a WebSocket: ${err?.message ?? err}`, { cause: err }));
+      this.#shutdown(closedError());
+      return;
+    }
+    this.#ws = ws;
+    ws.onopen = () => ws === this.#ws && this.#onOpen();
+    ws.onmessage = (ev) => ws === this.#ws && this.#onFrame(ev.data);
+    ws.onclose = (ev) => ws === this.#ws && this.#onClose(ev.code, ev.reason ?? "");
+    // Browsers report no detail in error events, and a close event follows.
+    ws.onerror = () => {};
+  }
+
+  async #resolveToken() {
+    const t = this.#token;
+    return typeof t === "function" ? await t() : t;
+  }
+
+  #onOpen() {
+    this.#open = true;
+    this.#everOpened = true;
+    this.#stableTimer = this.#setTimeout(() => {
+      this.#stableTimer = null;
+      this.#attempt = 0;
+    }, this.#stableAfter);
+    this.#resubscribeAll();
+    // Last: a listener may call close().
+    this.#setState("connected");
+  }
+
+  #onClose(code, reason) {
+    const wasOpen = this.#open;
+    this.#detach();
+    // Nobody knows whether these reached the broker: reject rather than
+    // resend, so a publish is never made twice behind the app's back.
+    // Subscribes are the exception; the next connection resends them.
+    const inFlight = [...this.#pending.values()];
+    this.#pending.clear();
+    for (const req of inFlight) {
+      this.#clearTimer(req.timer);
+      if (req.onDrop) req.onDrop();
+      else req.reject(new CaddyChatError("disconnected", `the connection closed (${code}) before the reply; the ${req.frame.op} may or may not have taken effect`));
+    }
+    // A fixed token that expired would only be refused (401) on every retry.
+    const permanent =
+      PERMANENT_CLOSE_CODES.includes(code) || (code === TOKEN_EXPIRED && typeof this.#token !== "function");
+    const delay = permanent ? null : this.#nextDelay();
+    this.#emit("disconnect", { code, reason, wasOpen, willReconnect: delay !== null, delay });
+    if (permanent) {
+      this.#shutdown(new CaddyChatError("closed", `the server closed the connection with ${code}${reason ? ` (${reason})` : ""}`, { closeCode: code }));
+      return;
+    }
+    this.#retry(delay);
+  }
+
+  // The next reconnect's delay, or null once maxRetries attempts in a row failed.
+  #nextDelay() {
+    if (this.#attempt >= this.#maxRetries) return null;
+    return backoffDelay(this.#attempt++, this.#backoff, this.#random);
+  }
+
+  #retry(delay) {
+    if (this.#closed) return; // a listener may have called close()
+    if (delay === null) {
+      this.#shutdown(new CaddyChatError("closed", `gave up after ${this.#attempt} reconnect attempts`));
+      return;
+    }
+    this.#reconnectTimer = this.#setTimeout(() => {
+      this.#reconnectTimer = null;
+      this.#connect();
+    }, delay);
+    // After arming the timer, so that a listener calling close() clears it.
+    this.#setState(this.#everOpened ? "reconnecting" : "connecting");
+  }
+
+  // Forgets the current socket: its late events are ignored from now on.
+  #detach() {
+    const ws = this.#ws;
+    if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    this.#ws = null;
+    this.#open = false;
+    this.#ready = false;
+    this.#clearTimer(this.#stableTimer);
+    this.#stableTimer = null;
+    for (const entry of this.#channels.values()) {
+      this.#clearTimer(entry.retryTimer);
+      entry.retryTimer = null;
+    }
+  }
+
+  #shutdown(err) {
+    this.#closed = true;
+    this.#clearTimer(this.#reconnectTimer);
+    this.#reconnectTimer = null;
+    const inFlight = [...this.#pending.values()];
+    this.#pending.clear();
+    for (const req of inFlight) {
+      this.#clearTimer(req.timer);
+      // Subscribes settle through their channel's waiters below.
+      if (req.onDrop) req.onDrop();
+      else req.reject(err);
+    }
+    const queued = this.#outbox;
+    this.#outbox = [];
+    for (const req of queued) req.reject(err);
+    for (const entry of this.#channels.values()) this.#settleWaiters(entry, null, err);
+    this.#channels.clear();
+    this.#setState("closed");
+  }
+
+  // ---- subscriptions ----
+
+  #resubscribeAll() {
+    const ws = this.#ws;
+    const entries = [...this.#channels.values()];
+    let waiting = entries.length;
+    if (waiting === 0) return this.#setReady();
+    // Queued publishes wait for every answer, so that a publisher subscribed
+    // to its own channel gets its own message.
+    const answered = () => {
+      if (--waiting === 0 && ws === this.#ws) this.#setReady();
+    };
+    for (const entry of entries) this.#sendSubscribe(entry, answered);
+  }
+
+  #setReady() {
+    this.#ready = true;
+    const queued = this.#outbox;
+    this.#outbox = [];
+    for (const req of queued) this.#transmit(req);
+  }
+
+  #sendSubscribe(entry, answered = () => {}) {
+    const frame = { op: "subscribe", channel: entry.channel };
+    // Only a stream id is a position the server can resume from; anything
+    // else is answered bad_request.
+    const resumed = isStreamId(entry.streamId);
+    if (resumed) {
+      frame.since = entry.streamId;
+      if (entry.epoch) frame.epoch = entry.epoch;
+    } else if (entry.history > 0) {
+      // Nothing seen yet, so every kept message is new to the app.
+      frame.history = entry.history;
+    }
+    const wasConfirmed = entry.confirmed;
+    this.#transmit({
+      frame,
+      resolve: (reply) => {
+        if (this.#channels.get(entry.channel) === entry) this.#subscribed(entry, reply, resumed, wasConfirmed);
+        answered();
+      },
+      reject: (err) => {
+        if (this.#channels.get(entry.channel) === entry) this.#subscribeFailed(entry, err);
+        answered();
+      },
+      // The next connection resubscribes; the app's promise stays pending.
+      onDrop: () => {},
+    });
+  }
+
+  #subscribed(entry, reply, resumed, wasConfirmed) {
+    // A new epoch means the history the position pointed into was lost: the
+    // old ids say nothing about the new ones.
+    if (reply.epoch && entry.epoch && reply.epoch !== entry.epoch) entry.streamId = null;
+    if (reply.epoch) entry.epoch = reply.epoch;
+    entry.reply = reply;
+    entry.retries = 0;
+    entry.confirmed = true;
+    if (!wasConfirmed) {
+      this.#settleWaiters(entry, reply);
+      return;
+    }
+    this.#emit("resubscribed", { channel: entry.channel, reply, resumed });
+    if (reply.recovered === false) {
+      this.#emit("gap", { channel: entry.channel, reply, reason: "not_recovered" });
+    } else if (!resumed) {
+      // A plain subscribe cannot say what happened while we were away.
+      this.#emit("gap", { channel: entry.channel, reply, reason: "no_resume_point" });
+    }
+  }
+
+  #subscribeFailed(entry, err) {
+    err.channel = entry.channel;
+    if (!entry.confirmed) {
+      // The app's first subscribe: its promise reports the failure.
+      this.#channels.delete(entry.channel);
+      this.#settleWaiters(entry, null, err);
+      // A late ok would leave the server subscribed to a channel we forgot.
+      if (err.code === "timeout" && this.#open) {
+        this.#transmit({ frame: { op: "unsubscribe", channel: entry.channel }, resolve() {}, reject() {}, onDrop() {} });
+      }
+      return;
+    }
+    // A resubscribe: the library owns it, so it keeps trying while the
+    // failure can pass, and gives the channel up (telling the app) when not.
+    if (["unavailable", "timeout", "rate_limited", "internal"].includes(err.code) && this.#open) {
+      const delay = backoffDelay(entry.retries++, this.#backoff, this.#random);
+      entry.retryTimer = this.#setTimeout(() => {
+        entry.retryTimer = null;
+        if (this.#open && this.#channels.get(entry.channel) === entry) this.#sendSubscribe(entry);
+      }, delay);
+      this.#emit("error", err);
+      return;
+    }
+    this.#channels.delete(entry.channel);
+    this.#emit("error", err);
+  }
+
+  #settleWaiters(entry, reply, err) {
+    const waiters = entry.waiters;
+    entry.waiters = [];
+    for (const w of waiters) (err ? w.reject(err) : w.resolve(reply));
+  }
+
+  #removeListener(entry, registration) {
+    entry.listeners.delete(registration);
+    if (entry.listeners.size === 0 && this.#channels.get(entry.channel) === entry) return this.unsubscribe(entry.channel);
+    return Promise.resolve();
+  }
+
+  // ---- frames ----
+
+  #request(frame) {
+    if (this.#closed) return Promise.reject(closedError());
+    let text;
+    try {
+      text = JSON.stringify(frame);
+    } catch (err) {
+      return Promise.reject(new CaddyChatError("bad_request", `not JSON-serializable: ${err.message}`));
+    }
+    // The server closes the whole connection (1009) on a frame over its
+    // max_message_size; refusing it here costs only this request.
+    const limit = this.#maxFrameSize - ID_ROOM;
+    if (byteLength(text, limit) > limit) {
+      return Promise.reject(new CaddyChatError("too_large", `the ${frame.op} frame is over maxFrameSize (${this.#maxFrameSize} bytes)`));
+    }
+    return new Promise((resolve, reject) => {
+      const req = { frame, resolve, reject };
+      if (this.#ready) this.#transmit(req);
+      else if (this.#outbox.length >= this.#maxQueued) reject(new CaddyChatError("queue_full", `${this.#maxQueued} requests already wait for a connection`));
+      else this.#outbox.push(req);
+    });
+  }
+
+  // Sends req on the open socket and waits for the reply with its id.
+  #transmit(req) {
+    const id = ++this.#nextId;
+    req.timer = this.#setTimeout(() => {
+      if (this.#pending.get(id) !== req) return;
+      this.#pending.delete(id);
+      req.reject(new CaddyChatError("timeout", `no reply to ${req.frame.op} within ${this.#requestTimeout} ms`));
+    }, this.#requestTimeout);
+    this.#pending.set(id, req);
+    try {
+      this.#ws.send(JSON.stringify({ ...req.frame, id }));
+    } catch {
+      // The socket is going away; its close event settles req.
+    }
+  }
+
+  #onFrame(data) {
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      this.#emit("error", new CaddyChatError("bad_frame", "the server sent a frame that is not JSON"));
+      return;
+    }
+    if (!frame || typeof frame !== "object") return;
+    switch (frame.type) {
+      case "message":
+        return this.#onDelivery(frame);
+      case "join":
+      case "leave":
+        return this.#emit("presence", frame);
+      case "welcome":
+        this.#welcome = frame;
+        return this.#emit("welcome", frame);
+    }
+    // Everything else answers a request (ok, error, presence, history);
+    // unknown types from newer servers are ignored.
+    const req = frame.id !== undefined ? this.#pending.get(frame.id) : undefined;
+    if (!req) {
+      if (frame.type === "error") this.#emit("error", serverError(frame));
+      return;
+    }
+    this.#pending.delete(frame.id);
+    this.#clearTimer(req.timer);
+    if (frame.type === "error") req.reject(serverError(frame));
+    else req.resolve(frame);
+  }
+
+  #onDelivery(msg) {
+    const entry = this.#channels.get(msg.channel);
+    if (!entry) return; // unsubscribed, or its unsubscribe is in flight
+    if (isStreamId(msg.id)) {
+      // The server already drops replayed duplicates; this guards the app
+      // against any that slip through (e.g. a resume racing a late live copy).
+      const sameHistory = !msg.epoch || !entry.epoch || msg.epoch === entry.epoch;
+      if (sameHistory && isStreamId(entry.streamId) && compareStreamIds(msg.id, entry.streamId) <= 0) return;
+      entry.streamId = msg.id;
+      if (msg.epoch) entry.epoch = msg.epoch;
+    }
+    for (const { fn } of [...entry.listeners]) if (fn) this.#call(fn, msg, "message");
+    this.#emit("message", msg);
+  }
+
+  // ---- helpers ----
+
+  #setState(state) {
+    if (this.#state === state) return;
+    this.#state = state;
+    this.#emit("state", state);
+  }
+
+  #emit(event, arg) {
+    const set = this.#listeners.get(event);
+    if (!set) return;
+    for (const fn of [...set]) this.#call(fn, arg, event);
+  }
+
+  // One throwing listener must not stop the others or the client itself.
+  #call(fn, arg, event) {
+    try {
+      fn(arg);
+    } catch (err) {
+      if (event === "error") report(err);
+      else this.#emit("error", err);
+    }
+  }
+
+  #clearTimer(handle) {
+    if (handle != null) this.#clearTimeout(handle);
+  }
+}
+
+function closedError() {
+  return new CaddyChatError("closed", "the client is closed");
+}
+
+function serverError(frame) {
+  return new CaddyChatError(frame.code || "internal", frame.message || frame.code || "error reply without a code");
+}

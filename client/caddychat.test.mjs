@@ -1,0 +1,735 @@
+// Unit tests for caddychat.js: node --test /work/main/client/
+// No network: a fake WebSocket plays the server, a manual clock drives every timer.
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { CaddyChat, CaddyChatError, backoffDelay, compareStreamIds, isStreamId } from "./caddychat.js";
+
+const flush = () => new Promise((resolve) => setImmediate(resolve));
+
+// Timers run only when the test advances time, in due order.
+class FakeClock {
+  now = 0;
+  #seq = 0;
+  timers = new Map(); // id → {at, ms, fn}
+
+  setTimeout = (fn, ms) => {
+    const id = ++this.#seq;
+    this.timers.set(id, { at: this.now + ms, ms, fn });
+    return id;
+  };
+
+  clearTimeout = (id) => {
+    this.timers.delete(id);
+  };
+
+  async advance(ms) {
+    const end = this.now + ms;
+    for (;;) {
+      let next = null;
+      for (const [id, t] of this.timers) if (t.at <= end && (!next || t.at < next[1].at)) next = [id, t];
+      if (!next) break;
+      this.timers.delete(next[0]);
+      this.now = next[1].at;
+      next[1].fn();
+      await flush();
+    }
+    this.now = end;
+    await flush();
+  }
+
+  delays() {
+    return [...this.timers.values()].map((t) => t.ms);
+  }
+}
+
+class FakeWebSocket {
+  static instances = [];
+  readyState = 0;
+  sent = [];
+  closedWith = null;
+  onopen = null;
+  onmessage = null;
+  onclose = null;
+  onerror = null;
+
+  constructor(url, protocols) {
+    this.url = url;
+    this.protocols = protocols;
+    FakeWebSocket.instances.push(this);
+  }
+
+  static get last() {
+    return FakeWebSocket.instances.at(-1);
+  }
+
+  send(text) {
+    if (this.readyState !== 1) throw new Error("InvalidStateError: not open");
+    this.sent.push(JSON.parse(text));
+  }
+
+  close(code) {
+    this.closedWith = code;
+    this.readyState = 3;
+  }
+
+  // ---- the server's side ----
+  open() {
+    this.readyState = 1;
+    this.onopen?.({});
+    this.receive({ type: "welcome", conn: "c1", node: "n1", user: "alice" });
+  }
+
+  receive(frame) {
+    this.onmessage?.({ data: JSON.stringify(frame) });
+  }
+
+  drop(code, reason = "") {
+    this.readyState = 3;
+    this.onclose?.({ code, reason, wasClean: code !== 1006 });
+  }
+
+  ops(op) {
+    return this.sent.filter((f) => f.op === op);
+  }
+
+  lastOp(op) {
+    return this.ops(op).at(-1);
+  }
+
+  ok(frame, extra = {}) {
+    this.receive({ type: "ok", id: frame.id, channel: frame.channel, ...extra });
+  }
+}
+
+function setup(options = {}) {
+  FakeWebSocket.instances = [];
+  const clock = new FakeClock();
+  const client = new CaddyChat("ws://chat.test/ws", {
+    WebSocket: FakeWebSocket,
+    setTimeout: clock.setTimeout,
+    clearTimeout: clock.clearTimeout,
+    random: () => 0.5,
+    backoff: { initial: 1000, max: 8000, factor: 2 },
+    stableAfter: 10000,
+    ...options,
+  });
+  const events = [];
+  for (const name of ["state", "disconnect", "resubscribed", "gap", "error", "presence", "welcome"]) {
+    client.on(name, (arg) => events.push([name, arg]));
+  }
+  return { clock, client, events };
+}
+
+// Opens the pending socket; answers its subscribes ok when `answer` is set.
+async function connect(answer = true) {
+  await flush();
+  const ws = FakeWebSocket.last;
+  ws.open();
+  if (answer) for (const f of ws.ops("subscribe")) ws.ok(f);
+  await flush();
+  return ws;
+}
+
+// Drops the socket and runs the reconnect timer, leaving a new, unopened socket.
+async function dropAndWait(clock, ws, code = 1006) {
+  const before = FakeWebSocket.instances.length;
+  ws.drop(code);
+  await clock.advance(60000);
+  assert.equal(FakeWebSocket.instances.length, before + 1, `reconnected after ${code}`);
+  return FakeWebSocket.last;
+}
+
+function msg(channel, id, epoch, data = id) {
+  return { type: "message", channel, id, ...(epoch ? { epoch } : {}), from: "bob", ts: 1, data };
+}
+
+function reconnectDelays(events) {
+  return events.filter(([n]) => n === "disconnect").map(([, e]) => e.delay);
+}
+
+// ---- helpers ----
+
+test("backoffDelay is full jitter within [0, min(max, initial*factor^attempt))", () => {
+  const b = { initial: 100, max: 1000, factor: 3 };
+  assert.equal(backoffDelay(0, b, () => 0), 0);
+  assert.equal(backoffDelay(0, b, () => 0.999), 99.9);
+  assert.equal(backoffDelay(2, b, () => 0.5), 450);
+  assert.equal(backoffDelay(3, b, () => 0.5), 500, "capped at max");
+  assert.equal(backoffDelay(500, b, () => 0.5), 500, "no overflow for large attempts");
+  for (let attempt = 0; attempt < 20; attempt++) {
+    const d = backoffDelay(attempt, b);
+    assert.ok(d >= 0 && d < Math.min(1000, 100 * 3 ** attempt), `attempt ${attempt}: ${d}`);
+  }
+});
+
+test("stream ids compare exactly and other ids are not stream ids", () => {
+  assert.ok(isStreamId("1764060000000-0"));
+  assert.ok(!isStreamId("1764060000000-k3j9x-42"));
+  assert.ok(!isStreamId("1764060000000-12-42"));
+  assert.ok(!isStreamId(undefined));
+  assert.ok(compareStreamIds("1764060000000-9", "1764060000000-10") < 0);
+  assert.ok(compareStreamIds("999-5", "1000-0") < 0);
+  assert.equal(compareStreamIds("17-3", "17-3"), 0);
+  // Beyond 2^53: a float comparison would call these equal.
+  assert.ok(compareStreamIds("1-9007199254740993", "1-9007199254740992") > 0);
+});
+
+// ---- connecting and reconnecting ----
+
+test("token goes as the caddychat + bearer subprotocol pair; the token function is called on every connect", async () => {
+  let n = 0;
+  const { clock } = setup({ token: async () => `t${++n}` });
+  let ws = await connect();
+  assert.deepEqual(ws.protocols, ["caddychat", "bearer.t1"]);
+  assert.equal(ws.url, "ws://chat.test/ws");
+  ws = await dropAndWait(clock, ws, 1001);
+  assert.deepEqual(ws.protocols, ["caddychat", "bearer.t2"]);
+  ws = await dropAndWait(clock, ws, 1006);
+  assert.deepEqual(ws.protocols, ["caddychat", "bearer.t3"]);
+  assert.equal(n, 3);
+});
+
+test("without a token only caddychat is offered (cookie or anonymous auth)", async () => {
+  setup();
+  const ws = await connect();
+  assert.deepEqual(ws.protocols, ["caddychat"]);
+});
+
+test("states: connecting, connected, reconnecting, connected, closed; welcome is kept", async () => {
+  const { clock, client, events } = setup();
+  assert.equal(client.state, "connecting");
+  const ws = await connect();
+  assert.equal(client.state, "connected");
+  assert.equal(client.welcome.user, "alice");
+  ws.drop(1012);
+  assert.equal(client.state, "reconnecting");
+  await clock.advance(60000);
+  assert.equal(client.state, "reconnecting");
+  await connect();
+  client.close();
+  const states = events.filter(([n]) => n === "state").map(([, s]) => s);
+  assert.deepEqual(states, ["connected", "reconnecting", "connected", "closed"]);
+  assert.ok(events.some(([n]) => n === "welcome"));
+});
+
+test("backoff grows with full jitter and is capped while connects keep failing", async () => {
+  const { clock, events } = setup({ random: () => 0.5 });
+  for (let i = 0; i < 6; i++) {
+    await flush();
+    const ws = FakeWebSocket.last;
+    ws.drop(1006); // refused before open (HTTP 401/429/503 look like this in browsers)
+    assert.deepEqual(clock.delays(), [reconnectDelays(events).at(-1)], "the reconnect timer is the only timer");
+    await clock.advance(clock.delays()[0]);
+  }
+  // 0.5 × min(8000, 1000·2^n)
+  assert.deepEqual(reconnectDelays(events), [500, 1000, 2000, 4000, 4000, 4000]);
+  assert.equal(FakeWebSocket.instances.length, 7);
+});
+
+test("backoff delay stays within the jitter window for any random value", async () => {
+  let r = 0;
+  const values = [0, 0.999999, 0.25, 0.999999, 0];
+  const { clock, events } = setup({ random: () => values[r++] });
+  for (let i = 0; i < values.length; i++) {
+    await flush();
+    FakeWebSocket.last.drop(1006);
+    await clock.advance(10000);
+  }
+  const delays = reconnectDelays(events);
+  const ceilings = [1000, 2000, 4000, 8000, 8000];
+  delays.forEach((d, i) => assert.ok(d >= 0 && d < ceilings[i], `delay ${i} = ${d}`));
+  assert.equal(delays[0], 0);
+  assert.ok(delays[1] > 1999);
+  assert.equal(delays[2], 1000);
+});
+
+test("the attempt counter resets once a connection stayed up for stableAfter", async () => {
+  const { clock, events } = setup();
+  for (let i = 0; i < 3; i++) {
+    await flush();
+    FakeWebSocket.last.drop(1006);
+    await clock.advance(10000);
+  }
+  // Up, but not for long: the counter keeps growing.
+  let ws = await connect();
+  await clock.advance(9000);
+  ws.drop(1001);
+  await clock.advance(10000);
+  assert.deepEqual(reconnectDelays(events), [500, 1000, 2000, 4000]);
+  // Up for stableAfter: the next drop starts over at the smallest window.
+  ws = await connect();
+  await clock.advance(10000);
+  ws.drop(1001);
+  assert.deepEqual(reconnectDelays(events), [500, 1000, 2000, 4000, 500]);
+});
+
+for (const code of [1003, 1007, 1008, 1009]) {
+  test(`no reconnect after permanent close code ${code}`, async () => {
+    const { clock, client, events } = setup();
+    const ws = await connect();
+    const queuedLater = [];
+    ws.drop(code);
+    assert.equal(client.state, "closed");
+    const d = events.find(([n]) => n === "disconnect")[1];
+    assert.equal(d.code, code);
+    assert.equal(d.willReconnect, false);
+    await clock.advance(10 * 60 * 1000);
+    assert.equal(FakeWebSocket.instances.length, 1);
+    assert.equal(clock.timers.size, 0);
+    queuedLater.push(client.publish("room:a", 1));
+    await assert.rejects(queuedLater[0], { code: "closed" });
+  });
+}
+
+for (const code of [1000, 1001, 1006, 1011, 1012, 1013, 4000, 4001, 4003]) {
+  test(`reconnects after close code ${code}`, async () => {
+    const { clock, client } = setup();
+    const ws = await connect();
+    const next = await dropAndWait(clock, ws, code);
+    assert.equal(client.state, "reconnecting");
+    next.open();
+    assert.equal(client.state, "connected");
+  });
+}
+
+test("4002 token expired: reconnects with a fresh token from a token function", async () => {
+  let n = 0;
+  const { clock } = setup({ token: () => `t${++n}` });
+  const ws = await connect();
+  const next = await dropAndWait(clock, ws, 4002);
+  assert.deepEqual(next.protocols, ["caddychat", "bearer.t2"]);
+});
+
+test("4002 token expired: a fixed token string does not reconnect", async () => {
+  const { clock, client } = setup({ token: "fixed" });
+  const ws = await connect();
+  ws.drop(4002);
+  await clock.advance(60000);
+  assert.equal(client.state, "closed");
+  assert.equal(FakeWebSocket.instances.length, 1);
+});
+
+test("a failing token function is reported and retried with backoff", async () => {
+  let calls = 0;
+  const { clock, events } = setup({
+    token: async () => {
+      if (++calls === 1) throw new Error("idp down");
+      return "ok";
+    },
+  });
+  await flush();
+  assert.equal(FakeWebSocket.instances.length, 0);
+  const err = events.find(([n]) => n === "error")[1];
+  assert.equal(err.code, "token");
+  await clock.advance(1000);
+  assert.equal(FakeWebSocket.instances.length, 1);
+  assert.deepEqual(FakeWebSocket.last.protocols, ["caddychat", "bearer.ok"]);
+});
+
+test("maxRetries gives up after that many failed attempts in a row", async () => {
+  const { clock, client } = setup({ maxRetries: 2 });
+  const p = assert.rejects(client.publish("room:a", 1), { code: "closed" });
+  for (let i = 0; i < 3; i++) {
+    await flush();
+    FakeWebSocket.last.drop(1006);
+    await clock.advance(10000);
+  }
+  assert.equal(client.state, "closed");
+  assert.equal(FakeWebSocket.instances.length, 3);
+  await p;
+});
+
+// ---- subscriptions and resume ----
+
+test("subscribe resolves with the ok reply and delivers messages", async () => {
+  const { client } = setup();
+  const ws = await connect();
+  const got = [];
+  const p = client.subscribe("room:a", (m) => got.push(m.data), { history: 20 });
+  const f = ws.lastOp("subscribe");
+  assert.equal(f.channel, "room:a");
+  assert.equal(f.history, 20);
+  assert.equal(typeof f.id, "number");
+  ws.ok(f, { epoch: "e1", replayed: 1 });
+  ws.receive(msg("room:a", "100-0", "e1", "old"));
+  const sub = await p;
+  assert.equal(sub.reply.replayed, 1);
+  assert.equal(sub.channel, "room:a");
+  ws.receive(msg("room:a", "101-0", "e1", "live"));
+  ws.receive(msg("room:b", "102-0", "e1", "other channel"));
+  assert.deepEqual(got, ["old", "live"]);
+  assert.deepEqual(client.position("room:a"), { since: "101-0", epoch: "e1" });
+});
+
+test("subscribe rejects with the server's error code and is not resubscribed", async () => {
+  const { clock, client } = setup();
+  let ws = await connect();
+  const p = client.subscribe("secret", () => {});
+  ws.receive({ type: "error", id: ws.lastOp("subscribe").id, code: "forbidden", message: "may not subscribe to secret" });
+  await assert.rejects(p, (err) => err instanceof CaddyChatError && err.code === "forbidden" && /secret/.test(err.message));
+  assert.deepEqual(client.channels, []);
+  ws = await dropAndWait(clock, ws);
+  ws.open();
+  assert.equal(ws.ops("subscribe").length, 0);
+});
+
+test("subscribes made while connecting go out once connected", async () => {
+  const { client } = setup();
+  const p = client.subscribe("room:a", () => {});
+  const ws = await connect();
+  assert.equal(ws.ops("subscribe").length, 1);
+  assert.ok((await p).reply);
+});
+
+test("after a reconnect every channel is resubscribed with since + epoch of its last delivered message", async () => {
+  const { clock, client } = setup();
+  let ws = await connect();
+  client.subscribe("room:a", () => {});
+  client.subscribe("room:b", () => {});
+  client.subscribe("plain", () => {});
+  client.subscribe("quiet", () => {}, { history: 20 });
+  for (const f of ws.ops("subscribe")) ws.ok(f);
+  ws.receive(msg("room:a", "100-0", "ea"));
+  ws.receive(msg("room:a", "105-3", "ea"));
+  ws.receive(msg("room:b", "200-1", "eb"));
+  ws.receive(msg("plain", "1764060000000-k3j9x-42")); // not a history channel: no position
+  ws = await dropAndWait(clock, ws, 1001);
+  ws.open();
+  const subs = Object.fromEntries(ws.ops("subscribe").map((f) => [f.channel, f]));
+  assert.deepEqual(Object.keys(subs), ["room:a", "room:b", "plain", "quiet"], "in subscribe order");
+  assert.equal(subs["room:a"].since, "105-3");
+  assert.equal(subs["room:a"].epoch, "ea");
+  assert.equal(subs["room:b"].since, "200-1");
+  assert.equal(subs["room:b"].epoch, "eb");
+  assert.equal(subs.plain.since, undefined, "a non-stream id is no position");
+  assert.equal(subs.quiet.since, undefined);
+  assert.equal(subs.quiet.history, 20, "nothing seen yet: start with history again");
+});
+
+test("duplicates after a resume are dropped; newer messages and a new epoch go through", async () => {
+  const { clock, client } = setup();
+  let ws = await connect();
+  const got = [];
+  client.subscribe("room:a", (m) => got.push(m.id));
+  ws.ok(ws.lastOp("subscribe"));
+  ws.receive(msg("room:a", "100-0", "e1"));
+  ws.receive(msg("room:a", "100-1", "e1"));
+  ws = await dropAndWait(clock, ws);
+  ws.open();
+  ws.ok(ws.lastOp("subscribe"), { recovered: true, epoch: "e1", replayed: 2 });
+  ws.receive(msg("room:a", "100-1", "e1")); // the last one seen again
+  ws.receive(msg("room:a", "99-5", "e1")); // older
+  ws.receive(msg("room:a", "100-2", "e1"));
+  ws.receive(msg("room:a", "100-2", "e1")); // live copy of a replayed one
+  ws.receive(msg("room:a", "101-0", "e1"));
+  ws.receive(msg("room:a", "50-0", "e2")); // history lost and restarted: a new epoch is not a duplicate
+  assert.deepEqual(got, ["100-0", "100-1", "100-2", "101-0", "50-0"]);
+});
+
+test("recovered:false emits a gap event and delivery goes on", async () => {
+  const { clock, client, events } = setup();
+  let ws = await connect();
+  const got = [];
+  client.subscribe("room:a", (m) => got.push(m.id));
+  ws.ok(ws.lastOp("subscribe"));
+  ws.receive(msg("room:a", "100-0", "e1"));
+  ws = await dropAndWait(clock, ws);
+  ws.open();
+  const f = ws.lastOp("subscribe");
+  ws.ok(f, { recovered: false, limited: true, epoch: "e1", replayed: 1000 });
+  const gap = events.find(([n]) => n === "gap")[1];
+  assert.equal(gap.channel, "room:a");
+  assert.equal(gap.reason, "not_recovered");
+  assert.equal(gap.reply.limited, true);
+  const re = events.find(([n]) => n === "resubscribed")[1];
+  assert.equal(re.resumed, true);
+  ws.receive(msg("room:a", "200-0", "e1"));
+  assert.deepEqual(got, ["100-0", "200-0"]);
+});
+
+test("recovered:true emits resubscribed but no gap", async () => {
+  const { clock, client, events } = setup();
+  let ws = await connect();
+  client.subscribe("room:a", () => {});
+  ws.ok(ws.lastOp("subscribe"));
+  ws.receive(msg("room:a", "100-0", "e1"));
+  ws = await dropAndWait(clock, ws);
+  ws.open();
+  ws.ok(ws.lastOp("subscribe"), { recovered: true, epoch: "e1", replayed: 0 });
+  assert.equal(events.filter(([n]) => n === "resubscribed").length, 1);
+  assert.equal(events.filter(([n]) => n === "gap").length, 0);
+});
+
+test("a channel resubscribed without a position reports a no_resume_point gap", async () => {
+  const { clock, client, events } = setup();
+  let ws = await connect();
+  client.subscribe("plain", () => {});
+  ws.ok(ws.lastOp("subscribe"));
+  ws = await dropAndWait(clock, ws);
+  ws.open();
+  ws.ok(ws.lastOp("subscribe"));
+  const gap = events.find(([n]) => n === "gap")[1];
+  assert.equal(gap.reason, "no_resume_point");
+});
+
+test("a new epoch in the resume reply forgets the old position", async () => {
+  const { clock, client } = setup();
+  let ws = await connect();
+  const got = [];
+  client.subscribe("room:a", (m) => got.push(m.id));
+  ws.ok(ws.lastOp("subscribe"));
+  ws.receive(msg("room:a", "900-0", "e1"));
+  ws = await dropAndWait(clock, ws);
+  ws.open();
+  ws.ok(ws.lastOp("subscribe"), { recovered: false, epoch: "e2", replayed: 0 });
+  ws.receive(msg("room:a", "10-0", "e2"));
+  assert.deepEqual(got, ["900-0", "10-0"]);
+  assert.deepEqual(client.position("room:a"), { since: "10-0", epoch: "e2" });
+});
+
+test("an app-supplied since/epoch is sent on the first subscribe", async () => {
+  const { client } = setup();
+  const ws = await connect();
+  const p = client.subscribe("room:a", () => {}, { since: "5-0", epoch: "e9" });
+  const f = ws.lastOp("subscribe");
+  assert.equal(f.since, "5-0");
+  assert.equal(f.epoch, "e9");
+  ws.ok(f, { recovered: true, epoch: "e9", replayed: 0 });
+  assert.equal((await p).reply.recovered, true);
+});
+
+test("a resubscribe answered unavailable is retried after a backoff delay", async () => {
+  const { clock, client, events } = setup();
+  let ws = await connect();
+  client.subscribe("room:a", () => {});
+  ws.ok(ws.lastOp("subscribe"));
+  ws = await dropAndWait(clock, ws);
+  ws.open();
+  let f = ws.lastOp("subscribe");
+  ws.receive({ type: "error", id: f.id, code: "unavailable", message: "broker down" });
+  assert.equal(events.find(([n]) => n === "error")[1].code, "unavailable");
+  await clock.advance(1000);
+  assert.equal(ws.ops("subscribe").length, 2);
+  f = ws.lastOp("subscribe");
+  ws.ok(f);
+  assert.deepEqual(client.channels, ["room:a"]);
+});
+
+test("unsubscribe sends the op and stops delivery; the handle removes one listener", async () => {
+  const { client } = setup();
+  const ws = await connect();
+  const a = [];
+  const b = [];
+  const pa = client.subscribe("room:a", (m) => a.push(m.id));
+  ws.ok(ws.lastOp("subscribe"));
+  const subA = await pa;
+  const subB = await client.subscribe("room:a", (m) => b.push(m.id));
+  assert.equal(ws.ops("subscribe").length, 1, "second listener reuses the subscription");
+  subA.unsubscribe();
+  assert.equal(ws.ops("unsubscribe").length, 0);
+  ws.receive(msg("room:a", "1-0"));
+  const done = subB.unsubscribe();
+  const u = ws.lastOp("unsubscribe");
+  assert.equal(u.channel, "room:a");
+  ws.ok(u);
+  await done;
+  ws.receive(msg("room:a", "2-0"));
+  assert.deepEqual(a, []);
+  assert.deepEqual(b, ["1-0"]);
+});
+
+test("presence events are emitted", async () => {
+  const { events } = setup();
+  const ws = await connect();
+  ws.receive({ type: "join", channel: "room:a", user: "bob" });
+  ws.receive({ type: "leave", channel: "room:a", user: "bob" });
+  const p = events.filter(([n]) => n === "presence").map(([, e]) => e.type);
+  assert.deepEqual(p, ["join", "leave"]);
+});
+
+// ---- requests ----
+
+test("publish resolves with the message id", async () => {
+  const { client } = setup();
+  const ws = await connect();
+  const p = client.publish("room:a", { text: "hi" });
+  const f = ws.lastOp("publish");
+  assert.deepEqual(f.data, { text: "hi" });
+  ws.receive({ type: "ok", id: f.id, channel: "room:a", message_id: "7-0" });
+  assert.equal(await p, "7-0");
+});
+
+test("publish rejects with the server's error code", async () => {
+  const { client } = setup();
+  const ws = await connect();
+  const p1 = client.publish("room:x", 1);
+  const p2 = client.publish("room:a", 2);
+  ws.receive({ type: "error", id: ws.ops("publish")[1].id, code: "unavailable", message: "retry later" });
+  ws.receive({ type: "error", id: ws.ops("publish")[0].id, code: "forbidden", message: "may not publish on room:x" });
+  await assert.rejects(p1, { code: "forbidden", message: "may not publish on room:x" });
+  await assert.rejects(p2, { code: "unavailable" });
+});
+
+test("publishes made while disconnected are queued, sent in order after resubscription, and resolve", async () => {
+  const { clock, client } = setup();
+  let ws = await connect();
+  client.subscribe("room:a", () => {});
+  ws.ok(ws.lastOp("subscribe"));
+  ws = await dropAndWait(clock, ws);
+  const p1 = client.publish("room:a", 1);
+  const p2 = client.publish("room:a", 2);
+  ws.open();
+  assert.equal(ws.ops("publish").length, 0, "publishes wait for the resubscribe's answer");
+  ws.ok(ws.lastOp("subscribe"));
+  const pubs = ws.ops("publish");
+  assert.deepEqual(pubs.map((f) => f.data), [1, 2]);
+  assert.ok(ws.sent.indexOf(pubs[0]) > ws.sent.indexOf(ws.lastOp("subscribe")));
+  for (const f of pubs) ws.receive({ type: "ok", id: f.id, channel: f.channel, message_id: `id${f.data}` });
+  assert.deepEqual(await Promise.all([p1, p2]), ["id1", "id2"]);
+});
+
+test("publishes before the first connection are queued too", async () => {
+  const { client } = setup();
+  const p = client.publish("room:a", "early");
+  const ws = await connect();
+  const f = ws.lastOp("publish");
+  assert.equal(f.data, "early");
+  ws.receive({ type: "ok", id: f.id, message_id: "1-0" });
+  assert.equal(await p, "1-0");
+});
+
+test("the queue rejects with queue_full beyond maxQueued", async () => {
+  const { client } = setup({ maxQueued: 2 });
+  const p1 = client.publish("room:a", 1);
+  const p2 = client.publish("room:a", 2);
+  await assert.rejects(client.publish("room:a", 3), { code: "queue_full" });
+  const ws = await connect();
+  assert.deepEqual(ws.ops("publish").map((f) => f.data), [1, 2]);
+  for (const f of ws.ops("publish")) ws.receive({ type: "ok", id: f.id, message_id: "x" });
+  await Promise.all([p1, p2]);
+});
+
+test("a publish in flight when the connection drops rejects with disconnected and is not resent", async () => {
+  const { clock, client } = setup();
+  let ws = await connect();
+  const p = assert.rejects(client.publish("room:a", 1), { code: "disconnected" });
+  ws = await dropAndWait(clock, ws);
+  await p;
+  ws.open();
+  assert.equal(ws.ops("publish").length, 0);
+});
+
+test("a request without a reply times out", async () => {
+  const { clock, client } = setup({ requestTimeout: 5000 });
+  const ws = await connect();
+  const p = client.publish("room:a", 1);
+  const caught = assert.rejects(p, { code: "timeout" });
+  await clock.advance(5000);
+  await caught;
+  // A late reply is ignored.
+  ws.receive({ type: "ok", id: ws.lastOp("publish").id, message_id: "late" });
+});
+
+test("a frame over maxFrameSize is refused before it can get the connection closed (1009)", async () => {
+  const { client } = setup({ maxFrameSize: 1000 });
+  const ws = await connect();
+  await assert.rejects(client.publish("room:a", "é".repeat(600)), { code: "too_large" });
+  assert.equal(ws.ops("publish").length, 0);
+  client.publish("room:a", "small");
+  assert.equal(ws.ops("publish").length, 1);
+});
+
+test("history and presence return their replies' contents", async () => {
+  const { client } = setup();
+  const ws = await connect();
+  const h = client.history("room:a", { limit: 2, before: "10-0" });
+  const hf = ws.lastOp("history");
+  assert.deepEqual({ limit: hf.limit, before: hf.before }, { limit: 2, before: "10-0" });
+  const m = [msg("room:a", "8-0", "e1"), msg("room:a", "9-0", "e1")];
+  ws.receive({ type: "history", id: hf.id, channel: "room:a", epoch: "e1", messages: m, more: true });
+  assert.deepEqual(await h, { messages: m, more: true, epoch: "e1" });
+
+  const pr = client.presence("room:a");
+  const users = [{ user: "alice", connections: 2 }];
+  ws.receive({ type: "presence", id: ws.lastOp("presence").id, channel: "room:a", users });
+  assert.deepEqual(await pr, users);
+});
+
+test("refresh sends the refresh op with a fresh token from the token function", async () => {
+  let n = 0;
+  const { client } = setup({ token: () => `t${++n}` });
+  const ws = await connect();
+  const p = client.refresh();
+  await flush();
+  const f = ws.lastOp("refresh");
+  assert.equal(f.token, "t2");
+  ws.receive({ type: "ok", id: f.id });
+  assert.equal((await p).type, "ok");
+});
+
+test("unsolicited error frames and throwing listeners surface as error events", async () => {
+  const { client, events } = setup();
+  const ws = await connect();
+  ws.receive({ type: "error", code: "bad_request", message: "frame must be a JSON object" });
+  client.subscribe("room:a", () => {
+    throw new Error("app bug");
+  });
+  ws.ok(ws.lastOp("subscribe"));
+  ws.receive(msg("room:a", "1-0"));
+  const errors = events.filter(([n]) => n === "error").map(([, e]) => e.code ?? e.message);
+  assert.deepEqual(errors, ["bad_request", "app bug"]);
+});
+
+// ---- close ----
+
+test("close() closes with 1000, rejects pending and queued requests, and stops reconnecting", async () => {
+  const { clock, client } = setup();
+  const ws = await connect();
+  const inFlight = client.publish("room:a", 1);
+  const sub = client.subscribe("room:b", () => {});
+  client.close();
+  assert.equal(ws.closedWith, 1000);
+  assert.equal(client.state, "closed");
+  await assert.rejects(inFlight, { code: "closed" });
+  await assert.rejects(sub, { code: "closed" });
+  await assert.rejects(client.publish("room:a", 2), { code: "closed" });
+  await assert.rejects(client.subscribe("room:c", () => {}), { code: "closed" });
+  ws.drop(1006); // the socket's own close event comes later and changes nothing
+  await clock.advance(10 * 60 * 1000);
+  assert.equal(FakeWebSocket.instances.length, 1);
+  assert.equal(clock.timers.size, 0, "no timer left behind");
+});
+
+test("close() while reconnecting rejects the queue and cancels the reconnect", async () => {
+  const { clock, client } = setup();
+  const ws = await connect();
+  ws.drop(1001);
+  const queued = client.publish("room:a", 1);
+  client.close();
+  await assert.rejects(queued, { code: "closed" });
+  await clock.advance(60000);
+  assert.equal(FakeWebSocket.instances.length, 1);
+});
+
+test("close() during an async token fetch opens no socket", async () => {
+  let release;
+  const { client } = setup({ token: () => new Promise((r) => (release = r)) });
+  await flush();
+  client.close();
+  release("t");
+  await flush();
+  assert.equal(FakeWebSocket.instances.length, 0);
+  assert.equal(client.state, "closed");
+});
+
+test("close() from a state listener leaves no socket or timer behind", async () => {
+  const { clock, client } = setup();
+  client.on("state", (s) => s === "reconnecting" && client.close());
+  const ws = await connect();
+  ws.drop(1001);
+  assert.equal(client.state, "closed");
+  assert.equal(clock.timers.size, 0);
+  await clock.advance(60000);
+  assert.equal(FakeWebSocket.instances.length, 1);
+});
