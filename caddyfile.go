@@ -1,7 +1,9 @@
 package caddychat
 
 import (
+	"encoding/json"
 	"strconv"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -34,7 +36,15 @@ func parseChatDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, er
 		return nil, err
 	}
 	values := h.NewRoute(matcherSet, handler)
-	if handler.PublishEndpoint == "" || matcherSet == nil {
+	if matcherSet == nil {
+		return values, nil
+	}
+	var extra []string
+	if handler.PublishEndpoint != "" {
+		extra = append(extra, handler.PublishEndpoint)
+	}
+	extra = append(extra, browserAssetPaths(matcherSet)...)
+	if len(extra) == 0 {
 		return values, nil
 	}
 	for i, v := range values {
@@ -42,11 +52,33 @@ func parseChatDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, er
 		if !ok {
 			continue
 		}
-		endpoint := caddy.ModuleMap{"path": caddyconfig.JSON(caddyhttp.MatchPath{handler.PublishEndpoint}, nil)}
-		route.MatcherSetsRaw = append(route.MatcherSetsRaw, endpoint)
+		paths := caddy.ModuleMap{"path": caddyconfig.JSON(caddyhttp.MatchPath(extra), nil)}
+		route.MatcherSetsRaw = append(route.MatcherSetsRaw, paths)
 		values[i].Value = route
 	}
 	return values, nil
+}
+
+// browserAssetPaths are the client library's paths under the directive's
+// path matcher (chat /ws: /ws/caddychat.js, ...), so that pages can load it
+// from the route. Only for a matcher that is exactly a list of plain paths.
+func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
+	raw, ok := matcherSet["path"]
+	if !ok || len(matcherSet) != 1 {
+		return nil
+	}
+	var paths []string
+	if err := json.Unmarshal(raw, &paths); err != nil {
+		return nil
+	}
+	var out []string
+	for _, p := range paths {
+		if p == "" || strings.ContainsAny(p, "*{") {
+			continue
+		}
+		out = append(out, assetPaths(p)...)
+	}
+	return out
 }
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens:
@@ -64,6 +96,7 @@ func parseChatDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, er
 //		publish_timeout  <duration>
 //		history          [<channel pattern>] <count> [<max age>]
 //		max_replay       <messages>
+//		ui               on|off
 //		presence         on|off
 //		presence_ttl     <duration>
 //	}
@@ -159,11 +192,15 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.PublishEndpoint = value
 		case "publish_key":
 			h.PublishKey = value
-		case "presence":
+		case "presence", "ui":
 			if value != "on" && value != "off" {
-				return d.Errf("presence %q: want on or off", value)
+				return d.Errf("%s %q: want on or off", option, value)
 			}
-			h.Presence = value == "on"
+			if option == "ui" {
+				h.UI = value == "on"
+			} else {
+				h.Presence = value == "on"
+			}
 		case "presence_ttl":
 			dur, err := caddy.ParseDuration(value)
 			if err != nil || dur <= 0 {

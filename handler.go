@@ -30,9 +30,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return nil
 	}
 	if !isWebSocketUpgrade(r) {
-		w.Header().Set("Upgrade", "websocket")
-		w.Header().Set("Connection", "Upgrade")
-		http.Error(w, "this endpoint speaks WebSocket only", http.StatusUpgradeRequired)
+		h.serveBrowser(w, r)
 		return nil
 	}
 	// A token in the URL or in Sec-WebSocket-Protocol would reach Caddy's

@@ -144,6 +144,12 @@ type Handler struct {
 	// channel applies; channels no rule matches keep nothing (the default).
 	History []HistoryRule `json:"history,omitempty"`
 
+	// Serve the chat page: a plain browser GET of the route gets a page with
+	// rooms, messages, who is online and the connection status, talking to
+	// this route. The client library is served either way, at
+	// <route path>/caddychat.js.
+	UI bool `json:"ui,omitempty"`
+
 	// Most messages one resume replays and one history page holds. A resume
 	// that would replay more replays the newest max_replay and says it was
 	// limited. Default: 1000.

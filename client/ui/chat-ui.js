@@ -1,0 +1,439 @@
+// chat-ui.js: the chat page a `chat` route serves with `ui on` (index.html).
+//
+// Rooms are the channels room:<name>. The page joins one room at a time, with
+// its last 50 messages; caddychat.js reconnects and resumes, so a dropped
+// connection costs no message on rooms with history. Everything that comes
+// from the network (message text, user names, error messages) is put into
+// the page with textContent, never parsed as HTML; the page's Content-Security-Policy
+// forbids inline code on top of that.
+
+import { CaddyChat } from "./caddychat.js";
+
+const HISTORY = 50; // messages shown on joining a room
+const MAX_SHOWN = 500; // messages kept in the page; older ones are dropped
+const MAX_ROOMS = 8; // recent rooms listed
+const TOKEN_KEY = "caddychat.token"; // sessionStorage: this tab only
+const ROOMS_KEY = "caddychat.rooms"; // localStorage
+// A channel name is at most 128 bytes of these characters (PROTOCOL.md); "room:" takes 5.
+const ROOM_NAME = /^[A-Za-z0-9_.:@/-]{1,123}$/;
+
+const STATE_TEXT = {
+  connecting: "connecting…",
+  connected: "connected",
+  reconnecting: "reconnecting…",
+  closed: "disconnected",
+};
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  status: $("status"),
+  roomTitle: $("room-title"),
+  joinForm: $("join-form"),
+  room: $("room"),
+  rooms: $("rooms"),
+  online: $("online"),
+  onlineCount: $("online-count"),
+  presenceNote: $("presence-note"),
+  auth: $("auth"),
+  whoami: $("whoami"),
+  tokenForm: $("token-form"),
+  token: $("token"),
+  tokenClear: $("token-clear"),
+  messages: $("messages"),
+  sendForm: $("send-form"),
+  text: $("text"),
+};
+
+const base = document.querySelector('meta[name="caddychat-base"]')?.content ?? "";
+const wsURL = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + base;
+
+let chat = null; // the current client; events of replaced ones are ignored
+let channel = null; // the room's channel, room:<name>
+let joinSeq = 0; // bumped on every join, so late answers for an earlier room are dropped
+let user = ""; // the authenticated user, "" when anonymous
+let presenceOn = null; // null until the route answered the presence op
+const present = new Map(); // user → connections on the current channel
+const mine = new Set(); // ids of the messages this page published
+
+// ---- storage (may be unavailable: private modes, sandboxed frames) ----
+
+function load(storage, key, fallback) {
+  try {
+    return globalThis[storage].getItem(key) ?? fallback;
+  } catch {
+    return fallback;
+  }
+}
+
+function save(storage, key, value) {
+  try {
+    if (value === null) globalThis[storage].removeItem(key);
+    else globalThis[storage].setItem(key, value);
+  } catch {
+    // Not kept: the page still works for this visit.
+  }
+}
+
+const readToken = () => load("sessionStorage", TOKEN_KEY, "").trim();
+
+function recentRooms() {
+  try {
+    const list = JSON.parse(load("localStorage", ROOMS_KEY, "[]"));
+    return Array.isArray(list) ? list.filter((r) => typeof r === "string" && ROOM_NAME.test(r)) : [];
+  } catch {
+    return [];
+  }
+}
+
+// ---- connection ----
+
+function connect() {
+  const client = new CaddyChat(wsURL, { token: () => readToken() || null });
+  chat = client;
+  const current = (fn) => (arg) => client === chat && fn(arg);
+  client.on("state", current(showState));
+  client.on("welcome", current(onWelcome));
+  client.on("disconnect", current(onDisconnect));
+  client.on("presence", current(onPresenceEvent));
+  // Join and leave events missed while away: ask again.
+  client.on("resubscribed", current(({ channel: ch }) => ch === channel && refreshPresence()));
+  client.on("gap", current(onGap));
+  client.on("error", current(onError));
+  showState(client.state);
+}
+
+function showState(state) {
+  ui.status.dataset.state = state;
+  ui.status.textContent = STATE_TEXT[state] ?? state;
+}
+
+function onWelcome(w) {
+  user = w.user || "";
+  ui.status.dataset.node = w.node || "";
+  ui.status.title = w.node ? `node ${w.node}` : "";
+  ui.whoami.textContent = user ? `· ${user}` : "· anonymous";
+  markMineByUser();
+}
+
+function onDisconnect(d) {
+  if (d.willReconnect) {
+    // Browsers hide why an upgrade was refused (bad token, other origin,
+    // node full): say what can help, once the first try failed.
+    if (!d.wasOpen && chat.welcome === null) {
+      ui.status.title = "The server refused the connection or could not be reached. If this route needs a token, enter one under Token.";
+      if (!readToken()) ui.auth.open = true;
+    }
+    return;
+  }
+  notice(`Disconnected for good (${d.code}${d.reason ? `: ${d.reason}` : ""}). Press Reconnect under Token, or reload the page.`);
+}
+
+function onError(err) {
+  // Subscribe failures of the current room are reported where they happen;
+  // these are resubscribes given up, or frames the server sent unasked.
+  if (err?.channel && err.channel !== channel) return;
+  if (err?.code === "rate_limited") return notice("Slow down: the server is limiting how fast this page may send.");
+  notice(`Error: ${describe(err)}`);
+}
+
+function onGap({ channel: ch, reason, reply }) {
+  if (ch !== channel) return;
+  if (reason === "not_recovered") {
+    notice("Some messages sent while you were away could not be recovered: the room's history no longer holds them.");
+  } else if (!reply?.epoch) {
+    // A resubscribe with history has no position to resume from only when
+    // nothing came yet; then the replay shows everything. Without history,
+    // what was said meanwhile is gone.
+    notice("Reconnected. This room keeps no history, so messages sent while you were away are not shown.");
+  }
+}
+
+// Replaces the client, e.g. with a new token (maybe another user).
+function reconnect() {
+  const room = channel ? channel.slice("room:".length) : "lobby";
+  chat?.close();
+  channel = null;
+  user = "";
+  ui.whoami.textContent = "";
+  delete ui.status.dataset.node;
+  connect();
+  join(room);
+}
+
+// ---- rooms ----
+
+function roomFromHash() {
+  try {
+    const name = decodeURIComponent(location.hash.slice(1));
+    return ROOM_NAME.test(name) ? name : null;
+  } catch {
+    return null;
+  }
+}
+
+async function join(name) {
+  const next = "room:" + name;
+  if (next === channel) return;
+  const previous = channel;
+  const client = chat;
+  const seq = ++joinSeq;
+  channel = next;
+
+  history.replaceState(null, "", "#" + encodeURIComponent(name).replace(/%3A/g, ":").replace(/%40/g, "@").replace(/%2F/g, "/"));
+  document.title = `#${name} · caddychat`;
+  ui.roomTitle.textContent = "#" + name;
+  ui.room.value = name;
+  ui.messages.replaceChildren();
+  present.clear();
+  presenceOn = null;
+  setPresenceNote("");
+  renderOnline();
+  rememberRoom(name);
+
+  if (previous) client.unsubscribe(previous).catch(() => {});
+  try {
+    await client.subscribe(next, (m) => seq === joinSeq && showMessage(m), { history: HISTORY });
+  } catch (err) {
+    if (seq !== joinSeq || client !== chat) return;
+    if (err.code === "unsubscribed" || err.code === "closed") return;
+    notice(`Could not join ${name}: ${describe(err)}`);
+    return;
+  }
+  if (seq === joinSeq) refreshPresence();
+}
+
+function rememberRoom(name) {
+  const list = [name, ...recentRooms().filter((r) => r !== name)].slice(0, MAX_ROOMS);
+  save("localStorage", ROOMS_KEY, JSON.stringify(list));
+  renderRooms(list);
+}
+
+function renderRooms(list) {
+  const current = channel?.slice("room:".length);
+  ui.rooms.replaceChildren(
+    ...list.map((name) => {
+      const li = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "room-link";
+      button.textContent = "#" + name;
+      button.dataset.room = name;
+      if (name === current) button.setAttribute("aria-current", "true");
+      li.append(button);
+      return li;
+    }),
+  );
+}
+
+// ---- presence ----
+
+async function refreshPresence() {
+  const ch = channel;
+  const client = chat;
+  let users;
+  try {
+    users = await client.presence(ch);
+  } catch (err) {
+    if (ch !== channel || client !== chat) return;
+    if (err.code === "bad_request") {
+      presenceOn = false;
+      setPresenceNote("Presence is off on this route: who is online is not shown.");
+    } else if (err.code === "forbidden") {
+      presenceOn = false;
+      setPresenceNote("You may not see who is in this room.");
+    }
+    // Otherwise (disconnected, timeout, unavailable) the next resubscribe asks again.
+    renderOnline();
+    return;
+  }
+  if (ch !== channel || client !== chat) return;
+  presenceOn = true;
+  present.clear();
+  for (const u of users) if (u && typeof u.user === "string") present.set(u.user, u.connections ?? 1);
+  setPresenceNote(user ? "" : "You are anonymous: only signed-in users are listed.");
+  renderOnline();
+}
+
+function onPresenceEvent(ev) {
+  if (ev.channel !== channel || presenceOn === false || typeof ev.user !== "string") return;
+  if (ev.type === "join") present.set(ev.user, present.get(ev.user) ?? 1);
+  else if (ev.type === "leave") present.delete(ev.user);
+  renderOnline();
+}
+
+function renderOnline() {
+  const names = [...present.keys()].sort();
+  ui.online.replaceChildren(
+    ...names.map((name) => {
+      const li = document.createElement("li");
+      li.dataset.user = name;
+      li.textContent = name;
+      if (name === user) {
+        li.classList.add("me");
+        li.title = "you";
+      }
+      return li;
+    }),
+  );
+  ui.onlineCount.textContent = presenceOn ? String(names.length) : "";
+}
+
+function setPresenceNote(text) {
+  ui.presenceNote.textContent = text;
+  ui.presenceNote.hidden = !text;
+}
+
+// ---- messages ----
+
+function messageText(data) {
+  if (data && typeof data === "object" && typeof data.text === "string") return data.text;
+  if (typeof data === "string") return data;
+  try {
+    return JSON.stringify(data);
+  } catch {
+    return String(data);
+  }
+}
+
+function formatTime(date) {
+  const now = new Date();
+  const time = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  if (date.toDateString() === now.toDateString()) return time;
+  return `${date.toLocaleDateString([], { month: "short", day: "numeric" })} ${time}`;
+}
+
+function showMessage(m) {
+  if (m.channel !== channel) return;
+  const stick = nearBottom();
+
+  const el = document.createElement("article");
+  el.className = "message";
+  if (typeof m.id === "string") el.dataset.id = m.id;
+  if (mine.has(m.id) || (user && m.from === user)) el.classList.add("mine");
+
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const from = document.createElement("span");
+  from.className = "from";
+  from.textContent = m.from || "anonymous";
+  if (!m.from) from.classList.add("anonymous");
+  const time = document.createElement("time");
+  time.className = "time";
+  const date = new Date(m.ts);
+  if (Number.isFinite(date.getTime())) {
+    time.dateTime = date.toISOString();
+    time.title = date.toLocaleString();
+    time.textContent = formatTime(date);
+  }
+  meta.append(from, " ", time);
+
+  const text = document.createElement("div");
+  text.className = "text";
+  text.textContent = messageText(m.data);
+
+  el.append(meta, text);
+  append(el, stick);
+}
+
+function notice(text) {
+  // A failure that repeats (a resubscribe retried while the broker is down) is said once.
+  const last = ui.messages.lastElementChild;
+  if (last?.classList.contains("notice") && last.textContent === text) return;
+  const stick = nearBottom();
+  const el = document.createElement("p");
+  el.className = "notice";
+  el.textContent = text;
+  append(el, stick);
+}
+
+function append(el, stick) {
+  ui.messages.append(el);
+  while (ui.messages.childElementCount > MAX_SHOWN) ui.messages.firstElementChild.remove();
+  if (stick) ui.messages.scrollTop = ui.messages.scrollHeight;
+}
+
+function nearBottom() {
+  const box = ui.messages;
+  return box.scrollHeight - box.scrollTop - box.clientHeight < 48;
+}
+
+function markMine(id) {
+  mine.add(id);
+  for (const el of ui.messages.querySelectorAll(".message")) if (el.dataset.id === id) el.classList.add("mine");
+}
+
+function markMineByUser() {
+  if (!user) return;
+  for (const el of ui.messages.querySelectorAll(".message")) {
+    if (el.querySelector(".from")?.textContent === user) el.classList.add("mine");
+  }
+}
+
+function describe(err) {
+  switch (err?.code) {
+    case "disconnected":
+      return "the connection dropped before the server confirmed it; it may or may not have been sent";
+    case "queue_full":
+      return "too many messages wait for the connection; try again once connected";
+    case "closed":
+      return "the connection is closed; press Reconnect under Token, or reload the page";
+    case "timeout":
+      return "the server did not answer in time";
+    case "unavailable":
+      return "the server cannot reach its message broker right now; try again";
+    case "too_large":
+      return "the message is too large";
+    default:
+      return err?.message || String(err);
+  }
+}
+
+// ---- wiring ----
+
+ui.joinForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  const name = ui.room.value.trim().replace(/^#/, "");
+  if (!ROOM_NAME.test(name)) {
+    ui.room.setCustomValidity("Room names are 1 to 123 letters, digits and _ - . : @ /");
+    ui.room.reportValidity();
+    return;
+  }
+  join(name);
+});
+ui.room.addEventListener("input", () => ui.room.setCustomValidity(""));
+
+ui.rooms.addEventListener("click", (e) => {
+  const name = e.target.closest("button[data-room]")?.dataset.room;
+  if (name) join(name);
+});
+
+window.addEventListener("hashchange", () => {
+  const name = roomFromHash();
+  if (name) join(name);
+});
+
+ui.sendForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = ui.text.value;
+  if (!text.trim() || !channel) return;
+  ui.text.value = "";
+  if (chat.state !== "connected") notice("Not connected: your message will be sent once the connection is back.");
+  chat.publish(channel, { text }).then(markMine, (err) => notice(`Not sent: ${describe(err)}`));
+});
+
+ui.tokenForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  save("sessionStorage", TOKEN_KEY, ui.token.value.trim() || null);
+  reconnect();
+});
+
+ui.tokenClear.addEventListener("click", () => {
+  ui.token.value = "";
+  save("sessionStorage", TOKEN_KEY, null);
+  reconnect();
+});
+
+ui.token.value = readToken();
+renderRooms(recentRooms());
+connect();
+join(roomFromHash() ?? "lobby");
