@@ -2,9 +2,9 @@
 # is missing, checks formatting and vet, and runs every test.
 GO ?= go
 
-.PHONY: test setup check gotest run bench
+.PHONY: test setup check gotest jstest run bench
 
-test: setup check gotest
+test: setup check gotest jstest
 
 setup:
 	bash .ci/setup
@@ -16,6 +16,10 @@ check:
 
 gotest:
 	$(GO) test -race -count=1 -timeout 20m ./...
+
+# The browser client's unit tests (node's own runner, a fake socket).
+jstest:
+	node --test client/caddychat.test.mjs
 
 run:
 	$(GO) run ./cmd/caddy run --config Caddyfile.example
