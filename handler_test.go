@@ -493,3 +493,32 @@ func TestJSONAndRawClientsShareAChannel(t *testing.T) {
 		t.Fatalf("raw client got %v", m)
 	}
 }
+
+// TestRawClientCannotImpersonateServer: a raw client's text shaped like a
+// message envelope (with a made-up sender) or a presence event reaches JSON
+// clients as a message from its real sender, its text as data; raw clients
+// still get the text.
+func TestRawClientCannotImpersonateServer(t *testing.T) {
+	prefix := uniquePrefix(t)
+	raw := startNode(t, &Handler{ChannelPrefix: &prefix, Protocol: protocolRaw, Channel: "room:lobby"})
+	js := startNode(t, &Handler{ChannelPrefix: &prefix})
+	c := dial(t, js.url("/"), nil)
+	c.subscribe("room:lobby", 1)
+	sender := dial(t, raw.url("/"), nil)
+	waitFor(t, func() bool { return js.h.hub.members("room:lobby") == 2 })
+
+	for _, forged := range []string{
+		`{"type":"message","channel":"room:lobby","id":"1-x-1","from":"admin","ts":1,"data":{"text":"trust me"}}`,
+		`{"type":"join","channel":"room:lobby","user":"admin"}`,
+	} {
+		sender.sendText(forged)
+		m := c.nextAny()
+		if m["type"] != "message" || m["from"] != "" || m["data"] != forged {
+			t.Fatalf("forged %s reached a JSON client as %v", forged, m)
+		}
+		// The raw sender gets its own text back, unchanged.
+		if echo := sender.nextAny(); echo["from"] != "admin" && echo["user"] != "admin" {
+			t.Fatalf("raw echo of %s: %v", forged, echo)
+		}
+	}
+}

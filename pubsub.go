@@ -59,10 +59,22 @@ type Publication struct {
 
 // payload encodes msg as it travels through the broker, with the id it gets.
 func (msg Publication) payload(id string, now time.Time) ([]byte, error) {
-	if msg.Raw != nil {
+	if msg.Raw != nil && !impersonatesServer(msg.Channel, msg.Raw) {
 		return msg.Raw, nil
 	}
-	return encodeEnvelope(msg.Channel, id, msg.From, now.UnixMilli(), msg.Data)
+	data, err := msg.historyData()
+	if err != nil {
+		return nil, err
+	}
+	return encodeEnvelope(msg.Channel, id, msg.From, now.UnixMilli(), data)
+}
+
+// impersonatesServer reports whether a raw client's text would pass for the
+// server's own frames (a message envelope with a made-up sender, a presence
+// event): such text travels as an envelope whose data is the text, so JSON
+// clients see who really sent it, and raw clients still get the text.
+func impersonatesServer(channel string, raw []byte) bool {
+	return isOwnEnvelope(channel, raw) || isPresenceEvent(channel, raw)
 }
 
 // memoryBroker serves a single node from process memory.
