@@ -94,6 +94,7 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 //		ping_interval    <duration>
 //		write_timeout    <duration>
 //		publish_timeout  <duration>
+//		drain_period     <duration>
 //		history          [<channel pattern>] <count> [<max age>]
 //		max_replay       <messages>
 //		ui               on|off
@@ -207,7 +208,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("presence_ttl %q: want a duration such as 15s", value)
 			}
 			h.PresenceTTL = caddy.Duration(dur)
-		case "ping_interval", "write_timeout", "publish_timeout":
+		case "ping_interval", "write_timeout", "publish_timeout", "drain_period":
 			dur, err := caddy.ParseDuration(value)
 			if err != nil || dur <= 0 {
 				return d.Errf("%s %q: want a positive duration such as 10s", option, value)
@@ -217,6 +218,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.PingInterval = caddy.Duration(dur)
 			case "write_timeout":
 				h.WriteTimeout = caddy.Duration(dur)
+			case "drain_period":
+				h.DrainPeriod = caddy.Duration(dur)
 			default:
 				h.PublishTimeout = caddy.Duration(dur)
 			}

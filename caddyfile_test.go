@@ -48,6 +48,7 @@ func TestCaddyfileErrorsNameTheOption(t *testing.T) {
 		{"chat {\n ping_interval soon\n}", "ping_interval"},
 		{"chat {\n write_timeout -1s\n}", "write_timeout"},
 		{"chat {\n publish_timeout x\n}", "publish_timeout"},
+		{"chat {\n drain_period soon\n}", "drain_period"},
 		{"chat {\n origins\n}", "origins needs at least one pattern"},
 		{"chat extra", "no arguments"},
 		{"chat {\n jwt {\n bogus 1\n }\n}", `unknown jwt option "bogus"`},

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/coder/websocket"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 )
@@ -54,6 +55,10 @@ type hub struct {
 	admitMu   sync.Mutex
 	admitted  int
 	userConns map[string]int
+
+	// drainPeriod bounds how long closing the hub's connections may take
+	// (nanoseconds), set by the handlers that use it.
+	drainPeriod atomic.Int64
 
 	connSeq atomic.Uint64
 	// dropped counts deliveries not queued because a client's send queue was full.
@@ -332,9 +337,7 @@ func (h *hub) Destruct() error {
 	}
 	h.mu.Unlock()
 
-	for _, c := range conns {
-		c.fail(code, reason)
-	}
+	h.drain(conns, code, reason)
 	done := make(chan struct{})
 	go func() { h.connWG.Wait(); close(done) }()
 	select {
@@ -352,6 +355,42 @@ func (h *hub) Destruct() error {
 }
 
 var _ caddy.Destructor = (*hub)(nil)
+
+// drainPace is the fastest a node closes its connections when it drains:
+// clients told to reconnect at once would all come back in the same
+// instant, to whichever nodes remain.
+const drainPace = 1000 // connections per second
+
+// drain closes conns at an even pace, at most drainPace per second, over
+// at most the drain period: a few connections go at once, thousands are
+// spread out so their reconnects are too.
+func (h *hub) drain(conns []*conn, code websocket.StatusCode, reason string) {
+	offsets := drainSchedule(len(conns), time.Duration(h.drainPeriod.Load()))
+	if n := len(offsets); n > 0 && offsets[n-1] > 0 {
+		h.log.Info("draining connections", zap.Int("connections", n), zap.Duration("over", offsets[n-1]))
+	}
+	start := time.Now()
+	for i, c := range conns {
+		if wait := time.Until(start.Add(offsets[i])); wait > 0 {
+			time.Sleep(wait)
+		}
+		c.fail(code, reason)
+	}
+}
+
+// drainSchedule is when each of n connections is closed, from the start of
+// a drain: evenly over min(period, n/drainPace).
+func drainSchedule(n int, period time.Duration) []time.Duration {
+	span := min(period, time.Duration(n)*time.Second/drainPace)
+	out := make([]time.Duration, n)
+	if span <= 0 || n < 2 {
+		return out
+	}
+	for i := range out {
+		out[i] = span * time.Duration(i) / time.Duration(n-1)
+	}
+	return out
+}
 
 // closeWait bounds how long closing one connection may take.
 const closeWait = 5 * time.Second

@@ -40,6 +40,7 @@ const (
 	defaultMaxConnections        = 100000
 	defaultMaxConnectionsPerUser = 100
 	defaultMaxSubscriptions      = 100
+	defaultDrainPeriod           = 10 * time.Second
 )
 
 // Handler serves WebSocket clients of a chat and pub/sub gateway. Every node
@@ -144,6 +145,12 @@ type Handler struct {
 	// channel applies; channels no rule matches keep nothing (the default).
 	History []HistoryRule `json:"history,omitempty"`
 
+	// Longest a node takes to close its connections when it shuts down (1001)
+	// or a reload changes the broker (1012): they are closed at an even pace
+	// of at most 1000 per second within it, so that clients do not all
+	// reconnect in the same instant. Default: 10s.
+	DrainPeriod caddy.Duration `json:"drain_period,omitempty"`
+
 	// Serve the chat page: a plain browser GET of the route gets a page with
 	// rooms, messages, who is online and the connection status, talking to
 	// this route. The client library is served either way, at
@@ -237,6 +244,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.logger.Warn("presence is on but the route has no jwt block: anonymous connections are never listed, so presence stays empty")
 	}
 	h.PublishKey = repl.ReplaceKnown(h.PublishKey, "")
+	if h.DrainPeriod == 0 {
+		h.DrainPeriod = caddy.Duration(defaultDrainPeriod)
+	}
 	if h.MaxReplay == 0 {
 		h.MaxReplay = defaultMaxReplay
 	}
@@ -257,6 +267,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("chat: starting hub: %w", err)
 	}
 	h.hub, h.hubKey = value.(*hub), key
+	// The latest configuration's drain period applies when the hub closes.
+	h.hub.drainPeriod.Store(int64(h.DrainPeriod))
 	return nil
 }
 
@@ -296,6 +308,7 @@ func (h *Handler) Validate() error {
 		{"ping_interval", h.PingInterval, 100 * time.Millisecond},
 		{"write_timeout", h.WriteTimeout, 10 * time.Millisecond},
 		{"publish_timeout", h.PublishTimeout, 10 * time.Millisecond},
+		{"drain_period", h.DrainPeriod, time.Millisecond},
 	} {
 		if time.Duration(d.v) < d.min || time.Duration(d.v) > time.Hour {
 			errs = append(errs, fmt.Errorf("chat: %s %v: must be between %v and 1h", d.name, time.Duration(d.v), d.min))
