@@ -1,13 +1,17 @@
 package caddychat_test
 
 import (
+	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/caddychat/caddychat/internal/redistest"
+	"github.com/coder/websocket"
 )
 
 // restart stops the node (SIGTERM: it drains its connections) and starts it
@@ -254,4 +258,218 @@ func TestRollingRestartBehindLoadBalancer(t *testing.T) {
 		t.Errorf("only %d resumes for %d subscribers over two restarts: the restarts did not drop them", resumes, len(subs))
 	}
 	t.Logf("%d acknowledged messages, %d subscribers, %d resumes, all complete", len(acked), len(subs), resumes)
+}
+
+// lightSubscriber is a resuming subscriber cheap enough to run a thousand
+// of in the test process: one goroutine, no frame buffer.
+type lightSubscriber struct {
+	mu          sync.Mutex
+	last        int // the last n received
+	lastID      string
+	epoch       string
+	gaps        []string
+	closes      map[int]int // close codes seen
+	resumed     int
+	retries     int
+	lastOK      string
+	sessions    int
+	firstFrames []string
+	notReco     int
+	ready       chan struct{}
+	readyOne    sync.Once
+}
+
+func (s *lightSubscriber) run(t *testing.T, url, channel string, stop <-chan struct{}, done *sync.WaitGroup) {
+	defer done.Done()
+	for {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		ws, _, err := websocket.Dial(ctx, url, nil)
+		cancel()
+		if err != nil {
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		s.session(ws, channel, stop)
+	}
+}
+
+func (s *lightSubscriber) session(ws *websocket.Conn, channel string, stop <-chan struct{}) {
+	defer ws.CloseNow()
+	go func() { <-stop; ws.CloseNow() }()
+	op := map[string]any{"op": "subscribe", "channel": channel, "id": 1}
+	s.mu.Lock()
+	s.sessions++
+	session := s.sessions
+	resuming := s.lastID != ""
+	if resuming {
+		op["since"], op["epoch"] = s.lastID, s.epoch
+	}
+	s.mu.Unlock()
+	b, _ := json.Marshal(op)
+	if err := ws.Write(context.Background(), websocket.MessageText, b); err != nil {
+		return
+	}
+	frames := 0
+	for {
+		_, data, err := ws.Read(context.Background())
+		if err != nil {
+			s.mu.Lock()
+			if s.closes == nil {
+				s.closes = map[int]int{}
+			}
+			s.closes[int(websocket.CloseStatus(err))]++
+			s.mu.Unlock()
+			return
+		}
+		if frames < 3 {
+			frames++
+			s.mu.Lock()
+			s.firstFrames = append(s.firstFrames, fmt.Sprintf("s%d:%.120s", session, data))
+			s.mu.Unlock()
+		}
+		var f struct {
+			Type      string          `json:"type"`
+			ID        json.RawMessage `json:"id"`
+			Epoch     string          `json:"epoch"`
+			Recovered *bool           `json:"recovered"`
+			Data      struct{ N int } `json:"data"`
+		}
+		if json.Unmarshal(data, &f) != nil {
+			continue
+		}
+		s.mu.Lock()
+		switch f.Type {
+		case "error":
+			// unavailable (the node is busy with everyone resuming): retry
+			// later, as the JS client does.
+			s.retries++
+			s.mu.Unlock()
+			time.Sleep(200 * time.Millisecond)
+			return
+		case "ok":
+			s.lastOK = string(data)
+			if resuming {
+				s.resumed++
+				if f.Recovered == nil || !*f.Recovered {
+					s.notReco++
+				}
+			}
+			s.readyOne.Do(func() { close(s.ready) })
+		case "message":
+			if s.last != 0 && f.Data.N != s.last+1 {
+				s.gaps = append(s.gaps, fmt.Sprintf("%d after %d (session %d, resuming %v, closes %v, reply %s, frames %q)", f.Data.N, s.last, session, resuming, s.closes, s.lastOK, s.firstFrames))
+			}
+			s.last = f.Data.N
+			_ = json.Unmarshal(f.ID, &s.lastID)
+			s.epoch = f.Epoch
+		}
+		s.mu.Unlock()
+	}
+}
+
+// TestReloadUnderLoad: 1,000 clients on a node while a publisher runs on
+// another; a reload that changes the broker settings tells them to
+// reconnect (1012), paced by drain_period; they all resume without a gap,
+// and the node's goroutines and Redis connections return to their level.
+func TestReloadUnderLoad(t *testing.T) {
+	rs := redistest.Start(t)
+	routesFor := func(redisURL string) string {
+		return fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off\n\t\thistory 100000 1h\n\t\tdrain_period 2s\n\t\tmax_connections_per_user 2000\n\t}", redisURL)
+	}
+	a := startNode(t, "A", routesFor(rs.URL()))
+	b := startNode(t, "B", routesFor(rs.URL()))
+	const channel = "room:reload"
+	const clients = 1000
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	subs := make([]*lightSubscriber, clients)
+	for i := range subs {
+		subs[i] = &lightSubscriber{ready: make(chan struct{})}
+		wg.Add(1)
+		go subs[i].run(t, a.wsURL("/ws"), channel, stop, &wg)
+	}
+	defer func() { close(stop); wg.Wait() }()
+	for i, s := range subs {
+		select {
+		case <-s.ready:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("subscriber %d not subscribed after 30s", i)
+		}
+	}
+	// Redis connections of one node, by the client name it gives them.
+	redisConns := func(node, typ string) int {
+		ctx, cancel := redisCtx()
+		defer cancel()
+		args := []any{"CLIENT", "LIST"}
+		if typ != "" {
+			args = append(args, "TYPE", typ)
+		}
+		list, err := rs.Client().Do(ctx, args...).Text()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Count(list, "name=caddychat-"+node+" ")
+	}
+	nodeOf := func() string {
+		c := dialJSON(t, "probe", a.wsURL("/ws"))
+		defer c.closeNormal()
+		return c.welcome.Node
+	}
+	time.Sleep(500 * time.Millisecond)
+	oldNode := nodeOf()
+	goroutinesBefore := a.goroutines(t)
+	if n := redisConns(oldNode, "pubsub"); n != 1 {
+		t.Fatalf("node A has %d pub/sub connections before the reload, want 1", n)
+	}
+
+	pub := startSeqPublisher(t, b.wsURL("/ws"), channel, 5*time.Millisecond)
+	pub.waitAcked(100, 60*time.Second)
+	// Another spelling of the same Redis: new broker settings, a new hub.
+	a.reload(t, routesFor(strings.Replace(rs.URL(), "127.0.0.1", "localhost", 1)))
+	pub.waitAcked(pub.acked.Load()+200, 60*time.Second)
+	pub.halt()
+	pub.check()
+	last := int(pub.acked.Load())
+
+	eventually(t, 60*time.Second, "every client resumed and caught up", func() (bool, string) {
+		behind, first := 0, ""
+		for i, s := range subs {
+			s.mu.Lock()
+			if !(s.resumed > 0 && s.last >= last) {
+				behind++
+				if first == "" {
+					first = fmt.Sprintf("client %d: resumed %d, at %d of %d, closes %v", i, s.resumed, s.last, last, s.closes)
+				}
+			}
+			s.mu.Unlock()
+		}
+		return behind == 0, fmt.Sprintf("%d clients behind; %s", behind, first)
+	})
+	var told, retries int
+	for i, s := range subs {
+		s.mu.Lock()
+		retries += s.retries
+		if len(s.gaps) > 0 || s.notReco > 0 {
+			t.Errorf("client %d: gaps %v, %d resumes not recovered", i, s.gaps, s.notReco)
+		}
+		told += s.closes[int(websocket.StatusServiceRestart)]
+		s.mu.Unlock()
+	}
+	if told != clients {
+		t.Errorf("%d clients were told 1012, want %d", told, clients)
+	}
+	const margin = 20
+	newNode := nodeOf()
+	eventually(t, 20*time.Second, "goroutines back to their level, the old hub's Redis connections closed", func() (bool, string) {
+		g, old, pubsub := a.goroutines(t), redisConns(oldNode, ""), redisConns(newNode, "pubsub")
+		return g <= goroutinesBefore+margin && old == 0 && pubsub == 1,
+			fmt.Sprintf("goroutines %d (before %d); old hub's Redis connections %d; new hub's pub/sub connections %d", g, goroutinesBefore, old, pubsub)
+	})
+	t.Logf("%d clients told 1012 resumed without a gap (%d resumes retried after unavailable); %d messages; goroutines %d before, %d after", clients, retries, last, goroutinesBefore, a.goroutines(t))
 }

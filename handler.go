@@ -582,11 +582,13 @@ func (c *conn) encodeOwn(v any) (*delivery, error) {
 
 // leave unsubscribes the connection from channel.
 func (c *conn) leave(channel string) {
-	c.cancelCatchUp(channel)
 	if _, ok := c.subscribed[channel]; ok {
 		delete(c.subscribed, channel)
 		c.hub.unsubscribe(c, channel)
 	}
+	// Only now: until the hub stopped delivering, a catch-up must keep
+	// holding the channel's messages, or they would go out unordered.
+	c.cancelCatchUp(channel)
 }
 
 // writeLoop is the connection's only writer while it runs: it drains the
