@@ -2,9 +2,9 @@
 # is missing, checks formatting and vet, and runs every test.
 GO ?= go
 
-.PHONY: test setup check gotest jstest run bench
+.PHONY: test setup check gotest jstest browsertest run bench
 
-test: setup check gotest jstest
+test: setup check gotest jstest browsertest
 
 setup:
 	bash .ci/setup
@@ -20,6 +20,13 @@ gotest:
 # The browser client's unit tests (node's own runner, a fake socket).
 jstest:
 	node --test client/caddychat.test.mjs
+
+# The chat page in headless Chromium (Debian's, driven by playwright-core)
+# against real Caddy nodes built from this tree and a real redis-server.
+browsertest:
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix client/browser --no-audit --no-fund --loglevel=error
+	$(GO) build -o .build/caddy ./cmd/caddy
+	CADDYCHAT_CADDY=$(CURDIR)/.build/caddy node --test client/browser/
 
 run:
 	$(GO) run ./cmd/caddy run --config Caddyfile.example

@@ -120,7 +120,11 @@ function onDisconnect(d) {
     // Browsers hide why an upgrade was refused (bad token, other origin,
     // node full): say what can help, once the first try failed.
     if (!d.wasOpen && chat.welcome === null) {
-      ui.status.title = "The server refused the connection or could not be reached. If this route needs a token, enter one under Token.";
+      const hint = readToken()
+        ? "Cannot connect: the server refused the connection (is the token valid?) or cannot be reached. Still trying."
+        : "Cannot connect: the server refused the connection or cannot be reached. If this route needs a token, enter one under Token. Still trying.";
+      ui.status.title = hint;
+      notice(hint);
       if (!readToken()) ui.auth.open = true;
     }
     return;
@@ -151,7 +155,9 @@ function onGap({ channel: ch, reason, reply }) {
 // Replaces the client, e.g. with a new token (maybe another user).
 function reconnect() {
   const room = channel ? channel.slice("room:".length) : "lobby";
-  chat?.close();
+  const old = chat;
+  chat = null; // first: the old client's last events (closed) are not shown
+  old?.close();
   channel = null;
   user = "";
   ui.whoami.textContent = "";
