@@ -1,6 +1,7 @@
 package caddychat
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -215,20 +216,40 @@ func newEpoch() string {
 	return hex.EncodeToString(b[:])
 }
 
-// messageID returns the id of an envelope without decoding it, for the
-// merge of live messages with a history read; ok is false for payloads that
-// are not kept messages (a backend's plain PUBLISH).
+// messageID returns the id of an envelope without decoding it (and without
+// allocating: it runs once per delivered message), for the merge of live
+// messages with a history read; ok is false for payloads that are not kept
+// messages (a backend's plain PUBLISH, an envelope without history).
 func messageID(channel string, payload []byte) (streamID, bool) {
-	head := envelopeHead(channel)
-	if len(payload) <= len(head) || string(payload[:len(head)]) != head {
+	const head, mid = `{"type":"message","channel":"`, `","id":"`
+	rest, ok := bytes.CutPrefix(payload, []byte(head))
+	if !ok {
 		return streamID{}, false
 	}
-	rest := payload[len(head):]
-	end := strings.IndexByte(string(rest[:min(len(rest), 48)]), '"')
-	if end < 0 {
+	if rest, ok = bytes.CutPrefix(rest, []byte(channel)); !ok {
 		return streamID{}, false
 	}
-	return parseStreamID(string(rest[:end]))
+	if rest, ok = bytes.CutPrefix(rest, []byte(mid)); !ok {
+		return streamID{}, false
+	}
+	var id streamID
+	var part *uint64 = &id.ms
+	digits := 0
+	for i, b := range rest {
+		switch {
+		case '0' <= b && b <= '9' && digits < 19:
+			*part = *part*10 + uint64(b-'0')
+			digits++
+		case b == '-' && part == &id.ms && digits > 0:
+			part, digits = &id.seq, 0
+		case b == '"' && part == &id.seq && digits > 0:
+			// Only kept messages carry an epoch after the id.
+			return id, bytes.HasPrefix(rest[i:], []byte(`","epoch":"`))
+		default:
+			return streamID{}, false
+		}
+	}
+	return streamID{}, false
 }
 
 // ---- in-memory history: a ring per channel ----

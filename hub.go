@@ -36,11 +36,13 @@ func (c hubConfig) key() string {
 // one broker subscription per channel however many local clients listen, and
 // fans each incoming message out to them without ever waiting on a socket.
 type hub struct {
-	node   string
-	ids    *idGenerator
-	broker Broker
-	redis  redis.UniversalClient // nil for the in-memory broker
-	log    *zap.Logger
+	node string
+	ids  *idGenerator
+	// brokerTimeout bounds the hub's own broker calls (a resync's reads).
+	brokerTimeout time.Duration
+	broker        Broker
+	redis         redis.UniversalClient // nil for the in-memory broker
+	log           *zap.Logger
 	// presence holds this node's presence entries; see presence.go.
 	presence *presence
 
@@ -76,6 +78,11 @@ type channelState struct {
 	// stays in hub.channels while refs > 0 or a broker call is under way.
 	refs    int
 	members map[*conn]struct{} // guarded by hub.mu
+
+	// lastKept is the id of the last kept message delivered; only the
+	// broker's delivering goroutine touches it. It drops live copies of
+	// messages a resync already delivered, and is where a resync starts.
+	lastKept streamID
 }
 
 var errHubClosed = errors.New("node is shutting down")
@@ -91,6 +98,8 @@ func newHub(cfg hubConfig) (*hub, error) {
 		log:      caddy.Log().Named("http.handlers.chat").With(zap.String("node", node)),
 		channels: make(map[string]*channelState),
 		conns:    make(map[*conn]struct{}),
+
+		brokerTimeout: cfg.brokerTimeouts,
 	}
 	if cfg.redisURL == "" {
 		h.broker = newMemoryBroker(h.ids, h.deliver)
@@ -107,7 +116,7 @@ func newHub(cfg hubConfig) (*hub, error) {
 	opts.ClientName = "caddychat-" + node
 	client := redis.NewClient(opts)
 	h.redis = client
-	h.broker = newRedisBroker(client, cfg.channelPrefix, h.ids, h.log, h.deliver)
+	h.broker = newRedisBroker(client, cfg.channelPrefix, h.ids, h.log, h.deliver, h.resync)
 	h.presence = newPresence(newRedisPresence(client, cfg.channelPrefix), node, h.log)
 	return h, nil
 }
@@ -287,6 +296,12 @@ func (h *hub) deliver(channel string, payload []byte) {
 	if cs == nil || len(cs.members) == 0 {
 		return
 	}
+	if id, kept := messageID(channel, payload); kept {
+		if !cs.lastKept.less(id) {
+			return // a resync delivered it already
+		}
+		cs.lastKept = id
+	}
 	d := &delivery{channel: channel, payload: payload, ids: h.ids}
 	// Join and leave events go to the clients that asked for presence only.
 	event := isPresenceEvent(channel, payload)
@@ -319,6 +334,63 @@ func (h *hub) publish(ctx context.Context, msg Publication) (string, error) {
 		m.publishFailures.Inc()
 	}
 	return id, err
+}
+
+// resync runs when the broker's subscription connection is back after an
+// outage: messages published meanwhile (acknowledged to their publishers
+// through other connections) never reached this node live. For channels
+// with history it reads what came after the last kept message delivered and
+// delivers it, so connected clients miss nothing; when that is impossible
+// (the history was lost or is shorter than the gap), the channel's clients
+// are told to reconnect (1012), and their resume says recovered false. It
+// runs on the broker's delivering goroutine, before any newer message.
+func (h *hub) resync() {
+	type pending struct {
+		channel string
+		since   streamID
+	}
+	var todo []pending
+	h.mu.RLock()
+	for ch, cs := range h.channels {
+		if cs.lastKept != (streamID{}) && len(cs.members) > 0 {
+			todo = append(todo, pending{ch, cs.lastKept})
+		}
+	}
+	h.mu.RUnlock()
+	for _, p := range todo {
+		ctx, cancel := context.WithTimeout(context.Background(), h.brokerTimeout)
+		page, err := h.broker.readSince(ctx, p.channel, p.since, defaultMaxReplay)
+		cancel()
+		if err != nil || !page.sinceFound || page.more {
+			h.log.Warn("messages missed during a broker outage cannot be recovered; clients of the channel are told to reconnect",
+				zap.String("channel", p.channel), zap.Error(err))
+			h.restartMembers(p.channel)
+			continue
+		}
+		for _, e := range page.entries {
+			h.deliver(p.channel, e.payload)
+		}
+		if n := len(page.entries); n > 0 {
+			h.log.Info("delivered messages missed during a broker outage", zap.String("channel", p.channel), zap.Int("messages", n))
+		}
+	}
+}
+
+// restartMembers closes the channel's local clients with 1012 so they
+// reconnect and resume.
+func (h *hub) restartMembers(channel string) {
+	h.mu.RLock()
+	var members []*conn
+	if cs := h.channels[channel]; cs != nil {
+		members = make([]*conn, 0, len(cs.members))
+		for c := range cs.members {
+			members = append(members, c)
+		}
+	}
+	h.mu.RUnlock()
+	for _, c := range members {
+		c.fail(closeServiceRestart, "messages were lost; resume")
+	}
 }
 
 // Destruct closes the hub when no handler uses it any more: on shutdown

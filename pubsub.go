@@ -182,6 +182,9 @@ type redisBroker struct {
 	deliver deliverFunc
 	ids     *idGenerator
 	log     *zap.Logger
+	// restored runs on the receive goroutine when the subscription
+	// connection is back after an outage, before any newer message.
+	restored func()
 
 	// waiters are the Subscribe calls waiting for Redis to confirm, by Redis channel.
 	waitersMu sync.Mutex
@@ -195,13 +198,14 @@ type redisBroker struct {
 // pings Redis, so that a silently dead connection is noticed.
 const receiveIdle = 15 * time.Second
 
-func newRedisBroker(client redis.UniversalClient, prefix string, ids *idGenerator, log *zap.Logger, deliver deliverFunc) *redisBroker {
+func newRedisBroker(client redis.UniversalClient, prefix string, ids *idGenerator, log *zap.Logger, deliver deliverFunc, restored func()) *redisBroker {
 	ctx, stop := context.WithCancel(context.Background())
 	b := &redisBroker{
 		client:   client,
 		pubsub:   client.Subscribe(ctx),
 		prefix:   prefix,
 		deliver:  deliver,
+		restored: restored,
 		ids:      ids,
 		log:      log,
 		waiters:  make(map[string][]chan struct{}),
@@ -333,6 +337,9 @@ func (b *redisBroker) receiveLoop(ctx context.Context) {
 			b.log.Info("redis pub/sub connection restored", zap.Duration("outage", time.Since(outageSince)))
 			moduleMetrics().brokerReconnects.Inc()
 			outageSince = time.Time{}
+			if b.restored != nil {
+				b.restored()
+			}
 		}
 		switch m := msg.(type) {
 		case *redis.Message:
