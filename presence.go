@@ -503,7 +503,7 @@ func (s *memoryPresence) leave(ctx context.Context, entries []*presenceEntry) er
 }
 
 func (s *memoryPresence) publish(ctx context.Context, kind, channel, user string) error {
-	_, err := s.broker.Publish(ctx, Publication{Channel: channel, Raw: presenceEvent(kind, channel, user)})
+	_, err := s.broker.Publish(ctx, Publication{Channel: channel, Raw: presenceEvent(kind, channel, user), event: true})
 	return err
 }
 

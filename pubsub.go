@@ -55,11 +55,14 @@ type Publication struct {
 	// its id is the history's. A raw frame is then kept and published as an
 	// envelope whose data is the text.
 	History *historyPolicy
+	// event marks Raw as the node's own presence event, published as it is:
+	// only clients' text that looks like one is wrapped.
+	event bool
 }
 
 // payload encodes msg as it travels through the broker, with the id it gets.
 func (msg Publication) payload(id string, now time.Time) ([]byte, error) {
-	if msg.Raw != nil && !impersonatesServer(msg.Channel, msg.Raw) {
+	if msg.Raw != nil && (msg.event || !impersonatesServer(msg.Channel, msg.Raw)) {
 		return msg.Raw, nil
 	}
 	data, err := msg.historyData()
