@@ -116,7 +116,12 @@ func newHub(cfg hubConfig) (*hub, error) {
 	opts.ClientName = "caddychat-" + node
 	client := redis.NewClient(opts)
 	h.redis = client
-	h.broker = newRedisBroker(client, cfg.channelPrefix, h.ids, h.log, h.deliver, h.resync)
+	broker, err := newRedisBroker(client, cfg.channelPrefix, h.ids, h.log, h.deliver, h.resync)
+	if err != nil {
+		_ = client.Close()
+		return nil, err
+	}
+	h.broker = broker
 	h.presence = newPresence(newRedisPresence(client, cfg.channelPrefix), node, h.log)
 	return h, nil
 }

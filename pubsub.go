@@ -179,7 +179,13 @@ var errBrokerClosed = errors.New("broker is closed")
 // redisBroker bridges channels to Redis Pub/Sub through one pub/sub connection
 // per node, whatever the number of channels and clients.
 type redisBroker struct {
-	client  redis.UniversalClient
+	client redis.UniversalClient
+	// batched carries publishes: concurrent PUBLISH calls from every
+	// connection of the node share pipelined round trips instead of each
+	// holding a pooled connection for its own, so under load a node makes a
+	// few Redis writes per batch rather than one per message, and a burst no
+	// longer waits for a free pool connection.
+	batched *redis.AutoPipeliner
 	pubsub  *redis.PubSub
 	prefix  string
 	deliver deliverFunc
@@ -197,14 +203,24 @@ type redisBroker struct {
 	loopDone chan struct{}
 }
 
+// maxQueuedPublishes bounds the publishes a node has sent to Redis and not
+// yet had answered: past it (Redis stalled or gone, publishers piling up) a
+// publish is refused at once as unavailable instead of holding memory.
+const maxQueuedPublishes = 10000
+
 // receiveIdle is how long the receive loop waits for a message before it
 // pings Redis, so that a silently dead connection is noticed.
 const receiveIdle = 15 * time.Second
 
-func newRedisBroker(client redis.UniversalClient, prefix string, ids *idGenerator, log *zap.Logger, deliver deliverFunc, restored func()) *redisBroker {
+func newRedisBroker(client redis.UniversalClient, prefix string, ids *idGenerator, log *zap.Logger, deliver deliverFunc, restored func()) (*redisBroker, error) {
+	batched, err := client.AsyncAutoPipelineWithOptions(&redis.AutoPipelineOptions{MaxQueuedCommands: maxQueuedPublishes})
+	if err != nil {
+		return nil, fmt.Errorf("starting the redis publish pipeline: %w", err)
+	}
 	ctx, stop := context.WithCancel(context.Background())
 	b := &redisBroker{
 		client:   client,
+		batched:  batched,
 		pubsub:   client.Subscribe(ctx),
 		prefix:   prefix,
 		deliver:  deliver,
@@ -216,7 +232,7 @@ func newRedisBroker(client redis.UniversalClient, prefix string, ids *idGenerato
 		loopDone: make(chan struct{}),
 	}
 	go b.receiveLoop(ctx)
-	return b
+	return b, nil
 }
 
 func (b *redisBroker) Publish(ctx context.Context, msg Publication) (string, error) {
@@ -229,10 +245,19 @@ func (b *redisBroker) Publish(ctx context.Context, msg Publication) (string, err
 	if err != nil {
 		return "", fmt.Errorf("encoding message: %w", err)
 	}
-	if err := b.client.Publish(ctx, b.prefix+msg.Channel, payload).Err(); err != nil {
-		return "", fmt.Errorf("redis PUBLISH %s: %w", b.prefix+msg.Channel, err)
+	name := b.prefix + msg.Channel
+	if err := b.run(ctx, redis.NewIntCmd(ctx, "publish", name, payload)); err != nil {
+		return "", fmt.Errorf("redis PUBLISH %s: %w", name, err)
 	}
 	return id, nil
+}
+
+// run sends cmd through the publish pipeline and waits for its reply until
+// ctx ends. The pipeline does not watch a queued command's context, so the
+// wait does: a publish never outlasts publish_timeout, even while Redis is
+// unreachable and the pipeline is still retrying.
+func (b *redisBroker) run(ctx context.Context, cmd redis.Cmder) error {
+	return b.batched.Submit(ctx, cmd).WaitContext(ctx)
 }
 
 func (b *redisBroker) Subscribe(ctx context.Context, channel string) error {
