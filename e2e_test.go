@@ -1407,7 +1407,7 @@ func TestMetricsMoveWithTraffic(t *testing.T) {
 		"caddy_chat_connections", "caddy_chat_connections_opened_total", "caddy_chat_channels",
 		"caddy_chat_messages_received_total", "caddy_chat_messages_delivered_total",
 		"caddy_chat_messages_dropped_total", "caddy_chat_slow_consumers_total",
-		"caddy_chat_broker_publish_seconds_count", "caddy_chat_broker_reconnects_total",
+		"caddy_chat_broker_publish_seconds_count", "caddy_chat_broker_reconnects_total", "caddy_chat_broker_up",
 	} {
 		if _, ok := before[name]; !ok {
 			t.Errorf("/metrics lacks %s", name)

@@ -63,6 +63,10 @@ type hub struct {
 	drainPeriod atomic.Int64
 
 	connSeq atomic.Uint64
+	// publishOutage is when publishes started failing (unix ns), 0 while
+	// they succeed: an outage is logged once when it starts and once when it
+	// ends, never once per refused message.
+	publishOutage atomic.Int64
 	// dropped counts deliveries not queued because a client's send queue was full.
 	dropped atomic.Uint64
 }
@@ -337,8 +341,19 @@ func (h *hub) publish(ctx context.Context, msg Publication) (string, error) {
 	m.publishSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		m.publishFailures.Inc()
+		// A publish abandoned because its connection is closing says nothing
+		// about the broker.
+		if !errors.Is(err, context.Canceled) && h.publishOutage.CompareAndSwap(0, start.UnixNano()) {
+			m.brokerUp.Set(0)
+			h.log.Warn("the broker is not accepting publishes; clients are told unavailable until it is back", zap.Error(err))
+		}
+		return id, err
 	}
-	return id, err
+	if since := h.publishOutage.Load(); since != 0 && h.publishOutage.CompareAndSwap(since, 0) {
+		m.brokerUp.Set(1)
+		h.log.Info("the broker accepts publishes again", zap.Duration("outage", time.Since(time.Unix(0, since))))
+	}
+	return id, nil
 }
 
 // resync runs when the broker's subscription connection is back after an

@@ -24,6 +24,7 @@ type chatMetrics struct {
 	publishSeconds    prometheus.Histogram
 	publishFailures   prometheus.Counter
 	brokerReconnects  prometheus.Counter
+	brokerUp          prometheus.Gauge
 	presenceFailures  prometheus.Counter
 	authFailures      *prometheus.CounterVec
 	httpPublishes     *prometheus.CounterVec
@@ -63,6 +64,7 @@ func moduleMetrics() *chatMetrics {
 			}),
 			publishFailures:  counter("publish_failures_total", "Publishes the broker did not accept in time (answered unavailable); logged at debug level only."),
 			brokerReconnects: counter("broker_reconnects_total", "Times the broker's pub/sub connection came back after an outage."),
+			brokerUp:         gauge("broker_up", "1 while the broker answers publishes in time, 0 from the first failed publish until one succeeds again."),
 			presenceFailures: counter("presence_failures_total", "Presence joins, leaves, heartbeats and queries the broker did not complete in time; entries heal within presence_ttl."),
 			authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 				Namespace: ns, Subsystem: sub, Name: "auth_failures_total",
@@ -73,6 +75,7 @@ func moduleMetrics() *chatMetrics {
 				Help: "Messages published through the HTTP publish endpoint, by result.",
 			}, []string{"result"}),
 		}
+		metrics.brokerUp.Set(1)
 	})
 	return metrics
 }
@@ -86,7 +89,7 @@ func (m *chatMetrics) register(reg prometheus.Registerer) error {
 	for _, c := range []prometheus.Collector{
 		m.connections, m.connectionsOpened, m.connectionsClosed, m.channels,
 		m.received, m.delivered, m.dropped, m.slowConsumers, m.publishSeconds, m.publishFailures,
-		m.brokerReconnects, m.authFailures, m.httpPublishes, m.presenceFailures,
+		m.brokerReconnects, m.brokerUp, m.authFailures, m.httpPublishes, m.presenceFailures,
 	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError

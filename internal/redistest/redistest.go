@@ -299,3 +299,24 @@ func (s *Server) logTail() string {
 	}
 	return strings.Join(lines, "\n")
 }
+
+// Pause stops the server process (SIGSTOP) without closing anything: its
+// connections stay open and every command hangs, as with a network partition
+// or a stalled server, the hardest case for a client's timeouts. Resume
+// continues it with its data intact.
+func (s *Server) Pause() { s.signal(syscall.SIGSTOP) }
+
+// Resume continues a paused server (SIGCONT).
+func (s *Server) Resume() { s.signal(syscall.SIGCONT) }
+
+func (s *Server) signal(sig syscall.Signal) {
+	s.mu.Lock()
+	cmd := s.cmd
+	s.mu.Unlock()
+	if cmd == nil {
+		s.t.Fatalf("redistest: %v: the server is not running", sig)
+	}
+	if err := cmd.Process.Signal(sig); err != nil {
+		s.t.Fatalf("redistest: %v: %v", sig, err)
+	}
+}

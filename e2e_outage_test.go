@@ -1,0 +1,230 @@
+package caddychat_test
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddychat/caddychat/internal/redistest"
+)
+
+// outagePublisher publishes {"p":name,"n":1,2,...} one at a time through
+// one connection and records how each publish was answered.
+type outagePublisher struct {
+	name string
+	c    *wsClient
+
+	mu          sync.Mutex
+	acked       map[int]bool // n answered ok
+	unavailable int
+	slowest     time.Duration // longest wait for an unavailable reply
+	failure     error
+}
+
+func (p *outagePublisher) run(channel string, stop <-chan struct{}, done *sync.WaitGroup) {
+	defer done.Done()
+	for n := 1; ; n++ {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		sent := time.Now()
+		m, err := p.c.publishErr(channel, map[string]any{"p": p.name, "n": n}, 10*time.Second)
+		took := time.Since(sent)
+		p.mu.Lock()
+		switch {
+		case err != nil:
+			p.failure = fmt.Errorf("%s: publish n=%d: %w", p.name, n, err)
+		case m.Type == "ok":
+			p.acked[n] = true
+		case m.Type == "error" && m.Code == "unavailable":
+			p.unavailable++
+			p.slowest = max(p.slowest, took)
+		default:
+			p.failure = fmt.Errorf("%s: publish n=%d: want ok or unavailable, got %s", p.name, n, m)
+		}
+		failed := p.failure != nil
+		p.mu.Unlock()
+		if failed {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func (p *outagePublisher) acks() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.acked)
+}
+
+// TestRedisOutageLosesNoAcknowledgedMessage: Redis stops answering for 5 s
+// (SIGSTOP: its connections stay open and every command hangs) while a
+// publisher on each node keeps going, with history on. Every publish is
+// answered within publish_timeout, ok or unavailable; subscribers on both
+// nodes stay connected and, once Redis is back, have every message that got
+// an ok exactly once and in order; the outage shows in metrics and is
+// logged once per node.
+func TestRedisOutageLosesNoAcknowledgedMessage(t *testing.T) {
+	const publishTimeout = time.Second
+	rs := redistest.Start(t)
+	routes := fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off\n\t\thistory 10000 1h\n\t\tpublish_timeout %v\n\t\tsend_queue 4096\n\t}",
+		rs.URL(), publishTimeout)
+	a := startNode(t, "A", routes)
+	b := startNode(t, "B", routes)
+	const channel = "room:outage"
+	var subs []*wsClient
+	for i, n := range []*node{a, b, a, b} {
+		c := dialJSON(t, fmt.Sprintf("sub%d@%s", i, n.name), n.wsURL("/ws"))
+		c.subscribe(channel)
+		subs = append(subs, c)
+	}
+	pubs := []*outagePublisher{
+		{name: "A", c: dialJSON(t, "pub@A", a.wsURL("/ws")), acked: map[int]bool{}},
+		{name: "B", c: dialJSON(t, "pub@B", b.wsURL("/ws")), acked: map[int]bool{}},
+	}
+	stop := make(chan struct{})
+	var running sync.WaitGroup
+	for _, p := range pubs {
+		running.Add(1)
+		go p.run(channel, stop, &running)
+	}
+	stopped := false
+	halt := func() {
+		if !stopped {
+			stopped = true
+			close(stop)
+			running.Wait()
+		}
+	}
+	defer halt()
+	waitAcks := func(what string, atLeast map[string]int) {
+		eventually(t, 20*time.Second, what, func() (bool, string) {
+			var state []string
+			ok := true
+			for _, p := range pubs {
+				p.mu.Lock()
+				if p.failure != nil {
+					p.mu.Unlock()
+					t.Fatal(p.failure)
+				}
+				n := len(p.acked)
+				p.mu.Unlock()
+				ok = ok && n >= atLeast[p.name]
+				state = append(state, fmt.Sprintf("%s acked %d", p.name, n))
+			}
+			return ok, strings.Join(state, ", ")
+		})
+	}
+	waitAcks("publishes before the outage", map[string]int{"A": 30, "B": 30})
+
+	rs.Pause()
+	paused := time.Now()
+	time.Sleep(5 * time.Second)
+	before := map[string]int{"A": pubs[0].acks() + 20, "B": pubs[1].acks() + 20}
+	for _, n := range []*node{a, b} {
+		if up := n.scrapeMetrics(t)["caddy_chat_broker_up"]; up != 0 {
+			t.Errorf("%s: caddy_chat_broker_up = %v during the outage, want 0", n.name, up)
+		}
+	}
+	rs.Resume()
+	back := time.Now()
+	waitAcks("publishes after the outage", before)
+	t.Logf("Redis paused for %v; publishes acknowledged again %v after it was back", back.Sub(paused).Round(time.Millisecond), time.Since(back).Round(time.Millisecond))
+	halt()
+
+	for _, p := range pubs {
+		if p.unavailable == 0 {
+			t.Errorf("%s: no publish was answered unavailable during a 5 s outage", p.name)
+		}
+		if p.slowest > publishTimeout+500*time.Millisecond {
+			t.Errorf("%s: an unavailable reply took %v, want within publish_timeout %v (+0.5 s)", p.name, p.slowest, publishTimeout)
+		}
+		t.Logf("%s: %d acknowledged, %d answered unavailable (slowest after %v)", p.name, len(p.acked), p.unavailable, p.slowest.Round(time.Millisecond))
+	}
+
+	// Every subscriber: each publisher's numbers strictly increase (in order,
+	// no duplicate), stream ids increase, and every acknowledged number is there.
+	for _, c := range subs {
+		last := map[string]int{}
+		seen := map[string]map[int]bool{"A": {}, "B": {}}
+		var lastID string
+		missing := func() int {
+			count := 0
+			for _, p := range pubs {
+				for n := range p.acked {
+					if !seen[p.name][n] {
+						count++
+					}
+				}
+			}
+			return count
+		}
+		extra := 0
+		for missing() > 0 {
+			m, err := c.readMsg(10 * time.Second)
+			if err != nil {
+				t.Fatalf("%s (must stay connected through the outage; %d acknowledged messages still missing): %v", c.name, missing(), err)
+			}
+			if m.Type != "message" {
+				t.Fatalf("%s: unexpected frame %s", c.name, m)
+			}
+			var d struct {
+				P string
+				N int
+			}
+			if err := json.Unmarshal(m.Data, &d); err != nil || seen[d.P] == nil {
+				t.Fatalf("%s: unexpected message %s", c.name, m)
+			}
+			if d.N <= last[d.P] {
+				t.Fatalf("%s: %s's n=%d after n=%d: a duplicate or out of order", c.name, d.P, d.N, last[d.P])
+			}
+			if id := m.MessageIDOf(); lastID != "" && !streamIDLess(lastID, id) {
+				t.Fatalf("%s: message id %s after %s", c.name, id, lastID)
+			} else {
+				lastID = id
+			}
+			last[d.P] = d.N
+			seen[d.P][d.N] = true
+			for _, p := range pubs {
+				if p.name == d.P && !p.acked[d.N] {
+					extra++
+				}
+			}
+		}
+		t.Logf("%s: every acknowledged message once, in order, without reconnecting (%d more that were answered unavailable but reached Redis)", c.name, extra)
+	}
+
+	for _, n := range []*node{a, b} {
+		if up := n.scrapeMetrics(t)["caddy_chat_broker_up"]; up != 1 {
+			t.Errorf("%s: caddy_chat_broker_up = %v after the outage, want 1", n.name, up)
+		}
+		log, err := os.ReadFile(n.logPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := strings.Count(string(log), "the broker is not accepting publishes"); got != 1 {
+			t.Errorf("%s: the outage was logged %d times, want once", n.name, got)
+		}
+		if !strings.Contains(string(log), "the broker accepts publishes again") {
+			t.Errorf("%s: the end of the outage was not logged", n.name)
+		}
+	}
+}
+
+// streamIDLess compares two stream ids (<ms>-<seq>).
+func streamIDLess(a, b string) bool {
+	var am, as, bm, bs uint64
+	if _, err := fmt.Sscanf(a, "%d-%d", &am, &as); err != nil {
+		return false
+	}
+	if _, err := fmt.Sscanf(b, "%d-%d", &bm, &bs); err != nil {
+		return false
+	}
+	return am < bm || am == bm && as < bs
+}
