@@ -678,7 +678,7 @@ func (c *conn) write(d *delivery) error {
 			frame = d.jsonForm()
 		}
 	}
-	return c.ws.Write(context.Background(), websocket.MessageText, frame)
+	return c.cork.writeText(frame)
 }
 
 // writeTimedOut runs when a write took longer than write_timeout: the peer
