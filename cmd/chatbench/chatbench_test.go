@@ -285,7 +285,7 @@ func TestReportFields(t *testing.T) {
 	var table bytes.Buffer
 	writeTable(&table, rep)
 	for _, col := range []string{"scenario", "deliveries/s", "vs_baseline", "p50_ms", "p90_ms", "p99_ms", "max_ms", "lost", "dup", "ooo", "pub_err", "disc",
-		"conns/s", "connect_s", "tool_cores", "srv_cores", "KiB/conn_settled", "KiB/conn_end", "fanout", "baseline", "idle", "rooms", "baseline-rooms", "all"} {
+		"conns/s", "connect_s", "tool_cores", "srv_cores", "srv_rss_MiB", "KiB/conn_settled", "KiB/conn_end", "fanout", "baseline", "idle", "rooms", "baseline-rooms", "all"} {
 		if !strings.Contains(table.String(), col) {
 			t.Errorf("table lacks %q:\n%s", col, table.String())
 		}
@@ -355,6 +355,9 @@ func TestBaselineChild(t *testing.T) {
 	checkCounts(t, p, int64(cfg.subs*cfg.messages), 0, 0)
 	if len(p.CPU.ServerSeconds) != 1 {
 		t.Errorf("no CPU reading of the child: %+v", p.CPU)
+	}
+	if p.CPU.ServerRSSStartKiB <= 0 || p.CPU.ServerRSSPeakKiB < p.CPU.ServerRSSStartKiB {
+		t.Errorf("no memory reading of the child: start %d KiB, peak %d KiB", p.CPU.ServerRSSStartKiB, p.CPU.ServerRSSPeakKiB)
 	}
 }
 

@@ -76,6 +76,9 @@ Figures:
   tool_cores    CPU used by this process (cores busy on average), srv_cores
                 that of the -pids processes: when they add up to the
                 machine's cores, the figures measure the machine.
+  srv_rss_MiB   VmRSS of the -pids processes together at the start of the
+                phase and the highest reading during it (sampled every
+                250 ms): whether memory stays bounded under load.
 For idle RSS figures start the nodes fresh: a Go process keeps memory it has
 freed, so a node that served an earlier run shows too little growth.
 The table goes to stdout, a progress line per second to stderr, and all
@@ -478,7 +481,7 @@ func writeTable(w io.Writer, rep *report) {
 	}
 	if len(phases) > 0 {
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "scenario\tphase\trate\tsubs\tpubs\tpublished\tpub/s\tpub_err\tunanswered\texpected\treceived\tlost\tdup\tooo\tdisc\tdeliveries/s\tvs_baseline\tp50_ms\tp90_ms\tp99_ms\tmax_ms\tack_p99_ms\ttool_cores\tsrv_cores\t")
+		fmt.Fprintln(tw, "scenario\tphase\trate\tsubs\tpubs\tpublished\tpub/s\tpub_err\tunanswered\texpected\treceived\tlost\tdup\tooo\tdisc\tdeliveries/s\tvs_baseline\tp50_ms\tp90_ms\tp99_ms\tmax_ms\tack_p99_ms\ttool_cores\tsrv_cores\tsrv_rss_MiB\t")
 		for _, s := range phases {
 			for _, p := range s.Phases {
 				ratio := "-"
@@ -489,18 +492,21 @@ func writeTable(w io.Writer, rep *report) {
 				for _, n := range p.PublishErrors {
 					errs += n
 				}
-				srvCores := "-"
+				srvCores, srvRSS := "-", "-"
 				if len(p.CPU.ServerSeconds) > 0 {
 					srvCores = fmt.Sprintf("%.2f", p.CPU.ServerCoresSum)
+				}
+				if p.CPU.ServerRSSPeakKiB > 0 {
+					srvRSS = fmt.Sprintf("%.0f->%.0f", kib2mib(p.CPU.ServerRSSStartKiB), kib2mib(p.CPU.ServerRSSPeakKiB))
 				}
 				rate := "max"
 				if p.Rate > 0 {
 					rate = strconv.FormatFloat(p.Rate, 'g', -1, 64)
 				}
-				fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%d\t%d\t%.0f\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%.0f\t%s\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t\n",
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%d\t%d\t%.0f\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%.0f\t%s\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t%s\t\n",
 					s.Scenario, p.Phase, rate, p.Subscribers, p.Publishers, p.Published, p.PublishRate, errs, p.Unanswered,
 					p.Expected, p.Received, p.Lost, p.Duplicates, p.OutOfOrder, p.Disconnected,
-					p.DeliveriesPerSec, ratio, p.Latency.P50MS, p.Latency.P90MS, p.Latency.P99MS, p.Latency.MaxMS, p.AckLatency.P99MS, p.CPU.ToolCores, srvCores)
+					p.DeliveriesPerSec, ratio, p.Latency.P50MS, p.Latency.P90MS, p.Latency.P99MS, p.Latency.MaxMS, p.AckLatency.P99MS, p.CPU.ToolCores, srvCores, srvRSS)
 			}
 		}
 		tw.Flush()

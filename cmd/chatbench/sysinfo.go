@@ -6,6 +6,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -98,20 +100,62 @@ func selfCPU() time.Duration {
 
 // cpuMeter measures the CPU used by this process and by server pids over an
 // interval.
+//
+// It also samples the servers' VmRSS, so that a phase under overload shows
+// whether their memory stays bounded.
 type cpuMeter struct {
 	pids   []int
 	start  time.Time
 	self   time.Duration
 	server []time.Duration
+
+	rssStart   int64 // KiB, summed over pids
+	rssPeak    atomic.Int64
+	stopRSS    chan struct{}
+	rssSampled sync.WaitGroup
 }
 
+// rssEvery is how often server memory is sampled during a phase.
+const rssEvery = 250 * time.Millisecond
+
 func startCPU(pids []int) *cpuMeter {
-	m := &cpuMeter{pids: pids, start: time.Now(), self: selfCPU()}
+	m := &cpuMeter{pids: pids, start: time.Now(), self: selfCPU(), stopRSS: make(chan struct{})}
 	for _, pid := range pids {
 		d, _ := readCPU(pid)
 		m.server = append(m.server, d)
 	}
+	if len(pids) > 0 {
+		m.rssStart = m.sumRSS()
+		m.rssPeak.Store(m.rssStart)
+		m.rssSampled.Add(1)
+		go m.sampleRSS()
+	}
 	return m
+}
+
+func (m *cpuMeter) sumRSS() int64 {
+	var sum int64
+	for _, pid := range m.pids {
+		kb, _ := readRSS(pid)
+		sum += kb
+	}
+	return sum
+}
+
+func (m *cpuMeter) sampleRSS() {
+	defer m.rssSampled.Done()
+	tick := time.NewTicker(rssEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-m.stopRSS:
+			return
+		case <-tick.C:
+			if kb := m.sumRSS(); kb > m.rssPeak.Load() {
+				m.rssPeak.Store(kb)
+			}
+		}
+	}
 }
 
 // cpuUsage is CPU time used over an interval, in seconds, and as cores busy
@@ -122,11 +166,19 @@ type cpuUsage struct {
 	ToolCores      float64   `json:"chatbench_cores"`
 	ServerSeconds  []float64 `json:"server_cpu_seconds,omitempty"` // per -pids entry
 	ServerCoresSum float64   `json:"server_cores,omitempty"`
+	// Servers' VmRSS, summed over -pids: at the start and the highest sample.
+	ServerRSSStartKiB int64 `json:"server_rss_start_kib,omitempty"`
+	ServerRSSPeakKiB  int64 `json:"server_rss_peak_kib,omitempty"`
 }
 
 func (m *cpuMeter) stop() cpuUsage {
 	wall := time.Since(m.start).Seconds()
 	u := cpuUsage{WallSeconds: wall, ToolSeconds: (selfCPU() - m.self).Seconds()}
+	if len(m.pids) > 0 {
+		close(m.stopRSS)
+		m.rssSampled.Wait()
+		u.ServerRSSStartKiB, u.ServerRSSPeakKiB = m.rssStart, max(m.rssPeak.Load(), m.sumRSS())
+	}
 	for i, pid := range m.pids {
 		d, err := readCPU(pid)
 		if err != nil {
