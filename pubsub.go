@@ -195,6 +195,10 @@ type redisBroker struct {
 
 	stop     context.CancelFunc
 	loopDone chan struct{}
+
+	// sharded: a Redis Cluster's broker, which publishes with SPUBLISH and
+	// whose subscriptions clusterBroker keeps (pubsub is nil); see cluster.go.
+	sharded bool
 }
 
 // receiveIdle is how long the receive loop waits for a message before it
@@ -228,6 +232,12 @@ func (b *redisBroker) Publish(ctx context.Context, msg Publication) (string, err
 	payload, err := msg.payload(id, now)
 	if err != nil {
 		return "", fmt.Errorf("encoding message: %w", err)
+	}
+	if b.sharded {
+		if err := b.client.SPublish(ctx, b.prefix+msg.Channel, payload).Err(); err != nil {
+			return "", fmt.Errorf("redis SPUBLISH %s: %w", b.prefix+msg.Channel, err)
+		}
+		return id, nil
 	}
 	if err := b.client.Publish(ctx, b.prefix+msg.Channel, payload).Err(); err != nil {
 		return "", fmt.Errorf("redis PUBLISH %s: %w", b.prefix+msg.Channel, err)

@@ -1,0 +1,251 @@
+package caddychat_test
+
+// End-to-end tests of the Redis Sentinel and Redis Cluster topologies, with
+// real sentinels and cluster nodes (internal/redistest) and real Caddy nodes.
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddychat/caddychat/internal/redistest"
+)
+
+func sentinelRoutes(st *redistest.Sentinel) string {
+	return fmt.Sprintf("\tchat /ws {\n\t\tredis_sentinel %s %s\n\t\trate_limit off\n\t}",
+		redistest.SentinelMasterName, strings.Join(st.Addrs(), " "))
+}
+
+// TestSentinelFailoverKeepsClients: two nodes reach Redis through three
+// sentinels. The master is killed (SIGKILL); the sentinels promote the
+// replica, and publishes on both nodes reach the subscribers of both nodes
+// again, on the same WebSocket connections: no client reconnects. The time
+// from the kill to the first successful publish and to the first delivery
+// on each node is logged (README, "Redis topologies").
+func TestSentinelFailoverKeepsClients(t *testing.T) {
+	st := redistest.StartSentinel(t)
+	a := startNode(t, "A", sentinelRoutes(st))
+	b := startNode(t, "B", sentinelRoutes(st))
+	const channel = "room:failover"
+	subA := dialJSON(t, "subA", a.wsURL("/ws"))
+	subA.subscribe(channel)
+	subB := dialJSON(t, "subB", b.wsURL("/ws"))
+	subB.subscribe(channel)
+	pubA := dialJSON(t, "pub@A", a.wsURL("/ws"))
+	pubB := dialJSON(t, "pub@B", b.wsURL("/ws"))
+
+	for _, pub := range []*wsClient{pubA, pubB} {
+		pub.mustPublish(channel, map[string]string{"phase": "before"})
+		subA.expectMessage(channel, 5*time.Second)
+		subB.expectMessage(channel, 5*time.Second)
+	}
+
+	oldMaster := st.Master.Addr()
+	killed := time.Now()
+	st.Master.Kill()
+
+	// Publish from both nodes in turn until each has had a publish accepted
+	// and each subscriber got a message published after the kill.
+	var firstOK, firstOKA, firstOKB, gotA, gotB time.Time
+	deadline := killed.Add(30 * time.Second)
+	for k := 0; firstOKA.IsZero() || firstOKB.IsZero() || gotA.IsZero() || gotB.IsZero(); k++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("not recovered 30s after the master was killed: publish ok on A %v, on B %v; delivery on A %v, on B %v",
+				sinceOrNever(firstOKA, killed), sinceOrNever(firstOKB, killed), sinceOrNever(gotA, killed), sinceOrNever(gotB, killed))
+		}
+		pub, okAt := pubA, &firstOKA
+		if k%2 == 1 {
+			pub, okAt = pubB, &firstOKB
+		}
+		m, err := pub.publishErr(channel, map[string]any{"phase": "after", "k": k}, 10*time.Second)
+		if err != nil {
+			t.Fatalf("%s: publish after the kill (must stay connected): %v", pub.name, err)
+		}
+		switch {
+		case m.Type == "ok":
+			if okAt.IsZero() {
+				*okAt = time.Now()
+			}
+			if firstOK.IsZero() {
+				firstOK = *okAt
+			}
+		case m.Type == "error" && m.Code == "unavailable":
+			time.Sleep(20 * time.Millisecond)
+		default:
+			t.Fatalf("%s: publish after the kill: want ok or unavailable, got %s", pub.name, m)
+		}
+		collectPhase(t, subA, "after", &gotA)
+		collectPhase(t, subB, "after", &gotB)
+	}
+	newMaster, err := st.MasterAddr()
+	if err != nil || newMaster != st.Replica.Addr() {
+		t.Errorf("sentinels name %q as master (%v), want the promoted replica %s (old master %s)", newMaster, err, st.Replica.Addr(), oldMaster)
+	}
+	t.Logf("sentinel failover (down-after 1s): from the master's SIGKILL, first publish accepted after %v (A %v, B %v); first delivery on A after %v, on B after %v; no client reconnected",
+		firstOK.Sub(killed).Round(time.Millisecond), firstOKA.Sub(killed).Round(time.Millisecond), firstOKB.Sub(killed).Round(time.Millisecond),
+		gotA.Sub(killed).Round(time.Millisecond), gotB.Sub(killed).Round(time.Millisecond))
+}
+
+// collectPhase reads what c has received so far (waiting at most 30ms for
+// each frame) and records when the first message of phase arrived. Any
+// closed connection fails the test: clients must ride through a failover.
+func collectPhase(t *testing.T, c *wsClient, phase string, got *time.Time) {
+	t.Helper()
+	for {
+		m, err := c.readMsg(30 * time.Millisecond)
+		if errors.Is(err, errTimeout) {
+			return
+		}
+		if err != nil {
+			t.Fatalf("%s (must stay connected through the failover): %v", c.name, err)
+		}
+		var d struct{ Phase string }
+		_ = json.Unmarshal(m.Data, &d)
+		if m.Type == "message" && d.Phase == phase && got.IsZero() {
+			*got = m.at
+		}
+	}
+}
+
+func clusterRoutes(cl *redistest.Cluster) string {
+	return fmt.Sprintf(`	chat /ws {
+		redis_cluster %s
+		rate_limit off
+		history room:* 100 1h
+		jwt {
+			secret %s
+		}
+		subscribe room:*
+		publish room:*
+		anonymous {
+			subscribe room:*
+			publish room:*
+		}
+		presence on
+	}`, strings.Join(cl.Addrs(), " "), e2eJWTSecret)
+}
+
+// clusterChannels picks channels whose slots sit on every shard of cl, two
+// of different slots on the first shard (so that one pub/sub connection
+// per shard is seen to carry several slots).
+func clusterChannels(t *testing.T, cl *redistest.Cluster) []string {
+	t.Helper()
+	perShard := map[*redistest.Server][]string{}
+	var out []string
+	for i := 0; i < 200 && len(out) < len(cl.Nodes)+1; i++ {
+		ch := fmt.Sprintf("room:shard-%d", i)
+		owner := cl.Owner("chat:" + ch)
+		want := 1
+		if owner == cl.Nodes[0] {
+			want = 2
+		}
+		if len(perShard[owner]) < want {
+			perShard[owner] = append(perShard[owner], ch)
+			out = append(out, ch)
+		}
+	}
+	if len(out) != len(cl.Nodes)+1 {
+		t.Fatalf("could not find channels on every shard: %v", out)
+	}
+	return out
+}
+
+// TestClusterShardedPubSub: two nodes on a three-master cluster deliver
+// channels of every shard to each other with sharded pub/sub: each channel
+// has one sharded subscription per node on the shard that owns its slot and
+// none elsewhere, each node holds one pub/sub connection per shard however
+// many channels, a resume with since replays from the cluster's history,
+// and presence events go out on the channel's shard.
+func TestClusterShardedPubSub(t *testing.T) {
+	cl := redistest.StartCluster(t, 3)
+	a := startNode(t, "A", clusterRoutes(cl))
+	b := startNode(t, "B", clusterRoutes(cl))
+	channels := clusterChannels(t, cl)
+
+	subA := dialJSON(t, "subA", a.wsURL("/ws"))
+	subB := dialJSON(t, "subB", b.wsURL("/ws"))
+	for _, ch := range channels {
+		subA.subscribe(ch)
+		subB.subscribe(ch)
+	}
+	for _, ch := range channels {
+		owner := cl.Owner("chat:" + ch)
+		for _, n := range cl.Nodes {
+			ctx, cancel := redisCtx()
+			shard, err := n.Client().PubSubShardNumSub(ctx, "chat:"+ch).Result()
+			classic, err2 := n.Client().PubSubNumSub(ctx, "chat:"+ch).Result()
+			cancel()
+			if err != nil || err2 != nil {
+				t.Fatalf("PUBSUB SHARDNUMSUB/NUMSUB on %s: %v %v", n.Addr(), err, err2)
+			}
+			want := int64(0)
+			if n == owner {
+				want = 2
+			}
+			if shard["chat:"+ch] != want || classic["chat:"+ch] != 0 {
+				t.Errorf("%s (slot %d) on %s: SHARDNUMSUB %d, NUMSUB %d; want %d sharded subscriptions (one per Caddy node) and no classic one",
+					ch, cl.Slot("chat:"+ch), n.Addr(), shard["chat:"+ch], classic["chat:"+ch], want)
+			}
+		}
+	}
+	for _, n := range cl.Nodes {
+		if count, list := pubsubClients(t, n); count != 2 {
+			t.Errorf("%s: %d pub/sub connections, want 2 (one per Caddy node):\n%s", n.Addr(), count, list)
+		}
+	}
+
+	// Every channel, published on either node, reaches both.
+	pubs := []*wsClient{dialJSON(t, "pub@A", a.wsURL("/ws")), dialJSON(t, "pub@B", b.wsURL("/ws"))}
+	for i, ch := range channels {
+		pubs[i%2].mustPublish(ch, map[string]int{"n": i})
+		for _, c := range []*wsClient{subA, subB} {
+			m := c.expectMessage(ch, 5*time.Second)
+			if n, err := dataN(m); err != nil || n != i {
+				t.Fatalf("%s: on %s got %s, want n=%d", c.name, ch, m, i)
+			}
+		}
+	}
+
+	// Resume with since on the other node: the history is in the cluster,
+	// in the slot of the channel.
+	ch := channels[0]
+	var ids []string
+	var epoch string
+	for n := 100; n < 103; n++ {
+		pubs[0].mustPublish(ch, map[string]int{"n": n})
+		m := subA.expectMessage(ch, 5*time.Second)
+		ids, epoch = append(ids, m.MessageIDOf()), m.Epoch
+		subB.expectMessage(ch, 5*time.Second)
+	}
+	late := dialJSON(t, "resumer@B", b.wsURL("/ws"))
+	m, err := late.request(map[string]any{"op": "subscribe", "channel": ch, "since": ids[0], "epoch": epoch}, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Type != "ok" || m.Recovered == nil || !*m.Recovered || m.Replayed == nil || *m.Replayed != 2 {
+		t.Fatalf("resume since %s on the cluster: %s, want ok, recovered, 2 replayed", ids[0], m)
+	}
+	for i, want := range []int{101, 102} {
+		got := late.expectMessage(ch, 5*time.Second)
+		if n, err := dataN(got); err != nil || n != want || got.MessageIDOf() != ids[i+1] {
+			t.Fatalf("replayed message %d: %s, want n=%d id %s", i, got, want, ids[i+1])
+		}
+	}
+
+	// Presence: a user's join reaches the other node over the channel's shard.
+	carol := dialUser(t, "carol@A", a.wsURL("/ws"), "carol")
+	carol.subscribe(ch)
+	if got := presenceEvents(t, carol, ch); got != "join carol" {
+		t.Fatalf("carol's events after subscribing: %q, want her own join", got)
+	}
+	ev := nextEvent(t, subB, 5*time.Second)
+	if ev.Type != "join" || ev.User == nil || *ev.User != "carol" {
+		t.Fatalf("subB: %s, want carol's join", ev)
+	}
+	if got := presenceOf(t, late, ch); got != "carol:1" {
+		t.Fatalf("presence on B: %q, want carol:1", got)
+	}
+}
