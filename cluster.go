@@ -58,6 +58,10 @@ type shardSubscription struct {
 	node   *redis.Client // the master's client, owned by the cluster client
 	pubsub *redis.PubSub // replaced when the shard is resubscribed
 	count  int           // channels subscribed on it
+	// movedIn are channels moved here from another shard: messages
+	// published on them in between reached no one here, so once Redis
+	// confirms one's subscription the hub reads what it missed from history.
+	movedIn map[string]struct{}
 }
 
 func newClusterBroker(cluster *redis.ClusterClient, prefix string, ids *idGenerator, log *zap.Logger, deliver deliverFunc, restored func()) *clusterBroker {
@@ -224,11 +228,7 @@ func (b *clusterBroker) receiveLoop(s *shardSubscription) {
 				zap.String("shard", s.addr), zap.Duration("outage", time.Since(outageSince)))
 			moduleMetrics().brokerReconnects.Inc()
 			outageSince = time.Time{}
-			if b.restored != nil {
-				b.deliverMu.Lock()
-				b.restored()
-				b.deliverMu.Unlock()
-			}
+			b.runRestored()
 		}
 		switch m := msg.(type) {
 		case *redis.Message:
@@ -243,6 +243,9 @@ func (b *clusterBroker) receiveLoop(s *shardSubscription) {
 			switch m.Kind {
 			case "ssubscribe":
 				b.confirm(m.Channel)
+				if b.confirmedMove(s, m.Channel) {
+					b.runRestored()
+				}
 			case "sunsubscribe":
 				// Redis unsubscribes a shard channel's subscribers when its
 				// slot moves to another shard: follow it there.
@@ -256,6 +259,29 @@ func (b *clusterBroker) receiveLoop(s *shardSubscription) {
 			}
 		}
 	}
+}
+
+// runRestored lets the hub deliver from history what its channels missed
+// while they were not subscribed, in turn with the other shards' deliveries.
+func (b *clusterBroker) runRestored() {
+	if b.restored == nil {
+		return
+	}
+	b.deliverMu.Lock()
+	defer b.deliverMu.Unlock()
+	b.restored()
+}
+
+// confirmedMove reports whether key's subscription, just confirmed on s,
+// is that of a channel moved from another shard (once).
+func (b *clusterBroker) confirmedMove(s *shardSubscription, key string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, ok := s.movedIn[key]; !ok {
+		return false
+	}
+	delete(s.movedIn, key)
+	return true
 }
 
 // wanted reports whether key is still to be subscribed on s.
@@ -305,6 +331,10 @@ func (b *clusterBroker) resubscribe(s *shardSubscription) bool {
 			s.count--
 			target.count++
 			b.channels[key] = target
+			if target.movedIn == nil {
+				target.movedIn = make(map[string]struct{})
+			}
+			target.movedIn[key] = struct{}{}
 		}
 		if err := target.pubsub.SSubscribe(ctx, key); err != nil && failed == nil {
 			failed = err

@@ -128,18 +128,19 @@ func clusterRoutes(cl *redistest.Cluster) string {
 	}`, strings.Join(cl.Addrs(), " "), e2eJWTSecret)
 }
 
-// clusterChannels picks channels whose slots sit on every shard of cl, two
-// of different slots on the first shard (so that one pub/sub connection
-// per shard is seen to carry several slots).
+// clusterChannels picks channels whose slots sit on every master of cl,
+// two of different slots on the first (so that one pub/sub connection per
+// shard is seen to carry several slots).
 func clusterChannels(t *testing.T, cl *redistest.Cluster) []string {
 	t.Helper()
+	masters := cl.Masters()
 	perShard := map[*redistest.Server][]string{}
 	var out []string
-	for i := 0; i < 200 && len(out) < len(cl.Nodes)+1; i++ {
+	for i := 0; i < 200 && len(out) < len(masters)+1; i++ {
 		ch := fmt.Sprintf("room:shard-%d", i)
 		owner := cl.Owner("chat:" + ch)
 		want := 1
-		if owner == cl.Nodes[0] {
+		if owner == masters[0] {
 			want = 2
 		}
 		if len(perShard[owner]) < want {
@@ -147,20 +148,25 @@ func clusterChannels(t *testing.T, cl *redistest.Cluster) []string {
 			out = append(out, ch)
 		}
 	}
-	if len(out) != len(cl.Nodes)+1 {
+	if len(out) != len(masters)+1 {
 		t.Fatalf("could not find channels on every shard: %v", out)
 	}
 	return out
 }
 
-// TestClusterShardedPubSub: two nodes on a three-master cluster deliver
-// channels of every shard to each other with sharded pub/sub: each channel
-// has one sharded subscription per node on the shard that owns its slot and
-// none elsewhere, each node holds one pub/sub connection per shard however
-// many channels, a resume with since replays from the cluster's history,
-// and presence events go out on the channel's shard.
+// TestClusterShardedPubSub runs two nodes on a cluster of three masters with
+// a replica each:
+//   - channels of every shard, published on either node, reach both, with
+//     sharded pub/sub: each channel has one sharded subscription per node on
+//     the master of its slot and none elsewhere, and each node holds one
+//     pub/sub connection per shard however many channels;
+//   - a resume with since replays from the history kept in the cluster;
+//   - presence events go out on the channel's shard;
+//   - a channel whose slot is resharded to another master is followed there;
+//   - when a master is killed and its replica promoted, the channel is
+//     followed to the new master; no client reconnects.
 func TestClusterShardedPubSub(t *testing.T) {
-	cl := redistest.StartCluster(t, 3)
+	cl := redistest.StartCluster(t, 3, 1)
 	a := startNode(t, "A", clusterRoutes(cl))
 	b := startNode(t, "B", clusterRoutes(cl))
 	channels := clusterChannels(t, cl)
@@ -171,27 +177,8 @@ func TestClusterShardedPubSub(t *testing.T) {
 		subA.subscribe(ch)
 		subB.subscribe(ch)
 	}
-	for _, ch := range channels {
-		owner := cl.Owner("chat:" + ch)
-		for _, n := range cl.Nodes {
-			ctx, cancel := redisCtx()
-			shard, err := n.Client().PubSubShardNumSub(ctx, "chat:"+ch).Result()
-			classic, err2 := n.Client().PubSubNumSub(ctx, "chat:"+ch).Result()
-			cancel()
-			if err != nil || err2 != nil {
-				t.Fatalf("PUBSUB SHARDNUMSUB/NUMSUB on %s: %v %v", n.Addr(), err, err2)
-			}
-			want := int64(0)
-			if n == owner {
-				want = 2
-			}
-			if shard["chat:"+ch] != want || classic["chat:"+ch] != 0 {
-				t.Errorf("%s (slot %d) on %s: SHARDNUMSUB %d, NUMSUB %d; want %d sharded subscriptions (one per Caddy node) and no classic one",
-					ch, cl.Slot("chat:"+ch), n.Addr(), shard["chat:"+ch], classic["chat:"+ch], want)
-			}
-		}
-	}
-	for _, n := range cl.Nodes {
+	checkShardSubscriptions(t, cl, channels)
+	for _, n := range cl.Masters() {
 		if count, list := pubsubClients(t, n); count != 2 {
 			t.Errorf("%s: %d pub/sub connections, want 2 (one per Caddy node):\n%s", n.Addr(), count, list)
 		}
@@ -241,11 +228,127 @@ func TestClusterShardedPubSub(t *testing.T) {
 	if got := presenceEvents(t, carol, ch); got != "join carol" {
 		t.Fatalf("carol's events after subscribing: %q, want her own join", got)
 	}
-	ev := nextEvent(t, subB, 5*time.Second)
-	if ev.Type != "join" || ev.User == nil || *ev.User != "carol" {
-		t.Fatalf("subB: %s, want carol's join", ev)
+	for _, c := range []*wsClient{subB, late} {
+		if ev := nextEvent(t, c, 5*time.Second); ev.Type != "join" || ev.User == nil || *ev.User != "carol" {
+			t.Fatalf("%s: %s, want carol's join", c.name, ev)
+		}
 	}
 	if got := presenceOf(t, late, ch); got != "carol:1" {
 		t.Fatalf("presence on B: %q, want carol:1", got)
+	}
+	carol.closeNormal()
+	late.closeNormal()
+	for _, c := range []*wsClient{subA, subB} {
+		drain(c)
+	}
+
+	// Resharding: the channel's slot moves to another master, keys and all.
+	moving := channels[1]
+	key := "chat:" + moving
+	src := cl.Owner(key)
+	var dst *redistest.Server
+	for _, n := range cl.Masters() {
+		if n != src {
+			dst = n
+			break
+		}
+	}
+	moved := time.Now()
+	cl.MoveSlot(cl.Slot(key), dst)
+	firstOK, gotA, gotB := publishUntilDelivered(t, pubs, moving, "resharded", subA, subB)
+	t.Logf("slot %d of %s moved from %s to %s: first publish ok after %v, delivery on A after %v, on B after %v",
+		cl.Slot(key), moving, src.Addr(), dst.Addr(), firstOK.Sub(moved).Round(time.Millisecond),
+		gotA.Sub(moved).Round(time.Millisecond), gotB.Sub(moved).Round(time.Millisecond))
+	checkShardSubscriptions(t, cl, channels)
+
+	// Failover inside the cluster: the master of a channel is killed and its
+	// replica promoted.
+	victim := cl.Owner("chat:" + ch)
+	killed := time.Now()
+	victim.Kill()
+	firstOK, gotA, gotB = publishUntilDelivered(t, pubs, ch, "failed-over", subA, subB)
+	promoted := cl.Owner("chat:" + ch)
+	if promoted == victim {
+		t.Fatalf("%s still owns %s after it was killed", victim.Addr(), ch)
+	}
+	t.Logf("cluster failover (cluster-node-timeout 1s): master %s of %s killed, replica %s promoted: first publish ok after %v, delivery on A after %v, on B after %v; no client reconnected",
+		victim.Addr(), ch, promoted.Addr(), firstOK.Sub(killed).Round(time.Millisecond),
+		gotA.Sub(killed).Round(time.Millisecond), gotB.Sub(killed).Round(time.Millisecond))
+	checkShardSubscriptions(t, cl, channels)
+}
+
+// checkShardSubscriptions requires each channel to have one sharded
+// subscription per Caddy node (2) on the master of its slot, none on the
+// other running nodes, and no classic subscription anywhere.
+func checkShardSubscriptions(t *testing.T, cl *redistest.Cluster, channels []string) {
+	t.Helper()
+	eventually(t, 5*time.Second, "sharded subscriptions on the slots' masters only", func() (bool, string) {
+		for _, ch := range channels {
+			key := "chat:" + ch
+			owner := cl.Owner(key)
+			for _, n := range cl.Nodes {
+				if !n.Running() {
+					continue
+				}
+				ctx, cancel := redisCtx()
+				shard, err := n.Client().PubSubShardNumSub(ctx, key).Result()
+				classic, err2 := n.Client().PubSubNumSub(ctx, key).Result()
+				cancel()
+				if err != nil || err2 != nil {
+					t.Fatalf("PUBSUB SHARDNUMSUB/NUMSUB on %s: %v %v", n.Addr(), err, err2)
+				}
+				want := int64(0)
+				if n == owner {
+					want = 2
+				}
+				if shard[key] != want || classic[key] != 0 {
+					return false, fmt.Sprintf("%s (slot %d) on %s: SHARDNUMSUB %d, NUMSUB %d; want %d sharded (one per Caddy node) and no classic subscription",
+						ch, cl.Slot(key), n.Addr(), shard[key], classic[key], want)
+				}
+			}
+		}
+		return true, ""
+	})
+}
+
+// publishUntilDelivered publishes {"phase": phase} on channel, from the
+// publishers in turn, until each subscriber got one, and returns when the
+// first publish was accepted and when each subscriber got its first one.
+func publishUntilDelivered(t *testing.T, pubs []*wsClient, channel, phase string, subA, subB *wsClient) (firstOK, gotA, gotB time.Time) {
+	t.Helper()
+	start := time.Now()
+	deadline := start.Add(30 * time.Second)
+	for k := 0; gotA.IsZero() || gotB.IsZero(); k++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: delivery not back within 30s: first publish ok %v, on A %v, on B %v",
+				phase, sinceOrNever(firstOK, start), sinceOrNever(gotA, start), sinceOrNever(gotB, start))
+		}
+		pub := pubs[k%len(pubs)]
+		m, err := pub.publishErr(channel, map[string]any{"phase": phase, "k": k}, 10*time.Second)
+		if err != nil {
+			t.Fatalf("%s: publish (must stay connected): %v", pub.name, err)
+		}
+		switch {
+		case m.Type == "ok":
+			if firstOK.IsZero() {
+				firstOK = time.Now()
+			}
+		case m.Type == "error" && m.Code == "unavailable":
+			time.Sleep(20 * time.Millisecond)
+		default:
+			t.Fatalf("%s: publish: want ok or unavailable, got %s", pub.name, m)
+		}
+		collectPhase(t, subA, phase, &gotA)
+		collectPhase(t, subB, phase, &gotB)
+	}
+	return firstOK, gotA, gotB
+}
+
+// drain discards what c has received so far.
+func drain(c *wsClient) {
+	for {
+		if _, err := c.readMsg(30 * time.Millisecond); err != nil {
+			return
+		}
 	}
 }

@@ -76,20 +76,23 @@ func (s *Server) args() ([]string, error) {
 // ---------------------------------------------------------------------------
 // Redis Cluster.
 
-// Cluster is a Redis Cluster of masters without replicas, every node a
-// Server on a free loopback port.
+// Cluster is a Redis Cluster, every node a Server on a free loopback port.
 type Cluster struct {
-	t     testing.TB
-	Nodes []*Server
+	t        testing.TB
+	Nodes    []*Server // masters and replicas, in no particular order
+	masters  int
+	replicas int // per master
 }
 
-// StartCluster starts masters cluster-enabled servers, joins them with
-// redis-cli --cluster create (slots spread evenly) and waits until every
-// node reports cluster_state:ok and agrees on who owns the slots.
-func StartCluster(t testing.TB, masters int) *Cluster {
+// StartCluster starts masters*(1+replicas) cluster-enabled servers, joins
+// them with redis-cli --cluster create (slots spread evenly, replicas
+// assigned by redis-cli) and waits until every node reports
+// cluster_state:ok and agrees on who serves the slots, and every replica is
+// in sync with its master.
+func StartCluster(t testing.TB, masters, replicas int) *Cluster {
 	t.Helper()
-	c := &Cluster{t: t}
-	for range masters {
+	c := &Cluster{t: t, masters: masters, replicas: replicas}
+	for range masters * (1 + replicas) {
 		c.Nodes = append(c.Nodes, startMode(t, modeCluster, ""))
 	}
 	cli, err := exec.LookPath("redis-cli")
@@ -97,7 +100,7 @@ func StartCluster(t testing.TB, masters int) *Cluster {
 		t.Fatalf("redistest: redis-cli not found (Debian: apt-get install -y redis-tools): %v", err)
 	}
 	args := append([]string{"--cluster", "create"}, c.Addrs()...)
-	args = append(args, "--cluster-replicas", "0", "--cluster-yes")
+	args = append(args, "--cluster-replicas", strconv.Itoa(replicas), "--cluster-yes")
 	if out, err := exec.Command(cli, args...).CombinedOutput(); err != nil {
 		t.Fatalf("redistest: redis-cli %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
@@ -145,11 +148,62 @@ func (c *Cluster) readiness() string {
 		if err != nil {
 			return fmt.Sprintf("%s: CLUSTER SLOTS: %v", n.Addr(), err)
 		}
-		if len(slots) != len(c.Nodes) {
-			return fmt.Sprintf("%s sees %d slot ranges, want %d", n.Addr(), len(slots), len(c.Nodes))
+		if len(slots) != c.masters {
+			return fmt.Sprintf("%s sees %d slot ranges, want %d", n.Addr(), len(slots), c.masters)
+		}
+		for _, r := range slots {
+			if len(r.Nodes) != 1+c.replicas {
+				return fmt.Sprintf("%s sees %d nodes serving slots %d-%d, want %d", n.Addr(), len(r.Nodes), r.Start, r.End, 1+c.replicas)
+			}
+		}
+		repl, err := n.Client().Info(ctx, "replication").Result()
+		if err != nil {
+			return fmt.Sprintf("%s: INFO replication: %v", n.Addr(), err)
+		}
+		if strings.Contains(repl, "role:slave") && !strings.Contains(repl, "master_link_status:up") {
+			return n.Addr() + ": replica not in sync yet"
 		}
 	}
 	return ""
+}
+
+// live is a node that is running, to ask about the cluster.
+func (c *Cluster) live() *Server {
+	for _, n := range c.Nodes {
+		if n.Running() {
+			return n
+		}
+	}
+	c.t.Fatal("redistest: no cluster node is running")
+	return nil
+}
+
+// Masters are the nodes that serve slots now, in slot order.
+func (c *Cluster) Masters() []*Server {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ranges, err := c.live().Client().ClusterSlots(ctx).Result()
+	if err != nil {
+		c.t.Fatalf("redistest: CLUSTER SLOTS: %v", err)
+	}
+	var out []*Server
+	for _, r := range ranges {
+		if len(r.Nodes) > 0 {
+			out = append(out, c.server(r.Nodes[0].Addr))
+		}
+	}
+	return out
+}
+
+func (c *Cluster) server(addr string) *Server {
+	for _, n := range c.Nodes {
+		if n.Addr() == addr {
+			return n
+		}
+	}
+	c.t.Fatalf("redistest: %s is not a node of this cluster", addr)
+	return nil
 }
 
 // Slot is the cluster slot of key (or shard channel), asked of the cluster.
@@ -157,35 +211,23 @@ func (c *Cluster) Slot(key string) int64 {
 	c.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	slot, err := c.Nodes[0].Client().ClusterKeySlot(ctx, key).Result()
+	slot, err := c.live().Client().ClusterKeySlot(ctx, key).Result()
 	if err != nil {
 		c.t.Fatalf("redistest: CLUSTER KEYSLOT %s: %v", key, err)
 	}
 	return slot
 }
 
-// Owner is the node that serves key's slot, according to CLUSTER SLOTS.
+// Owner is the master that serves key's slot, according to CLUSTER SLOTS
+// of a running node.
 func (c *Cluster) Owner(key string) *Server {
 	c.t.Helper()
 	slot := c.Slot(key)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	ranges, err := c.Nodes[0].Client().ClusterSlots(ctx).Result()
-	if err != nil {
-		c.t.Fatalf("redistest: CLUSTER SLOTS: %v", err)
+	addr := c.ownerOf(c.live(), slot)
+	if addr == "" {
+		c.t.Fatalf("redistest: no node serves slot %d", slot)
 	}
-	for _, r := range ranges {
-		if int64(r.Start) <= slot && slot <= int64(r.End) && len(r.Nodes) > 0 {
-			for _, n := range c.Nodes {
-				if n.Addr() == r.Nodes[0].Addr {
-					return n
-				}
-			}
-			c.t.Fatalf("redistest: slot %d is served by %s, not a node of this cluster", slot, r.Nodes[0].Addr)
-		}
-	}
-	c.t.Fatalf("redistest: no node serves slot %d", slot)
-	return nil
+	return c.server(addr)
 }
 
 // ---------------------------------------------------------------------------
@@ -276,4 +318,91 @@ func (s *Sentinel) MasterAddr() (string, error) {
 		lastErr = err
 	}
 	return "", fmt.Errorf("no sentinel names the master: %v", lastErr)
+}
+
+// nodeID is the node's cluster id (CLUSTER MYID).
+func (c *Cluster) nodeID(n *Server) string {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	id, err := n.Client().Do(ctx, "CLUSTER", "MYID").Text()
+	if err != nil {
+		c.t.Fatalf("redistest: CLUSTER MYID on %s: %v", n.Addr(), err)
+	}
+	return id
+}
+
+// MoveSlot reshards one slot from its owner to the master dst, keys included, as
+// redis-cli --cluster reshard does it (IMPORTING, MIGRATING, MIGRATE, then
+// SETSLOT NODE on every node), and waits until every node agrees.
+func (c *Cluster) MoveSlot(slot int64, dst *Server) {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	src := c.server(c.ownerOf(c.live(), slot))
+	if src == nil || src == dst {
+		c.t.Fatalf("redistest: slot %d: owner %v, destination %s", slot, src, dst.Addr())
+	}
+	srcID, dstID := c.nodeID(src), c.nodeID(dst)
+	do := func(n *Server, args ...any) {
+		c.t.Helper()
+		if err := n.Client().Do(ctx, args...).Err(); err != nil {
+			c.t.Fatalf("redistest: %v on %s: %v", args, n.Addr(), err)
+		}
+	}
+	do(dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID)
+	do(src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID)
+	for {
+		keys, err := src.Client().ClusterGetKeysInSlot(ctx, int(slot), 100).Result()
+		if err != nil {
+			c.t.Fatalf("redistest: CLUSTER GETKEYSINSLOT %d: %v", slot, err)
+		}
+		if len(keys) == 0 {
+			break
+		}
+		args := []any{"MIGRATE", "127.0.0.1", dst.Port(), "", 0, 5000, "KEYS"}
+		for _, k := range keys {
+			args = append(args, k)
+		}
+		do(src, args...)
+	}
+	do(dst, "CLUSTER", "SETSLOT", slot, "NODE", dstID)
+	do(src, "CLUSTER", "SETSLOT", slot, "NODE", dstID)
+	for _, n := range c.Masters() {
+		if n != src && n != dst {
+			do(n, "CLUSTER", "SETSLOT", slot, "NODE", dstID)
+		}
+	}
+	deadline := time.Now().Add(startTimeout)
+	for {
+		agreed := true
+		for _, n := range c.Nodes {
+			if n.Running() && c.ownerOf(n, slot) != dst.Addr() {
+				agreed = false
+			}
+		}
+		if agreed {
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("redistest: nodes do not agree that %s owns slot %d", dst.Addr(), slot)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// ownerOf is the address of slot's master in n's view of the cluster.
+func (c *Cluster) ownerOf(n *Server, slot int64) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ranges, err := n.Client().ClusterSlots(ctx).Result()
+	if err != nil {
+		return ""
+	}
+	for _, r := range ranges {
+		if int64(r.Start) <= slot && slot <= int64(r.End) && len(r.Nodes) > 0 {
+			return r.Nodes[0].Addr
+		}
+	}
+	return ""
 }

@@ -15,7 +15,7 @@ import (
 // the module sends one SSUBSCRIBE per channel.
 func TestClusterFacts(t *testing.T) {
 	start := time.Now()
-	c := StartCluster(t, 3)
+	c := StartCluster(t, 3, 0)
 	t.Logf("cluster of 3 masters ready in %v", time.Since(start).Round(time.Millisecond))
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
