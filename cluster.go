@@ -157,6 +157,7 @@ func (b *clusterBroker) Unsubscribe(ctx context.Context, channel string) error {
 		return nil
 	}
 	delete(b.channels, key)
+	delete(s.movedIn, key)
 	s.count--
 	if err := s.pubsub.SUnsubscribe(ctx, key); err != nil {
 		// The shard forgets it all the same: a resubscribe will not bring
@@ -193,6 +194,11 @@ func (b *clusterBroker) receiveLoop(s *shardSubscription) {
 		pubsub := s.pubsub
 		b.mu.Unlock()
 		msg, err := pubsub.ReceiveTimeout(b.ctx, receiveIdle)
+		if sub, ok := msg.(*redis.Subscription); ok && err == nil && sub.Kind == "sunsubscribe" && b.wanted(s, sub.Channel) {
+			// Redis unsubscribes a shard channel's subscribers when its
+			// slot moves to another shard (resharding): follow it there.
+			err = fmt.Errorf("redis dropped the subscription to %s: its slot moved", sub.Channel)
+		}
 		if err != nil {
 			if b.ctx.Err() != nil {
 				return
@@ -202,9 +208,9 @@ func (b *clusterBroker) receiveLoop(s *shardSubscription) {
 				_ = pubsub.Ping(b.ctx)
 				continue
 			}
-			// The connection failed (the master may be gone), or Redis
-			// refused a subscription (MOVED, CROSSSLOT): look the owners up
-			// again, once go-redis has reloaded the cluster's state.
+			// The connection failed (the master may be gone), Redis refused
+			// a subscription (MOVED, CROSSSLOT) or dropped one: look the
+			// owners up again, once go-redis has reloaded the cluster's state.
 			if outageSince.IsZero() {
 				outageSince = time.Now()
 				b.log.Warn("redis cluster pub/sub connection lost or refused; resubscribing its channels",
@@ -240,21 +246,10 @@ func (b *clusterBroker) receiveLoop(s *shardSubscription) {
 			b.deliver(channel, []byte(m.Payload))
 			b.deliverMu.Unlock()
 		case *redis.Subscription:
-			switch m.Kind {
-			case "ssubscribe":
+			if m.Kind == "ssubscribe" {
 				b.confirm(m.Channel)
 				if b.confirmedMove(s, m.Channel) {
 					b.runRestored()
-				}
-			case "sunsubscribe":
-				// Redis unsubscribes a shard channel's subscribers when its
-				// slot moves to another shard: follow it there.
-				if b.wanted(s, m.Channel) {
-					b.log.Info("redis cluster moved a channel's slot; resubscribing", zap.String("channel", m.Channel), zap.String("shard", s.addr))
-					b.cluster.ReloadState(b.ctx)
-					if !b.resubscribe(s) {
-						return
-					}
 				}
 			}
 		}
@@ -321,9 +316,11 @@ func (b *clusterBroker) resubscribe(s *shardSubscription) bool {
 	_ = s.pubsub.Close()
 	s.pubsub = s.node.SSubscribe(b.ctx)
 	var failed error
-	for _, key := range keys {
-		if b.channels[key] != s {
-			continue // unsubscribed meanwhile
+	// The channels of s now, not the snapshot: a Subscribe may have added
+	// one meanwhile, on the connection just closed.
+	for key, at := range b.channels {
+		if at != s {
+			continue
 		}
 		target := s
 		if master := owners[key]; master != nil && master.Options().Addr != s.addr {

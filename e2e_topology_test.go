@@ -77,8 +77,8 @@ func TestSentinelFailoverKeepsClients(t *testing.T) {
 		default:
 			t.Fatalf("%s: publish after the kill: want ok or unavailable, got %s", pub.name, m)
 		}
-		collectPhase(t, subA, "after", &gotA)
-		collectPhase(t, subB, "after", &gotB)
+		collectPhase(t, subA, "after", &gotA, nil)
+		collectPhase(t, subB, "after", &gotB, nil)
 	}
 	newMaster, err := st.MasterAddr()
 	if err != nil || newMaster != st.Replica.Addr() {
@@ -90,9 +90,10 @@ func TestSentinelFailoverKeepsClients(t *testing.T) {
 }
 
 // collectPhase reads what c has received so far (waiting at most 30ms for
-// each frame) and records when the first message of phase arrived. Any
-// closed connection fails the test: clients must ride through a failover.
-func collectPhase(t *testing.T, c *wsClient, phase string, got *time.Time) {
+// each frame), records when the first message of phase arrived and, when
+// seen is not nil, counts each k of the phase's messages. Any closed
+// connection fails the test: clients must ride through a failover.
+func collectPhase(t *testing.T, c *wsClient, phase string, got *time.Time, seen map[int]int) {
 	t.Helper()
 	for {
 		m, err := c.readMsg(30 * time.Millisecond)
@@ -102,10 +103,19 @@ func collectPhase(t *testing.T, c *wsClient, phase string, got *time.Time) {
 		if err != nil {
 			t.Fatalf("%s (must stay connected through the failover): %v", c.name, err)
 		}
-		var d struct{ Phase string }
+		var d struct {
+			Phase string
+			K     int
+		}
 		_ = json.Unmarshal(m.Data, &d)
-		if m.Type == "message" && d.Phase == phase && got.IsZero() {
+		if m.Type != "message" || d.Phase != phase {
+			continue
+		}
+		if got.IsZero() {
 			*got = m.at
+		}
+		if seen != nil {
+			seen[d.K]++
 		}
 	}
 }
@@ -311,14 +321,20 @@ func checkShardSubscriptions(t *testing.T, cl *redistest.Cluster, channels []str
 	})
 }
 
-// publishUntilDelivered publishes {"phase": phase} on channel, from the
-// publishers in turn, until each subscriber got one, and returns when the
-// first publish was accepted and when each subscriber got its first one.
+// publishUntilDelivered publishes {"phase": phase, "k": k} on channel, from
+// the publishers in turn, until each subscriber got one, and returns when
+// the first publish was accepted and when each subscriber got its first
+// one. The channel has history, so every accepted publish must reach each
+// subscriber exactly once, also those published while its node was not
+// subscribed yet (they come from history).
 func publishUntilDelivered(t *testing.T, pubs []*wsClient, channel, phase string, subA, subB *wsClient) (firstOK, gotA, gotB time.Time) {
 	t.Helper()
 	start := time.Now()
 	deadline := start.Add(30 * time.Second)
-	for k := 0; gotA.IsZero() || gotB.IsZero(); k++ {
+	var acked []int
+	seenA, seenB := map[int]int{}, map[int]int{}
+	k := 0
+	for ; gotA.IsZero() || gotB.IsZero(); k++ {
 		if time.Now().After(deadline) {
 			t.Fatalf("%s: delivery not back within 30s: first publish ok %v, on A %v, on B %v",
 				phase, sinceOrNever(firstOK, start), sinceOrNever(gotA, start), sinceOrNever(gotB, start))
@@ -330,6 +346,7 @@ func publishUntilDelivered(t *testing.T, pubs []*wsClient, channel, phase string
 		}
 		switch {
 		case m.Type == "ok":
+			acked = append(acked, k)
 			if firstOK.IsZero() {
 				firstOK = time.Now()
 			}
@@ -338,9 +355,28 @@ func publishUntilDelivered(t *testing.T, pubs []*wsClient, channel, phase string
 		default:
 			t.Fatalf("%s: publish: want ok or unavailable, got %s", pub.name, m)
 		}
-		collectPhase(t, subA, phase, &gotA)
-		collectPhase(t, subB, phase, &gotB)
+		collectPhase(t, subA, phase, &gotA, seenA)
+		collectPhase(t, subB, phase, &gotB, seenB)
 	}
+	// A last message: once it is in, everything before it is.
+	pubs[0].mustPublish(channel, map[string]any{"phase": phase, "k": k})
+	acked = append(acked, k)
+	for _, sub := range []struct {
+		c    *wsClient
+		seen map[int]int
+	}{{subA, seenA}, {subB, seenB}} {
+		var last time.Time
+		eventually(t, 5*time.Second, sub.c.name+" got the last message", func() (bool, string) {
+			collectPhase(t, sub.c, phase, &last, sub.seen)
+			return sub.seen[k] > 0, fmt.Sprint(sub.seen)
+		})
+		for _, n := range acked {
+			if sub.seen[n] != 1 {
+				t.Errorf("%s: accepted publish k=%d of %s delivered %d times, want once (seen %v)", sub.c.name, n, phase, sub.seen[n], sub.seen)
+			}
+		}
+	}
+	t.Logf("%s: %d publishes accepted, %d answered unavailable; each delivered once on both nodes", phase, len(acked), k+1-len(acked))
 	return firstOK, gotA, gotB
 }
 
