@@ -365,10 +365,13 @@ func (b *clusterBroker) brokerTimeout() time.Duration {
 type pubsubScript struct{ classic, sharded *redis.Script }
 
 func newPubSubScript(src string) pubsubScript {
-	return pubsubScript{
-		classic: redis.NewScript(src),
-		sharded: redis.NewScript(strings.ReplaceAll(src, "redis.call('PUBLISH',", "redis.call('SPUBLISH',")),
+	sharded := strings.ReplaceAll(src, "redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+	if strings.Contains(strings.ReplaceAll(sharded, "'SPUBLISH'", ""), "PUBLISH") {
+		// A PUBLISH written another way would go unnoticed on a cluster
+		// (its events would reach no node): fail at start-up instead.
+		panic("caddychat: a script publishes other than with redis.call('PUBLISH', ...): " + src)
 	}
+	return pubsubScript{classic: redis.NewScript(src), sharded: redis.NewScript(sharded)}
 }
 
 func (s pubsubScript) get(sharded bool) *redis.Script {

@@ -743,7 +743,9 @@ type scriptCall struct {
 }
 
 // run sends calls in one pipeline. A script Redis does not have cached (it
-// restarted, or SCRIPT FLUSH) is run again on its own, which loads it.
+// restarted, or SCRIPT FLUSH) is run again on its own, which loads it. On a
+// cluster go-redis splits the pipeline by node; each call's keys are of one
+// channel, so of one slot.
 func (s *redisPresence) run(ctx context.Context, calls []scriptCall) ([]*redis.Cmd, error) {
 	if len(calls) == 0 {
 		return nil, nil

@@ -4,7 +4,8 @@
 // with persistence off and its working directory in t.TempDir(). It is killed
 // in t.Cleanup. Kill and Restart simulate a broker outage: Restart starts the
 // server again on the same port, so clients configured with the old address
-// can reconnect.
+// can reconnect. StartSentinel and StartCluster (topology.go) build a
+// Sentinel setup and a Redis Cluster from such servers.
 package redistest
 
 import (
