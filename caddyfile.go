@@ -85,6 +85,8 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 //
 //	chat [<matcher>] {
 //		redis            <url>
+//		redis_sentinel   <master name> <sentinel addr...> [{ ... }]
+//		redis_cluster    <node addr...> [{ ... }]
 //		channel_prefix   <prefix>
 //		protocol         json|raw
 //		channel          <name>
@@ -138,6 +140,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			continue
 		case "rate_limit":
 			if err := h.unmarshalRateLimit(d); err != nil {
+				return err
+			}
+			continue
+		case "redis_sentinel":
+			if err := h.unmarshalRedisSentinel(d); err != nil {
+				return err
+			}
+			continue
+		case "redis_cluster":
+			if err := h.unmarshalRedisCluster(d); err != nil {
 				return err
 			}
 			continue
@@ -257,6 +269,108 @@ func unmarshalHistoryRule(d *caddyfile.Dispenser) (HistoryRule, error) {
 		rule.MaxAge = caddy.Duration(dur)
 	}
 	return rule, nil
+}
+
+// unmarshalRedisSentinel parses
+//
+//	redis_sentinel <master name> <sentinel addr...> {
+//		username <user>
+//		password <password>
+//		db <number>
+//		sentinel_username <user>
+//		sentinel_password <password>
+//		tls
+//	}
+func (h *Handler) unmarshalRedisSentinel(d *caddyfile.Dispenser) error {
+	const usage = "redis_sentinel <master name> <sentinel host:port...>"
+	args := d.RemainingArgs()
+	if len(args) < 2 {
+		return d.Errf("%s: want the master name and at least one sentinel address", usage)
+	}
+	s := &RedisSentinel{Master: args[0], Addrs: args[1:]}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		if option == "tls" {
+			if d.NextArg() {
+				return d.Errf("redis_sentinel tls takes no value")
+			}
+			s.TLS = true
+			continue
+		}
+		value, err := redisOptionValue(d, "redis_sentinel")
+		if err != nil {
+			return err
+		}
+		switch option {
+		case "username":
+			s.Username = value
+		case "password":
+			s.Password = value
+		case "sentinel_username":
+			s.SentinelUsername = value
+		case "sentinel_password":
+			s.SentinelPassword = value
+		case "db":
+			n, err := strconv.Atoi(value)
+			if err != nil || n < 0 {
+				return d.Errf("redis_sentinel db %q: want a database number, 0 or more", value)
+			}
+			s.DB = n
+		default:
+			return d.Errf("unknown redis_sentinel option %q (want username, password, db, sentinel_username, sentinel_password or tls)", option)
+		}
+	}
+	h.RedisSentinel = s
+	return nil
+}
+
+// unmarshalRedisCluster parses
+//
+//	redis_cluster <node addr...> {
+//		username <user>
+//		password <password>
+//		tls
+//	}
+func (h *Handler) unmarshalRedisCluster(d *caddyfile.Dispenser) error {
+	addrs := d.RemainingArgs()
+	if len(addrs) == 0 {
+		return d.Errf("redis_cluster <node host:port...>: want at least one node address")
+	}
+	c := &RedisCluster{Addrs: addrs}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		if option == "tls" {
+			if d.NextArg() {
+				return d.Errf("redis_cluster tls takes no value")
+			}
+			c.TLS = true
+			continue
+		}
+		value, err := redisOptionValue(d, "redis_cluster")
+		if err != nil {
+			return err
+		}
+		switch option {
+		case "username":
+			c.Username = value
+		case "password":
+			c.Password = value
+		default:
+			return d.Errf("unknown redis_cluster option %q (want username, password or tls)", option)
+		}
+	}
+	h.RedisCluster = c
+	return nil
+}
+
+// redisOptionValue reads the one value of an option in a redis_* block.
+func redisOptionValue(d *caddyfile.Dispenser, directive string) (string, error) {
+	option := d.Val()
+	args := d.RemainingArgs()
+	if len(args) != 1 {
+		return "", d.Errf("%s %s needs exactly one value", directive, option)
+	}
+	return args[0], nil
 }
 
 // unmarshalJWT parses

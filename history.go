@@ -369,8 +369,9 @@ func historyEpochKey(pubsubName string) string  { return "{" + pubsubName + "}:e
 // delivered. It returns the id Redis gave the entry and the channel's epoch.
 //
 // KEYS: stream, epoch key. ARGV: pub/sub name, count, TTL in ms, epoch to
-// use if the channel has none, envelope head, envelope tail.
-var publishWithHistory = redis.NewScript(`
+// use if the channel has none, envelope head, envelope tail. On a cluster it
+// runs with SPUBLISH: the keys' hash tag is the channel, so they share its slot.
+var publishWithHistory = newPubSubScript(`
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
 	epoch = ARGV[4]
@@ -394,7 +395,7 @@ func (b *redisBroker) publishKept(ctx context.Context, msg Publication, now time
 	}
 	name := b.prefix + msg.Channel
 	ttl := max(msg.History.maxAge.Milliseconds(), 1000)
-	res, err := publishWithHistory.Run(ctx, b.client,
+	res, err := publishWithHistory.get(b.sharded).Run(ctx, b.client,
 		[]string{historyStreamKey(name), historyEpochKey(name)},
 		name, msg.History.count, ttl, newEpoch(), envelopeHead(msg.Channel), tail).StringSlice()
 	if err != nil {

@@ -24,12 +24,14 @@ var hubs = caddy.NewUsagePool()
 // hubConfig is what identifies a hub: handlers with equal hubConfigs share one.
 type hubConfig struct {
 	redisURL       string
+	sentinel       *RedisSentinel // instead of redisURL
+	cluster        *RedisCluster  // instead of redisURL
 	channelPrefix  string
 	brokerTimeouts time.Duration
 }
 
 func (c hubConfig) key() string {
-	return fmt.Sprintf("caddychat|%s|%s", c.redisURL, c.channelPrefix)
+	return fmt.Sprintf("caddychat|%s|%s", c.servers(), c.channelPrefix)
 }
 
 // hub is a node's registry of channels and their local subscribers. It holds
@@ -105,28 +107,28 @@ func newHub(cfg hubConfig) (*hub, error) {
 
 		brokerTimeout: cfg.brokerTimeouts,
 	}
-	if cfg.redisURL == "" {
+	if !cfg.usesRedis() {
 		h.broker = newMemoryBroker(h.ids, h.deliver)
 		h.presence = newPresence(newMemoryPresence(h.broker), node, h.log)
 		return h, nil
 	}
-	opts, err := redis.ParseURL(cfg.redisURL)
+	client, sharded, err := newRedisClient(cfg, "caddychat-"+node)
 	if err != nil {
-		return nil, fmt.Errorf("parsing redis URL: %w", err)
+		return nil, err
 	}
-	opts.DialTimeout = cfg.brokerTimeouts
-	opts.ReadTimeout = cfg.brokerTimeouts
-	opts.WriteTimeout = cfg.brokerTimeouts
-	opts.ClientName = "caddychat-" + node
-	client := redis.NewClient(opts)
 	h.redis = client
-	broker, err := newRedisBroker(client, cfg.channelPrefix, h.ids, h.log, h.deliver, h.resync)
+	var broker Broker
+	if sharded {
+		broker, err = newClusterBroker(client.(*redis.ClusterClient), cfg.channelPrefix, h.ids, h.log, h.deliver, h.resync)
+	} else {
+		broker, err = newRedisBroker(client, cfg.channelPrefix, h.ids, h.log, h.deliver, h.resync)
+	}
 	if err != nil {
 		_ = client.Close()
 		return nil, err
 	}
 	h.broker = broker
-	h.presence = newPresence(newRedisPresence(client, cfg.channelPrefix), node, h.log)
+	h.presence = newPresence(newRedisPresence(client, cfg.channelPrefix, sharded), node, h.log)
 	return h, nil
 }
 

@@ -13,7 +13,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/coder/websocket"
-	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 )
 
@@ -48,9 +47,18 @@ const (
 // any node reaches the channel's subscribers on all of them.
 type Handler struct {
 	// Redis URL (redis:// or rediss://, with user, password and database) of
-	// the Redis that the nodes share. Empty: an in-process broker that serves
-	// this node alone. Placeholders such as {env.REDIS_URL} are expanded.
+	// the Redis that the nodes share. Empty (and no redis_sentinel or
+	// redis_cluster): an in-process broker that serves this node alone.
+	// Placeholders such as {env.REDIS_URL} are expanded.
 	Redis string `json:"redis,omitempty"`
+
+	// Redis Sentinel instead of redis: the master the sentinels name, found
+	// again after a failover without the clients noticing.
+	RedisSentinel *RedisSentinel `json:"redis_sentinel,omitempty"`
+
+	// Redis Cluster instead of redis: channels travel with sharded pub/sub,
+	// spread over the cluster's shards by slot.
+	RedisCluster *RedisCluster `json:"redis_cluster,omitempty"`
 
 	// Prefix of every channel's name in Redis, keeping the gateway's channels
 	// apart from other users of the same Redis. Default: "chat:".
@@ -255,12 +263,17 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 
-	if h.Redis != "" {
-		if _, err := redis.ParseURL(h.Redis); err != nil {
-			return fmt.Errorf("chat: redis: %v (want redis://[user:password@]host:port/db or rediss://...)", err)
-		}
+	// Before the hub: a hub is never built from a Redis setting that is wrong.
+	if err := h.provisionRedisTopology(repl); err != nil {
+		return err
 	}
-	cfg := hubConfig{redisURL: h.Redis, channelPrefix: *h.ChannelPrefix, brokerTimeouts: time.Duration(h.PublishTimeout)}
+	cfg := hubConfig{
+		redisURL:       h.Redis,
+		sentinel:       h.RedisSentinel,
+		cluster:        h.RedisCluster,
+		channelPrefix:  *h.ChannelPrefix,
+		brokerTimeouts: time.Duration(h.PublishTimeout),
+	}
 	key := cfg.key()
 	value, _, err := hubs.LoadOrNew(key, func() (caddy.Destructor, error) { return newHub(cfg) })
 	if err != nil {

@@ -537,10 +537,12 @@ func (s *memoryPresence) heartbeat(context.Context, []presenceBeat) ([]*presence
 type redisPresence struct {
 	client redis.UniversalClient
 	prefix string
+	// sharded: the events go out with SPUBLISH (Redis Cluster).
+	sharded bool
 }
 
-func newRedisPresence(client redis.UniversalClient, prefix string) *redisPresence {
-	return &redisPresence{client: client, prefix: prefix}
+func newRedisPresence(client redis.UniversalClient, prefix string, sharded bool) *redisPresence {
+	return &redisPresence{client: client, prefix: prefix, sharded: sharded}
 }
 
 func (s *redisPresence) expires() bool { return true }
@@ -591,7 +593,7 @@ end
 
 var (
 	// ARGV[4], ARGV[5]: ttl (ms), member.
-	presenceJoinScript = redis.NewScript(presenceLua + `
+	presenceJoinScript = newPubSubScript(presenceLua + `
 local now = now_ms()
 local m = ARGV[5]
 if redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), m) == 1 then
@@ -605,7 +607,7 @@ return 1
 `)
 
 	// ARGV[4...]: members.
-	presenceLeaveScript = redis.NewScript(presenceLua + `
+	presenceLeaveScript = newPubSubScript(presenceLua + `
 for i = 4, #ARGV do
 	local m = ARGV[i]
 	if redis.call('ZREM', KEYS[1], m) == 1 then
@@ -622,7 +624,7 @@ return 1
 	// ARGV[4...]: pairs of ttl (ms), member. Refreshes only members still
 	// there (one that left meanwhile must stay gone) and returns the others.
 	// Refreshing before the sweep saves a late node's own entries.
-	presenceHeartbeatScript = redis.NewScript(presenceLua + `
+	presenceHeartbeatScript = newPubSubScript(presenceLua + `
 local now = now_ms()
 local missing = {}
 for i = 4, #ARGV, 2 do
@@ -639,7 +641,7 @@ return missing
 `)
 
 	// Sweeps first, so the answer never lists a dead node's users.
-	presenceListScript = redis.NewScript(presenceLua + `
+	presenceListScript = newPubSubScript(presenceLua + `
 sweep(now_ms())
 return redis.call('HGETALL', KEYS[2])
 `)
@@ -658,7 +660,7 @@ func (s *redisPresence) args(channel string, keep time.Duration, n int) []any {
 
 func (s *redisPresence) join(ctx context.Context, e *presenceEntry) error {
 	args := append(s.args(e.channel, presenceKeep*e.ttl, 2), e.ttl.Milliseconds(), e.member)
-	if err := presenceJoinScript.Run(ctx, s.client, s.keys(e.channel), args...).Err(); err != nil {
+	if err := presenceJoinScript.get(s.sharded).Run(ctx, s.client, s.keys(e.channel), args...).Err(); err != nil {
 		return fmt.Errorf("redis presence join on %s: %w", s.prefix+e.channel, err)
 	}
 	return nil
@@ -676,14 +678,14 @@ func (s *redisPresence) leave(ctx context.Context, entries []*presenceEntry) err
 	}
 	calls := make([]scriptCall, 0, len(order))
 	for _, ch := range order {
-		calls = append(calls, scriptCall{script: presenceLeaveScript, keys: s.keys(ch), args: byChannel[ch]})
+		calls = append(calls, scriptCall{script: presenceLeaveScript.get(s.sharded), keys: s.keys(ch), args: byChannel[ch]})
 	}
 	_, err := s.run(ctx, calls)
 	return err
 }
 
 func (s *redisPresence) list(ctx context.Context, channel string) ([]presenceUser, error) {
-	flat, err := presenceListScript.Run(ctx, s.client, s.keys(channel), s.args(channel, 0, 0)...).StringSlice()
+	flat, err := presenceListScript.get(s.sharded).Run(ctx, s.client, s.keys(channel), s.args(channel, 0, 0)...).StringSlice()
 	if err != nil {
 		return nil, fmt.Errorf("redis presence of %s: %w", s.prefix+channel, err)
 	}
@@ -714,7 +716,7 @@ func (s *redisPresence) heartbeat(ctx context.Context, beats []presenceBeat) ([]
 				args = append(args, e.ttl.Milliseconds(), e.member)
 				byMember[e.member] = e
 			}
-			calls = append(calls, scriptCall{script: presenceHeartbeatScript, keys: s.keys(b.channel), args: args})
+			calls = append(calls, scriptCall{script: presenceHeartbeatScript.get(s.sharded), keys: s.keys(b.channel), args: args})
 			members = append(members, byMember)
 		}
 	}
@@ -741,7 +743,9 @@ type scriptCall struct {
 }
 
 // run sends calls in one pipeline. A script Redis does not have cached (it
-// restarted, or SCRIPT FLUSH) is run again on its own, which loads it.
+// restarted, or SCRIPT FLUSH) is run again on its own, which loads it. On a
+// cluster go-redis splits the pipeline by node; each call's keys are of one
+// channel, so of one slot.
 func (s *redisPresence) run(ctx context.Context, calls []scriptCall) ([]*redis.Cmd, error) {
 	if len(calls) == 0 {
 		return nil, nil

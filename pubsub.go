@@ -201,6 +201,10 @@ type redisBroker struct {
 
 	stop     context.CancelFunc
 	loopDone chan struct{}
+
+	// sharded: a Redis Cluster's broker, which publishes with SPUBLISH and
+	// whose subscriptions clusterBroker keeps (pubsub is nil); see cluster.go.
+	sharded bool
 }
 
 // maxQueuedPublishes bounds the publishes a node has sent to Redis and not
@@ -213,9 +217,9 @@ const maxQueuedPublishes = 10000
 const receiveIdle = 15 * time.Second
 
 func newRedisBroker(client redis.UniversalClient, prefix string, ids *idGenerator, log *zap.Logger, deliver deliverFunc, restored func()) (*redisBroker, error) {
-	batched, err := client.AsyncAutoPipelineWithOptions(&redis.AutoPipelineOptions{MaxQueuedCommands: maxQueuedPublishes})
+	batched, err := newPublishPipeline(client)
 	if err != nil {
-		return nil, fmt.Errorf("starting the redis publish pipeline: %w", err)
+		return nil, err
 	}
 	ctx, stop := context.WithCancel(context.Background())
 	b := &redisBroker{
@@ -245,11 +249,22 @@ func (b *redisBroker) Publish(ctx context.Context, msg Publication) (string, err
 	if err != nil {
 		return "", fmt.Errorf("encoding message: %w", err)
 	}
-	name := b.prefix + msg.Channel
-	if err := b.run(ctx, redis.NewIntCmd(ctx, "publish", name, payload)); err != nil {
-		return "", fmt.Errorf("redis PUBLISH %s: %w", name, err)
+	name, command := b.prefix+msg.Channel, "publish"
+	if b.sharded {
+		command = "spublish"
+	}
+	if err := b.run(ctx, redis.NewIntCmd(ctx, command, name, payload)); err != nil {
+		return "", fmt.Errorf("redis %s %s: %w", strings.ToUpper(command), name, err)
 	}
 	return id, nil
+}
+
+func newPublishPipeline(client redis.UniversalClient) (*redis.AutoPipeliner, error) {
+	batched, err := client.AsyncAutoPipelineWithOptions(&redis.AutoPipelineOptions{MaxQueuedCommands: maxQueuedPublishes})
+	if err != nil {
+		return nil, fmt.Errorf("starting the redis publish pipeline: %w", err)
+	}
+	return batched, nil
 }
 
 // run sends cmd through the publish pipeline and waits for its reply until

@@ -4,7 +4,8 @@
 // with persistence off and its working directory in t.TempDir(). It is killed
 // in t.Cleanup. Kill and Restart simulate a broker outage: Restart starts the
 // server again on the same port, so clients configured with the old address
-// can reconnect.
+// can reconnect. StartSentinel and StartCluster (topology.go) build a
+// Sentinel setup and a Redis Cluster from such servers.
 package redistest
 
 import (
@@ -44,6 +45,11 @@ type Server struct {
 	dir     string
 	logPath string
 
+	// mode is how the server runs: "" standalone, or modeCluster,
+	// modeReplica, modeSentinel (see topology.go).
+	mode    string
+	modeArg string // the master's address for modeReplica, its port for modeSentinel
+
 	mu     sync.Mutex
 	cmd    *exec.Cmd
 	exited chan struct{} // closed when cmd has been waited for
@@ -55,11 +61,16 @@ type Server struct {
 // installed the test fails (it is not skipped: CI installs it).
 func Start(t testing.TB) *Server {
 	t.Helper()
+	return startMode(t, "", "")
+}
+
+func startMode(t testing.TB, mode, modeArg string) *Server {
+	t.Helper()
 	bin, err := lookBinary()
 	if err != nil {
 		t.Fatalf("redistest: %v", err)
 	}
-	s := &Server{t: t, bin: bin, dir: t.TempDir()}
+	s := &Server{t: t, bin: bin, dir: t.TempDir(), mode: mode, modeArg: modeArg}
 	s.logPath = filepath.Join(s.dir, "redis.log")
 	t.Cleanup(s.cleanup)
 
@@ -111,15 +122,12 @@ func (s *Server) start() error {
 		return err
 	}
 	fmt.Fprintf(logf, "=== redistest: starting redis-server on port %d at %s\n", s.port, time.Now().Format(time.RFC3339Nano))
-	cmd := exec.Command(s.bin,
-		"--bind", "127.0.0.1",
-		"--port", strconv.Itoa(s.port),
-		"--save", "",
-		"--appendonly", "no",
-		"--dir", s.dir,
-		"--daemonize", "no",
-		"--logfile", "", // log to stdout, which goes to redis.log
-	)
+	args, err := s.args()
+	if err != nil {
+		logf.Close()
+		return err
+	}
+	cmd := exec.Command(s.bin, args...)
 	cmd.Dir = s.dir
 	cmd.Stdout = logf
 	cmd.Stderr = logf

@@ -1,0 +1,194 @@
+package caddychat
+
+import (
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/redis/go-redis/v9"
+)
+
+// Redis topologies. A standalone Redis is the redis option's URL; Sentinel
+// and Cluster take a list of addresses and credentials of their own. The hub
+// gets a redis.UniversalClient either way and does not know which it is,
+// except that on a cluster pub/sub is sharded (see cluster.go).
+
+// RedisSentinel names a master watched by Redis Sentinel: the nodes ask the
+// sentinels where the master is and follow its failovers, for commands and
+// for the pub/sub connection alike.
+type RedisSentinel struct {
+	// Name the sentinels monitor the master under (the <master-name> of
+	// "sentinel monitor" in sentinel.conf).
+	Master string `json:"master"`
+	// Addresses of sentinels, host:port. One that answers is enough; list
+	// them all so that any may be down.
+	Addrs []string `json:"addrs"`
+	// ACL user and password of the master and replicas. Placeholders such
+	// as {env.REDIS_PASSWORD} are expanded.
+	Username string `json:"username,omitempty"`
+	Password string `json:"password,omitempty"`
+	// Database number. Default: 0.
+	DB int `json:"db,omitempty"`
+	// ACL user and password of the sentinels themselves (requirepass in
+	// sentinel.conf), if they have one. Placeholders are expanded.
+	SentinelUsername string `json:"sentinel_username,omitempty"`
+	SentinelPassword string `json:"sentinel_password,omitempty"`
+	// Speak TLS to the sentinels, the master and the replicas, verifying
+	// their certificates against the system's roots.
+	TLS bool `json:"tls,omitempty"`
+}
+
+// RedisCluster is a Redis Cluster. Its nodes carry the channels with sharded
+// pub/sub (SPUBLISH, SSUBSCRIBE): a message goes to the shard that owns its
+// channel's slot, not to every node of the cluster.
+type RedisCluster struct {
+	// Addresses of some of the cluster's nodes, host:port; the others are
+	// discovered from them.
+	Addrs []string `json:"addrs"`
+	// ACL user and password of the nodes. Placeholders are expanded.
+	Username string `json:"username,omitempty"`
+	Password string `json:"password,omitempty"`
+	// Speak TLS to the nodes, verifying their certificates against the
+	// system's roots.
+	TLS bool `json:"tls,omitempty"`
+}
+
+// provisionRedisTopology expands placeholders in the Redis options and
+// rejects combinations and values that cannot work, naming the option.
+func (h *Handler) provisionRedisTopology(repl *caddy.Replacer) error {
+	expand := func(s string) string { return strings.TrimSpace(repl.ReplaceKnown(s, "")) }
+	var set []string
+	if h.Redis != "" {
+		set = append(set, "redis")
+	}
+	var errs []error
+	if s := h.RedisSentinel; s != nil {
+		set = append(set, "redis_sentinel")
+		s.Master = expand(s.Master)
+		s.Username, s.Password = expand(s.Username), expand(s.Password)
+		s.SentinelUsername, s.SentinelPassword = expand(s.SentinelUsername), expand(s.SentinelPassword)
+		if s.Master == "" {
+			errs = append(errs, errors.New("chat: redis_sentinel: needs the name the sentinels monitor the master under"))
+		}
+		if s.DB < 0 {
+			errs = append(errs, fmt.Errorf("chat: redis_sentinel db %d: must be 0 or more", s.DB))
+		}
+		errs = append(errs, expandAddrs("redis_sentinel", s.Addrs, expand)...)
+	}
+	if c := h.RedisCluster; c != nil {
+		set = append(set, "redis_cluster")
+		c.Username, c.Password = expand(c.Username), expand(c.Password)
+		errs = append(errs, expandAddrs("redis_cluster", c.Addrs, expand)...)
+		if p := *h.ChannelPrefix; strings.ContainsAny(p, "{}") {
+			errs = append(errs, fmt.Errorf("chat: channel_prefix %q: no { or } with redis_cluster (history and presence keys use {<prefix><channel>} as their hash tag, which must hash to the slot of the channel)", p))
+		}
+	}
+	if len(set) > 1 {
+		errs = append(errs, fmt.Errorf("chat: %s are alternatives, set one of them (standalone Redis, Sentinel or Cluster)", strings.Join(set, " and ")))
+	}
+	if h.Redis != "" {
+		if _, err := redis.ParseURL(h.Redis); err != nil {
+			errs = append(errs, fmt.Errorf("chat: redis: %v (want redis://[user:password@]host:port/db or rediss://...)", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// expandAddrs expands placeholders in addrs in place and checks that each
+// is host:port.
+func expandAddrs(option string, addrs []string, expand func(string) string) []error {
+	if len(addrs) == 0 {
+		return []error{fmt.Errorf("chat: %s: needs at least one address, host:port", option)}
+	}
+	var errs []error
+	for i, a := range addrs {
+		addrs[i] = expand(a)
+		host, port, err := net.SplitHostPort(addrs[i])
+		if n, perr := strconv.Atoi(port); err != nil || host == "" || perr != nil || n < 1 || n > 65535 {
+			errs = append(errs, fmt.Errorf("chat: %s address %q: want host:port", option, addrs[i]))
+		}
+	}
+	return errs
+}
+
+// servers identifies the Redis deployment of c, credentials included (as a
+// digest), for the hub's key: a reload that changes any of it gets a new hub.
+func (c hubConfig) servers() string {
+	secret := func(parts ...string) string {
+		sum := sha256.Sum256([]byte(strings.Join(parts, "\x00")))
+		return fmt.Sprintf("%x", sum[:8])
+	}
+	switch {
+	case c.sentinel != nil:
+		s := c.sentinel
+		return fmt.Sprintf("sentinel:%s@%s/%d,tls=%v,auth=%s", s.Master, strings.Join(s.Addrs, ","), s.DB, s.TLS,
+			secret(s.Username, s.Password, s.SentinelUsername, s.SentinelPassword))
+	case c.cluster != nil:
+		cl := c.cluster
+		return fmt.Sprintf("cluster:%s,tls=%v,auth=%s", strings.Join(cl.Addrs, ","), cl.TLS, secret(cl.Username, cl.Password))
+	}
+	return c.redisURL
+}
+
+// usesRedis reports whether c names any Redis (else the in-process broker).
+func (c hubConfig) usesRedis() bool {
+	return c.redisURL != "" || c.sentinel != nil || c.cluster != nil
+}
+
+// newRedisClient connects (lazily, as go-redis does) to the Redis of cfg.
+// sharded is true for a cluster, whose channels use sharded pub/sub.
+func newRedisClient(cfg hubConfig, clientName string) (client redis.UniversalClient, sharded bool, err error) {
+	timeout := cfg.brokerTimeouts
+	tlsConfig := func(on bool) *tls.Config {
+		if !on {
+			return nil
+		}
+		return &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	switch {
+	case cfg.sentinel != nil:
+		s := cfg.sentinel
+		return redis.NewFailoverClient(&redis.FailoverOptions{
+			MasterName:       s.Master,
+			SentinelAddrs:    s.Addrs,
+			SentinelUsername: s.SentinelUsername,
+			SentinelPassword: s.SentinelPassword,
+			Username:         s.Username,
+			Password:         s.Password,
+			DB:               s.DB,
+			TLSConfig:        tlsConfig(s.TLS),
+			ClientName:       clientName,
+			DialTimeout:      timeout,
+			ReadTimeout:      timeout,
+			WriteTimeout:     timeout,
+		}), false, nil
+	case cfg.cluster != nil:
+		c := cfg.cluster
+		return redis.NewClusterClient(&redis.ClusterOptions{
+			Addrs:        c.Addrs,
+			Username:     c.Username,
+			Password:     c.Password,
+			TLSConfig:    tlsConfig(c.TLS),
+			ClientName:   clientName,
+			DialTimeout:  timeout,
+			ReadTimeout:  timeout,
+			WriteTimeout: timeout,
+		}), true, nil
+	}
+	// rediss:// URLs get their TLS configuration (server name from the
+	// host, skip_verify from the query) from ParseURL.
+	opts, err := redis.ParseURL(cfg.redisURL)
+	if err != nil {
+		return nil, false, fmt.Errorf("parsing redis URL: %w", err)
+	}
+	opts.DialTimeout = timeout
+	opts.ReadTimeout = timeout
+	opts.WriteTimeout = timeout
+	opts.ClientName = clientName
+	return redis.NewClient(opts), false, nil
+}
