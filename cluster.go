@@ -96,25 +96,9 @@ func newClusterBroker(cluster *redis.ClusterClient, prefix string, ids *idGenera
 
 func (b *clusterBroker) Subscribe(ctx context.Context, channel string) error {
 	key := b.prefix + channel
-	confirmed := make(chan struct{})
-	b.waitersMu.Lock()
-	b.waiters[key] = append(b.waiters[key], confirmed)
-	b.waitersMu.Unlock()
-
-	err := b.subscribe(ctx, key)
-	if err == nil {
-		select {
-		case <-confirmed:
-			return nil
-		case <-ctx.Done():
-			err = ctx.Err()
-		}
-	}
-	b.dropWaiter(key, confirmed)
-	unsubCtx, cancel := context.WithTimeout(context.Background(), time.Second)
-	defer cancel()
-	_ = b.Unsubscribe(unsubCtx, channel)
-	return fmt.Errorf("redis SSUBSCRIBE %s: %w", key, err)
+	return b.awaitSubscription(ctx, key, "SSUBSCRIBE",
+		func(ctx context.Context) error { return b.subscribe(ctx, key) },
+		func(ctx context.Context) { _ = b.Unsubscribe(ctx, channel) })
 }
 
 // subscribe sends SSUBSCRIBE for key to the master of its slot.

@@ -277,12 +277,23 @@ func (b *redisBroker) run(ctx context.Context, cmd redis.Cmder) error {
 
 func (b *redisBroker) Subscribe(ctx context.Context, channel string) error {
 	key := b.prefix + channel
+	// go-redis keeps a failed channel in its list and would subscribe it on
+	// the next reconnect: take it out, nobody here wants it.
+	return b.awaitSubscription(ctx, key, "SUBSCRIBE",
+		func(ctx context.Context) error { return b.pubsub.Subscribe(ctx, key) },
+		func(ctx context.Context) { _ = b.pubsub.Unsubscribe(ctx, key) })
+}
+
+// awaitSubscription sends a subscription to key and waits until Redis
+// confirms it (the receive loop calls confirm) or ctx ends. A subscription
+// that failed or was not confirmed in time is undone.
+func (b *redisBroker) awaitSubscription(ctx context.Context, key, command string, send func(context.Context) error, undo func(context.Context)) error {
 	confirmed := make(chan struct{})
 	b.waitersMu.Lock()
 	b.waiters[key] = append(b.waiters[key], confirmed)
 	b.waitersMu.Unlock()
 
-	err := b.pubsub.Subscribe(ctx, key)
+	err := send(ctx)
 	if err == nil {
 		select {
 		case <-confirmed:
@@ -292,12 +303,10 @@ func (b *redisBroker) Subscribe(ctx context.Context, channel string) error {
 		}
 	}
 	b.dropWaiter(key, confirmed)
-	// go-redis keeps a failed channel in its list and would subscribe it on
-	// the next reconnect: take it out, nobody here wants it.
-	unsubCtx, cancel := context.WithTimeout(context.Background(), time.Second)
+	undoCtx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	_ = b.pubsub.Unsubscribe(unsubCtx, key)
-	return fmt.Errorf("redis SUBSCRIBE %s: %w", key, err)
+	undo(undoCtx)
+	return fmt.Errorf("redis %s %s: %w", command, key, err)
 }
 
 func (b *redisBroker) dropWaiter(key string, w chan struct{}) {

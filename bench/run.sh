@@ -4,15 +4,28 @@
 #
 #   bash bench/run.sh            # the full run (about 5 minutes on 2 cores)
 #   QUICK=1 bash bench/run.sh    # smaller sizes, for a smoke test
+#   ONLY="fanout rooms" bash bench/run.sh   # some parts only: idle idle3 fanout history rooms
+#   CADDY_BIN=/tmp/caddy-old ONLY=rooms bash bench/run.sh
+#                                # another build of the nodes (e.g. an older
+#                                # commit's), to compare two builds on one machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$PWD/bench/out
 rm -rf "$out" && mkdir -p "$out"
 results=bench/results.md
+# A partial run or another build does not replace the committed results.
+if [ -n "${ONLY:-}${CADDY_BIN:-}${QUICK:-}" ]; then results=$out/results.md; fi
 
 echo "building caddy and chatbench" >&2
-go build -o "$out/caddy" ./cmd/caddy
+if [ -n "${CADDY_BIN:-}" ]; then
+	cp "$CADDY_BIN" "$out/caddy"
+else
+	go build -o "$out/caddy" ./cmd/caddy
+fi
 go build -o "$out/chatbench" ./cmd/chatbench
+
+# want PART: whether this run includes PART (all of them unless ONLY is set).
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 
 pids=()
 cleanup() {
@@ -98,7 +111,7 @@ start() { start_node "$1"; node_pids+=("$node_pid"); }
 if [ -n "${QUICK:-}" ]; then
 	fan_small=500 fan_large=2000 rooms=2000 idle_one=3000 idle_each=2000 hold=5s history_msgs=2000
 else
-	fan_small=2000 fan_large=10000 rooms=10000 idle_one=18000 idle_each=16600 hold=30s history_msgs=20000
+	fan_small=2000 fan_large=10000 rooms=10000 idle_one=18000 idle_each=16600 hold=30s history_msgs=30000
 fi
 
 bench() { # name, then chatbench flags
@@ -118,11 +131,14 @@ bench() { # name, then chatbench flags
 
 # Memory is measured on fresh nodes: Go keeps freed memory for a while, so
 # a node that has served a load test shows too little growth.
+if want idle; then
 start A; url_a=$node_url pid_a=$node_pid
 bench idle-$idle_one -url "$url_a" -scenario idle -clients "$idle_one" -hold "$hold" -pids "$pid_a"
 stop_nodes
+fi
 
 # Three nodes, three load generators (one process holds at most ~19,000 sockets).
+if want idle3; then
 start A; url_a=$node_url pid_a=$node_pid
 start B; url_b=$node_url pid_b=$node_pid
 start C; url_c=$node_url pid_c=$node_pid
@@ -144,21 +160,27 @@ for g in "${gens[@]}"; do wait "$g" || true; done
 	echo '```'
 } >>"$out/tables.md"
 stop_nodes
+fi
 
 start A; url_a=$node_url pid_a=$node_pid
 start B; url_b=$node_url pid_b=$node_pid
+if want fanout; then
 bench fanout-$fan_small -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline,fanout -subs "$fan_small" \
-	-step-rates 25,50,65,80,100 -max-p99 150ms -messages 300 -inflight 32
+	-step-rates 25,50,65,70,80,100 -max-p99 150ms -messages 300 -inflight 32
 bench fanout-$fan_large -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline,fanout -subs "$fan_large" \
-	-step-rates 4,7,10,13 -max-p99 500ms -messages 60 -inflight 32
+	-step-rates 4,7,8,10,13 -max-p99 500ms -messages 60 -inflight 32
+fi
 # Publish throughput with and without history: one publisher as fast as 64
-# unanswered publishes allow, 100 subscribers over both nodes.
-bench history-cost -url "$url_a,$url_b" -history-url "${url_a}h,${url_b}h" -pids "$pid_a,$pid_b" \
-	-scenario fanout,fanout-history -subs 100 -rate 0 -messages "$history_msgs" -inflight 64
+# unanswered publishes allow, one subscriber per node, so that publishing,
+# not fan-out, is what limits the rate.
+want history && bench history-cost -url "$url_a,$url_b" -history-url "${url_a}h,${url_b}h" -pids "$pid_a,$pid_b" \
+	-scenario fanout,fanout-history -subs 2 -rate 0 -messages "$history_msgs" -inflight 64
+if want rooms; then
 bench rooms-$((rooms / 2)) -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline-rooms,rooms -clients "$((rooms / 2))" -room-size 10 \
 	-client-rate 1 -duration 20s
 bench rooms-$rooms -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline-rooms,rooms -clients "$rooms" -room-size 10 \
 	-client-rate 1 -duration 20s
+fi
 stop_nodes
 
 {
@@ -166,6 +188,8 @@ stop_nodes
 	echo
 	echo "Run by \`bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) memory, $(go version | cut -d' ' -f3), redis $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/')."
 	echo "Caddy nodes, redis-server and the load generator share the machine; nodes log at WARN."
+	[ -n "${CADDY_BIN:-}" ] && echo "Nodes: $CADDY_BIN (not this tree's build)."
+	[ -n "${ONLY:-}" ] && echo "Parts: $ONLY."
 	cat "$out/tables.md"
 } >"$results"
 echo "wrote $results" >&2
