@@ -388,3 +388,42 @@ func drain(c *wsClient) {
 		}
 	}
 }
+
+// TestReloadToAnotherTopology: a reload that moves a node from a standalone
+// Redis to a cluster builds a new hub on the cluster: the old connections
+// are told 1012, the standalone Redis loses the node's pub/sub connection,
+// and new connections publish and subscribe through the cluster (sharded).
+func TestReloadToAnotherTopology(t *testing.T) {
+	rs := redistest.Start(t)
+	n := startNode(t, "A", chatRoutes(rs.URL()))
+	old := dialJSON(t, "before", n.wsURL("/ws"))
+	old.subscribe("room:moved")
+	old.mustPublish("room:moved", map[string]int{"n": 1})
+	old.expectMessage("room:moved", 5*time.Second)
+
+	cluster := redistest.StartCluster(t, 3, 0)
+	n.reload(t, fmt.Sprintf("\tchat /ws {\n\t\tredis_cluster %s\n\t\trate_limit off\n\t}", strings.Join(cluster.Addrs(), " ")))
+	code, err := old.waitClosed(10 * time.Second)
+	if err != nil || code != 1012 {
+		t.Fatalf("old connection after the reload to a cluster: code %d, %v; want 1012 (service restart)", code, err)
+	}
+	eventually(t, 10*time.Second, "the standalone Redis lost the node's pub/sub connection", func() (bool, string) {
+		got := numSub(t, rs, "chat:room:moved")
+		return got == 0, fmt.Sprintf("NUMSUB chat:room:moved = %d", got)
+	})
+
+	sub := dialJSON(t, "after", n.wsURL("/ws"))
+	sub.subscribe("room:moved")
+	pub := dialJSON(t, "pub", n.wsURL("/ws"))
+	pub.mustPublish("room:moved", map[string]int{"n": 2})
+	if m := sub.expectMessage("room:moved", 5*time.Second); string(m.Data) != `{"n":2}` {
+		t.Fatalf("after the reload: got %s, want data {\"n\":2}", m)
+	}
+	owner := cluster.Owner("chat:room:moved")
+	ctx, cancel := redisCtx()
+	defer cancel()
+	shard, err := owner.Client().PubSubShardNumSub(ctx, "chat:room:moved").Result()
+	if err != nil || shard["chat:room:moved"] != 1 {
+		t.Fatalf("PUBSUB SHARDNUMSUB on the slot's master: %v, %v; want 1 (the reloaded node)", shard, err)
+	}
+}
