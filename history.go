@@ -395,9 +395,13 @@ func (b *redisBroker) publishKept(ctx context.Context, msg Publication, now time
 	}
 	name := b.prefix + msg.Channel
 	ttl := max(msg.History.maxAge.Milliseconds(), 1000)
-	res, err := publishWithHistory.get(b.sharded).Run(ctx, b.client,
+	cmd, err := b.runScript(ctx, publishWithHistory.get(b.sharded),
 		[]string{historyStreamKey(name), historyEpochKey(name)},
-		name, msg.History.count, ttl, newEpoch(), envelopeHead(msg.Channel), tail).StringSlice()
+		name, msg.History.count, ttl, newEpoch(), envelopeHead(msg.Channel), tail)
+	var res []string
+	if err == nil {
+		res, err = cmd.StringSlice()
+	}
 	if err != nil {
 		return "", fmt.Errorf("redis XADD+PUBLISH %s: %w", name, err)
 	}

@@ -62,7 +62,7 @@ func moduleMetrics() *chatMetrics {
 				Help:    "Time a publish takes at the broker.",
 				Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
 			}),
-			publishFailures:  counter("publish_failures_total", "Publishes the broker did not accept in time (answered unavailable); logged at debug level only."),
+			publishFailures:  counter("publish_failures_total", "Publishes the broker did not accept in time (answered unavailable); each is logged at debug level, the start of an outage once at warn."),
 			brokerReconnects: counter("broker_reconnects_total", "Times the broker's pub/sub connection came back after an outage."),
 			brokerUp:         gauge("broker_up", "1 while the broker answers publishes in time, 0 from the first failed publish until one succeeds again."),
 			presenceFailures: counter("presence_failures_total", "Presence joins, leaves, heartbeats and queries the broker did not complete in time; entries heal within presence_ttl."),

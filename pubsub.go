@@ -272,7 +272,41 @@ func newPublishPipeline(client redis.UniversalClient) (*redis.AutoPipeliner, err
 // wait does: a publish never outlasts publish_timeout, even while Redis is
 // unreachable and the pipeline is still retrying.
 func (b *redisBroker) run(ctx context.Context, cmd redis.Cmder) error {
-	return b.batched.Submit(ctx, cmd).WaitContext(ctx)
+	return b.batched.Submit(ctx, onceOnly{cmd}).WaitContext(ctx)
+}
+
+// onceOnly keeps the pipeline from retrying a publish. A batch retried after
+// a read timeout would run twice once a stalled Redis resumes (the first
+// copy was already written to it), and every subscriber would get the
+// message twice; a publish that fails is answered unavailable instead, and
+// the client decides.
+type onceOnly struct{ redis.Cmder }
+
+func (onceOnly) NoRetry() bool { return true }
+
+// runScript runs script (EVALSHA) through the publish pipeline. A Redis
+// that does not have the script yet (first use, a restart, a failover: the
+// script cache is not replicated) is given it, and the call is made again.
+func (b *redisBroker) runScript(ctx context.Context, script *redis.Script, keys []string, args ...any) (*redis.Cmd, error) {
+	cmdArgs := make([]any, 0, 3+len(keys)+len(args))
+	cmdArgs = append(cmdArgs, "evalsha", script.Hash(), len(keys))
+	for _, k := range keys {
+		cmdArgs = append(cmdArgs, k)
+	}
+	cmdArgs = append(cmdArgs, args...)
+	for loaded := false; ; loaded = true {
+		cmd := redis.NewCmd(ctx, cmdArgs...)
+		err := b.run(ctx, cmd)
+		if err == nil {
+			return cmd, nil
+		}
+		if loaded || !redis.HasErrorPrefix(err, "NOSCRIPT") {
+			return nil, err
+		}
+		if err := script.Load(ctx, b.client).Err(); err != nil {
+			return nil, fmt.Errorf("loading the script: %w", err)
+		}
+	}
 }
 
 func (b *redisBroker) Subscribe(ctx context.Context, channel string) error {
