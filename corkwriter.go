@@ -10,9 +10,9 @@ import (
 	"sync"
 )
 
-// The WebSocket library flushes every message to the socket on its own: one
-// write system call per frame, which is most of the CPU a busy node spends.
-// A corkWriter sits between the library's buffer and the socket so that the
+// Left to itself, the WebSocket library flushes every message to the socket:
+// one write system call per frame, which is most of the CPU a busy node
+// spends. A corkWriter sits between the library's buffer and the socket so that the
 // writer goroutine can "cork" it, write every frame waiting in the send queue
 // (they collect in memory), and "uncork" to send them all with one call.
 //
@@ -40,9 +40,10 @@ const opCloseFinal = 0x88
 // larger one (after a burst) is dropped for the garbage collector.
 const maxCorkRetained = 64 << 10
 
-// libraryWriteBuffer is the size of the library's own write buffer. Data
-// frames go through it into the cork buffer, so it can be small: it only
-// saves system calls for control frames written while uncorked.
+// libraryWriteBuffer is the size of the library's own write buffer, which
+// now carries control frames only. It must hold a whole control frame (at
+// most 2+125 bytes): that is what makes each one reach Write in one call, so
+// that writeText's frames never land inside one.
 const libraryWriteBuffer = 1 << 10
 
 // libraryReadBuffer is the size of the library's read buffer: enough for

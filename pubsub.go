@@ -269,8 +269,8 @@ func newPublishPipeline(client redis.UniversalClient) (*redis.AutoPipeliner, err
 
 // run sends cmd through the publish pipeline and waits for its reply until
 // ctx ends. The pipeline does not watch a queued command's context, so the
-// wait does: a publish never outlasts publish_timeout, even while Redis is
-// unreachable and the pipeline is still retrying.
+// wait does: a publish never outlasts publish_timeout, even while a stalled
+// Redis holds the batch it is in.
 func (b *redisBroker) run(ctx context.Context, cmd redis.Cmder) error {
 	return b.batched.Submit(ctx, onceOnly{cmd}).WaitContext(ctx)
 }
