@@ -105,6 +105,9 @@ const (
 type identity struct {
 	user      string // empty when anonymous
 	anonymous bool
+	// server: a backend holding the publish key; what it publishes is the
+	// server's own message.
+	server    bool
 	subscribe channelACL
 	publish   channelACL
 	expires   time.Time // zero: never

@@ -92,7 +92,7 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 //		channel          <name>
 //		origins          <pattern...>
 //		max_message_size <size>
-//		send_queue       <frames>
+//		send_queue       <size>
 //		ping_interval    <duration>
 //		write_timeout    <duration>
 //		publish_timeout  <duration>
@@ -184,14 +184,18 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("max_message_size %q: want a size such as 65536, 64KiB or 1MB", value)
 			}
 			h.MaxMessageSize = int64(size)
-		case "send_queue", "max_connections", "max_connections_per_user", "max_subscriptions", "max_replay":
+		case "send_queue":
+			size, err := humanize.ParseBytes(value)
+			if err != nil || size == 0 || size > 1<<40 {
+				return d.Errf("send_queue %q: want a size in bytes such as 1MiB or 512KiB", value)
+			}
+			h.SendQueue = int64(size)
+		case "max_connections", "max_connections_per_user", "max_subscriptions", "max_replay":
 			n, err := strconv.Atoi(value)
 			if err != nil || n < 1 {
 				return d.Errf("%s %q: want a positive number", option, value)
 			}
 			switch option {
-			case "send_queue":
-				h.SendQueue = n
 			case "max_connections":
 				h.MaxConnections = n
 			case "max_connections_per_user":

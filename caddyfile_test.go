@@ -93,7 +93,7 @@ func TestValidateRejectsBadValues(t *testing.T) {
 		{Handler{Channel: "room:a"}, "channel applies to protocol raw only"},
 		{Handler{ChannelPrefix: ptr("a b")}, "channel_prefix"},
 		{Handler{MaxMessageSize: 1 << 30}, "max_message_size"},
-		{Handler{SendQueue: 1 << 20}, "send_queue"},
+		{Handler{SendQueue: 1 << 10}, "send_queue"},
 		{Handler{PingInterval: caddy.Duration(time.Millisecond)}, "ping_interval"},
 		{Handler{WriteTimeout: caddy.Duration(2 * time.Hour)}, "write_timeout"},
 		{Handler{Origins: []string{""}}, "origins"},

@@ -16,7 +16,7 @@ import (
 
 // historyRoutes is chatRoutes with history kept on every channel.
 func historyRoutes(redisURL, history string) string {
-	return fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off\n\t\thistory %s\n\t\tsend_queue 4096\n\t}", redisURL, history)
+	return fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off\n\t\thistory %s\n\t\tsend_queue 4MiB\n\t}", redisURL, history)
 }
 
 // seqPublisher publishes 1, 2, 3, ... on one channel through one connection,

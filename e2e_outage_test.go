@@ -79,7 +79,7 @@ func TestRedisOutageLosesNoAcknowledgedMessage(t *testing.T) {
 func testRedisOutage(t *testing.T, history string) {
 	const publishTimeout = time.Second
 	rs := redistest.Start(t)
-	routes := fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off%s\n\t\tpublish_timeout %v\n\t\tsend_queue 4096\n\t}",
+	routes := fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off%s\n\t\tpublish_timeout %v\n\t\tsend_queue 4MiB\n\t}",
 		rs.URL(), history, publishTimeout)
 	a := startNode(t, "A", routes)
 	b := startNode(t, "B", routes)

@@ -173,7 +173,7 @@ type conn struct {
 	ws         *websocket.Conn
 	rawChannel string // the bridged channel in raw mode; empty in JSON mode
 
-	// send is the bounded queue of frames for the writer (send_queue frames).
+	// send is the queue of frames for the writer, bounded by send_queue bytes.
 	send sendQueue
 	// writeTimer bounds each write: it cuts the connection when a write
 	// takes longer than write_timeout. One timer per connection, reset per
@@ -190,8 +190,9 @@ type conn struct {
 	// connection costs one goroutine, not two.
 	writing atomic.Bool
 	// closed is closed by the writer once the close handshake is done.
-	closed    chan struct{}
-	pingTimer *time.Timer
+	closed chan struct{}
+	// pingTimer is set once serve starts; the timer's own callback reads it.
+	pingTimer atomic.Pointer[time.Timer]
 	pinging   atomic.Bool
 
 	// Only touched by the reading goroutine: subscriptions, the identity
@@ -210,6 +211,8 @@ type conn struct {
 	catchingUp atomic.Int32
 	catchMu    sync.Mutex
 	catchUps   map[string]*catchUp
+	// heldBytes is what the catch-ups hold: it counts against send_queue.
+	heldBytes atomic.Int64
 }
 
 func newConn(h *Handler, ws *websocket.Conn, rawChannel string, id *identity) *conn {
@@ -261,7 +264,7 @@ func (c *conn) enqueue(d *delivery) bool {
 			return ok
 		}
 	}
-	if !c.send.push(d, c.h.SendQueue) {
+	if !c.send.push(d, c.h.SendQueue-c.heldBytes.Load()) {
 		c.fail(closeSlowConsumer, "send queue full")
 		return false
 	}
@@ -287,8 +290,9 @@ func (c *conn) serve() {
 		}
 	}()
 	log.Debug("connection opened", zap.String("conn", c.id), zap.String("user", c.identity.user))
-	c.pingTimer = time.AfterFunc(time.Duration(c.h.PingInterval), c.pingDue)
-	defer c.pingTimer.Stop()
+	pingTimer := time.AfterFunc(time.Duration(c.h.PingInterval), c.pingDue)
+	c.pingTimer.Store(pingTimer)
+	defer pingTimer.Stop()
 	c.armExpiry()
 	defer func() {
 		if c.expiry != nil {
@@ -435,7 +439,7 @@ func (c *conn) publishRaw(frame []byte) bool {
 	}
 	ctx, cancel := c.brokerContext()
 	defer cancel()
-	if _, err := c.hub.publish(ctx, Publication{Channel: c.rawChannel, From: c.identity.user, Raw: frame, History: c.h.history.policyFor(c.rawChannel)}); err != nil {
+	if _, err := c.hub.publish(ctx, Publication{Channel: c.rawChannel, From: c.identity.user, Origin: originOf(c.identity), Raw: frame, History: c.h.history.policyFor(c.rawChannel)}); err != nil {
 		c.h.logger.Debug("raw publish failed", zap.String("conn", c.id), zap.Error(err))
 		c.fail(closeTryAgainLater, "broker unavailable")
 		return false
@@ -502,7 +506,7 @@ func (c *conn) handleFrame(frame []byte) {
 			return
 		}
 		ctx, cancel := c.brokerContext()
-		id, err := c.hub.publish(ctx, Publication{Channel: f.Channel, From: c.identity.user, Data: f.Data, History: c.h.history.policyFor(f.Channel)})
+		id, err := c.hub.publish(ctx, Publication{Channel: f.Channel, From: c.identity.user, Origin: originOf(c.identity), Data: f.Data, History: c.h.history.policyFor(f.Channel)})
 		cancel()
 		if err != nil {
 			c.h.logger.Debug("publish failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
@@ -697,7 +701,9 @@ func (c *conn) pingDue() {
 	if c.pinging.CompareAndSwap(false, true) {
 		go c.ping()
 	}
-	c.pingTimer.Reset(time.Duration(c.h.PingInterval))
+	if t := c.pingTimer.Load(); t != nil {
+		t.Reset(time.Duration(c.h.PingInterval))
+	}
 }
 
 // ping runs outside the writer so that waiting for the pong never delays

@@ -175,9 +175,9 @@ func envelopeHead(channel string) string {
 	return `{"type":"message","channel":"` + channel + `","id":"`
 }
 
-func envelopeTail(from string, ts int64, data json.RawMessage) (string, error) {
+func envelopeTail(from sender, ts int64, data json.RawMessage) (string, error) {
 	b, err := json.Marshal(struct {
-		From string          `json:"from"`
+		sender
 		TS   int64           `json:"ts"`
 		Data json.RawMessage `json:"data"`
 	}{from, ts, data})
@@ -389,7 +389,7 @@ func (b *redisBroker) publishKept(ctx context.Context, msg Publication, now time
 	if err != nil {
 		return "", fmt.Errorf("encoding message: %w", err)
 	}
-	tail, err := envelopeTail(msg.From, now.UnixMilli(), data)
+	tail, err := envelopeTail(msg.sender(), now.UnixMilli(), data)
 	if err != nil {
 		return "", fmt.Errorf("encoding message: %w", err)
 	}
@@ -397,7 +397,7 @@ func (b *redisBroker) publishKept(ctx context.Context, msg Publication, now time
 	ttl := max(msg.History.maxAge.Milliseconds(), 1000)
 	cmd, err := b.runScript(ctx, publishWithHistory.get(b.sharded),
 		[]string{historyStreamKey(name), historyEpochKey(name)},
-		name, msg.History.count, ttl, newEpoch(), envelopeHead(msg.Channel), tail)
+		name, msg.History.count, ttl, newEpoch(), nodeStamp+envelopeHead(msg.Channel), tail)
 	var res []string
 	if err == nil {
 		res, err = cmd.StringSlice()

@@ -21,6 +21,31 @@ import (
 // connections and its Redis connections instead of opening new ones.
 var hubs = caddy.NewUsagePool()
 
+// liveHubs are the hubs not yet destructed, for the metrics that sum over them.
+var liveHubs hubSet
+
+type hubSet struct{ sync.Map }
+
+// queuedBytes is what waits to be sent to the clients of every live hub.
+func (s *hubSet) queuedBytes() float64 {
+	var total int64
+	s.Range(func(k, _ any) bool {
+		total += k.(*hub).queuedBytes()
+		return true
+	})
+	return float64(total)
+}
+
+func (h *hub) queuedBytes() int64 {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	var total int64
+	for c := range h.conns {
+		total += c.send.queuedBytes() + c.heldBytes.Load()
+	}
+	return total
+}
+
 // hubConfig is what identifies a hub: handlers with equal hubConfigs share one.
 type hubConfig struct {
 	redisURL       string
@@ -110,6 +135,7 @@ func newHub(cfg hubConfig) (*hub, error) {
 	if !cfg.usesRedis() {
 		h.broker = newMemoryBroker(h.ids, h.deliver)
 		h.presence = newPresence(newMemoryPresence(h.broker), node, h.log)
+		liveHubs.Store(h, struct{}{})
 		return h, nil
 	}
 	client, sharded, err := newRedisClient(cfg, "caddychat-"+node)
@@ -129,6 +155,7 @@ func newHub(cfg hubConfig) (*hub, error) {
 	}
 	h.broker = broker
 	h.presence = newPresence(newRedisPresence(client, cfg.channelPrefix, sharded), node, h.log)
+	liveHubs.Store(h, struct{}{})
 	return h, nil
 }
 
@@ -301,21 +328,28 @@ func (h *hub) releaseIfIdle(channel string, cs *channelState) {
 // the broker's deliverFunc: it never blocks, and a member whose queue is full
 // is disconnected as a slow consumer rather than waited for.
 func (h *hub) deliver(channel string, payload []byte) {
+	body, stamped := unstamp(payload)
+	h.deliverBody(channel, body, stamped)
+}
+
+// deliverBody delivers a payload whose stamp was checked (and cut off): only
+// a stamped one is read for an id or a presence event (trust.go).
+func (h *hub) deliverBody(channel string, body []byte, stamped bool) {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	cs := h.channels[channel]
 	if cs == nil || len(cs.members) == 0 {
 		return
 	}
-	if id, kept := messageID(channel, payload); kept {
-		if !cs.lastKept.less(id) {
+	d := newDelivery(channel, body, stamped, h.ids)
+	if d.kept {
+		if !cs.lastKept.less(d.keptID) {
 			return // a resync delivered it already
 		}
-		cs.lastKept = id
+		cs.lastKept = d.keptID
 	}
-	d := &delivery{channel: channel, payload: payload, ids: h.ids}
 	// Join and leave events go to the clients that asked for presence only.
-	event := isPresenceEvent(channel, payload)
+	event := stamped && isPresenceEvent(channel, body)
 	queued, skipped := 0, 0
 	for c := range cs.members {
 		if event && !c.wantsPresence() {
@@ -390,7 +424,7 @@ func (h *hub) resync() {
 			continue
 		}
 		for _, e := range page.entries {
-			h.deliver(p.channel, e.payload)
+			h.deliverBody(p.channel, e.payload, true)
 		}
 		if n := len(page.entries); n > 0 {
 			h.log.Info("delivered messages missed during a broker outage", zap.String("channel", p.channel), zap.Int("messages", n))
@@ -423,6 +457,7 @@ func (h *hub) Destruct() error {
 	if caddy.Exiting() {
 		code, reason = closeGoingAway, "node shutting down"
 	}
+	liveHubs.Delete(h)
 	h.mu.Lock()
 	h.closed = true
 	conns := make([]*conn, 0, len(h.conns))

@@ -31,7 +31,7 @@ func BenchmarkHubDeliver(b *testing.B) {
 			stop := make(chan struct{})
 			// Queues deep enough that drainers sharing two cores with the
 			// deliveries never fill one (a full queue would close the client).
-			owner := &Handler{SendQueue: 1 << 20}
+			owner := &Handler{SendQueue: 1 << 30}
 			for range subscribers {
 				c := &conn{h: owner, cancel: func() {}}
 				c.writing.Store(true) // the drain goroutine below is its writer
@@ -125,7 +125,7 @@ type benchNode struct {
 }
 
 func startBenchNode(b *testing.B) benchNode {
-	h := &Handler{SendQueue: 1024, RateLimit: &RateLimit{PerSecond: -1}}
+	h := &Handler{SendQueue: 1 << 20, RateLimit: &RateLimit{PerSecond: -1}}
 	ctx, cancel := caddyContext()
 	b.Cleanup(cancel)
 	if err := h.Provision(ctx); err != nil {

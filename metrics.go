@@ -28,6 +28,7 @@ type chatMetrics struct {
 	presenceFailures  prometheus.Counter
 	authFailures      *prometheus.CounterVec
 	httpPublishes     *prometheus.CounterVec
+	queuedBytes       prometheus.GaugeFunc
 }
 
 var (
@@ -75,6 +76,10 @@ func moduleMetrics() *chatMetrics {
 				Help: "Messages published through the HTTP publish endpoint, by result.",
 			}, []string{"result"}),
 		}
+		metrics.queuedBytes = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "queued_bytes",
+			Help: "Bytes waiting to be sent to this node's clients (send queues and held resume messages; each frame counts 128 bytes of overhead). Each client's share is bounded by send_queue.",
+		}, liveHubs.queuedBytes)
 		metrics.brokerUp.Set(1)
 	})
 	return metrics
@@ -90,6 +95,7 @@ func (m *chatMetrics) register(reg prometheus.Registerer) error {
 		m.connections, m.connectionsOpened, m.connectionsClosed, m.channels,
 		m.received, m.delivered, m.dropped, m.slowConsumers, m.publishSeconds, m.publishFailures,
 		m.brokerReconnects, m.brokerUp, m.authFailures, m.httpPublishes, m.presenceFailures,
+		m.queuedBytes,
 	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError

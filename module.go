@@ -13,6 +13,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/coder/websocket"
+	"github.com/dustin/go-humanize"
 	"go.uber.org/zap"
 )
 
@@ -29,7 +30,7 @@ const (
 const (
 	defaultChannelPrefix  = "chat:"
 	defaultMaxMessageSize = 64 << 10
-	defaultSendQueue      = 256
+	defaultSendQueue      = 1 << 20 // bytes
 	defaultPingInterval   = 25 * time.Second
 	defaultWriteTimeout   = 10 * time.Second
 	defaultPublishTimeout = 2 * time.Second
@@ -40,6 +41,9 @@ const (
 	defaultMaxConnectionsPerUser = 100
 	defaultMaxSubscriptions      = 100
 	defaultDrainPeriod           = 10 * time.Second
+
+	minSendQueue = 16 << 10
+	maxSendQueue = 1 << 30
 )
 
 // Handler serves WebSocket clients of a chat and pub/sub gateway. Every node
@@ -82,9 +86,12 @@ type Handler struct {
 	// connection with 1009. Default: 65536.
 	MaxMessageSize int64 `json:"max_message_size,omitempty"`
 
-	// Frames that may wait for one client. A client whose queue is full is
-	// disconnected with 4000 (slow consumer). Default: 256.
-	SendQueue int `json:"send_queue,omitempty"`
+	// Bytes that may wait to be sent to one client: messages, replies,
+	// history answers and resume replays all count (each frame also counts
+	// 128 bytes of overhead). A client whose queue would pass it is
+	// disconnected with 4000 (slow consumer); a history request while more
+	// than half of it waits is refused with limit_exceeded. Default: 1MiB.
+	SendQueue int64 `json:"send_queue,omitempty"`
 
 	// Interval between pings; a peer that does not answer within one interval
 	// is dropped. Default: 25s.
@@ -310,8 +317,9 @@ func (h *Handler) Validate() error {
 	if h.MaxMessageSize < 1 || h.MaxMessageSize > 16<<20 {
 		errs = append(errs, fmt.Errorf("chat: max_message_size %d: must be between 1 byte and 16MiB", h.MaxMessageSize))
 	}
-	if h.SendQueue < 1 || h.SendQueue > 65536 {
-		errs = append(errs, fmt.Errorf("chat: send_queue %d: must be between 1 and 65536", h.SendQueue))
+	if h.SendQueue < minSendQueue || h.SendQueue > maxSendQueue {
+		errs = append(errs, fmt.Errorf("chat: send_queue %s: must be a size between %s and %s (bytes that may wait for one client, e.g. 1MiB)",
+			humanize.IBytes(uint64(max(h.SendQueue, 0))), humanize.IBytes(minSendQueue), humanize.IBytes(maxSendQueue)))
 	}
 	for _, d := range []struct {
 		name string

@@ -563,7 +563,7 @@ local function user_of(m)
 	return string.match(m, '^(.*)%z[^%z]*%z[^%z]*$')
 end
 local function event(kind, user)
-	return '{"type":"' .. kind .. '","channel":"' .. ARGV[2] .. '","user":' .. cjson.encode(user) .. '}'
+	return ` + nodeStampLua + ` .. '{"type":"' .. kind .. '","channel":"' .. ARGV[2] .. '","user":' .. cjson.encode(user) .. '}'
 end
 local function sweep(now)
 	local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)

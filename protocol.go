@@ -172,26 +172,36 @@ type welcome struct {
 	User string `json:"user"`
 }
 
-// envelope is a published message as it travels through the broker and as
-// JSON-protocol clients receive it: a node forwards the bytes unchanged.
+// envelope is a published message as JSON-protocol clients receive it; it
+// travels through the broker stamped (trust.go), and a node forwards the
+// bytes after the stamp unchanged.
 type envelope struct {
-	Type    string          `json:"type"`
-	Channel string          `json:"channel"`
-	ID      string          `json:"id"`
-	Epoch   string          `json:"epoch,omitempty"`
-	From    string          `json:"from"`
-	TS      int64           `json:"ts"`
-	Data    json.RawMessage `json:"data"`
+	Type    string `json:"type"`
+	Channel string `json:"channel"`
+	ID      string `json:"id"`
+	Epoch   string `json:"epoch,omitempty"`
+	sender
+	TS   int64           `json:"ts"`
+	Data json.RawMessage `json:"data"`
+}
+
+// sender is who a message comes from, in the envelope's words: "from" is
+// the authenticated user, empty otherwise; "anonymous" marks a client
+// without a token and "server" a backend. No client can produce "server".
+type sender struct {
+	User      string `json:"from"`
+	Anonymous bool   `json:"anonymous,omitempty"`
+	Server    bool   `json:"server,omitempty"`
 }
 
 const envelopeType = "message"
 
-func encodeEnvelope(channel, id, from string, ts int64, data json.RawMessage) ([]byte, error) {
-	return json.Marshal(envelope{Type: envelopeType, Channel: channel, ID: id, From: from, TS: ts, Data: data})
+func encodeEnvelope(channel, id string, from sender, ts int64, data json.RawMessage) ([]byte, error) {
+	return json.Marshal(envelope{Type: envelopeType, Channel: channel, ID: id, sender: from, TS: ts, Data: data})
 }
 
-// parseEnvelope reports whether payload is the module's own envelope for
-// channel. Anything else on the channel came from a backend's plain PUBLISH.
+// parseEnvelope decodes a node's envelope for channel (the payload after
+// the stamp); ok is false for anything else.
 func parseEnvelope(channel string, payload []byte) (envelope, bool) {
 	var e envelope
 	if len(payload) == 0 || payload[0] != '{' || !utf8.Valid(payload) {
@@ -202,24 +212,6 @@ func parseEnvelope(channel string, payload []byte) (envelope, bool) {
 	}
 	ok := e.Type == envelopeType && e.Channel == channel && e.ID != "" && len(e.Data) > 0
 	return e, ok
-}
-
-// isOwnEnvelope is parseEnvelope's answer for JSON clients without decoding:
-// envelopes are encoded by encodeEnvelope, so they start with a fixed prefix
-// naming the channel; json.Valid (allocation-free) guards the rest.
-func isOwnEnvelope(channel string, payload []byte) bool {
-	const head, mid = `{"type":"message","channel":"`, `","id":"`
-	rest, ok := bytes.CutPrefix(payload, []byte(head))
-	if !ok {
-		return false
-	}
-	if rest, ok = bytes.CutPrefix(rest, []byte(channel)); !ok {
-		return false
-	}
-	if rest, ok = bytes.CutPrefix(rest, []byte(mid)); !ok || len(rest) == 0 || rest[0] == '"' {
-		return false
-	}
-	return bytes.Contains(rest, []byte(`"data":`)) && utf8.Valid(payload) && json.Valid(payload)
 }
 
 // idGenerator makes message ids unique across nodes without coordination:
@@ -247,8 +239,16 @@ type delivery struct {
 	own []byte
 
 	channel string
+	// payload is what the broker carried, without the stamp.
 	payload []byte
-	ids     *idGenerator
+	// stamped: a node made payload (an envelope or a presence event);
+	// otherwise it is a backend's message, to be wrapped.
+	stamped bool
+	// kept: payload is a kept message with id keptID (only ever read
+	// from stamped payloads).
+	kept   bool
+	keptID streamID
+	ids    *idGenerator
 
 	jsonOnce  sync.Once
 	jsonFrame []byte
@@ -256,12 +256,22 @@ type delivery struct {
 	rawFrame  []byte
 }
 
-// jsonForm is the frame JSON-protocol clients receive. A foreign payload (a
-// backend's plain PUBLISH) is wrapped in an envelope with a node-local id;
-// presence events go out as they are.
+// newDelivery is one message of channel for every local subscriber: body
+// is the broker's payload after the stamp, if it had one.
+func newDelivery(channel string, body []byte, stamped bool, ids *idGenerator) *delivery {
+	d := &delivery{channel: channel, payload: body, stamped: stamped, ids: ids}
+	if stamped {
+		d.keptID, d.kept = messageID(channel, body)
+	}
+	return d
+}
+
+// jsonForm is the frame JSON-protocol clients receive. A node's envelope
+// or presence event goes out as it is; a backend's payload is wrapped in an
+// envelope marked as the server's, with a node-local id.
 func (d *delivery) jsonForm() []byte {
 	d.jsonOnce.Do(func() {
-		if isOwnEnvelope(d.channel, d.payload) || isPresenceEvent(d.channel, d.payload) {
+		if d.stamped {
 			d.jsonFrame = d.payload
 			return
 		}
@@ -271,21 +281,25 @@ func (d *delivery) jsonForm() []byte {
 			data, _ = json.Marshal(string(d.payload))
 		}
 		now := time.Now()
-		frame, err := encodeEnvelope(d.channel, d.ids.next(now), "", now.UnixMilli(), data)
+		server := sender{Server: true}
+		frame, err := encodeEnvelope(d.channel, d.ids.next(now), server, now.UnixMilli(), data)
 		if err != nil {
 			// Cannot happen for valid JSON data; deliver the text rather than nothing.
-			frame, _ = encodeEnvelope(d.channel, d.ids.next(now), "", now.UnixMilli(), json.RawMessage(`null`))
+			frame, _ = encodeEnvelope(d.channel, d.ids.next(now), server, now.UnixMilli(), json.RawMessage(`null`))
 		}
 		d.jsonFrame = frame
 	})
 	return d.jsonFrame
 }
 
-// rawForm is the text raw-protocol clients receive: a plain payload as is, an
-// envelope's data (a JSON string's content, otherwise the JSON text).
+// rawForm is the text raw-protocol clients receive: a backend's payload as
+// is, an envelope's data (a JSON string's content, otherwise the JSON text).
 func (d *delivery) rawForm() []byte {
 	d.rawOnce.Do(func() {
-		e, ok := parseEnvelope(d.channel, d.payload)
+		e, ok := envelope{}, false
+		if d.stamped {
+			e, ok = parseEnvelope(d.channel, d.payload)
+		}
 		if !ok {
 			d.rawFrame = d.payload
 			if !utf8.Valid(d.payload) {

@@ -130,7 +130,7 @@ func (h *Handler) publisherIdentity(r *http.Request) (*identity, error) {
 		return nil, authErr("missing Authorization: Bearer <publish key or token>")
 	}
 	if h.PublishKey != "" && subtle.ConstantTimeCompare([]byte(token), []byte(h.PublishKey)) == 1 {
-		return &identity{publish: compileACL([]string{"**"}, "")}, nil
+		return &identity{server: true, publish: compileACL([]string{"**"}, "")}, nil
 	}
 	if h.JWT == nil {
 		return nil, authErr("wrong publish key")
@@ -161,7 +161,7 @@ func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem
 	}
 	ctx, cancel := context.WithTimeout(ctx, time.Duration(h.PublishTimeout))
 	defer cancel()
-	msgID, err := h.hub.publish(ctx, Publication{Channel: item.Channel, From: id.user, Data: item.Data, History: h.history.policyFor(item.Channel)})
+	msgID, err := h.hub.publish(ctx, Publication{Channel: item.Channel, From: id.user, Origin: originOf(id), Data: item.Data, History: h.history.policyFor(item.Channel)})
 	if err != nil {
 		h.logger.Debug("publish endpoint: publish failed", zap.String("channel", item.Channel), zap.Error(err))
 		return fail(http.StatusServiceUnavailable, errUnavailable, "message not published: the broker did not accept it within publish_timeout (down or overloaded); retry later")

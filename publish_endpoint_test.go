@@ -136,10 +136,20 @@ func wantPublished(t *testing.T, r publishResponse, channel string) string {
 
 // wantDelivery requires m to be exactly the delivery of a message: type,
 // channel, id, from, ts and data (compared as JSON).
+//
+// An empty from is the publish key's: the server's own message, which says
+// "server":true.
 func wantDelivery(t *testing.T, m map[string]any, channel, id, from, data string) {
 	t.Helper()
-	if got := keys(m); !reflect.DeepEqual(got, []string{"channel", "data", "from", "id", "ts", "type"}) {
-		t.Fatalf("delivery keys = %v, want channel data from id ts type: %v", got, m)
+	wantKeys := []string{"channel", "data", "from", "id", "ts", "type"}
+	if from == "" {
+		wantKeys = []string{"channel", "data", "from", "id", "server", "ts", "type"}
+		if m["server"] != true {
+			t.Fatalf("a publish-key message without server:true: %v", m)
+		}
+	}
+	if got := keys(m); !reflect.DeepEqual(got, wantKeys) {
+		t.Fatalf("delivery keys = %v, want %v: %v", got, wantKeys, m)
 	}
 	var wantData any
 	if err := json.Unmarshal([]byte(data), &wantData); err != nil {

@@ -46,38 +46,41 @@ type Publication struct {
 	Channel string
 	// From is the sender as authenticated by the node; empty for anonymous.
 	From string
+	// Origin says whether From is a user, an anonymous client or a backend.
+	Origin origin
 	// Data is the JSON value of a JSON-protocol publish.
 	Data json.RawMessage
-	// Raw, when set, is published as it is instead of an envelope: the raw
-	// protocol's plain text frames.
+	// Raw, when set, is a raw-protocol text frame: it travels as an
+	// envelope whose data is the text as a JSON string, so JSON clients see
+	// who sent it and raw clients get the text back.
 	Raw []byte
 	// History, when set, keeps the message in the channel's history, and
-	// its id is the history's. A raw frame is then kept and published as an
-	// envelope whose data is the text.
+	// its id is the history's.
 	History *historyPolicy
-	// event marks Raw as the node's own presence event, published as it is:
-	// only clients' text that looks like one is wrapped.
+	// event marks Raw as the node's own presence event, published as it is.
 	event bool
 }
 
-// payload encodes msg as it travels through the broker, with the id it gets.
+// payload encodes msg as it travels through the broker, with the id it
+// gets: stamped, since the node vouches for it (trust.go).
 func (msg Publication) payload(id string, now time.Time) ([]byte, error) {
-	if msg.Raw != nil && (msg.event || !impersonatesServer(msg.Channel, msg.Raw)) {
-		return msg.Raw, nil
+	if msg.event {
+		return stamped(msg.Raw), nil
 	}
 	data, err := msg.historyData()
 	if err != nil {
 		return nil, err
 	}
-	return encodeEnvelope(msg.Channel, id, msg.From, now.UnixMilli(), data)
+	env, err := encodeEnvelope(msg.Channel, id, msg.sender(), now.UnixMilli(), data)
+	if err != nil {
+		return nil, err
+	}
+	return stamped(env), nil
 }
 
-// impersonatesServer reports whether a raw client's text would pass for the
-// server's own frames (a message envelope with a made-up sender, a presence
-// event): such text travels as an envelope whose data is the text, so JSON
-// clients see who really sent it, and raw clients still get the text.
-func impersonatesServer(channel string, raw []byte) bool {
-	return isOwnEnvelope(channel, raw) || isPresenceEvent(channel, raw)
+// sender is who msg's envelope names as its sender.
+func (msg Publication) sender() sender {
+	return sender{User: msg.From, Anonymous: msg.Origin == originAnonymous, Server: msg.Origin == originServer}
 }
 
 // memoryBroker serves a single node from process memory.
@@ -130,7 +133,7 @@ func (b *memoryBroker) publishKept(msg Publication, now time.Time) (string, erro
 	if err != nil {
 		return "", fmt.Errorf("encoding message: %w", err)
 	}
-	tail, err := envelopeTail(msg.From, now.UnixMilli(), data)
+	tail, err := envelopeTail(msg.sender(), now.UnixMilli(), data)
 	if err != nil {
 		return "", fmt.Errorf("encoding message: %w", err)
 	}
@@ -145,7 +148,7 @@ func (b *memoryBroker) publishKept(msg Publication, now time.Time) (string, erro
 	}
 	id, payload := b.memoryHistory.append(msg.Channel, msg.History, now, tail)
 	if b.subscribed[msg.Channel] {
-		b.deliver(msg.Channel, payload)
+		b.deliver(msg.Channel, stamped(payload))
 	}
 	return id.String(), nil
 }

@@ -20,7 +20,8 @@ import (
 // read and the live stream travel on different Redis connections, so live
 // copies of replayed messages can still be on their way.
 type catchUp struct {
-	held []*delivery
+	held      []*delivery
+	heldBytes int64
 	// draining: the replay is queued; live messages up to floor are
 	// duplicates. The first newer one ends the catch-up, since the broker
 	// delivers a channel's kept messages in id order.
@@ -39,21 +40,25 @@ func (c *conn) holdForCatchUp(d *delivery) (held, ok bool) {
 		return false, true
 	}
 	if cu.draining {
-		id, kept := messageID(d.channel, d.payload)
-		if !kept {
+		if !d.kept {
 			return false, true // an event or a backend's payload: never replayed
 		}
-		if !cu.floor.less(id) {
+		if !cu.floor.less(d.keptID) {
 			return true, true
 		}
 		c.endCatchUpLocked(d.channel)
 		return false, true
 	}
-	if len(cu.held) >= c.h.SendQueue+c.h.MaxReplay {
+	// Held messages are waiting to be sent: with the queue they count
+	// against send_queue.
+	size := d.size()
+	if c.send.queuedBytes()+cu.heldBytes+size > c.h.SendQueue {
 		c.fail(closeSlowConsumer, "send queue full")
 		return true, false
 	}
 	cu.held = append(cu.held, d)
+	cu.heldBytes += size
+	c.heldBytes.Add(size)
 	return true, true
 }
 
@@ -71,7 +76,8 @@ func (c *conn) beginCatchUp(channel string) {
 
 // endCatchUpLocked lets the channel's live messages through again.
 func (c *conn) endCatchUpLocked(channel string) {
-	if _, ok := c.catchUps[channel]; ok {
+	if cu, ok := c.catchUps[channel]; ok {
+		c.heldBytes.Add(-cu.heldBytes)
 		delete(c.catchUps, channel)
 		c.catchingUp.Add(-1)
 	}
@@ -99,30 +105,62 @@ func (c *conn) finishCatchUp(channel string, first *delivery, since streamID, en
 	if cu == nil || cu.draining {
 		return
 	}
-	// The replay may exceed send_queue by design: it is bounded by max_replay
-	// and the held messages by the check in holdForCatchUp.
-	limit := c.send.len() + 1 + len(entries) + len(cu.held) + c.h.SendQueue
-	c.send.push(first, limit)
+	// Queued whatever send_queue says: the replay was cut to replayBudget
+	// and the held messages were bounded as they came (holdForCatchUp), so
+	// the queue holds at most 1.5 send_queue and one reply.
+	out := make([]*delivery, 0, 1+len(entries)+len(cu.held))
+	out = append(out, first)
 	last := since
 	for _, e := range entries {
 		if last.less(e.id) {
-			c.send.push(&delivery{channel: channel, payload: e.payload, ids: c.hub.ids}, limit)
+			out = append(out, newDelivery(channel, e.payload, true, c.hub.ids))
 			last = e.id
 		}
 	}
 	for _, d := range cu.held {
-		id, kept := messageID(channel, d.payload)
-		if !kept {
-			c.send.push(d, limit) // not from history: it cannot be a duplicate
+		if !d.kept {
+			out = append(out, d) // not from history: it cannot be a duplicate
 			continue
 		}
-		if last.less(id) {
-			c.send.push(d, limit)
-			last = id
+		if last.less(d.keptID) {
+			out = append(out, d)
+			last = d.keptID
 		}
 	}
+	c.send.pushAll(out)
+	c.heldBytes.Add(-cu.heldBytes)
 	*cu = catchUp{draining: true, floor: last}
 	c.kickWriter()
+}
+
+// replayBudget is how many bytes of history one answer (a resume's replay,
+// a history page) may queue: half of send_queue, so that live messages
+// still fit behind it.
+func (c *conn) replayBudget() int64 { return c.h.SendQueue / 2 }
+
+// newestWithin keeps the newest entries that fit in budget bytes (at least
+// one, so a message larger than the budget can still be read); cut reports
+// whether older ones were left out.
+func newestWithin(entries []historyEntry, budget int64) (kept []historyEntry, cut bool) {
+	var total int64
+	for i := len(entries) - 1; i >= 0; i-- {
+		total += int64(len(entries[i].payload)) + frameOverhead
+		if total > budget && i < len(entries)-1 {
+			return entries[i+1:], true
+		}
+	}
+	return entries, false
+}
+
+// historyRefused answers a request that would queue history while the
+// client has not read what already waits for it; it reports whether it did.
+func (c *conn) historyRefused(f clientFrame) bool {
+	waiting := c.send.queuedBytes() + c.heldBytes.Load()
+	if waiting <= c.replayBudget() {
+		return false
+	}
+	c.replyError(f.ID, errLimitExceeded, fmt.Sprintf("%d bytes wait to be sent to this connection (over half of send_queue); read them before asking for history", waiting))
+	return true
 }
 
 // subscribeWithHistory serves a subscribe frame carrying since or history.
@@ -138,6 +176,15 @@ func (c *conn) subscribeWithHistory(f clientFrame) {
 	}
 	if f.History < 0 {
 		c.replyError(f.ID, errBadRequest, `"history" must be a positive number of messages`)
+		return
+	}
+	// One catch-up per channel and connection: a channel already held
+	// streams live, and replaying again would only queue duplicates.
+	if _, held := c.subscribed[f.Channel]; held {
+		c.replyError(f.ID, errBadRequest, "already subscribed to "+f.Channel+": its messages arrive live; unsubscribe first to resume again, or page back with the history op")
+		return
+	}
+	if c.historyRefused(f) {
 		return
 	}
 	policy := c.h.history.policyFor(f.Channel)
@@ -179,6 +226,8 @@ func (c *conn) subscribeWithHistory(f clientFrame) {
 	}
 	cutoff := time.Now().Add(-policy.maxAge)
 	entries, aged := withinAge(page.entries, cutoff)
+	entries, cut := newestWithin(entries, c.replayBudget())
+	page.more = page.more || cut
 	r := reply{Type: "ok", ID: f.ID, Channel: f.Channel, Epoch: page.epoch, Limited: page.more}
 	if resume {
 		sameEpoch := f.Epoch == "" || f.Epoch == page.epoch
@@ -226,6 +275,9 @@ func (c *conn) historyQuery(f clientFrame) {
 		c.replyError(f.ID, errBadRequest, f.Channel+" keeps no history on this route")
 		return
 	}
+	if c.historyRefused(f) {
+		return
+	}
 	limit := f.Limit
 	if limit == 0 {
 		limit = defaultHistoryLimit
@@ -252,7 +304,8 @@ func (c *conn) historyQuery(f clientFrame) {
 		return
 	}
 	entries, aged := withinAge(page.entries, time.Now().Add(-policy.maxAge))
-	out := historyReply{Type: "history", ID: f.ID, Channel: f.Channel, Epoch: page.epoch, More: page.more && !aged}
+	entries, cut := newestWithin(entries, c.replayBudget())
+	out := historyReply{Type: "history", ID: f.ID, Channel: f.Channel, Epoch: page.epoch, More: (page.more && !aged) || cut}
 	out.Messages = make([]json.RawMessage, len(entries))
 	for i, e := range entries {
 		out.Messages[i] = e.payload

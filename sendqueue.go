@@ -2,27 +2,58 @@ package caddychat
 
 import "sync"
 
-// sendQueue is a connection's bounded FIFO of frames to write. Unlike a
-// buffered channel, which allocates all its slots up front, it grows with
-// what is waiting and gives the memory back once drained: an idle
-// connection's queue costs nothing.
+// sendQueue is a connection's FIFO of frames to write, bounded in bytes
+// (send_queue). Unlike a buffered channel, which allocates all its slots up
+// front, it grows with what is waiting and gives the memory back once
+// drained: an idle connection's queue costs nothing.
 type sendQueue struct {
 	mu     sync.Mutex
 	frames []*delivery
-	head   int // frames[head:] wait
+	head   int   // frames[head:] wait
+	bytes  int64 // what frames[head:] count for (delivery.size)
 }
 
 // shrinkAbove is the capacity (in frames, 8 bytes each) a drained queue may
 // keep for the next burst: enough that steady traffic never reallocates.
 const shrinkAbove = 1024
 
-// push appends d unless limit frames already wait.
-func (q *sendQueue) push(d *delivery, limit int) bool {
+// frameOverhead is what a queued frame counts for beyond its bytes: the
+// queue's slot, the frame header, and for a backend's payload the envelope
+// it is wrapped in. It keeps a flood of tiny frames bounded too.
+const frameOverhead = 128
+
+// size is what d counts for in a send queue. A broadcast delivery is shared
+// by every subscriber, but each queue counts it in full: the bound holds
+// whatever the others do.
+func (d *delivery) size() int64 {
+	return int64(len(d.own)+len(d.payload)) + frameOverhead
+}
+
+// push appends d unless the frames waiting and d would count for more than
+// limit bytes. An empty queue takes any one frame, so that a message larger
+// than the limit (a backend's) still reaches a client that keeps up.
+func (q *sendQueue) push(d *delivery, limit int64) bool {
+	size := d.size()
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if len(q.frames)-q.head >= limit {
+	if q.head < len(q.frames) && q.bytes+size > limit {
 		return false
 	}
+	q.appendLocked(d, size)
+	return true
+}
+
+// pushAll appends ds whatever the limit: the caller has bounded them (a
+// catch-up's replay and held messages, see resume.go).
+func (q *sendQueue) pushAll(ds []*delivery) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for _, d := range ds {
+		q.appendLocked(d, d.size())
+	}
+}
+
+func (q *sendQueue) appendLocked(d *delivery, size int64) {
 	if q.head > 0 && q.head >= len(q.frames)/2 {
 		// Reuse the consumed front rather than growing without bound under
 		// a steady flow that never fully drains.
@@ -31,7 +62,7 @@ func (q *sendQueue) push(d *delivery, limit int) bool {
 		q.frames, q.head = q.frames[:n], 0
 	}
 	q.frames = append(q.frames, d)
-	return true
+	q.bytes += size
 }
 
 // pop takes the oldest frame, or returns nil when none waits.
@@ -44,6 +75,7 @@ func (q *sendQueue) pop() *delivery {
 	d := q.frames[q.head]
 	q.frames[q.head] = nil
 	q.head++
+	q.bytes -= d.size()
 	if q.head == len(q.frames) {
 		q.head = 0
 		if cap(q.frames) > shrinkAbove {
@@ -60,4 +92,11 @@ func (q *sendQueue) len() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	return len(q.frames) - q.head
+}
+
+// queuedBytes is what the waiting frames count for.
+func (q *sendQueue) queuedBytes() int64 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.bytes
 }

@@ -122,7 +122,7 @@ func TestStressMalformedFramesManyClients(t *testing.T) {
 		ChannelPrefix:  ptr("stress:"),
 		RateLimit:      &RateLimit{PerSecond: -1},
 		MaxMessageSize: maxMessageSize,
-		SendQueue:      4096,
+		SendQueue:      4 << 20,
 	})
 
 	var suffix [8]byte

@@ -321,8 +321,9 @@ function showMessage(m) {
   meta.className = "meta";
   const from = document.createElement("span");
   from.className = "from";
-  from.textContent = m.from || "anonymous";
-  if (!m.from) from.classList.add("anonymous");
+  // The server says who sent it: a user, an anonymous client, or a backend.
+  from.textContent = m.from || (m.server ? "server" : "anonymous");
+  if (!m.from) from.classList.add(m.server ? "server" : "anonymous");
   const time = document.createElement("time");
   time.className = "time";
   const date = new Date(m.ts);
