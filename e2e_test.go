@@ -1117,7 +1117,7 @@ func TestRawModeTwoNodes(t *testing.T) {
 	syncRaw(t, rs, "chat:room:x", a1, b1)
 	syncRaw(t, rs, "chat:room:other", other)
 
-	// Watch the Redis channel too: raw frames go to Redis as plain text.
+	// Watch the Redis channel too.
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	ps := rs.Client().Subscribe(ctx, "chat:room:x")
@@ -1135,8 +1135,15 @@ func TestRawModeTwoNodes(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Redis subscriber: %v", err)
 	}
-	if msg.Payload != "hello" {
-		t.Errorf("Redis saw payload %q on chat:room:x, want the plain text \"hello\"", msg.Payload)
+	// On Redis a raw frame is the node's stamped envelope naming its sender;
+	// raw clients still get the plain text.
+	body, stampedOK := strings.CutPrefix(msg.Payload, "\x1ecc1\x1e")
+	var env struct {
+		Data      json.RawMessage `json:"data"`
+		Anonymous bool            `json:"anonymous"`
+	}
+	if !stampedOK || json.Unmarshal([]byte(body), &env) != nil || string(env.Data) != `"hello"` || !env.Anonymous {
+		t.Errorf("Redis saw payload %q on chat:room:x, want the stamped envelope of \"hello\" from an anonymous client", msg.Payload)
 	}
 
 	b1.sendText("hi from B")

@@ -184,6 +184,7 @@ func TestHistoryResumeBeyondTheWindowIsNotRecovered(t *testing.T) {
 			t.Fatalf("replayed %v", data)
 		}
 		// A wrong epoch replays nothing.
+		c.request(map[string]any{"op": "unsubscribe", "channel": "ch", "id": "u"})
 		r = c.request(map[string]any{"op": "subscribe", "channel": "ch", "since": first, "epoch": "not-this-one", "id": 3})
 		if r["recovered"] != false || r["replayed"] != float64(0) {
 			t.Fatalf("other epoch: %v", r)
