@@ -30,8 +30,12 @@ type hubConfig struct {
 	brokerTimeouts time.Duration
 }
 
+// key holds every field of c: handlers share a hub, its Redis client and the
+// timeouts they were built with, only when all of them are equal, and a
+// reload that changes any of them gets a new hub. Strings are quoted so that
+// no value can pose as another field.
 func (c hubConfig) key() string {
-	return fmt.Sprintf("caddychat|%s|%s", c.servers(), c.channelPrefix)
+	return fmt.Sprintf("caddychat|%q|%q|%d", c.servers(), c.channelPrefix, c.brokerTimeouts)
 }
 
 // hub is a node's registry of channels and their local subscribers. It holds
