@@ -544,8 +544,7 @@ func (c *conn) refresh(f clientFrame) {
 	c.armExpiry()
 	for ch := range c.subscribed {
 		if !id.subscribe.allows(ch) {
-			delete(c.subscribed, ch)
-			c.hub.unsubscribe(c, ch)
+			c.leave(ch) // ends a catch-up on ch too
 		}
 	}
 	c.sendOwn(reply{Type: "ok", ID: f.ID})
