@@ -307,7 +307,7 @@ func (c *conn) serve() {
 		c.offStack(func() { c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user}) })
 	}
 	if c.ctx.Err() == nil {
-		c.readLoop()
+		c.protect("read", c.readLoop)
 	}
 	c.fail(closeNormal, "")
 
@@ -367,7 +367,7 @@ func (c *conn) offStack(f func()) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		f()
+		c.protect("op", f)
 	}()
 	<-done
 }
@@ -399,6 +399,7 @@ func (c *conn) armExpiry() {
 	// The leeway that let the token in also keeps it valid that much longer.
 	deadline := c.identity.expires.Add(time.Duration(c.h.JWT.Leeway))
 	c.expiry = time.AfterFunc(time.Until(deadline), func() {
+		defer c.recoverPanic("expiry")
 		c.fail(closeTokenExpired, "token expired")
 	})
 }
@@ -451,6 +452,7 @@ func (c *conn) handleFrame(frame []byte) {
 		c.replyError(f.ID, errBadRequest, err.Error())
 		return
 	}
+	runTestHookOp(f.Op, f.Channel)
 	switch f.Op {
 	case "subscribe", "unsubscribe", "publish", "history", "presence":
 	case "refresh":
@@ -594,6 +596,7 @@ func (c *conn) leave(channel string) {
 // send queue and ends when the queue is empty. Once the connection starts
 // closing it performs the close handshake instead, and stays the writer.
 func (c *conn) writeLoop() {
+	defer c.recoverWriter()
 	for {
 		// Closing wins over queued frames.
 		if c.ctx.Err() != nil {
@@ -683,6 +686,7 @@ func (c *conn) write(d *delivery) error {
 // writeTimedOut runs when a write took longer than write_timeout: the peer
 // is not reading, so the connection is cut without a close handshake.
 func (c *conn) writeTimedOut() {
+	defer c.recoverPanic("write timer")
 	c.fail(closeSlowConsumer, "write timed out")
 	_ = c.ws.CloseNow()
 }
@@ -690,6 +694,7 @@ func (c *conn) writeTimedOut() {
 // pingDue runs every ping_interval on a timer (no goroutine waits for it)
 // and starts a ping unless one is in flight.
 func (c *conn) pingDue() {
+	defer c.recoverPanic("ping timer")
 	if c.ctx.Err() != nil {
 		return
 	}
@@ -703,6 +708,7 @@ func (c *conn) pingDue() {
 // deliveries; at most one ping per connection is in flight.
 func (c *conn) ping() {
 	defer c.pinging.Store(false)
+	defer c.recoverPanic("ping")
 	ctx, cancel := context.WithTimeout(c.ctx, time.Duration(c.h.PingInterval))
 	defer cancel()
 	if err := c.ws.Ping(ctx); err != nil && c.ctx.Err() == nil {

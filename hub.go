@@ -112,7 +112,7 @@ func newHub(cfg hubConfig) (*hub, error) {
 		brokerTimeout: cfg.brokerTimeouts,
 	}
 	if !cfg.usesRedis() {
-		h.broker = newMemoryBroker(h.ids, h.deliver)
+		h.broker = newMemoryBroker(h.ids, h.deliverRecovering)
 		h.presence = newPresence(newMemoryPresence(h.broker), node, h.log)
 		return h, nil
 	}
@@ -123,9 +123,9 @@ func newHub(cfg hubConfig) (*hub, error) {
 	h.redis = client
 	var broker Broker
 	if sharded {
-		broker, err = newClusterBroker(client.(*redis.ClusterClient), cfg.channelPrefix, h.ids, h.log, h.deliver, h.resync)
+		broker, err = newClusterBroker(client.(*redis.ClusterClient), cfg.channelPrefix, h.ids, h.log, h.deliverRecovering, h.resyncRecovering)
 	} else {
-		broker, err = newRedisBroker(client, cfg.channelPrefix, h.ids, h.log, h.deliver, h.resync)
+		broker, err = newRedisBroker(client, cfg.channelPrefix, h.ids, h.log, h.deliverRecovering, h.resyncRecovering)
 	}
 	if err != nil {
 		_ = client.Close()
@@ -394,7 +394,7 @@ func (h *hub) resync() {
 			continue
 		}
 		for _, e := range page.entries {
-			h.deliver(p.channel, e.payload)
+			h.deliverRecovering(p.channel, e.payload)
 		}
 		if n := len(page.entries); n > 0 {
 			h.log.Info("delivered messages missed during a broker outage", zap.String("channel", p.channel), zap.Int("messages", n))

@@ -28,6 +28,7 @@ type chatMetrics struct {
 	presenceFailures  prometheus.Counter
 	authFailures      *prometheus.CounterVec
 	httpPublishes     *prometheus.CounterVec
+	panics            prometheus.Counter
 }
 
 var (
@@ -75,6 +76,7 @@ func moduleMetrics() *chatMetrics {
 				Help: "Messages published through the HTTP publish endpoint, by result.",
 			}, []string{"result"}),
 		}
+		metrics.panics = counter("panics_total", "Panics recovered: in a connection's goroutines (the connection is closed with 1011) or while delivering a broker message (the message is dropped). Each is logged at error level with its stack.")
 		metrics.brokerUp.Set(1)
 	})
 	return metrics
@@ -90,6 +92,7 @@ func (m *chatMetrics) register(reg prometheus.Registerer) error {
 		m.connections, m.connectionsOpened, m.connectionsClosed, m.channels,
 		m.received, m.delivered, m.dropped, m.slowConsumers, m.publishSeconds, m.publishFailures,
 		m.brokerReconnects, m.brokerUp, m.authFailures, m.httpPublishes, m.presenceFailures,
+		m.panics,
 	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
