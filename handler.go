@@ -25,6 +25,16 @@ import (
 // Authentication, origin and connection limits are all checked before the
 // upgrade, so a refused client gets a plain HTTP status.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	// A token in the URL or in Sec-WebSocket-Protocol would reach Caddy's
+	// access log (which redacts only Authorization and Cookie): such requests
+	// (upgrades, publishes and plain GETs alike) are logged here instead,
+	// without the token. See tokenlog.go.
+	if h.carriesLoggableToken(r) {
+		caddyhttp.SetVar(r.Context(), caddyhttp.LogSkipVar, true)
+		status := http.StatusOK
+		defer func() { h.logRedactedUpgrade(r, status) }()
+		w = &statusRecorder{ResponseWriter: w, status: &status}
+	}
 	if h.PublishEndpoint != "" && r.URL.Path == h.PublishEndpoint {
 		h.servePublish(w, r)
 		return nil
@@ -32,15 +42,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if !isWebSocketUpgrade(r) {
 		h.serveBrowser(w, r)
 		return nil
-	}
-	// A token in the URL or in Sec-WebSocket-Protocol would reach Caddy's
-	// access log (which redacts only Authorization and Cookie): such requests
-	// are logged here instead, without the token.
-	if h.carriesLoggableToken(r) {
-		caddyhttp.SetVar(r.Context(), caddyhttp.LogSkipVar, true)
-		status := http.StatusSwitchingProtocols
-		defer func() { h.logRedactedUpgrade(r, status) }()
-		w = &statusRecorder{ResponseWriter: w, status: &status}
 	}
 
 	if _, ok := subprotocolToken(r.Header); ok && !offersAppSubprotocol(r.Header) {
@@ -117,17 +118,17 @@ func (h *Handler) carriesLoggableToken(r *http.Request) bool {
 	if _, ok := subprotocolToken(r.Header); ok {
 		return true
 	}
-	return h.JWT != nil && h.JWT.QueryParam != "" && r.URL.Query().Has(h.JWT.QueryParam)
+	return r.URL.RawQuery != "" && h.queryCarriesToken(r.URL.RawQuery)
 }
 
 func (h *Handler) logRedactedUpgrade(r *http.Request, status int) {
-	uri := r.URL.RequestURI()
-	if h.JWT != nil && h.JWT.QueryParam != "" {
-		uri = redactQuery(r.URL, h.JWT.QueryParam)
+	msg := "websocket request (token redacted; left out of the access log)"
+	if !isWebSocketUpgrade(r) {
+		msg = "http request (token redacted; left out of the access log)"
 	}
-	h.logger.Info("websocket request (token redacted; left out of the access log)",
+	h.logger.Info(msg,
 		zap.String("remote", r.RemoteAddr), zap.String("host", r.Host),
-		zap.String("method", r.Method), zap.String("uri", uri),
+		zap.String("method", r.Method), zap.String("uri", h.redactTokenQuery(r.URL)),
 		zap.String("origin", r.Header.Get("Origin")), zap.Int("status", status))
 }
 
