@@ -557,15 +557,3 @@ func validatePattern(p string) error {
 	}
 	return nil
 }
-
-// redactQuery returns uri with the value of param replaced by REDACTED.
-func redactQuery(u *url.URL, param string) string {
-	q := u.Query()
-	if _, ok := q[param]; !ok {
-		return u.RequestURI()
-	}
-	q.Set(param, "REDACTED")
-	c := *u
-	c.RawQuery = q.Encode()
-	return c.RequestURI()
-}

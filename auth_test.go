@@ -1160,16 +1160,23 @@ func TestRedactQueryTokenInLogs(t *testing.T) {
 }
 
 func TestRedactQuery(t *testing.T) {
+	h := &Handler{JWT: &JWTConfig{QueryParam: "t"}}
 	for _, tc := range []struct{ in, want string }{
 		{"/ws?token=abc", "/ws?token=REDACTED"},
-		{"/ws?b=2&token=abc&a=1", "/ws?a=1&b=2&token=REDACTED"},
-		{"/ws?token=abc&token=def", "/ws?token=REDACTED"},
+		{"/ws?b=2&token=abc&a=1", "/ws?b=2&token=REDACTED&a=1"},
+		{"/ws?token=abc&token=def", "/ws?token=REDACTED&token=REDACTED"},
 		{"/ws?room=1", "/ws?room=1"},
 		{"/ws", "/ws"},
+		{"/ws?t=abc&x=1", "/ws?t=REDACTED&x=1"},
+		{"/ws?ACCESS_TOKEN=abc;jwt=def&id%5Ftoken=ghi&token", "/ws?ACCESS_TOKEN=REDACTED;jwt=REDACTED&id%5Ftoken=REDACTED&token=REDACTED"},
+		{"/ws?tokens=1&mytoken=2", "/ws?tokens=1&mytoken=2"},
 	} {
 		r := httptest.NewRequest(http.MethodGet, tc.in, nil)
-		if got := redactQuery(r.URL, "token"); got != tc.want {
-			t.Errorf("redactQuery(%q) = %q, want %q", tc.in, got, tc.want)
+		if got := h.redactTokenQuery(r.URL); got != tc.want {
+			t.Errorf("redactTokenQuery(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+		if carries := h.queryCarriesToken(r.URL.RawQuery); carries != strings.Contains(tc.want, "REDACTED") {
+			t.Errorf("queryCarriesToken(%q) = %v", tc.in, carries)
 		}
 	}
 }

@@ -131,7 +131,12 @@ type corkingResponseWriter struct {
 func (w *corkingResponseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 func (w *corkingResponseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	conn, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	// The connection is hijacked from net/http's own writer, past the
+	// wrappers of Caddy's handler chain: the WebSocket outlives ServeHTTP,
+	// and Caddy's access log recorder counts the bytes a hijacked connection
+	// reads into a variable it reads itself when ServeHTTP returns (a data
+	// race, and a count that means nothing for a connection still open).
+	conn, brw, err := http.NewResponseController(innermostWriter(w.ResponseWriter)).Hijack()
 	if err != nil {
 		return nil, nil, err
 	}
@@ -153,4 +158,15 @@ func (w *corkingResponseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		}
 	}
 	return conn, bufio.NewReadWriter(br, bufio.NewWriterSize(w.cork, libraryWriteBuffer)), nil
+}
+
+// innermostWriter unwraps w down to the writer that wraps nothing.
+func innermostWriter(w http.ResponseWriter) http.ResponseWriter {
+	for {
+		u, ok := w.(interface{ Unwrap() http.ResponseWriter })
+		if !ok {
+			return w
+		}
+		w = u.Unwrap()
+	}
 }

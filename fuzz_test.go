@@ -286,7 +286,9 @@ func FuzzRequestToken(f *testing.F) {
 			}
 		}
 		_ = offersAppSubprotocol(r.Header)
-		_ = redactQuery(r.URL, "token")
+		redact := &Handler{JWT: &JWTConfig{QueryParam: "token"}}
+		_ = redact.redactTokenQuery(r.URL)
+		_ = redact.queryCarriesToken(r.URL.RawQuery)
 	})
 }
 

@@ -25,6 +25,16 @@ import (
 // Authentication, origin and connection limits are all checked before the
 // upgrade, so a refused client gets a plain HTTP status.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	// A token in the URL or in Sec-WebSocket-Protocol would reach Caddy's
+	// access log (which redacts only Authorization and Cookie): such requests
+	// (upgrades, publishes and plain GETs alike) are logged here instead,
+	// without the token. See tokenlog.go.
+	if h.carriesLoggableToken(r) {
+		caddyhttp.SetVar(r.Context(), caddyhttp.LogSkipVar, true)
+		status := http.StatusOK
+		defer func() { h.logRedactedUpgrade(r, status) }()
+		w = &statusRecorder{ResponseWriter: w, status: &status}
+	}
 	if h.PublishEndpoint != "" && r.URL.Path == h.PublishEndpoint {
 		h.servePublish(w, r)
 		return nil
@@ -32,15 +42,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if !isWebSocketUpgrade(r) {
 		h.serveBrowser(w, r)
 		return nil
-	}
-	// A token in the URL or in Sec-WebSocket-Protocol would reach Caddy's
-	// access log (which redacts only Authorization and Cookie): such requests
-	// are logged here instead, without the token.
-	if h.carriesLoggableToken(r) {
-		caddyhttp.SetVar(r.Context(), caddyhttp.LogSkipVar, true)
-		status := http.StatusSwitchingProtocols
-		defer func() { h.logRedactedUpgrade(r, status) }()
-		w = &statusRecorder{ResponseWriter: w, status: &status}
 	}
 
 	if _, ok := subprotocolToken(r.Header); ok && !offersAppSubprotocol(r.Header) {
@@ -117,17 +118,17 @@ func (h *Handler) carriesLoggableToken(r *http.Request) bool {
 	if _, ok := subprotocolToken(r.Header); ok {
 		return true
 	}
-	return h.JWT != nil && h.JWT.QueryParam != "" && r.URL.Query().Has(h.JWT.QueryParam)
+	return r.URL.RawQuery != "" && h.queryCarriesToken(r.URL.RawQuery)
 }
 
 func (h *Handler) logRedactedUpgrade(r *http.Request, status int) {
-	uri := r.URL.RequestURI()
-	if h.JWT != nil && h.JWT.QueryParam != "" {
-		uri = redactQuery(r.URL, h.JWT.QueryParam)
+	msg := "websocket request (token redacted; left out of the access log)"
+	if !isWebSocketUpgrade(r) {
+		msg = "http request (token redacted; left out of the access log)"
 	}
-	h.logger.Info("websocket request (token redacted; left out of the access log)",
+	h.logger.Info(msg,
 		zap.String("remote", r.RemoteAddr), zap.String("host", r.Host),
-		zap.String("method", r.Method), zap.String("uri", uri),
+		zap.String("method", r.Method), zap.String("uri", h.redactTokenQuery(r.URL)),
 		zap.String("origin", r.Header.Get("Origin")), zap.Int("status", status))
 }
 
@@ -311,7 +312,7 @@ func (c *conn) serve() {
 		c.offStack(func() { c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user}) })
 	}
 	if c.ctx.Err() == nil {
-		c.readLoop()
+		c.protect("read", c.readLoop)
 	}
 	c.fail(closeNormal, "")
 
@@ -371,7 +372,7 @@ func (c *conn) offStack(f func()) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		f()
+		c.protect("op", f)
 	}()
 	<-done
 }
@@ -403,6 +404,7 @@ func (c *conn) armExpiry() {
 	// The leeway that let the token in also keeps it valid that much longer.
 	deadline := c.identity.expires.Add(time.Duration(c.h.JWT.Leeway))
 	c.expiry = time.AfterFunc(time.Until(deadline), func() {
+		defer c.recoverPanic("expiry")
 		c.fail(closeTokenExpired, "token expired")
 	})
 }
@@ -455,6 +457,7 @@ func (c *conn) handleFrame(frame []byte) {
 		c.replyError(f.ID, errBadRequest, err.Error())
 		return
 	}
+	runTestHookOp(f.Op, f.Channel)
 	switch f.Op {
 	case "subscribe", "unsubscribe", "publish", "history", "presence":
 	case "refresh":
@@ -548,8 +551,7 @@ func (c *conn) refresh(f clientFrame) {
 	c.armExpiry()
 	for ch := range c.subscribed {
 		if !id.subscribe.allows(ch) {
-			delete(c.subscribed, ch)
-			c.hub.unsubscribe(c, ch)
+			c.leave(ch) // ends a catch-up on ch too
 		}
 	}
 	c.sendOwn(reply{Type: "ok", ID: f.ID})
@@ -599,6 +601,7 @@ func (c *conn) leave(channel string) {
 // send queue and ends when the queue is empty. Once the connection starts
 // closing it performs the close handshake instead, and stays the writer.
 func (c *conn) writeLoop() {
+	defer c.recoverWriter()
 	for {
 		// Closing wins over queued frames.
 		if c.ctx.Err() != nil {
@@ -688,6 +691,7 @@ func (c *conn) write(d *delivery) error {
 // writeTimedOut runs when a write took longer than write_timeout: the peer
 // is not reading, so the connection is cut without a close handshake.
 func (c *conn) writeTimedOut() {
+	defer c.recoverPanic("write timer")
 	c.fail(closeSlowConsumer, "write timed out")
 	_ = c.ws.CloseNow()
 }
@@ -695,6 +699,7 @@ func (c *conn) writeTimedOut() {
 // pingDue runs every ping_interval on a timer (no goroutine waits for it)
 // and starts a ping unless one is in flight.
 func (c *conn) pingDue() {
+	defer c.recoverPanic("ping timer")
 	if c.ctx.Err() != nil {
 		return
 	}
@@ -710,6 +715,7 @@ func (c *conn) pingDue() {
 // deliveries; at most one ping per connection is in flight.
 func (c *conn) ping() {
 	defer c.pinging.Store(false)
+	defer c.recoverPanic("ping")
 	ctx, cancel := context.WithTimeout(c.ctx, time.Duration(c.h.PingInterval))
 	defer cancel()
 	if err := c.ws.Ping(ctx); err != nil && c.ctx.Err() == nil {

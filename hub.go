@@ -55,8 +55,12 @@ type hubConfig struct {
 	brokerTimeouts time.Duration
 }
 
+// key holds every field of c: handlers share a hub, its Redis client and the
+// timeouts they were built with, only when all of them are equal, and a
+// reload that changes any of them gets a new hub. Strings are quoted so that
+// no value can pose as another field.
 func (c hubConfig) key() string {
-	return fmt.Sprintf("caddychat|%s|%s", c.servers(), c.channelPrefix)
+	return fmt.Sprintf("caddychat|%q|%q|%d", c.servers(), c.channelPrefix, c.brokerTimeouts)
 }
 
 // hub is a node's registry of channels and their local subscribers. It holds
@@ -133,7 +137,7 @@ func newHub(cfg hubConfig) (*hub, error) {
 		brokerTimeout: cfg.brokerTimeouts,
 	}
 	if !cfg.usesRedis() {
-		h.broker = newMemoryBroker(h.ids, h.deliver)
+		h.broker = newMemoryBroker(h.ids, h.deliverRecovering)
 		h.presence = newPresence(newMemoryPresence(h.broker), node, h.log)
 		liveHubs.Store(h, struct{}{})
 		return h, nil
@@ -145,9 +149,9 @@ func newHub(cfg hubConfig) (*hub, error) {
 	h.redis = client
 	var broker Broker
 	if sharded {
-		broker, err = newClusterBroker(client.(*redis.ClusterClient), cfg.channelPrefix, h.ids, h.log, h.deliver, h.resync)
+		broker, err = newClusterBroker(client.(*redis.ClusterClient), cfg.channelPrefix, h.ids, h.log, h.deliverRecovering, h.resyncRecovering)
 	} else {
-		broker, err = newRedisBroker(client, cfg.channelPrefix, h.ids, h.log, h.deliver, h.resync)
+		broker, err = newRedisBroker(client, cfg.channelPrefix, h.ids, h.log, h.deliverRecovering, h.resyncRecovering)
 	}
 	if err != nil {
 		_ = client.Close()

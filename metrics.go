@@ -29,6 +29,7 @@ type chatMetrics struct {
 	authFailures      *prometheus.CounterVec
 	httpPublishes     *prometheus.CounterVec
 	queuedBytes       prometheus.GaugeFunc
+	panics            prometheus.Counter
 }
 
 var (
@@ -80,6 +81,7 @@ func moduleMetrics() *chatMetrics {
 			Namespace: ns, Subsystem: sub, Name: "queued_bytes",
 			Help: "Bytes waiting to be sent to this node's clients (send queues and held resume messages; each frame counts 128 bytes of overhead). Each client's share is bounded by send_queue.",
 		}, liveHubs.queuedBytes)
+		metrics.panics = counter("panics_total", "Panics recovered: in a connection's goroutines (the connection is closed with 1011) or while delivering a broker message (the message is dropped). Each is logged at error level with its stack.")
 		metrics.brokerUp.Set(1)
 	})
 	return metrics
@@ -96,6 +98,7 @@ func (m *chatMetrics) register(reg prometheus.Registerer) error {
 		m.received, m.delivered, m.dropped, m.slowConsumers, m.publishSeconds, m.publishFailures,
 		m.brokerReconnects, m.brokerUp, m.authFailures, m.httpPublishes, m.presenceFailures,
 		m.queuedBytes,
+		m.panics,
 	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError

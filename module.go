@@ -183,6 +183,7 @@ type Handler struct {
 	acceptOptions websocket.AcceptOptions
 	logger        *zap.Logger
 	history       *compiledHistory
+	publishLimit  *userRateLimiter // token holders' HTTP publishes; nil: none
 }
 
 // CaddyModule returns the Caddy module information.
@@ -242,6 +243,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.RateLimit.Burst == 0 && h.RateLimit.PerSecond > 0 {
 		h.RateLimit.Burst = max(1, int(2*h.RateLimit.PerSecond))
+	}
+	if h.PublishEndpoint != "" && h.JWT != nil {
+		h.publishLimit = newUserRateLimiter(h.RateLimit, maxRateLimitedUsers)
 	}
 	if h.MaxConnections == 0 {
 		h.MaxConnections = defaultMaxConnections

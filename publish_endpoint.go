@@ -90,6 +90,9 @@ func (h *Handler) servePublish(w http.ResponseWriter, r *http.Request) {
 			writePublishError(w, http.StatusBadRequest, errBadRequest, `body needs "channel" and "data", or "messages"`)
 			return
 		}
+		if !h.allowPublish(w, id, 1) {
+			return
+		}
 		res, status := h.publishOne(r.Context(), id, publishItem{Channel: req.Channel, Data: req.Data})
 		if res.Error != nil {
 			writePublishError(w, status, res.Error.Code, res.Error.Message)
@@ -104,6 +107,9 @@ func (h *Handler) servePublish(w http.ResponseWriter, r *http.Request) {
 	}
 	if len(req.Messages) == 0 || len(req.Messages) > maxPublishBatch {
 		writePublishError(w, http.StatusBadRequest, errBadRequest, fmt.Sprintf(`"messages" must hold 1 to %d messages`, maxPublishBatch))
+		return
+	}
+	if !h.allowPublish(w, id, len(req.Messages)) {
 		return
 	}
 	results := make([]publishResult, len(req.Messages))

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"html/template"
 	"net/http"
+	"path"
 	"strings"
 	"time"
 )
@@ -94,7 +95,7 @@ func serveAsset(w http.ResponseWriter, r *http.Request, name string, a browserAs
 }
 
 func serveChatPage(w http.ResponseWriter, r *http.Request) {
-	base := strings.TrimRight(r.URL.Path, "/")
+	base := pageBase(r.URL.Path)
 	var page bytes.Buffer
 	if err := uiPage.Execute(&page, struct{ Base string }{base}); err != nil {
 		http.Error(w, "rendering the chat page failed", http.StatusInternalServerError)
@@ -110,6 +111,18 @@ func serveChatPage(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	_, _ = w.Write(page.Bytes())
+}
+
+// pageBase is the path the chat page refers to its assets and WebSocket by:
+// the request's path (already unescaped) cleaned so that it can only name a
+// path on this site. Backslashes are slashes (as browsers read them), dot
+// segments are resolved and repeated slashes collapsed, so it never starts
+// with "//" (a protocol-relative URL: "//evil.example/ws" would load the
+// page's script from evil.example). No trailing slash; "" for the root. The
+// template HTML-escapes it.
+func pageBase(p string) string {
+	p = path.Clean("/" + strings.ReplaceAll(p, `\`, "/"))
+	return strings.TrimRight(p, "/")
 }
 
 // assetPaths are the asset paths under a route path, for the Caddyfile to
