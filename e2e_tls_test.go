@@ -313,20 +313,22 @@ func TestRedisTLSErrorsReachTheOperator(t *testing.T) {
 			"x509: certificate is valid for localhost, redis.test, not chat-redis.example",
 			`the server's certificate does not name \"chat-redis.example\": dial a name it holds or set redis_tls server_name`}},
 		{"no client certificate", fmt.Sprintf("\t\t\tca %s\n", pki.CA), []string{
-			"remote error: tls: certificate required"}},
+			"remote error: tls: certificate required",
+			"the server requires a client certificate: set redis_tls cert and key"}},
 		{"client certificate of another CA", fmt.Sprintf("\t\t\tca %s\n\t\t\tcert %s\n\t\t\tkey %s\n", pki.CA, pki.OtherClientCert, pki.OtherClientKey), []string{
-			"remote error: tls: unknown certificate authority"}},
+			"remote error: tls: unknown certificate authority",
+			"the server refused the client certificate of redis_tls cert: it must be signed by a CA in the server's tls-ca-cert-file"}},
 	}
 	for _, tc := range cases {
 		t.Run(strings.ReplaceAll(tc.name, " ", "_"), func(t *testing.T) {
-			start := time.Now()
 			n := startNode(t, "N", tlsChatRoutes("redis "+rs.URL(), tc.redisTLS))
+			start := time.Now()
 			var line string
 			eventually(t, 15*time.Second, "the error log line", func() (bool, string) {
 				line = logLine(n, `"level":"error"`, "cannot reach redis")
 				return line != "", n.logTail(10)
 			})
-			t.Logf("%s: logged %v after start: %s", tc.name, time.Since(start).Round(time.Millisecond), line)
+			t.Logf("%s: logged %v after the node listened: %s", tc.name, time.Since(start).Round(time.Millisecond), line)
 			for _, w := range tc.want {
 				if !strings.Contains(line, w) {
 					t.Errorf("%s: the log line lacks %q:\n%s", tc.name, w, line)

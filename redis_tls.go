@@ -208,10 +208,8 @@ func explainTLSError(addr string, conf *tls.Config, err error) error {
 		hint = "the server's certificate is not valid (expired, not yet valid, or not for TLS servers)"
 	case errors.As(err, &verify):
 		hint = "the server's certificate could not be verified"
-	case strings.Contains(msg, "certificate required"):
-		hint = "the server requires a client certificate: set redis_tls cert and key"
-	case strings.Contains(msg, "bad certificate"), strings.Contains(msg, "unknown certificate authority"), strings.Contains(msg, "certificate unknown"):
-		hint = "the server refused the client certificate of redis_tls cert: it must be signed by the server's tls-ca-cert-file"
+	case remoteAlertHint(err) != "":
+		hint = remoteAlertHint(err)
 	case strings.Contains(msg, "tls:") || strings.Contains(msg, "first record does not look like a TLS handshake"):
 		hint = "is the server's port a TLS port (tls-port)?"
 	default:
@@ -222,6 +220,22 @@ func explainTLSError(addr string, conf *tls.Config, err error) error {
 		hint = "TLS handshake failed"
 	}
 	return fmt.Errorf("redis TLS handshake with %s: %w (%s)", addr, err, hint)
+}
+
+// remoteAlertHint explains the TLS alerts a Redis server sends about the
+// client's certificate. With TLS 1.3 they come after the client's side of
+// the handshake, at the first read, so they reach go-redis's command errors
+// rather than the dialer.
+func remoteAlertHint(err error) string {
+	switch msg := err.Error(); {
+	case strings.Contains(msg, "certificate required"):
+		return "the server requires a client certificate: set redis_tls cert and key"
+	case strings.Contains(msg, "bad certificate"), strings.Contains(msg, "unknown certificate authority"), strings.Contains(msg, "certificate unknown"):
+		return "the server refused the client certificate of redis_tls cert: it must be signed by a CA in the server's tls-ca-cert-file"
+	case strings.Contains(msg, "certificate expired"), strings.Contains(msg, "certificate revoked"):
+		return "the server refused the client certificate of redis_tls cert as expired or revoked"
+	}
+	return ""
 }
 
 // checkRedisAtStart asks a new hub's Redis for a PING once, so that a Redis
@@ -245,6 +259,9 @@ func (h *hub) checkRedisAtStart(timeout time.Duration) {
 		case errors.Is(err, redis.ErrClosed):
 			// The hub was closed meanwhile (a reload or shutdown).
 		default:
+			if hint := remoteAlertHint(err); hint != "" && !strings.Contains(err.Error(), hint) {
+				err = fmt.Errorf("%w (%s)", err, hint)
+			}
 			h.log.Error("cannot reach redis; clients are told unavailable until it answers", zap.Error(err))
 		}
 	}()
