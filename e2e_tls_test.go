@@ -357,3 +357,79 @@ func logLine(n *node, parts ...string) string {
 	}
 	return ""
 }
+
+// redisClientCount is the number of rs's connections that the module
+// opened (it names them caddychat-<node id>).
+func redisClientCount(t testing.TB, rs *redistest.Server) int {
+	t.Helper()
+	ctx, cancel := redisCtx()
+	defer cancel()
+	list, err := rs.Client().ClientList(ctx).Result()
+	if err != nil {
+		t.Fatalf("CLIENT LIST: %v", err)
+	}
+	return strings.Count(list, "name=caddychat-")
+}
+
+// TestRedisTLSReloadWithNewCertificate: the hub's key holds the TLS files'
+// contents. A reload with the same files keeps the WebSocket connections
+// and the Redis connections; a reload after the client certificate was
+// replaced at the same paths makes a new hub: the old connections are told
+// 1012 (service restart), the old hub's Redis connections close, and new
+// clients are served with the new certificate.
+func TestRedisTLSReloadWithNewCertificate(t *testing.T) {
+	pki := redistest.NewPKI(t)
+	rs := redistest.StartTLS(t, pki)
+	dir := t.TempDir()
+	cert, key := filepath.Join(dir, "client.pem"), filepath.Join(dir, "client.key")
+	install := func(c, k string) {
+		for from, to := range map[string]string{c: cert, k: key} {
+			b, err := os.ReadFile(from)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(to, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	install(pki.ClientCert, pki.ClientKey)
+	routes := fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\tredis_tls {\n\t\t\tca %s\n\t\t\tcert %s\n\t\t\tkey %s\n\t\t}\n\t\trate_limit off\n\t\tdrain_period 100ms\n\t}",
+		rs.URL(), pki.CA, cert, key)
+	n := startNode(t, "N", routes)
+	sub := dialJSON(t, "sub", n.wsURL("/ws"))
+	sub.subscribe("room:rotate")
+	pub := dialJSON(t, "pub", n.wsURL("/ws"))
+	pub.mustPublish("room:rotate", map[string]string{"text": "before"})
+	sub.expectMessage("room:rotate", 5*time.Second)
+	before := redisClientCount(t, rs)
+
+	n.reload(t, routes) // same files
+	pub.mustPublish("room:rotate", map[string]string{"text": "after a reload with the same files"})
+	sub.expectMessage("room:rotate", 5*time.Second)
+	if got := redisClientCount(t, rs); got != before {
+		t.Errorf("a reload with the same TLS files: %d Redis connections of the module, want %d as before", got, before)
+	}
+
+	// The server certificate of the PKI is a client certificate of the same
+	// CA too: Redis accepts it, and the files' contents are new.
+	install(pki.ServerCert, pki.ServerKey)
+	n.reload(t, routes)
+	for _, c := range []*wsClient{sub, pub} {
+		code, err := c.waitClosed(10 * time.Second)
+		if err != nil || code != websocket.StatusServiceRestart {
+			t.Errorf("%s after a reload with a new client certificate: close %v (%v), want 1012", c.name, code, err)
+		}
+	}
+	sub2 := dialJSON(t, "sub2", n.wsURL("/ws"))
+	sub2.subscribe("room:rotate")
+	pub2 := dialJSON(t, "pub2", n.wsURL("/ws"))
+	pub2.mustPublish("room:rotate", map[string]string{"text": "with the new certificate"})
+	if m := sub2.expectMessage("room:rotate", 5*time.Second); !strings.Contains(string(m.Data), "with the new certificate") {
+		t.Errorf("sub2 got %s", m)
+	}
+	eventually(t, 10*time.Second, "the old hub's Redis connections closed", func() (bool, string) {
+		got := redisClientCount(t, rs)
+		return got <= before, fmt.Sprintf("%d connections named caddychat-*, %d before", got, before)
+	})
+}
