@@ -5,7 +5,10 @@
 // in t.Cleanup. Kill and Restart simulate a broker outage: Restart starts the
 // server again on the same port, so clients configured with the old address
 // can reconnect. StartSentinel and StartCluster (topology.go) build a
-// Sentinel setup and a Redis Cluster from such servers.
+// Sentinel setup and a Redis Cluster from such servers. StartTLS,
+// StartSentinelTLS and StartClusterTLS do the same with servers that speak
+// TLS only and require client certificates, from a PKI that NewPKI (tls.go)
+// generates for the test.
 package redistest
 
 import (
