@@ -87,6 +87,7 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 //		redis            <url>
 //		redis_sentinel   <master name> <sentinel addr...> [{ ... }]
 //		redis_cluster    <node addr...> [{ ... }]
+//		redis_tls        { ca <file>; cert <file>; key <file>; server_name <name> }
 //		channel_prefix   <prefix>
 //		protocol         json|raw
 //		channel          <name>
@@ -150,6 +151,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			continue
 		case "redis_cluster":
 			if err := h.unmarshalRedisCluster(d); err != nil {
+				return err
+			}
+			continue
+		case "redis_tls":
+			if err := h.unmarshalRedisTLS(d); err != nil {
 				return err
 			}
 			continue

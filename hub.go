@@ -51,6 +51,7 @@ type hubConfig struct {
 	redisURL       string
 	sentinel       *RedisSentinel // instead of redisURL
 	cluster        *RedisCluster  // instead of redisURL
+	redisTLS       *RedisTLS      // TLS to any of them (redis_tls.go)
 	channelPrefix  string
 	brokerTimeouts time.Duration
 }

@@ -64,6 +64,11 @@ type Handler struct {
 	// spread over the cluster's shards by slot.
 	RedisCluster *RedisCluster `json:"redis_cluster,omitempty"`
 
+	// TLS to Redis: a private CA, a client certificate (mutual TLS) and the
+	// servers' name, for redis (rediss://), redis_sentinel or redis_cluster.
+	// See redis_tls.go.
+	RedisTLS *RedisTLS `json:"redis_tls,omitempty"`
+
 	// Prefix of every channel's name in Redis, keeping the gateway's channels
 	// apart from other users of the same Redis. Default: "chat:".
 	ChannelPrefix *string `json:"channel_prefix,omitempty"`
@@ -282,15 +287,19 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		redisURL:       h.Redis,
 		sentinel:       h.RedisSentinel,
 		cluster:        h.RedisCluster,
+		redisTLS:       h.RedisTLS,
 		channelPrefix:  *h.ChannelPrefix,
 		brokerTimeouts: time.Duration(h.PublishTimeout),
 	}
 	key := cfg.key()
-	value, _, err := hubs.LoadOrNew(key, func() (caddy.Destructor, error) { return newHub(cfg) })
+	value, loaded, err := hubs.LoadOrNew(key, func() (caddy.Destructor, error) { return newHub(cfg) })
 	if err != nil {
 		return fmt.Errorf("chat: starting hub: %w", err)
 	}
 	h.hub, h.hubKey = value.(*hub), key
+	if !loaded {
+		h.hub.checkRedisAtStart(cfg.brokerTimeouts)
+	}
 	// The latest configuration's drain period applies when the hub closes.
 	h.hub.drainPeriod.Store(int64(h.DrainPeriod))
 	return nil

@@ -1,6 +1,7 @@
 package caddychat
 
 import (
+	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"errors"
@@ -96,7 +97,10 @@ func (h *Handler) provisionRedisTopology(repl *caddy.Replacer) error {
 			errs = append(errs, fmt.Errorf("chat: redis: %v (want redis://[user:password@]host:port/db or rediss://...)", err))
 		}
 	}
-	return errors.Join(errs...)
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	return h.provisionRedisTLS(expand)
 }
 
 // expandAddrs expands placeholders in addrs in place and checks that each
@@ -127,12 +131,12 @@ func (c hubConfig) servers() string {
 	case c.sentinel != nil:
 		s := c.sentinel
 		return fmt.Sprintf("sentinel:%s@%s/%d,tls=%v,auth=%s", s.Master, strings.Join(s.Addrs, ","), s.DB, s.TLS,
-			secret(s.Username, s.Password, s.SentinelUsername, s.SentinelPassword))
+			secret(s.Username, s.Password, s.SentinelUsername, s.SentinelPassword)) + c.redisTLS.keyPart()
 	case c.cluster != nil:
 		cl := c.cluster
-		return fmt.Sprintf("cluster:%s,tls=%v,auth=%s", strings.Join(cl.Addrs, ","), cl.TLS, secret(cl.Username, cl.Password))
+		return fmt.Sprintf("cluster:%s,tls=%v,auth=%s", strings.Join(cl.Addrs, ","), cl.TLS, secret(cl.Username, cl.Password)) + c.redisTLS.keyPart()
 	}
-	return c.redisURL
+	return c.redisURL + c.redisTLS.keyPart()
 }
 
 // usesRedis reports whether c names any Redis (else the in-process broker).
@@ -144,15 +148,18 @@ func (c hubConfig) usesRedis() bool {
 // sharded is true for a cluster, whose channels use sharded pub/sub.
 func newRedisClient(cfg hubConfig, clientName string) (client redis.UniversalClient, sharded bool, err error) {
 	timeout := cfg.brokerTimeouts
-	tlsConfig := func(on bool) *tls.Config {
-		if !on {
+	// Every TLS connection is dialled by tlsDialer, whose errors say what a
+	// failed handshake means for the configuration.
+	dialer := func(conf *tls.Config) func(context.Context, string, string) (net.Conn, error) {
+		if conf == nil {
 			return nil
 		}
-		return &tls.Config{MinVersion: tls.VersionTLS12}
+		return tlsDialer(timeout, conf)
 	}
 	switch {
 	case cfg.sentinel != nil:
 		s := cfg.sentinel
+		conf := clientTLSConfig(s.TLS, cfg.redisTLS)
 		return redis.NewFailoverClient(&redis.FailoverOptions{
 			MasterName:       s.Master,
 			SentinelAddrs:    s.Addrs,
@@ -161,7 +168,8 @@ func newRedisClient(cfg hubConfig, clientName string) (client redis.UniversalCli
 			Username:         s.Username,
 			Password:         s.Password,
 			DB:               s.DB,
-			TLSConfig:        tlsConfig(s.TLS),
+			TLSConfig:        conf,
+			Dialer:           dialer(conf),
 			ClientName:       clientName,
 			DialTimeout:      timeout,
 			ReadTimeout:      timeout,
@@ -169,11 +177,13 @@ func newRedisClient(cfg hubConfig, clientName string) (client redis.UniversalCli
 		}), false, nil
 	case cfg.cluster != nil:
 		c := cfg.cluster
+		conf := clientTLSConfig(c.TLS, cfg.redisTLS)
 		return redis.NewClusterClient(&redis.ClusterOptions{
 			Addrs:        c.Addrs,
 			Username:     c.Username,
 			Password:     c.Password,
-			TLSConfig:    tlsConfig(c.TLS),
+			TLSConfig:    conf,
+			Dialer:       dialer(conf),
 			ClientName:   clientName,
 			DialTimeout:  timeout,
 			ReadTimeout:  timeout,
@@ -181,11 +191,13 @@ func newRedisClient(cfg hubConfig, clientName string) (client redis.UniversalCli
 		}), true, nil
 	}
 	// rediss:// URLs get their TLS configuration (server name from the
-	// host, skip_verify from the query) from ParseURL.
+	// host, skip_verify from the query) from ParseURL; redis_tls adds to it.
 	opts, err := redis.ParseURL(cfg.redisURL)
 	if err != nil {
 		return nil, false, fmt.Errorf("parsing redis URL: %w", err)
 	}
+	opts.TLSConfig = urlTLSConfig(opts.TLSConfig, cfg.redisTLS)
+	opts.Dialer = dialer(opts.TLSConfig)
 	opts.DialTimeout = timeout
 	opts.ReadTimeout = timeout
 	opts.WriteTimeout = timeout

@@ -8,8 +8,9 @@
 // or interrupted run leaves nothing behind.
 
 import { spawn } from "node:child_process";
-import { createHmac, randomBytes } from "node:crypto";
+import { X509Certificate, createHash, createHmac, randomBytes } from "node:crypto";
 import { accessSync, constants, mkdirSync, mkdtempSync, openSync, closeSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import https from "node:https";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
@@ -169,6 +170,18 @@ function tcpReady(port, probe, expect) {
   });
 }
 
+/** GET url over https trusting only the PEM root(s) in ca. */
+function httpsOK(url, ca) {
+  return new Promise((resolve) => {
+    const req = https.get(url, { ca, timeout: 2000 }, (res) => {
+      res.resume();
+      res.on("end", () => resolve(res.statusCode >= 200 && res.statusCode < 300));
+    });
+    req.on("error", () => resolve(false));
+    req.on("timeout", () => req.destroy());
+  });
+}
+
 async function httpOK(url) {
   try {
     const res = await fetch(url, { signal: AbortSignal.timeout(2000) });
@@ -185,8 +198,11 @@ async function httpOK(url) {
  *   /ws    anonymous chat route with ui, history on room:**, no rate limit;
  *   /team  the same behind a jwt block (tokens from mintToken), with presence on.
  * With lb: true, also a Caddy in front (lb_policy first, passive health checks).
+ * With tls: true, the nodes serve https:// and wss:// with certificates of
+ * their own local CAs (`tls internal`, never installed into a trust store);
+ * each node's `ca` holds its root and intermediate (see spkiHashes).
  */
-export async function startCluster({ nodes = ["a", "b"], lb = false } = {}) {
+export async function startCluster({ nodes = ["a", "b"], lb = false, tls = false } = {}) {
   const bin = caddyBinary();
   const dir = mkdtempSync(path.join(os.tmpdir(), "caddychat-browser-"));
   const home = path.join(dir, "home");
@@ -234,7 +250,7 @@ export async function startCluster({ nodes = ["a", "b"], lb = false } = {}) {
 		presence on`)}
 `;
     await Promise.all(nodes.map(async (name) => {
-      cluster.nodes[name] = await startCaddy(cluster, name, routes, env);
+      cluster.nodes[name] = await startCaddy(cluster, name, routes, env, { tls });
     }));
 
     if (lb) {
@@ -259,26 +275,64 @@ export async function startCluster({ nodes = ["a", "b"], lb = false } = {}) {
   }
 }
 
-async function startCaddy(cluster, name, site, env) {
+async function startCaddy(cluster, name, site, env, { tls = false } = {}) {
   const [port, admin] = [await freePort(), await freePort()];
+  const storage = path.join(cluster.dir, `storage-${name}`);
+  // With tls: Caddy's local CA issues the site's certificate; the root is
+  // not installed anywhere (skip_install_trust) and no HTTP->HTTPS
+  // redirect server binds port 80.
+  const global = tls
+    ? `skip_install_trust
+	auto_https disable_redirects
+	http_port ${await freePort()}`
+    : "auto_https off";
   const caddyfile = `{
 	admin 127.0.0.1:${admin}
 	persist_config off
-	auto_https off
-	storage file_system ${path.join(cluster.dir, `storage-${name}`)}
+	${global}
+	storage file_system ${storage}
 }
 
-http://127.0.0.1:${port} {
-${site}}
+${tls ? "https" : "http"}://127.0.0.1:${port} {
+${tls ? "\ttls internal\n" : ""}${site}}
 `;
   const file = path.join(cluster.dir, `Caddyfile.${name}`);
   writeFileSync(file, caddyfile);
   const proc = new Proc(`caddy-${name}`, caddyBinary(), ["run", "--config", file, "--adapter", "caddyfile"], { dir: cluster.dir, env });
   cluster.procs.push(proc);
+  if (tls) {
+    const url = `https://127.0.0.1:${port}`;
+    const authority = path.join(storage, "pki", "authorities", "local");
+    const read = (f) => readFileSync(path.join(authority, f), "utf8");
+    let ca;
+    await proc.ready(async () => {
+      ca ??= { root: read("root.crt"), intermediate: read("intermediate.crt") };
+      return httpsOK(`${url}/ws/caddychat.js`, ca.root);
+    });
+    return { name, port, url, proc, caddyfile: file, ca };
+  }
   const url = `http://127.0.0.1:${port}`;
   // The client library is served by the chat route: the node is up and the module loaded.
   await proc.ready(() => httpOK(`${url}/ws/caddychat.js`));
   return { name, port, url, proc, caddyfile: file };
+}
+
+/**
+ * The SPKI hashes (base64 SHA-256 of the DER SubjectPublicKeyInfo) of the
+ * nodes' local CA intermediates, for Chromium's
+ * --ignore-certificate-errors-spki-list: Chromium then accepts a chain a
+ * node presents when a certificate in it has one of these keys, and
+ * rejects every other untrusted chain as usual. Chromium matches the
+ * certificates the server sends (the leaf and Caddy's intermediate), not
+ * the root it would chain to: with the root's hash alone the page fails
+ * with ERR_CERT_AUTHORITY_INVALID (tried). Caddy renews the intermediate
+ * (every 7 days by default), which is fine for a test run.
+ */
+export function spkiHashes(cluster) {
+  return Object.values(cluster.nodes).map((node) => {
+    const spki = new X509Certificate(node.ca.intermediate).publicKey.export({ type: "spki", format: "der" });
+    return createHash("sha256").update(spki).digest("base64");
+  });
 }
 
 /** An HS256 JWT for the /team routes. */
@@ -296,6 +350,17 @@ export function mintToken(sub, ttlSeconds = 3600) {
  * after hook can stop it.
  */
 export async function startAll(clusterOptions) {
+  if (clusterOptions?.tls) {
+    // The browser trusts the nodes' CAs, which exist once the nodes run.
+    let cluster;
+    try {
+      cluster = await startCluster(clusterOptions);
+      const browser = await launchBrowser({ args: [`--ignore-certificate-errors-spki-list=${spkiHashes(cluster).join(",")}`] });
+      return { cluster, browser };
+    } catch (error) {
+      return { cluster, error };
+    }
+  }
   const [cluster, browser] = await Promise.allSettled([startCluster(clusterOptions), launchBrowser()]);
   return {
     cluster: cluster.value,
@@ -311,7 +376,7 @@ export async function stopAll({ cluster, browser } = {}) {
 }
 
 /** Debian's Chromium, headless; never a browser downloaded by Playwright. */
-export async function launchBrowser() {
+export async function launchBrowser({ args = [] } = {}) {
   try {
     accessSync(CHROMIUM, constants.X_OK);
   } catch {
@@ -323,7 +388,7 @@ export async function launchBrowser() {
   } catch (err) {
     throw new Error(`playwright-core is not installed: run npm ci in client/browser (${err.message})`);
   }
-  return chromium.launch({ executablePath: CHROMIUM, headless: true, timeout: 30_000 });
+  return chromium.launch({ executablePath: CHROMIUM, headless: true, timeout: 30_000, args });
 }
 
 /**

@@ -5,12 +5,16 @@
 // in t.Cleanup. Kill and Restart simulate a broker outage: Restart starts the
 // server again on the same port, so clients configured with the old address
 // can reconnect. StartSentinel and StartCluster (topology.go) build a
-// Sentinel setup and a Redis Cluster from such servers.
+// Sentinel setup and a Redis Cluster from such servers. StartTLS,
+// StartSentinelTLS and StartClusterTLS do the same with servers that speak
+// TLS only and require client certificates, from a PKI that NewPKI (tls.go)
+// generates for the test.
 package redistest
 
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -49,6 +53,9 @@ type Server struct {
 	// modeReplica, modeSentinel (see topology.go).
 	mode    string
 	modeArg string // the master's address for modeReplica, its port for modeSentinel
+	// pki, when set, makes the server speak TLS only (tls.go): its port is
+	// a tls-port, and clients must present a certificate of pki's CA.
+	pki *PKI
 
 	mu     sync.Mutex
 	cmd    *exec.Cmd
@@ -64,13 +71,26 @@ func Start(t testing.TB) *Server {
 	return startMode(t, "", "")
 }
 
+// StartTLS is Start for a server that speaks TLS only, with the server
+// certificate of pki, and requires clients to present a certificate signed
+// by pki's CA (tls-auth-clients yes).
+func StartTLS(t testing.TB, pki *PKI) *Server {
+	t.Helper()
+	return startServer(t, "", "", pki)
+}
+
 func startMode(t testing.TB, mode, modeArg string) *Server {
+	t.Helper()
+	return startServer(t, mode, modeArg, nil)
+}
+
+func startServer(t testing.TB, mode, modeArg string, pki *PKI) *Server {
 	t.Helper()
 	bin, err := lookBinary()
 	if err != nil {
 		t.Fatalf("redistest: %v", err)
 	}
-	s := &Server{t: t, bin: bin, dir: t.TempDir(), mode: mode, modeArg: modeArg}
+	s := &Server{t: t, bin: bin, dir: t.TempDir(), mode: mode, modeArg: modeArg, pki: pki}
 	s.logPath = filepath.Join(s.dir, "redis.log")
 	t.Cleanup(s.cleanup)
 
@@ -155,7 +175,7 @@ func (s *Server) start() error {
 			return fmt.Errorf("redis-server on port %d exited during start-up: %v", s.port, cmd.ProcessState)
 		default:
 		}
-		if err := ping(s.Addr()); err == nil {
+		if err := s.ping(); err == nil {
 			return nil
 		} else if time.Now().After(deadline) {
 			s.Kill()
@@ -165,9 +185,15 @@ func (s *Server) start() error {
 	}
 }
 
-// ping sends an inline PING and expects +PONG.
-func ping(addr string) error {
-	c, err := net.DialTimeout("tcp", addr, time.Second)
+// ping sends an inline PING and expects +PONG (over TLS for a TLS server).
+func (s *Server) ping() error {
+	var c net.Conn
+	var err error
+	if s.pki != nil {
+		c, err = tls.DialWithDialer(&net.Dialer{Timeout: time.Second}, "tcp", s.Addr(), s.pki.ClientTLS())
+	} else {
+		c, err = net.DialTimeout("tcp", s.Addr(), time.Second)
+	}
 	if err != nil {
 		return err
 	}
@@ -192,8 +218,14 @@ func (s *Server) Addr() string { return net.JoinHostPort("127.0.0.1", strconv.It
 // Port is the TCP port the server listens on (the same across restarts).
 func (s *Server) Port() int { return s.port }
 
-// URL is "redis://127.0.0.1:<port>/0", usable as the chat module's redis option.
-func (s *Server) URL() string { return "redis://" + s.Addr() + "/0" }
+// URL is "redis://127.0.0.1:<port>/0", usable as the chat module's redis
+// option; "rediss://..." for a TLS server.
+func (s *Server) URL() string {
+	if s.pki != nil {
+		return "rediss://" + s.Addr() + "/0"
+	}
+	return "redis://" + s.Addr() + "/0"
+}
 
 // LogPath is the file that collects the server's output across restarts.
 func (s *Server) LogPath() string { return s.logPath }
@@ -263,6 +295,7 @@ func (s *Server) Client() *redis.Client {
 			ReadTimeout:  2 * time.Second,
 			WriteTimeout: 2 * time.Second,
 			MaxRetries:   -1, // tests want to see errors, not retries
+			TLSConfig:    s.tlsConfig(),
 		})
 	}
 	return s.client
@@ -279,6 +312,14 @@ func (s *Server) Do(args ...any) any {
 		s.t.Fatalf("redistest: %v: %v", args, err)
 	}
 	return v
+}
+
+// tlsConfig is a client configuration for the server: nil for a plain one.
+func (s *Server) tlsConfig() *tls.Config {
+	if s.pki == nil {
+		return nil
+	}
+	return s.pki.ClientTLS()
 }
 
 func (s *Server) cleanup() {

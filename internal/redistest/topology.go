@@ -42,6 +42,19 @@ func (s *Server) args() ([]string, error) {
 		"--logfile", "", // log to stdout, which goes to redis.log
 	}
 	data := []string{"--save", "", "--appendonly", "no"}
+	if p := s.pki; p != nil {
+		// TLS only: no plain port; the TLS port is the server's port.
+		common[3] = "0"
+		common = append(common, "--tls-port", strconv.Itoa(s.port),
+			"--tls-cert-file", p.ServerCert, "--tls-key-file", p.ServerKey,
+			"--tls-ca-cert-file", p.CA, "--tls-auth-clients", "yes")
+		switch s.mode {
+		case modeCluster:
+			common = append(common, "--tls-cluster", "yes")
+		case modeReplica, modeSentinel:
+			common = append(common, "--tls-replication", "yes")
+		}
+	}
 	switch s.mode {
 	case "":
 		return append(common, data...), nil
@@ -91,15 +104,32 @@ type Cluster struct {
 // in sync with its master.
 func StartCluster(t testing.TB, masters, replicas int) *Cluster {
 	t.Helper()
+	return startCluster(t, masters, replicas, nil)
+}
+
+// StartClusterTLS is StartCluster with nodes that speak TLS only, to
+// clients and on the cluster bus (tls-cluster yes, tls-replication yes),
+// with the server certificate of pki and client certificates required.
+func StartClusterTLS(t testing.TB, pki *PKI, masters, replicas int) *Cluster {
+	t.Helper()
+	return startCluster(t, masters, replicas, pki)
+}
+
+func startCluster(t testing.TB, masters, replicas int, pki *PKI) *Cluster {
+	t.Helper()
 	c := &Cluster{t: t, masters: masters, replicas: replicas}
 	for range masters * (1 + replicas) {
-		c.Nodes = append(c.Nodes, startMode(t, modeCluster, ""))
+		c.Nodes = append(c.Nodes, startServer(t, modeCluster, "", pki))
 	}
 	cli, err := exec.LookPath("redis-cli")
 	if err != nil {
 		t.Fatalf("redistest: redis-cli not found (Debian: apt-get install -y redis-tools): %v", err)
 	}
-	args := append([]string{"--cluster", "create"}, c.Addrs()...)
+	var args []string
+	if pki != nil {
+		args = []string{"--tls", "--cacert", pki.CA, "--cert", pki.ClientCert, "--key", pki.ClientKey}
+	}
+	args = append(append(args, "--cluster", "create"), c.Addrs()...)
 	args = append(args, "--cluster-replicas", strconv.Itoa(replicas), "--cluster-yes")
 	if out, err := exec.Command(cli, args...).CombinedOutput(); err != nil {
 		t.Fatalf("redistest: redis-cli %s: %v\n%s", strings.Join(args, " "), err, out)
@@ -240,17 +270,31 @@ type Sentinel struct {
 	Master    *Server
 	Replica   *Server
 	Sentinels []*Server
+	pki       *PKI
 }
 
 // StartSentinel starts the setup and waits until every sentinel knows the
 // replica and the other sentinels, so that a failover can happen.
 func StartSentinel(t testing.TB) *Sentinel {
 	t.Helper()
-	s := &Sentinel{t: t}
-	s.Master = Start(t)
-	s.Replica = startMode(t, modeReplica, s.Master.Addr())
+	return startSentinel(t, nil)
+}
+
+// StartSentinelTLS is StartSentinel with a master, a replica and sentinels
+// that speak TLS only (tls-replication yes), with the server certificate
+// of pki and client certificates required.
+func StartSentinelTLS(t testing.TB, pki *PKI) *Sentinel {
+	t.Helper()
+	return startSentinel(t, pki)
+}
+
+func startSentinel(t testing.TB, pki *PKI) *Sentinel {
+	t.Helper()
+	s := &Sentinel{t: t, pki: pki}
+	s.Master = startServer(t, "", "", pki)
+	s.Replica = startServer(t, modeReplica, s.Master.Addr(), pki)
 	for range 3 {
-		s.Sentinels = append(s.Sentinels, startMode(t, modeSentinel, strconv.Itoa(s.Master.Port())))
+		s.Sentinels = append(s.Sentinels, startServer(t, modeSentinel, strconv.Itoa(s.Master.Port()), pki))
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -285,7 +329,7 @@ func (s *Sentinel) readiness() string {
 		return "replica not in sync with the master yet"
 	}
 	for _, n := range s.Sentinels {
-		sc := redis.NewSentinelClient(&redis.Options{Addr: n.Addr(), DialTimeout: time.Second, ReadTimeout: time.Second})
+		sc := redis.NewSentinelClient(&redis.Options{Addr: n.Addr(), DialTimeout: time.Second, ReadTimeout: time.Second, TLSConfig: n.tlsConfig()})
 		replicas, err1 := sc.Replicas(ctx, SentinelMasterName).Result()
 		peers, err2 := sc.Sentinels(ctx, SentinelMasterName).Result()
 		sc.Close()
@@ -309,7 +353,7 @@ func (s *Sentinel) MasterAddr() (string, error) {
 		if !n.Running() {
 			continue
 		}
-		sc := redis.NewSentinelClient(&redis.Options{Addr: n.Addr(), DialTimeout: time.Second, ReadTimeout: time.Second})
+		sc := redis.NewSentinelClient(&redis.Options{Addr: n.Addr(), DialTimeout: time.Second, ReadTimeout: time.Second, TLSConfig: n.tlsConfig()})
 		addr, err := sc.GetMasterAddrByName(ctx, SentinelMasterName).Result()
 		sc.Close()
 		if err == nil && len(addr) == 2 {
