@@ -63,6 +63,43 @@ Scenarios (-scenario, a comma list runs several in order):
   baseline-rooms  the rooms measurement against the same bare server; with
             rooms in the same run, the table shows rooms' deliveries/s
             relative to it.
+  abuse     an operator's check of a deployment (at least two -url nodes,
+            rate limits as in production): for -duration, one hostile
+            connection per attack of -attacks, never reading its socket,
+            while honest clients use the same channels: -honest-subs
+            subscribers per node on each shared channel (-abuse-channel, and
+            -raw-channel when a raw attack runs) and one publisher per node
+            per channel at -honest-rate. The attacks (letters as in the
+            report):
+              a resubscribe  publishes -fill messages of -fill-size to
+                             -abuse-channel (a history channel), then
+                             subscribes to it with "history":1000 and with
+                             "since" an old id, again and again
+              b history      {"op":"history","limit":1000} again and again
+              c forge        raw client (-raw-url, bridging -raw-channel)
+                             sending the server's envelope shape with id
+                             9999999999999999999-0 (it can silence a channel)
+              c2 forge-json  the same as a JSON client's data
+              d impersonate  raw client text that reaches JSON subscribers
+                             looking like the server's (from "")
+              e create       publishes to a fresh channel under
+                             -create-prefix each time
+              f opflood      subscribe/unsubscribe/presence/garbage, unpaced
+              f2 oversize    frames of -oversize bytes
+              g slowread     subscribes to -abuse-channel, never reads
+              h http         POSTs to -publish-url with -token, unpaced
+            a, b and e send at -attack-rate (keep it under the nodes'
+            rate_limit). Reported: per node VmRSS (-pids) before, peak
+            (every 250 ms) and -after the attacks stopped, the gauges
+            caddy_chat_queued_bytes and caddy_chat_history_bytes ("n/a"
+            when a node lacks them) and the closes by reason during the
+            run (-metrics-url, the nodes' admin /metrics); per attacker
+            what it sent, the error codes and close code it got (read after
+            the attack, for at most -attacker-drain); per honest subscriber
+            expected, received, lost, duplicated, out of order; the attack
+            frames honest subscribers got, with their from, server and
+            anonymous fields. A node over -max-rss stops the attacks
+            ("STOPPED EARLY").
 
 Figures:
   latency       receive time minus the send time the publisher put in the
@@ -122,6 +159,16 @@ type config struct {
 	idleChannel string
 	pids        []int
 
+	// abuse
+	abuseChannel, rawChannel, createPrefix string
+	rawURLs, metricsURLs, attacks          []string
+	publishURL, token                      string
+	attackRate, honestRate                 float64
+	fill, fillSize, oversize, honestSubs   int
+	httpConcurrency                        int
+	maxRSS                                 int64 // bytes; 0: no limit
+	after, attackerDrain                   time.Duration
+
 	runID    string
 	progress io.Writer // nil: no progress lines
 	settings map[string]string
@@ -150,6 +197,19 @@ func defaultConfig() *config {
 		hold:               30 * time.Second,
 		settle:             5 * time.Second,
 		runID:              newRunID(),
+		abuseChannel:       "room:abuse-busy",
+		rawChannel:         "room:abuse-raw",
+		createPrefix:       "room:abuse-",
+		attackRate:         40,
+		honestRate:         10,
+		fill:               100,
+		fillSize:           32 << 10,
+		oversize:           1 << 20,
+		honestSubs:         2,
+		httpConcurrency:    4,
+		maxRSS:             2 << 30,
+		after:              3 * time.Second,
+		attackerDrain:      3 * time.Second,
 	}
 }
 
@@ -166,11 +226,15 @@ Examples:
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario fanout,baseline -subs 2000 -step-rates 10,25,50,75,100 -max-p99 100ms
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario rooms -clients 2000 -room-size 10 -client-rate 1 -duration 30s
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario idle -clients 5000 -hold 30s -pids 1234,5678
+  chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario abuse -duration 20s -pids 1234,5678 \
+      -raw-url ws://127.0.0.1:8081/raw/abuse-raw,ws://127.0.0.1:8082/raw/abuse-raw -raw-channel room:abuse-raw \
+      -metrics-url http://127.0.0.1:2019/metrics,http://127.0.0.1:2020/metrics \
+      -publish-url http://127.0.0.1:8081/chat/publish -token "$(chattoken -sub mallory -publish 'room:**')"
 `)
 	}
 	urls := fs.String("url", strings.Join(cfg.urls, ","), "node WebSocket URLs, comma separated; clients are spread round-robin over them")
 	historyURLs := fs.String("history-url", "", "for fanout-history: the same nodes' URLs of a route that keeps history, comma separated")
-	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, baseline-rooms, fanout-history, or a comma list of them")
+	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, baseline-rooms, fanout-history, abuse, or a comma list of them")
 	fs.IntVar(&cfg.sources, "sources", cfg.sources, "loopback source addresses 127.0.0.1..127.0.0.N to spread connections over (loopback nodes only)")
 	fs.IntVar(&cfg.connectConcurrency, "connect-concurrency", cfg.connectConcurrency, "WebSocket handshakes in flight at once")
 	fs.DurationVar(&cfg.connectTimeout, "connect-timeout", cfg.connectTimeout, "limit for one connection's handshake, welcome and subscribe")
@@ -191,14 +255,34 @@ Examples:
 	fs.IntVar(&cfg.clients, "clients", cfg.clients, "rooms/idle: connections")
 	fs.IntVar(&cfg.roomSize, "room-size", cfg.roomSize, "rooms: clients per room")
 	fs.Float64Var(&cfg.clientRate, "client-rate", cfg.clientRate, "rooms: publishes per second of each client")
-	fs.DurationVar(&cfg.duration, "duration", cfg.duration, "rooms: how long clients publish")
+	fs.DurationVar(&cfg.duration, "duration", cfg.duration, "rooms: how long clients publish; abuse: how long the attacks run")
 
 	fs.DurationVar(&cfg.hold, "hold", cfg.hold, "idle: how long the connections are held")
 	fs.DurationVar(&cfg.settle, "settle", cfg.settle, "idle: wait after connecting before the second RSS reading")
 	fs.StringVar(&cfg.idleChannel, "idle-channel", "", "idle: one channel for all connections (default: one channel each)")
-	pids := fs.String("pids", "", "server pids, one per -url in the same order: idle reports their VmRSS, fanout and rooms their CPU use")
+	pids := fs.String("pids", "", "server pids, one per -url in the same order: idle and abuse report their VmRSS, fanout and rooms their CPU use")
 
-	if err := fs.Parse(args); err != nil {
+	fs.StringVar(&cfg.abuseChannel, "abuse-channel", cfg.abuseChannel, "abuse: the busy shared channel (one with history on the -url route)")
+	fs.StringVar(&cfg.rawChannel, "raw-channel", cfg.rawChannel, "abuse: the channel the -raw-url route bridges, shared by honest JSON clients")
+	rawURLs := fs.String("raw-url", "", "abuse: WebSocket URLs of a raw-protocol route bridging -raw-channel, comma separated (needed by forge and impersonate)")
+	fs.StringVar(&cfg.createPrefix, "create-prefix", cfg.createPrefix, "abuse: prefix of the fresh channels of create and opflood (under a history pattern)")
+	metricsURLs := fs.String("metrics-url", "", "abuse: the nodes' Caddy admin /metrics URLs, one per -url in the same order")
+	attacks := fs.String("attacks", "all", "abuse: comma list of attacks by name or letter; all: every one whose flags are given (forge, impersonate need -raw-url; http needs -publish-url)")
+	fs.StringVar(&cfg.publishURL, "publish-url", "", "abuse: the HTTP publish endpoint, for the http attack")
+	fs.StringVar(&cfg.token, "token", "", "abuse: a JWT for the http attack (cmd/chattoken mints one)")
+	fs.IntVar(&cfg.httpConcurrency, "http-concurrency", cfg.httpConcurrency, "abuse: requests in flight of the http attack")
+	fs.Float64Var(&cfg.attackRate, "attack-rate", cfg.attackRate, "abuse: frames/s of the resubscribe, history and create attacks (0: unpaced)")
+	fs.Float64Var(&cfg.honestRate, "honest-rate", cfg.honestRate, "abuse: publishes/s of each honest publisher")
+	fs.IntVar(&cfg.honestSubs, "honest-subs", cfg.honestSubs, "abuse: honest subscribers per node per shared channel")
+	fs.IntVar(&cfg.fill, "fill", cfg.fill, "abuse: messages the resubscribe attack first publishes to -abuse-channel")
+	fs.IntVar(&cfg.fillSize, "fill-size", cfg.fillSize, "abuse: approximate bytes of a fill or create message")
+	fs.IntVar(&cfg.oversize, "oversize", cfg.oversize, "abuse: bytes of an oversize frame")
+	maxRSS := fs.String("max-rss", "2GiB", "abuse: stop the attacks when a node's (or this tool's) VmRSS exceeds this (0: never)")
+	fs.DurationVar(&cfg.after, "after", cfg.after, "abuse: wait after the attacks before the last RSS and metrics readings")
+	fs.DurationVar(&cfg.attackerDrain, "attacker-drain", cfg.attackerDrain, "abuse: how long to read what each attacker was sent")
+
+	err := fs.Parse(args)
+	if err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
@@ -207,15 +291,23 @@ Examples:
 	cfg.urls = splitList(*urls)
 	cfg.historyURLs = splitList(*historyURLs)
 	cfg.scenarios = splitList(*scen)
+	cfg.rawURLs, cfg.metricsURLs = splitList(*rawURLs), splitList(*metricsURLs)
+	if cfg.maxRSS, err = parseSize(*maxRSS); err != nil {
+		return nil, fmt.Errorf("-max-rss: %v", err)
+	}
 	for _, s := range cfg.scenarios {
 		switch s {
 		case "fanout", "rooms", "idle", "baseline", "baseline-rooms":
+		case "abuse":
+			if err := checkAbuseFlags(cfg, splitList(*attacks)); err != nil {
+				return nil, err
+			}
 		case "fanout-history":
 			if len(cfg.historyURLs) == 0 {
 				return nil, errors.New("-scenario fanout-history needs -history-url")
 			}
 		default:
-			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline, baseline-rooms, fanout-history)", s)
+			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline, baseline-rooms, fanout-history, abuse)", s)
 		}
 	}
 	if len(cfg.scenarios) == 0 {
@@ -289,6 +381,7 @@ type scenarioResult struct {
 	ConnectsPerSec float64          `json:"connects_per_sec"`
 	Phases         []*deliveryPhase `json:"phases,omitempty"`
 	Idle           *idleResult      `json:"idle,omitempty"`
+	Abuse          *abuseResult     `json:"abuse,omitempty"`
 	Error          string           `json:"error,omitempty"`
 }
 
@@ -408,6 +501,8 @@ func run(ctx context.Context, cfg *config, args []string) *report {
 			res, err = runFanout(ctx, cfg, s, cfg.historyURLs, cfg.pids)
 		case "idle":
 			res, err = runIdle(ctx, cfg)
+		case "abuse":
+			res, err = runAbuse(ctx, cfg)
 		}
 		if res == nil {
 			res = &scenarioResult{Scenario: s}
@@ -432,6 +527,8 @@ func maxConns(cfg *config) int {
 			n = max(n, cfg.subs+1)
 		case "rooms", "baseline-rooms", "idle":
 			n = max(n, cfg.clients)
+		case "abuse":
+			n = max(n, 2*len(cfg.urls)*(cfg.honestSubs+1)+len(abuseAttacks))
 		}
 	}
 	return n
@@ -563,6 +660,14 @@ func writeTable(w io.Writer, rep *report) {
 			if len(s.Idle.CloseCodes) > 0 {
 				fmt.Fprintf(w, "  %s: close codes %s\n", s.Scenario, formatCounts(s.Idle.CloseCodes))
 			}
+		}
+	}
+	for _, s := range rep.Scenarios {
+		if s.Abuse != nil {
+			if len(phases)+len(idles) > 0 {
+				fmt.Fprintln(w)
+			}
+			writeAbuseTables(w, s)
 		}
 	}
 	for _, s := range rep.Scenarios {
