@@ -415,7 +415,7 @@ func writeAbuseTables(w io.Writer, s *scenarioResult) {
 	for _, a := range ab.Attackers {
 		failed := "-"
 		if a.Error != "" {
-			failed = fmt.Sprintf("%.1fs: %s", a.ErrorAfter, truncateText(a.Error, 60))
+			failed = fmt.Sprintf("%.1fs: %s", a.ErrorAfter, truncateText(lastCause(a.Error), 50))
 		}
 		codes := "-"
 		if len(a.Codes) > 0 {
@@ -537,4 +537,13 @@ func checkAbuseFlags(cfg *config, attacks []string) error {
 		cfg.attacks = append(cfg.attacks, a.name)
 	}
 	return nil
+}
+
+// lastCause keeps the end of a chain of wrapped errors ("failed to write
+// msg: failed to flush: write tcp …: broken pipe" → "broken pipe").
+func lastCause(s string) string {
+	if i := strings.LastIndex(s, ": "); i >= 0 && i+2 < len(s) {
+		return s[i+2:]
+	}
+	return s
 }

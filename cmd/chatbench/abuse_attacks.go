@@ -30,7 +30,7 @@ type abuseAttack struct {
 }
 
 var abuseAttacks = []abuseAttack{
-	{name: "resubscribe", letter: "a", what: "fills the busy channel's history with -fill messages of -fill-size, then subscribes to it with history 1000 and since an old id, again and again, at -attack-rate", run: attackResubscribe},
+	{name: "resubscribe", letter: "a", what: "fills the busy channel's history with -fill messages of -fill-size, then subscribes to it with history 1000 and since an old id, again and again, every other frame one more fill message, at -attack-rate", run: attackResubscribe},
 	{name: "history", letter: "b", what: `{"op":"history","limit":1000} on the busy channel at -attack-rate`, run: attackHistory},
 	{name: "forge", letter: "c", what: "raw client sending look-alikes of the server's envelope with id 9999999999999999999-0, twice a second", raw: true, run: attackForge},
 	{name: "forge-json", letter: "c2", what: "JSON client publishing envelope look-alikes as data on the raw channel, twice a second", run: attackForgeJSON},
@@ -39,7 +39,7 @@ var abuseAttacks = []abuseAttack{
 	{name: "opflood", letter: "f", what: "subscribe (fresh channels), unsubscribe, presence and garbage frames, unpaced", run: attackOpFlood},
 	{name: "oversize", letter: "f2", what: "frames of -oversize bytes, one a second", run: attackOversize},
 	{name: "slowread", letter: "g", what: "subscribes to the busy channel and never reads", run: attackSlowRead},
-	{name: "http", letter: "h", what: "POSTs to -publish-url with -token on the busy channel, -http-concurrency at a time, unpaced", run: attackHTTP},
+	{name: "http", letter: "h", what: "POSTs to -publish-url with -token on a channel of its own under -create-prefix, -http-concurrency at a time, unpaced", run: attackHTTP},
 }
 
 func findAttack(name string) *abuseAttack {
@@ -175,21 +175,30 @@ func attackResubscribe(ctx context.Context, a *attacker) error {
 		return err
 	}
 	pad := padding(cfg.fillSize - 40)
+	fill := func(i int) []byte {
+		return fmt.Appendf(nil, `{"op":"publish","channel":%q,"data":{"m":"abuse:fill","n":%d,"pad":%q},"id":%d}`, ch, i, pad, i)
+	}
 	err := a.paced(ctx, cfg.attackRate, func(i int) []byte {
 		if i >= cfg.fill {
 			return nil
 		}
-		return fmt.Appendf(nil, `{"op":"publish","channel":%q,"data":{"m":"abuse:fill","n":%d,"pad":%q}}`, ch, i, pad)
+		return fill(i)
 	})
 	if err != nil {
 		return err
 	}
+	// Every other frame publishes one more fill message, so that the
+	// history stays full of large messages while honest ones come in.
 	return a.paced(ctx, cfg.attackRate, func(i int) []byte {
-		if i%2 == 0 {
+		switch i % 4 {
+		case 0:
 			return fmt.Appendf(nil, `{"op":"subscribe","channel":%q,"history":1000,"id":%d}`, ch, i)
+		case 2:
+			// An id older than anything kept: everything kept is replayed.
+			return fmt.Appendf(nil, `{"op":"subscribe","channel":%q,"since":"1-0","id":%d}`, ch, i)
+		default:
+			return fill(cfg.fill + i)
 		}
-		// An id older than anything kept: everything kept is replayed.
-		return fmt.Appendf(nil, `{"op":"subscribe","channel":%q,"since":"1-0","id":%d}`, ch, i)
 	})
 }
 
@@ -364,7 +373,10 @@ var closeNames = map[int]string{
 func attackHTTP(ctx context.Context, a *attacker) error {
 	cfg := a.env.cfg
 	a.res.Target = cfg.publishURL
-	body := fmt.Appendf(nil, `{"channel":%q,"data":{"m":"abuse:http","pad":%q}}`, a.env.busy, padding(cfg.payload-30))
+	// Not the busy channel: its small messages would push the large ones
+	// out of the history that the resubscribe and history attacks replay.
+	ch := fmt.Sprintf("%shttp-%s", cfg.createPrefix, cfg.runID)
+	body := fmt.Appendf(nil, `{"channel":%q,"data":{"m":"abuse:http","pad":%q}}`, ch, padding(cfg.payload-30))
 	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: cfg.httpConcurrency}}
 	defer client.CloseIdleConnections()
 	var mu sync.Mutex

@@ -74,7 +74,8 @@ Scenarios (-scenario, a comma list runs several in order):
               a resubscribe  publishes -fill messages of -fill-size to
                              -abuse-channel (a history channel), then
                              subscribes to it with "history":1000 and with
-                             "since" an old id, again and again
+                             "since" an old id, again and again, every
+                             other frame one more fill message
               b history      {"op":"history","limit":1000} again and again
               c forge        raw client (-raw-url, bridging -raw-channel)
                              sending the server's envelope shape with id
@@ -87,7 +88,8 @@ Scenarios (-scenario, a comma list runs several in order):
               f opflood      subscribe/unsubscribe/presence/garbage, unpaced
               f2 oversize    frames of -oversize bytes
               g slowread     subscribes to -abuse-channel, never reads
-              h http         POSTs to -publish-url with -token, unpaced
+              h http         POSTs to -publish-url with -token, unpaced,
+                             on a channel of its own under -create-prefix
             a, b and e send at -attack-rate (keep it under the nodes'
             rate_limit). Reported: per node VmRSS (-pids) before, peak
             (every 250 ms) and -after the attacks stopped, the gauges
@@ -201,9 +203,9 @@ func defaultConfig() *config {
 		rawChannel:         "room:abuse-raw",
 		createPrefix:       "room:abuse-",
 		attackRate:         40,
-		honestRate:         10,
+		honestRate:         5,
 		fill:               100,
-		fillSize:           32 << 10,
+		fillSize:           60 << 10,
 		oversize:           1 << 20,
 		honestSubs:         2,
 		httpConcurrency:    4,
