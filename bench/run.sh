@@ -246,12 +246,15 @@ start B abuse_routes; url_b=$node_url pid_b=$node_pid port_b=$node_port admin_b=
 	echo "a raw route; one hostile connection per attack for 20 s while 2 honest subscribers per node per shared channel and one"
 	echo "honest publisher per node per channel (5 msgs/s) run. See \`chatbench -h\` for each attack."
 } >>"$out/tables.md"
+redis_mem() { redis-cli -p "$redis_port" info memory | tr -d '\r' | awk -F: '/^used_memory:/ {printf "%.1f MiB", $2/1048576}'; }
+redis_before="$(redis_mem), $(redis-cli -p "$redis_port" dbsize) keys"
 abuse_token=$(CHAT_JWT_SECRET=$abuse_secret "$out/chattoken" -sub mallory -publish 'room:**' -subscribe 'room:**')
 # The token stays out of results.md: the command shown names it $TOKEN.
 TOKEN_SHOWN='$TOKEN' bench abuse -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario abuse -duration 20s -max-rss 2GiB \
 	-raw-url "ws://127.0.0.1:$port_a/raw/abuse-raw,ws://127.0.0.1:$port_b/raw/abuse-raw" -raw-channel room:abuse-raw \
 	-metrics-url "http://127.0.0.1:$admin_a/metrics,http://127.0.0.1:$admin_b/metrics" \
 	-publish-url "http://127.0.0.1:$port_a/chat/publish" -token "$abuse_token"
+echo "Redis used_memory before the attacks $redis_before; after $(redis_mem), $(redis-cli -p "$redis_port" dbsize) keys." >>"$out/tables.md"
 stop_nodes
 fi
 

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"runtime/debug"
@@ -284,6 +285,10 @@ func runAbuse(ctx context.Context, cfg *config) (*scenarioResult, error) {
 			if err := at.run(actx, a); err != nil {
 				a.res.Error = err.Error()
 				a.res.ErrorAfter = time.Since(start).Seconds()
+				var blocked blockedError
+				if errors.As(err, &blocked) {
+					a.res.ErrorAfter = blocked.since.Seconds()
+				}
 			}
 		}()
 	}

@@ -126,11 +126,34 @@ func (a *attacker) dialRaw(ctx context.Context) error {
 	return nil
 }
 
-// send writes one text frame; a failure ends the attack.
-func (a *attacker) send(b []byte) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := a.ws.Write(ctx, websocket.MessageText, b); err != nil {
+// blockedError ends an attack whose last write was still blocked, for
+// more than a second, when the attack ended: the server stopped reading.
+type blockedError struct{ since time.Duration }
+
+func (e blockedError) Error() string {
+	return "send blocked: the server stopped reading"
+}
+
+// send writes one text frame; a failure ends the attack. The write has no
+// deadline of its own (one would close the connection, and then what the
+// server sent it could not be read): a write the server does not take
+// ends the attack when ctx does.
+func (a *attacker) send(ctx context.Context, b []byte) error {
+	started := time.Now()
+	done := make(chan error, 1)
+	go func() { done <- a.ws.Write(context.Background(), websocket.MessageText, b) }()
+	var err error
+	select {
+	case err = <-done:
+	case <-ctx.Done():
+		// A write under way when the attack ends gets a second more.
+		select {
+		case err = <-done:
+		case <-time.After(time.Second):
+			return blockedError{since: started.Sub(a.start)}
+		}
+	}
+	if err != nil {
 		return err
 	}
 	a.sent.Add(1)
@@ -158,8 +181,9 @@ func (a *attacker) paced(ctx context.Context, rate float64, frame func(i int) []
 		if b == nil {
 			return nil
 		}
-		if err := a.send(b); err != nil {
-			if ctx.Err() != nil {
+		if err := a.send(ctx, b); err != nil {
+			var blocked blockedError
+			if ctx.Err() != nil && !errors.As(err, &blocked) {
 				return nil
 			}
 			return err
