@@ -496,54 +496,6 @@ func truncateText(s string, n int) string {
 	return s
 }
 
-// checkAbuseFlags validates the abuse flags and resolves -attacks.
-func checkAbuseFlags(cfg *config, attacks []string) error {
-	if len(cfg.urls) < 2 {
-		return fmt.Errorf("-scenario abuse needs at least two -url nodes (honest clients on every node), got %d", len(cfg.urls))
-	}
-	if len(cfg.metricsURLs) > 0 && len(cfg.metricsURLs) != len(cfg.urls) {
-		return fmt.Errorf("-metrics-url: %d URLs for %d nodes; give one per node, in -url order", len(cfg.metricsURLs), len(cfg.urls))
-	}
-	for _, ch := range []string{cfg.abuseChannel, cfg.rawChannel} {
-		if ch == "" {
-			return fmt.Errorf("-abuse-channel and -raw-channel may not be empty")
-		}
-	}
-	switch {
-	case cfg.honestSubs < 1 || cfg.honestRate <= 0:
-		return fmt.Errorf("-honest-subs must be at least 1 and -honest-rate above 0")
-	case cfg.attackRate < 0 || cfg.fill < 0 || cfg.fillSize < 0 || cfg.oversize < 0:
-		return fmt.Errorf("-attack-rate, -fill, -fill-size and -oversize may not be negative")
-	}
-	cfg.attacks = nil
-	if len(attacks) == 1 && attacks[0] == "all" {
-		for _, a := range abuseAttacks {
-			if (a.raw && len(cfg.rawURLs) == 0) || (a.name == "http" && cfg.publishURL == "") {
-				continue
-			}
-			cfg.attacks = append(cfg.attacks, a.name)
-		}
-		return nil
-	}
-	for _, name := range attacks {
-		a := findAttack(name)
-		switch {
-		case a == nil:
-			var names []string
-			for _, a := range abuseAttacks {
-				names = append(names, a.letter+" "+a.name)
-			}
-			return fmt.Errorf("-attacks: unknown attack %q (%s)", name, strings.Join(names, ", "))
-		case a.raw && len(cfg.rawURLs) == 0:
-			return fmt.Errorf("-attacks: %s needs -raw-url", a.name)
-		case a.name == "http" && cfg.publishURL == "":
-			return fmt.Errorf("-attacks: http needs -publish-url")
-		}
-		cfg.attacks = append(cfg.attacks, a.name)
-	}
-	return nil
-}
-
 // lastCause keeps the end of a chain of wrapped errors ("failed to write
 // msg: failed to flush: write tcp …: broken pipe" → "broken pipe").
 func lastCause(s string) string {

@@ -63,46 +63,7 @@ Scenarios (-scenario, a comma list runs several in order):
   baseline-rooms  the rooms measurement against the same bare server; with
             rooms in the same run, the table shows rooms' deliveries/s
             relative to it.
-  abuse     an operator's check of a deployment (at least two -url nodes,
-            rate limits as in production): for -duration, one hostile
-            connection per attack of -attacks, never reading its socket,
-            while honest clients use the same channels: -honest-subs
-            subscribers per node on each shared channel (-abuse-channel, and
-            -raw-channel when a raw attack runs) and one publisher per node
-            per channel at -honest-rate. The attacks (letters as in the
-            report):
-              a resubscribe  publishes -fill messages of -fill-size to
-                             -abuse-channel (a history channel), then
-                             subscribes to it with "history":1000 and with
-                             "since" an old id, again and again, every
-                             other frame one more fill message
-              b history      {"op":"history","limit":1000} again and again
-              c forge        raw client (-raw-url, bridging -raw-channel)
-                             sending the server's envelope shape with id
-                             9999999999999999999-0 (it can silence a channel)
-              c2 forge-json  the same as a JSON client's data
-              d impersonate  raw client text that reaches JSON subscribers
-                             looking like the server's (from "")
-              e create       publishes to a fresh channel under
-                             -create-prefix each time
-              f opflood      subscribe/unsubscribe/presence/garbage, unpaced
-              f2 oversize    frames of -oversize bytes
-              g slowread     subscribes to -abuse-channel, never reads
-              h http         POSTs to -publish-url with -token, unpaced,
-                             on a channel of its own under -create-prefix
-            a, b and e send at -attack-rate (keep it under the nodes'
-            rate_limit). Reported: per node VmRSS (-pids) before, peak
-            (every 250 ms) and -after the attacks stopped, the gauges
-            caddy_chat_queued_bytes and caddy_chat_history_bytes ("n/a"
-            when a node lacks them) and the closes by reason during the
-            run (-metrics-url, the nodes' admin /metrics); per attacker
-            what it sent, the error codes and close code it got (read after
-            the attack, for at most -attacker-drain); per honest subscriber
-            expected, received, lost, duplicated, out of order; the attack
-            frames honest subscribers got, with their from, server and
-            anonymous fields. A node over -max-rss stops the attacks
-            ("STOPPED EARLY").
-
+` + abuseUsage + `
 Figures:
   latency       receive time minus the send time the publisher put in the
                 payload (one machine, one clock); time a publisher waits for
@@ -161,15 +122,7 @@ type config struct {
 	idleChannel string
 	pids        []int
 
-	// abuse
-	abuseChannel, rawChannel, createPrefix string
-	rawURLs, metricsURLs, attacks          []string
-	publishURL, token                      string
-	attackRate, honestRate                 float64
-	fill, fillSize, oversize, honestSubs   int
-	httpConcurrency                        int
-	maxRSS                                 int64 // bytes; 0: no limit
-	after, attackerDrain                   time.Duration
+	abuseConfig
 
 	runID    string
 	progress io.Writer // nil: no progress lines
@@ -199,19 +152,7 @@ func defaultConfig() *config {
 		hold:               30 * time.Second,
 		settle:             5 * time.Second,
 		runID:              newRunID(),
-		abuseChannel:       "room:abuse-busy",
-		rawChannel:         "room:abuse-raw",
-		createPrefix:       "room:abuse-",
-		attackRate:         40,
-		honestRate:         5,
-		fill:               100,
-		fillSize:           60 << 10,
-		oversize:           1 << 20,
-		honestSubs:         2,
-		httpConcurrency:    4,
-		maxRSS:             2 << 30,
-		after:              3 * time.Second,
-		attackerDrain:      3 * time.Second,
+		abuseConfig:        defaultAbuseConfig(),
 	}
 }
 
@@ -264,27 +205,9 @@ Examples:
 	fs.StringVar(&cfg.idleChannel, "idle-channel", "", "idle: one channel for all connections (default: one channel each)")
 	pids := fs.String("pids", "", "server pids, one per -url in the same order: idle and abuse report their VmRSS, fanout and rooms their CPU use")
 
-	fs.StringVar(&cfg.abuseChannel, "abuse-channel", cfg.abuseChannel, "abuse: the busy shared channel (one with history on the -url route)")
-	fs.StringVar(&cfg.rawChannel, "raw-channel", cfg.rawChannel, "abuse: the channel the -raw-url route bridges, shared by honest JSON clients")
-	rawURLs := fs.String("raw-url", "", "abuse: WebSocket URLs of a raw-protocol route bridging -raw-channel, comma separated (needed by forge and impersonate)")
-	fs.StringVar(&cfg.createPrefix, "create-prefix", cfg.createPrefix, "abuse: prefix of the fresh channels of create and opflood (under a history pattern)")
-	metricsURLs := fs.String("metrics-url", "", "abuse: the nodes' Caddy admin /metrics URLs, one per -url in the same order")
-	attacks := fs.String("attacks", "all", "abuse: comma list of attacks by name or letter; all: every one whose flags are given (forge, impersonate need -raw-url; http needs -publish-url)")
-	fs.StringVar(&cfg.publishURL, "publish-url", "", "abuse: the HTTP publish endpoint, for the http attack")
-	fs.StringVar(&cfg.token, "token", "", "abuse: a JWT for the http attack (cmd/chattoken mints one)")
-	fs.IntVar(&cfg.httpConcurrency, "http-concurrency", cfg.httpConcurrency, "abuse: requests in flight of the http attack")
-	fs.Float64Var(&cfg.attackRate, "attack-rate", cfg.attackRate, "abuse: frames/s of the resubscribe, history and create attacks (0: unpaced)")
-	fs.Float64Var(&cfg.honestRate, "honest-rate", cfg.honestRate, "abuse: publishes/s of each honest publisher")
-	fs.IntVar(&cfg.honestSubs, "honest-subs", cfg.honestSubs, "abuse: honest subscribers per node per shared channel")
-	fs.IntVar(&cfg.fill, "fill", cfg.fill, "abuse: messages the resubscribe attack first publishes to -abuse-channel")
-	fs.IntVar(&cfg.fillSize, "fill-size", cfg.fillSize, "abuse: approximate bytes of a fill or create message")
-	fs.IntVar(&cfg.oversize, "oversize", cfg.oversize, "abuse: bytes of an oversize frame")
-	maxRSS := fs.String("max-rss", "2GiB", "abuse: stop the attacks when a node's (or this tool's) VmRSS exceeds this (0: never)")
-	fs.DurationVar(&cfg.after, "after", cfg.after, "abuse: wait after the attacks before the last RSS and metrics readings")
-	fs.DurationVar(&cfg.attackerDrain, "attacker-drain", cfg.attackerDrain, "abuse: how long to read what each attacker was sent")
+	checkAbuse := addAbuseFlags(fs, cfg)
 
-	err := fs.Parse(args)
-	if err != nil {
+	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
@@ -293,15 +216,11 @@ Examples:
 	cfg.urls = splitList(*urls)
 	cfg.historyURLs = splitList(*historyURLs)
 	cfg.scenarios = splitList(*scen)
-	cfg.rawURLs, cfg.metricsURLs = splitList(*rawURLs), splitList(*metricsURLs)
-	if cfg.maxRSS, err = parseSize(*maxRSS); err != nil {
-		return nil, fmt.Errorf("-max-rss: %v", err)
-	}
 	for _, s := range cfg.scenarios {
 		switch s {
 		case "fanout", "rooms", "idle", "baseline", "baseline-rooms":
 		case "abuse":
-			if err := checkAbuseFlags(cfg, splitList(*attacks)); err != nil {
+			if err := checkAbuse(); err != nil {
 				return nil, err
 			}
 		case "fanout-history":
