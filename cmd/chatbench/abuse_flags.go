@@ -98,7 +98,7 @@ func addAbuseFlags(fs *flag.FlagSet, cfg *config) (check func() error) {
 	fs.IntVar(&cfg.fill, "fill", cfg.fill, "abuse: messages the resubscribe attack first publishes to -abuse-channel")
 	fs.IntVar(&cfg.fillSize, "fill-size", cfg.fillSize, "abuse: approximate bytes of a fill or create message")
 	fs.IntVar(&cfg.oversize, "oversize", cfg.oversize, "abuse: bytes of an oversize frame")
-	maxRSS := fs.String("max-rss", "2GiB", "abuse: stop the attacks when a node's (or this tool's) VmRSS exceeds this (0: never)")
+	maxRSS := fs.String("max-rss", "2GiB", "abuse: stop the attacks when a node's VmRSS (read with -pids) or this tool's exceeds this (0: never)")
 	fs.DurationVar(&cfg.after, "after", cfg.after, "abuse: wait after the attacks before the last RSS and metrics readings")
 	fs.DurationVar(&cfg.attackerDrain, "attacker-drain", cfg.attackerDrain, "abuse: how long to read what each attacker was sent")
 	return func() error {
