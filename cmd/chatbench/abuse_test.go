@@ -4,9 +4,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -266,5 +270,46 @@ func TestAbuseFlags(t *testing.T) {
 		if got, err := parseSize(s); err != nil || got != want {
 			t.Errorf("%s: %d %v", s, got, err)
 		}
+	}
+}
+
+// TestAbuseMetrics: the gauges are read before, at their peak and after the
+// attacks, and the closes by reason as their increase over the run; a node
+// without the gauges shows n/a.
+func TestAbuseMetrics(t *testing.T) {
+	t.Parallel()
+	_, urls := startFake(t, 2, 0, 0)
+	var scrapes atomic.Int64
+	withGauges := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := scrapes.Add(1)
+		queued := 1000 * n
+		if n > 2 { // the peak is the second reading
+			queued = 10
+		}
+		fmt.Fprintf(w, "# TYPE caddy_chat_queued_bytes gauge\ncaddy_chat_queued_bytes %d\ncaddy_chat_history_bytes 77\n", queued)
+		fmt.Fprintf(w, "caddy_chat_connections_closed_total{reason=\"slow_consumer\"} %d\ncaddy_chat_connections_closed_total{reason=\"normal\"} 4\n", n)
+	}))
+	defer withGauges.Close()
+	without := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, `caddy_chat_connections_closed_total{reason="rate_limited"} 0`)
+	}))
+	defer without.Close()
+	cfg := abuseTestConfig(t, urls, "slowread")
+	cfg.metricsURLs = []string{withGauges.URL, without.URL}
+	cfg.duration = 1500 * time.Millisecond
+	res, err := runAbuse(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n0, n1 := res.Abuse.Nodes[0], res.Abuse.Nodes[1]
+	q := n0.QueuedBytes
+	if q.Before == nil || *q.Before != 1000 || q.Peak == nil || *q.Peak != 2000 || q.After == nil || *q.After != 10 {
+		t.Errorf("queued bytes %s", q.text())
+	}
+	if n0.HistoryBytes.text() != "77/77/77" || n1.QueuedBytes.text() != "n/a/n/a/n/a" || n1.HistoryBytes.text() != "n/a/n/a/n/a" {
+		t.Errorf("history %s, node 1 %s %s", n0.HistoryBytes.text(), n1.QueuedBytes.text(), n1.HistoryBytes.text())
+	}
+	if n0.Closes["slow_consumer"] < 1 || n0.Closes["normal"] != 0 || len(n1.Closes) != 0 || n0.MetricsError != "" {
+		t.Errorf("closes %v %v (%s)", n0.Closes, n1.Closes, n0.MetricsError)
 	}
 }
