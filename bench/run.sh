@@ -4,7 +4,7 @@
 #
 #   bash bench/run.sh            # the full run (about 5 minutes on 2 cores)
 #   QUICK=1 bash bench/run.sh    # smaller sizes, for a smoke test
-#   ONLY="fanout rooms" bash bench/run.sh   # some parts only: idle idle3 fanout history rooms
+#   ONLY="fanout rooms" bash bench/run.sh   # some parts only: idle idle3 fanout history rooms abuse
 #   CADDY_BIN=/tmp/caddy-old ONLY=rooms bash bench/run.sh
 #                                # another build of the nodes (e.g. an older
 #                                # commit's), to compare two builds on one machine
@@ -23,6 +23,7 @@ else
 	go build -o "$out/caddy" ./cmd/caddy
 fi
 go build -o "$out/chatbench" ./cmd/chatbench
+go build -o "$out/chattoken" ./cmd/chattoken
 
 # want PART: whether this run includes PART (all of them unless ONLY is set).
 want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
@@ -56,11 +57,64 @@ for _ in $(seq 50); do
 done
 redis-cli -p "$redis_port" ping >/dev/null || { echo "redis-server did not start:" >&2; cat "$out/redis.log" >&2; exit 1; }
 
-# start_node NAME: a Caddy node sharing the Redis; sets node_url and node_pid.
+# The abuse part's nodes: production settings (the default rate_limit,
+# send_queue and limits), history and presence on room:**, a raw route, the
+# publish endpoint, and anonymous clients allowed to publish on room:** so
+# that the attacks need no token (the http attack uses a minted one).
+abuse_secret=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+abuse_routes() {
+	cat <<ROUTES
+	chat /ws {
+		redis redis://127.0.0.1:$redis_port/0
+		jwt {
+			secret $abuse_secret
+		}
+		anonymous {
+			subscribe room:**
+			publish room:**
+		}
+		presence on
+		history room:** 100 1h
+		publish_endpoint /chat/publish
+	}
+	chat /raw/* {
+		redis redis://127.0.0.1:$redis_port/0
+		protocol raw
+		channel room:{http.request.uri.path.1}
+		jwt {
+			secret $abuse_secret
+		}
+		anonymous {
+			subscribe room:**
+			publish room:**
+		}
+	}
+ROUTES
+}
+
+bench_routes() {
+	cat <<ROUTES
+	chat /ws {
+		redis redis://127.0.0.1:$redis_port/0
+		rate_limit off
+	}
+	# The same, keeping history: the cost of history on publishing.
+	chat /wsh {
+		redis redis://127.0.0.1:$redis_port/0
+		rate_limit off
+		history 1000 1h
+	}
+ROUTES
+}
+
+# start_node NAME [ROUTES]: a Caddy node sharing the Redis, with the chat
+# routes bench_routes (default) or abuse_routes prints; sets node_url,
+# node_pid, node_port and node_admin.
 start_node() {
-	local name=$1 port admin
+	local name=$1 routes=${2:-bench_routes} port admin
 	port=$(free_port $((18100 + ${#pids[@]} * 10)))
 	admin=$(free_port $((19100 + ${#pids[@]} * 10)))
+	node_port=$port node_admin=$admin
 	mkdir -p "$out/$name"
 	cat >"$out/$name/Caddyfile" <<CADDY
 {
@@ -74,16 +128,7 @@ start_node() {
 	}
 }
 http://127.0.0.1:$port {
-	chat /ws {
-		redis redis://127.0.0.1:$redis_port/0
-		rate_limit off
-	}
-	# The same, keeping history: the cost of history on publishing.
-	chat /wsh {
-		redis redis://127.0.0.1:$redis_port/0
-		rate_limit off
-		history 1000 1h
-	}
+$($routes)
 }
 CADDY
 	XDG_DATA_HOME="$out/$name" XDG_CONFIG_HOME="$out/$name" HOME="$out/$name" \
@@ -106,7 +151,7 @@ stop_nodes() {
 	node_pids=()
 }
 node_pids=()
-start() { start_node "$1"; node_pids+=("$node_pid"); }
+start() { start_node "$@"; node_pids+=("$node_pid"); }
 
 if [ -n "${QUICK:-}" ]; then
 	fan_small=500 fan_large=2000 rooms=2000 idle_one=3000 idle_each=2000 hold=5s history_msgs=2000
@@ -123,7 +168,9 @@ bench() { # name, then chatbench flags
 		echo "### $name"
 		echo
 		echo '```'
-		echo "chatbench $*"
+		local shown="chatbench $*"
+		[ -n "${TOKEN_SHOWN:-}" ] && shown=${shown//"$abuse_token"/$TOKEN_SHOWN}
+		echo "$shown"
 		"$out/chatbench" -quiet -out "$out/$name.json" "$@" 2>"$out/$name.err" || echo "(exit $?: $(tail -3 "$out/$name.err"))"
 		echo '```'
 	} >>"$out/tables.md"
@@ -162,6 +209,7 @@ for g in "${gens[@]}"; do wait "$g" || true; done
 stop_nodes
 fi
 
+if want fanout || want history || want rooms; then
 start A; url_a=$node_url pid_a=$node_pid
 start B; url_b=$node_url pid_b=$node_pid
 if want fanout; then
@@ -182,6 +230,33 @@ bench rooms-$rooms -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline
 	-client-rate 1 -duration 20s
 fi
 stop_nodes
+fi
+
+# One hostile connection per attack for 20 s against two fresh nodes with
+# production settings, honest clients on both; -max-rss stops the attacks
+# before a node that does not bound its memory takes the machine down.
+if want abuse; then
+start A abuse_routes; url_a=$node_url pid_a=$node_pid port_a=$node_port admin_a=$node_admin
+start B abuse_routes; url_b=$node_url pid_b=$node_pid port_b=$node_port admin_b=$node_admin
+{
+	echo
+	echo "## Abuse"
+	echo
+	echo "Two fresh nodes with production limits (rate_limit 50/s, send_queue 256, max_message_size 64 KiB), history and presence on room:**,"
+	echo "a raw route; one hostile connection per attack for 20 s while 2 honest subscribers per node per shared channel and one"
+	echo "honest publisher per node per channel (5 msgs/s) run. See \`chatbench -h\` for each attack."
+} >>"$out/tables.md"
+redis_mem() { redis-cli -p "$redis_port" info memory | tr -d '\r' | awk -F: '/^used_memory:/ {printf "%.1f MiB", $2/1048576}'; }
+redis_before="$(redis_mem), $(redis-cli -p "$redis_port" dbsize) keys"
+abuse_token=$(CHAT_JWT_SECRET=$abuse_secret "$out/chattoken" -sub mallory -publish 'room:**' -subscribe 'room:**')
+# The token stays out of results.md: the command shown names it $TOKEN.
+TOKEN_SHOWN='$TOKEN' bench abuse -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario abuse -duration 20s -max-rss 2GiB \
+	-raw-url "ws://127.0.0.1:$port_a/raw/abuse-raw,ws://127.0.0.1:$port_b/raw/abuse-raw" -raw-channel room:abuse-raw \
+	-metrics-url "http://127.0.0.1:$admin_a/metrics,http://127.0.0.1:$admin_b/metrics" \
+	-publish-url "http://127.0.0.1:$port_a/chat/publish" -token "$abuse_token"
+echo "Redis used_memory before the attacks $redis_before; after $(redis_mem), $(redis-cli -p "$redis_port" dbsize) keys." >>"$out/tables.md"
+stop_nodes
+fi
 
 {
 	echo "# Benchmark results"

@@ -35,6 +35,10 @@ func TestMain(m *testing.M) {
 // several addresses ("nodes") that share one broker.
 type fakeServer struct {
 	dropAt, dupAt int
+	// strict: frames it does not serve get a bad_request error reply;
+	// maxFrames > 0: a connection that sends more is closed with 4003.
+	strict    bool
+	maxFrames int
 
 	mu        sync.Mutex
 	channels  map[string][]*fakeConn
@@ -82,9 +86,13 @@ func (s *fakeServer) serve(w http.ResponseWriter, r *http.Request) {
 	defer ws.CloseNow()
 	c := &fakeConn{ws: ws}
 	c.send([]byte(`{"type":"welcome","conn":"c1","node":"fake","user":""}`))
-	for {
+	for frames := 1; ; frames++ {
 		_, b, err := ws.Read(context.Background())
 		if err != nil {
+			return
+		}
+		if s.maxFrames > 0 && frames > s.maxFrames {
+			ws.Close(4003, "rate limited")
 			return
 		}
 		var f struct {
@@ -94,9 +102,16 @@ func (s *fakeServer) serve(w http.ResponseWriter, r *http.Request) {
 			Data    json.RawMessage `json:"data"`
 		}
 		if json.Unmarshal(b, &f) != nil {
+			if s.strict {
+				c.send([]byte(`{"type":"error","code":"bad_request","message":"malformed"}`))
+			}
 			continue
 		}
 		switch f.Op {
+		default:
+			if s.strict {
+				c.send([]byte(`{"type":"error","code":"bad_request","message":"unknown op"}`))
+			}
 		case "subscribe":
 			s.mu.Lock()
 			s.channels[f.Channel] = append(s.channels[f.Channel], c)

@@ -109,6 +109,10 @@ type client struct {
 	sub  *subState  // deliveries are accounted here (nil: ignored)
 	pub  *publisher // replies to publishes go here (nil: ignored)
 	slot func(sender int64) int
+	// foreign, when set, sees every frame that is neither a bench delivery
+	// nor a reply (a delivery whose data is not a bench payload, an event);
+	// raw is the reader's buffer, valid during the call only.
+	foreign func(raw []byte)
 
 	stopping atomic.Bool // set before we close it ourselves
 	done     chan struct{}
@@ -228,6 +232,9 @@ func (c *client) run(disconnected func(*client)) {
 					continue
 				}
 				if parsePayload(f.data, &p) != nil {
+					if c.foreign != nil {
+						c.foreign(buf)
+					}
 					c.sub.deliver(-1, 0, 0, now)
 					continue
 				}
@@ -239,6 +246,10 @@ func (c *client) run(disconnected func(*client)) {
 			case "ok", "error":
 				if c.pub != nil && f.hasID && f.id >= firstPublishID {
 					c.pub.reply(f.id-firstPublishID, f.code, now)
+				}
+			default:
+				if c.foreign != nil {
+					c.foreign(buf)
 				}
 			}
 		}

@@ -63,7 +63,7 @@ Scenarios (-scenario, a comma list runs several in order):
   baseline-rooms  the rooms measurement against the same bare server; with
             rooms in the same run, the table shows rooms' deliveries/s
             relative to it.
-
+` + abuseUsage + `
 Figures:
   latency       receive time minus the send time the publisher put in the
                 payload (one machine, one clock); time a publisher waits for
@@ -122,6 +122,8 @@ type config struct {
 	idleChannel string
 	pids        []int
 
+	abuseConfig
+
 	runID    string
 	progress io.Writer // nil: no progress lines
 	settings map[string]string
@@ -150,6 +152,7 @@ func defaultConfig() *config {
 		hold:               30 * time.Second,
 		settle:             5 * time.Second,
 		runID:              newRunID(),
+		abuseConfig:        defaultAbuseConfig(),
 	}
 }
 
@@ -166,11 +169,15 @@ Examples:
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario fanout,baseline -subs 2000 -step-rates 10,25,50,75,100 -max-p99 100ms
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario rooms -clients 2000 -room-size 10 -client-rate 1 -duration 30s
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario idle -clients 5000 -hold 30s -pids 1234,5678
+  chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario abuse -duration 20s -pids 1234,5678 \
+      -raw-url ws://127.0.0.1:8081/raw/abuse-raw,ws://127.0.0.1:8082/raw/abuse-raw -raw-channel room:abuse-raw \
+      -metrics-url http://127.0.0.1:2019/metrics,http://127.0.0.1:2020/metrics \
+      -publish-url http://127.0.0.1:8081/chat/publish -token "$(chattoken -sub mallory -publish 'room:**')"
 `)
 	}
 	urls := fs.String("url", strings.Join(cfg.urls, ","), "node WebSocket URLs, comma separated; clients are spread round-robin over them")
 	historyURLs := fs.String("history-url", "", "for fanout-history: the same nodes' URLs of a route that keeps history, comma separated")
-	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, baseline-rooms, fanout-history, or a comma list of them")
+	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, baseline-rooms, fanout-history, abuse, or a comma list of them")
 	fs.IntVar(&cfg.sources, "sources", cfg.sources, "loopback source addresses 127.0.0.1..127.0.0.N to spread connections over (loopback nodes only)")
 	fs.IntVar(&cfg.connectConcurrency, "connect-concurrency", cfg.connectConcurrency, "WebSocket handshakes in flight at once")
 	fs.DurationVar(&cfg.connectTimeout, "connect-timeout", cfg.connectTimeout, "limit for one connection's handshake, welcome and subscribe")
@@ -191,12 +198,14 @@ Examples:
 	fs.IntVar(&cfg.clients, "clients", cfg.clients, "rooms/idle: connections")
 	fs.IntVar(&cfg.roomSize, "room-size", cfg.roomSize, "rooms: clients per room")
 	fs.Float64Var(&cfg.clientRate, "client-rate", cfg.clientRate, "rooms: publishes per second of each client")
-	fs.DurationVar(&cfg.duration, "duration", cfg.duration, "rooms: how long clients publish")
+	fs.DurationVar(&cfg.duration, "duration", cfg.duration, "rooms: how long clients publish; abuse: how long the attacks run")
 
 	fs.DurationVar(&cfg.hold, "hold", cfg.hold, "idle: how long the connections are held")
 	fs.DurationVar(&cfg.settle, "settle", cfg.settle, "idle: wait after connecting before the second RSS reading")
 	fs.StringVar(&cfg.idleChannel, "idle-channel", "", "idle: one channel for all connections (default: one channel each)")
-	pids := fs.String("pids", "", "server pids, one per -url in the same order: idle reports their VmRSS, fanout and rooms their CPU use")
+	pids := fs.String("pids", "", "server pids, one per -url in the same order: idle and abuse report their VmRSS, fanout and rooms their CPU use")
+
+	checkAbuse := addAbuseFlags(fs, cfg)
 
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -210,12 +219,16 @@ Examples:
 	for _, s := range cfg.scenarios {
 		switch s {
 		case "fanout", "rooms", "idle", "baseline", "baseline-rooms":
+		case "abuse":
+			if err := checkAbuse(); err != nil {
+				return nil, err
+			}
 		case "fanout-history":
 			if len(cfg.historyURLs) == 0 {
 				return nil, errors.New("-scenario fanout-history needs -history-url")
 			}
 		default:
-			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline, baseline-rooms, fanout-history)", s)
+			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline, baseline-rooms, fanout-history, abuse)", s)
 		}
 	}
 	if len(cfg.scenarios) == 0 {
@@ -289,6 +302,7 @@ type scenarioResult struct {
 	ConnectsPerSec float64          `json:"connects_per_sec"`
 	Phases         []*deliveryPhase `json:"phases,omitempty"`
 	Idle           *idleResult      `json:"idle,omitempty"`
+	Abuse          *abuseResult     `json:"abuse,omitempty"`
 	Error          string           `json:"error,omitempty"`
 }
 
@@ -408,6 +422,8 @@ func run(ctx context.Context, cfg *config, args []string) *report {
 			res, err = runFanout(ctx, cfg, s, cfg.historyURLs, cfg.pids)
 		case "idle":
 			res, err = runIdle(ctx, cfg)
+		case "abuse":
+			res, err = runAbuse(ctx, cfg)
 		}
 		if res == nil {
 			res = &scenarioResult{Scenario: s}
@@ -432,6 +448,8 @@ func maxConns(cfg *config) int {
 			n = max(n, cfg.subs+1)
 		case "rooms", "baseline-rooms", "idle":
 			n = max(n, cfg.clients)
+		case "abuse":
+			n = max(n, 2*len(cfg.urls)*(cfg.honestSubs+1)+len(abuseAttacks))
 		}
 	}
 	return n
@@ -563,6 +581,14 @@ func writeTable(w io.Writer, rep *report) {
 			if len(s.Idle.CloseCodes) > 0 {
 				fmt.Fprintf(w, "  %s: close codes %s\n", s.Scenario, formatCounts(s.Idle.CloseCodes))
 			}
+		}
+	}
+	for _, s := range rep.Scenarios {
+		if s.Abuse != nil {
+			if len(phases)+len(idles) > 0 {
+				fmt.Fprintln(w)
+			}
+			writeAbuseTables(w, s)
 		}
 	}
 	for _, s := range rep.Scenarios {
