@@ -242,7 +242,7 @@ start B abuse_routes; url_b=$node_url pid_b=$node_pid port_b=$node_port admin_b=
 	echo
 	echo "## Abuse"
 	echo
-	echo "Two fresh nodes with production limits (rate_limit 50/s, send_queue 256, max_message_size 64 KiB), history and presence on room:**,"
+	echo "Two fresh nodes with production limits (rate_limit 50/s, send_queue 1 MiB, max_message_size 64 KiB), history and presence on room:**,"
 	echo "a raw route; one hostile connection per attack for 20 s while 2 honest subscribers per node per shared channel and one"
 	echo "honest publisher per node per channel (5 msgs/s) run. See \`chatbench -h\` for each attack."
 } >>"$out/tables.md"

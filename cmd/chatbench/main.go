@@ -33,7 +33,7 @@ Usage:
 
 The nodes under test must be configured with "rate_limit off" in their chat
 block: the default limit (50 frames/s per connection) would refuse the
-publisher, and the tool cannot change it. A large "send_queue" (e.g. 1024)
+publisher, and the tool cannot change it. A large "send_queue" (e.g. 4MiB)
 avoids slow-consumer closes (4000) when one machine runs clients and nodes.
 
 Scenarios (-scenario, a comma list runs several in order):
