@@ -28,6 +28,7 @@ type chatMetrics struct {
 	presenceFailures  prometheus.Counter
 	authFailures      *prometheus.CounterVec
 	httpPublishes     *prometheus.CounterVec
+	historyBytes      prometheus.Gauge
 }
 
 var (
@@ -74,6 +75,7 @@ func moduleMetrics() *chatMetrics {
 				Namespace: ns, Subsystem: sub, Name: "http_publishes_total",
 				Help: "Messages published through the HTTP publish endpoint, by result.",
 			}, []string{"result"}),
+			historyBytes: gauge("history_bytes", "Bytes of history the in-process broker keeps (messages plus bookkeeping), at most history_memory per hub; 0 with Redis."),
 		}
 		metrics.brokerUp.Set(1)
 	})
@@ -90,6 +92,7 @@ func (m *chatMetrics) register(reg prometheus.Registerer) error {
 		m.connections, m.connectionsOpened, m.connectionsClosed, m.channels,
 		m.received, m.delivered, m.dropped, m.slowConsumers, m.publishSeconds, m.publishFailures,
 		m.brokerReconnects, m.brokerUp, m.authFailures, m.httpPublishes, m.presenceFailures,
+		m.historyBytes,
 	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError

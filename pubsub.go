@@ -58,6 +58,9 @@ type Publication struct {
 	// event marks Raw as the node's own presence event, published as it is:
 	// only clients' text that looks like one is wrapped.
 	event bool
+	// newHistory, when set, says whether the publish may create the
+	// channel's history (history_new_channels; see history_limit.go).
+	newHistory *historyCreation
 }
 
 // payload encodes msg as it travels through the broker, with the id it gets.
@@ -143,7 +146,10 @@ func (b *memoryBroker) publishKept(msg Publication, now time.Time) (string, erro
 		b.memoryHistory.sweep(now)
 		b.lastSweep = now
 	}
-	id, payload := b.memoryHistory.append(msg.Channel, msg.History, now, tail)
+	id, payload, err := b.memoryHistory.append(msg.Channel, msg.History, now, tail, msg.newHistory)
+	if err != nil {
+		return "", err
+	}
 	if b.subscribed[msg.Channel] {
 		b.deliver(msg.Channel, payload)
 	}
@@ -171,6 +177,7 @@ func (b *memoryBroker) Close() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.closed = true
+	b.memoryHistory.clear()
 	return nil
 }
 
