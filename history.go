@@ -187,9 +187,13 @@ func envelopeTail(from string, ts int64, data json.RawMessage) (string, error) {
 }
 
 func historyEnvelope(channel string, id streamID, epoch, tail string) []byte {
-	b := make([]byte, 0, 64+len(channel)+len(epoch)+len(tail))
+	// Sized exactly: kept envelopes stay in memory for the history's age,
+	// and one reallocated by the appends would keep up to a third unused.
+	ids := id.String()
+	const fixed = len(`{"type":"message","channel":"`) + len(`","id":"`) + len(`","epoch":"`) + len(`",`)
+	b := make([]byte, 0, fixed+len(channel)+len(ids)+len(epoch)+len(tail))
 	b = append(b, envelopeHead(channel)...)
-	b = append(b, id.String()...)
+	b = append(b, ids...)
 	b = append(b, `","epoch":"`...)
 	b = append(b, epoch...)
 	b = append(b, `",`...)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"math"
 	"sync"
 	"time"
@@ -27,10 +28,10 @@ const (
 	// within one Per for the bound to matter; then new publishers are
 	// refused until entries go idle.
 	maxCreationBuckets = 100000
-	// creationBucketBytes is what one tracked publisher costs besides its
-	// user id: the map slot (key, value, control byte, at the map's load
-	// factor and growth).
-	creationBucketBytes = 96
+	// creationBucketBytes is what one tracked publisher costs at most: the
+	// map slot (a 64-bit hash of the publisher, whatever the length of its
+	// user id, and the bucket), at the map's load factor and growth.
+	creationBucketBytes = 64
 )
 
 // NewChannelLimit bounds how fast one publisher creates history channels:
@@ -71,8 +72,12 @@ type creationLimiter struct {
 	rate  float64 // tokens per second
 	desc  string
 
+	// buckets are by a hash of the publisherKey, so an entry costs the same
+	// whatever the user id (two publishers sharing a hash, one chance in
+	// 2^64 per pair, would share a budget).
+	seed      maphash.Seed
 	mu        sync.Mutex
-	buckets   map[publisherKey]creationBucket
+	buckets   map[uint64]creationBucket
 	lastSweep time.Time
 }
 
@@ -85,7 +90,8 @@ func newCreationLimiter(l *NewChannelLimit) *creationLimiter {
 		burst:   float64(l.Count),
 		rate:    float64(l.Count) / per.Seconds(),
 		desc:    fmt.Sprintf("%d new history channels per %v", l.Count, per),
-		buckets: make(map[publisherKey]creationBucket),
+		seed:    maphash.MakeSeed(),
+		buckets: make(map[uint64]creationBucket),
 	}
 }
 
@@ -101,7 +107,7 @@ func (l *creationLimiter) mayCreate(key publisherKey, now time.Time) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.sweep(now, false)
-	b, ok := l.buckets[key]
+	b, ok := l.buckets[maphash.Comparable(l.seed, key)]
 	if !ok {
 		if len(l.buckets) >= maxCreationBuckets {
 			l.sweep(now, true)
@@ -118,11 +124,12 @@ func (l *creationLimiter) mayCreate(key publisherKey, now time.Time) bool {
 func (l *creationLimiter) charge(key publisherKey, now time.Time) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	h := maphash.Comparable(l.seed, key)
 	tokens := l.burst
-	if b, ok := l.buckets[key]; ok {
+	if b, ok := l.buckets[h]; ok {
 		tokens = l.refilled(b, now)
 	}
-	l.buckets[key] = creationBucket{tokens: tokens - 1, at: now.UnixNano()}
+	l.buckets[h] = creationBucket{tokens: tokens - 1, at: now.UnixNano()}
 }
 
 // sweep drops the buckets that are full again (their publishers are idle):

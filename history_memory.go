@@ -183,8 +183,12 @@ func (m *memoryHistory) append(channel string, policy *historyPolicy, now time.T
 
 // evict brings the history within the cap: it deletes whole channels,
 // least recently written first, and when only keep is left (one channel
-// over the cap by itself), keep's oldest messages, never its newest.
+// over the cap by itself), keep's oldest messages, never its newest. keep
+// nil: the most recently written channel.
 func (m *memoryHistory) evict(keep *memoryRing) {
+	if keep == nil {
+		keep = m.lru.next
+	}
 	for m.limit > 0 && m.bytes > m.limit && m.lru.prev != nil && m.lru.prev != &m.lru {
 		victim := m.lru.prev
 		if victim != keep {

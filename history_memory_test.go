@@ -286,12 +286,13 @@ func TestHistoryMemoryCapHoldsUnderFreshChannelFlood(t *testing.T) {
 		t.Fatalf("live heap grew by %d bytes with a history cap of %d", grew, limit)
 	}
 
-	r := c.request(map[string]any{"op": "subscribe", "channel": "room:keep", "since": last, "epoch": epoch, "id": "resume"})
+	sub := dial(t, n.url("/"), nil)
+	r := sub.request(map[string]any{"op": "subscribe", "channel": "room:keep", "since": last, "epoch": epoch, "id": "resume"})
 	if r["type"] != "ok" || r["recovered"] != false || r["replayed"] != float64(0) {
 		t.Fatalf("resume on an evicted channel: %v", r)
 	}
 	c.publishOK("room:keep", 4, 4)
-	if data, _ := c.messages("room:keep", 1); !equalData(data, seq(4, 4)) {
+	if data, _ := sub.messages("room:keep", 1); !equalData(data, seq(4, 4)) {
 		t.Fatalf("live after eviction: %v", data)
 	}
 	if e := historyEpoch(t, c, "room:keep"); e == epoch || e == "" {
