@@ -202,8 +202,9 @@ func (m *memoryHistory) evict(keep *memoryRing) {
 	}
 }
 
-// hold sets owner's cap (a route's history_memory); the largest of the
-// routes using the broker applies, and lowering it evicts at once.
+// hold sets owner's cap (a route's history_memory, 0 when the route sets
+// none): the largest cap set by the routes using the broker applies, the
+// default when none sets one, and lowering it evicts at once.
 func (m *memoryHistory) hold(owner any, limit int64) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -225,6 +226,9 @@ func (m *memoryHistory) applyLimits() {
 	m.limit = 0
 	for _, l := range m.limits {
 		m.limit = max(m.limit, l)
+	}
+	if m.limit == 0 && len(m.limits) > 0 {
+		m.limit = defaultHistoryMemory
 	}
 	m.evict(nil)
 }

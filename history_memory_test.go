@@ -325,6 +325,19 @@ func TestHistoryMemoryLargestCapOfTheHubApplies(t *testing.T) {
 	if got := limit(); got != 2<<20 {
 		t.Fatalf("cap %d once the 5 MiB route is gone, want 2 MiB", got)
 	}
+	// A route that sets none leaves the cap to the others ...
+	c := startNode(t, &Handler{ChannelPrefix: &prefix})
+	if got := limit(); got != 2<<20 {
+		t.Fatalf("cap %d after a route without history_memory joined, want 2 MiB", got)
+	}
+	// ... and when it is the only one, the default applies.
+	if err := a.h.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	if got := limit(); got != defaultHistoryMemory {
+		t.Fatalf("cap %d with one route that sets none, want the default", got)
+	}
+	_ = c
 	if d := (&Handler{}); d.HistoryMemory == 0 {
 		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 		defer cancel()

@@ -158,7 +158,8 @@ type Handler struct {
 	// message and per channel. Over it, whole channels are evicted, least
 	// recently written first; a resume on one reports recovered false. The
 	// routes sharing a hub (same broker settings) share one cap, the largest
-	// they set. No effect with Redis (bound Redis with maxmemory).
+	// any of them sets (the default when none does). No effect with Redis
+	// (bound Redis with maxmemory).
 	// Default: 64MiB.
 	HistoryMemory int64 `json:"history_memory,omitempty"`
 
@@ -277,6 +278,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.MaxReplay = defaultMaxReplay
 	}
 	h.history = compileHistory(h.History)
+	setMemory := h.HistoryMemory // 0: the route leaves the hub's cap to others
 	if h.HistoryMemory == 0 {
 		h.HistoryMemory = defaultHistoryMemory
 	} else if h.Redis != "" || h.RedisSentinel != nil || h.RedisCluster != nil {
@@ -312,7 +314,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.hub, h.hubKey = value.(*hub), key
 	// The latest configuration's drain period applies when the hub closes.
 	h.hub.drainPeriod.Store(int64(h.DrainPeriod))
-	h.hub.holdHistoryMemory(h, h.HistoryMemory)
+	h.hub.holdHistoryMemory(h, setMemory)
 	return nil
 }
 
