@@ -100,6 +100,8 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 //		drain_period     <duration>
 //		history          [<channel pattern>] <count> [<max age>]
 //		max_replay       <messages>
+//		history_memory   <size>
+//		history_new_channels <n> [<per duration>] | off
 //		ui               on|off
 //		presence         on|off
 //		presence_ttl     <duration>
@@ -158,6 +160,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := h.unmarshalRedisTLS(d); err != nil {
 				return err
 			}
+		case "history_new_channels":
+			l, err := unmarshalNewChannelLimit(d)
+			if err != nil {
+				return err
+			}
+			h.HistoryNewChannels = l
 			continue
 		case "history":
 			rule, err := unmarshalHistoryRule(d)
@@ -196,6 +204,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("send_queue %q: want a size in bytes such as 1MiB or 512KiB", value)
 			}
 			h.SendQueue = int64(size)
+		case "history_memory":
+			size, err := humanize.ParseBytes(value)
+			if err != nil || size == 0 || size > 1<<40 {
+				return d.Errf("history_memory %q: want a size such as 64MiB or 1GiB", value)
+			}
+			h.HistoryMemory = int64(size)
 		case "max_connections", "max_connections_per_user", "max_subscriptions", "max_replay":
 			n, err := strconv.Atoi(value)
 			if err != nil || n < 1 {
@@ -279,6 +293,32 @@ func unmarshalHistoryRule(d *caddyfile.Dispenser) (HistoryRule, error) {
 		rule.MaxAge = caddy.Duration(dur)
 	}
 	return rule, nil
+}
+
+// unmarshalNewChannelLimit parses history_new_channels <n> [<per duration>]
+// or history_new_channels off.
+func unmarshalNewChannelLimit(d *caddyfile.Dispenser) (*NewChannelLimit, error) {
+	const usage = "history_new_channels <n> [<per duration>], e.g. history_new_channels 30 1m, or off"
+	args := d.RemainingArgs()
+	if len(args) == 1 && args[0] == "off" {
+		return &NewChannelLimit{Count: -1}, nil
+	}
+	if len(args) < 1 || len(args) > 2 {
+		return nil, d.Errf("%s", usage)
+	}
+	n, err := strconv.Atoi(args[0])
+	if err != nil || n < 1 {
+		return nil, d.Errf("history_new_channels %q: want a positive number of channels (%s)", args[0], usage)
+	}
+	l := &NewChannelLimit{Count: n}
+	if len(args) == 2 {
+		dur, err := caddy.ParseDuration(args[1])
+		if err != nil || dur <= 0 {
+			return nil, d.Errf("history_new_channels period %q: want a positive duration such as 1m (%s)", args[1], usage)
+		}
+		l.Per = caddy.Duration(dur)
+	}
+	return l, nil
 }
 
 // unmarshalRedisSentinel parses

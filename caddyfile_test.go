@@ -72,6 +72,13 @@ func TestCaddyfileErrorsNameTheOption(t *testing.T) {
 		{"chat {\n history 10 forever\n}", `history max age "forever"`},
 		{"chat {\n history room:* 10 1h extra\n}", "history [<channel pattern>]"},
 		{"chat {\n max_replay none\n}", "max_replay"},
+		{"chat {\n history_memory lots\n}", `history_memory "lots"`},
+		{"chat {\n history_memory 0\n}", `history_memory "0"`},
+		{"chat {\n history_new_channels\n}", "history_new_channels <n> [<per duration>]"},
+		{"chat {\n history_new_channels many\n}", `history_new_channels "many"`},
+		{"chat {\n history_new_channels 0\n}", `history_new_channels "0"`},
+		{"chat {\n history_new_channels 10 soon\n}", `history_new_channels period "soon"`},
+		{"chat {\n history_new_channels 10 1m extra\n}", "history_new_channels <n>"},
 	}
 	for _, tc := range cases {
 		var h Handler
@@ -112,6 +119,9 @@ func TestValidateRejectsBadValues(t *testing.T) {
 		{Handler{History: []HistoryRule{{Channels: "user:{user}", Count: 5}}}, "{user} is not allowed in history patterns"},
 		{Handler{History: []HistoryRule{{Count: 5, MaxAge: caddy.Duration(time.Millisecond)}}}, "history max age 1ms"},
 		{Handler{MaxReplay: -1}, "max_replay -1"},
+		{Handler{HistoryMemory: 1000}, "history_memory 1000: must be between 1MiB and 1TiB"},
+		{Handler{HistoryNewChannels: &NewChannelLimit{Count: 0, Per: caddy.Duration(time.Minute)}}, "history_new_channels 0: must be between 1 and 100000 channels, or off"},
+		{Handler{HistoryNewChannels: &NewChannelLimit{Count: 5, Per: caddy.Duration(time.Millisecond)}}, "history_new_channels period 1ms: must be between 1s and 24h"},
 	}
 	for _, tc := range cases {
 		h := tc.h

@@ -441,7 +441,11 @@ func (c *conn) publishRaw(frame []byte) bool {
 	}
 	ctx, cancel := c.brokerContext()
 	defer cancel()
-	if _, err := c.hub.publish(ctx, Publication{Channel: c.rawChannel, From: c.identity.user, Origin: originOf(c.identity), Raw: frame, History: c.h.history.policyFor(c.rawChannel)}); err != nil {
+	if _, err := c.h.publish(ctx, c.publisher(), Publication{Channel: c.rawChannel, From: c.identity.user, Origin: originOf(c.identity), Raw: frame}); err != nil {
+		if errors.Is(err, errNewHistoryLimited) {
+			c.fail(closeRateLimited, "creating history channels too fast")
+			return false
+		}
 		c.h.logger.Debug("raw publish failed", zap.String("conn", c.id), zap.Error(err))
 		c.fail(closeTryAgainLater, "broker unavailable")
 		return false
@@ -509,8 +513,12 @@ func (c *conn) handleFrame(frame []byte) {
 			return
 		}
 		ctx, cancel := c.brokerContext()
-		id, err := c.hub.publish(ctx, Publication{Channel: f.Channel, From: c.identity.user, Origin: originOf(c.identity), Data: f.Data, History: c.h.history.policyFor(f.Channel)})
+		id, err := c.h.publish(ctx, c.publisher(), Publication{Channel: f.Channel, From: c.identity.user, Origin: originOf(c.identity), Data: f.Data})
 		cancel()
+		if errors.Is(err, errNewHistoryLimited) {
+			c.replyError(f.ID, errLimitExceeded, c.h.newChannelsRefusal(f.Channel))
+			return
+		}
 		if err != nil {
 			c.h.logger.Debug("publish failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
 			c.replyError(f.ID, errUnavailable, "message not published: the broker did not accept it within publish_timeout (down or overloaded); retry later")

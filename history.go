@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -188,9 +187,13 @@ func envelopeTail(from sender, ts int64, data json.RawMessage) (string, error) {
 }
 
 func historyEnvelope(channel string, id streamID, epoch, tail string) []byte {
-	b := make([]byte, 0, 64+len(channel)+len(epoch)+len(tail))
+	// Sized exactly: kept envelopes stay in memory for the history's age,
+	// and one reallocated by the appends would keep up to a third unused.
+	ids := id.String()
+	const fixed = len(`{"type":"message","channel":"`) + len(`","id":"`) + len(`","epoch":"`) + len(`",`)
+	b := make([]byte, 0, fixed+len(channel)+len(ids)+len(epoch)+len(tail))
 	b = append(b, envelopeHead(channel)...)
-	b = append(b, id.String()...)
+	b = append(b, ids...)
 	b = append(b, `","epoch":"`...)
 	b = append(b, epoch...)
 	b = append(b, `",`...)
@@ -252,111 +255,6 @@ func messageID(channel string, payload []byte) (streamID, bool) {
 	return streamID{}, false
 }
 
-// ---- in-memory history: a ring per channel ----
-
-// memoryHistory keeps each channel's last messages in process memory.
-type memoryHistory struct {
-	mu       sync.Mutex
-	channels map[string]*memoryRing
-}
-
-type memoryRing struct {
-	epoch   string
-	entries []historyEntry // oldest first, at most policy.count
-	last    streamID
-	expires time.Time
-}
-
-// append stores a message and returns its id and envelope; the caller holds
-// the broker's publish lock, so ids follow publish order.
-func (m *memoryHistory) append(channel string, policy *historyPolicy, now time.Time, tail string) (streamID, []byte) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.channels == nil {
-		m.channels = make(map[string]*memoryRing)
-	}
-	r := m.channels[channel]
-	if r == nil || now.After(r.expires) {
-		r = &memoryRing{epoch: newEpoch()}
-		m.channels[channel] = r
-	}
-	id := streamID{ms: uint64(now.UnixMilli())}
-	if !r.last.less(id) {
-		id = streamID{ms: r.last.ms, seq: r.last.seq + 1}
-	}
-	r.last = id
-	r.expires = now.Add(policy.maxAge)
-	payload := historyEnvelope(channel, id, r.epoch, tail)
-	r.entries = append(r.entries, historyEntry{id: id, payload: payload})
-	if over := len(r.entries) - policy.count; over > 0 {
-		// Copy rather than reslice, so trimmed envelopes can be freed.
-		r.entries = append(r.entries[:0:0], r.entries[over:]...)
-	}
-	return id, payload
-}
-
-// sweep deletes the channels whose history expired.
-func (m *memoryHistory) sweep(now time.Time) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for ch, r := range m.channels {
-		if now.After(r.expires) {
-			delete(m.channels, ch)
-		}
-	}
-}
-
-func (m *memoryHistory) ring(channel string) *memoryRing {
-	r := m.channels[channel]
-	if r == nil || time.Now().After(r.expires) {
-		return nil
-	}
-	return r
-}
-
-func (m *memoryHistory) readSince(_ context.Context, channel string, since streamID, limit int) (historyPage, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	r := m.ring(channel)
-	if r == nil {
-		return historyPage{}, nil
-	}
-	page := historyPage{epoch: r.epoch}
-	i := 0
-	for ; i < len(r.entries) && r.entries[i].id.less(since); i++ {
-	}
-	if i < len(r.entries) && r.entries[i].id == since {
-		page.sinceFound = true
-		i++
-	}
-	after := r.entries[i:]
-	if len(after) > limit {
-		after, page.more = after[len(after)-limit:], true
-	}
-	page.entries = append([]historyEntry(nil), after...)
-	return page, nil
-}
-
-func (m *memoryHistory) readBefore(_ context.Context, channel string, before *streamID, limit int) (historyPage, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	r := m.ring(channel)
-	if r == nil {
-		return historyPage{}, nil
-	}
-	page := historyPage{epoch: r.epoch}
-	end := len(r.entries)
-	if before != nil {
-		for end > 0 && !r.entries[end-1].id.less(*before) {
-			end--
-		}
-	}
-	start := max(0, end-limit)
-	page.more = start > 0
-	page.entries = append([]historyEntry(nil), r.entries[start:end]...)
-	return page, nil
-}
-
 // ---- Redis history: a stream per channel ----
 
 // Keys of a channel's history. The hash tag is the channel's pub/sub name,
@@ -366,22 +264,42 @@ func historyEpochKey(pubsubName string) string  { return "{" + pubsubName + "}:e
 
 // publishWithHistory stores and publishes a message in one step: a message
 // is never delivered live without being in history, nor kept without being
-// delivered. It returns the id Redis gave the entry and the channel's epoch.
+// delivered. It returns the id Redis gave the entry, the channel's epoch,
+// and "1" when it created the stream; 0 (an integer) when the stream does
+// not exist and the caller may not create one (history_new_channels).
+//
+// A stream that does not exist gets a new epoch even if the epoch key
+// survived (maxmemory evicts keys one by one): a history that was lost
+// always says so through the epoch.
 //
 // KEYS: stream, epoch key. ARGV: pub/sub name, count, TTL in ms, epoch to
-// use if the channel has none, envelope head, envelope tail. On a cluster it
-// runs with SPUBLISH: the keys' hash tag is the channel, so they share its slot.
+// use for a new history, envelope head, envelope tail, "1" if the stream
+// may be created. The stream is trimmed to count (exactly) on every
+// publish, and both keys expire after the TTL without a publish. On a
+// cluster it runs with SPUBLISH: the keys' hash tag is the channel, so they
+// share its slot.
 var publishWithHistory = newPubSubScript(`
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
+local epoch
+local created = '0'
+if redis.call('EXISTS', KEYS[1]) == 0 then
+	if ARGV[7] ~= '1' then
+		return 0
+	end
 	epoch = ARGV[4]
 	redis.call('SET', KEYS[2], epoch)
+	created = '1'
+else
+	epoch = redis.call('GET', KEYS[2])
+	if not epoch then
+		epoch = ARGV[4]
+		redis.call('SET', KEYS[2], epoch)
+	end
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 't', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PUBLISH', ARGV[1], ARGV[5] .. id .. '","epoch":"' .. epoch .. '",' .. ARGV[6])
-return {id, epoch}
+return {id, epoch, created}
 `)
 
 func (b *redisBroker) publishKept(ctx context.Context, msg Publication, now time.Time) (string, error) {
@@ -395,18 +313,28 @@ func (b *redisBroker) publishKept(ctx context.Context, msg Publication, now time
 	}
 	name := b.prefix + msg.Channel
 	ttl := max(msg.History.maxAge.Milliseconds(), 1000)
+	mayCreate := "1"
+	if msg.newHistory != nil && !msg.newHistory.allowed {
+		mayCreate = "0"
+	}
 	cmd, err := b.runScript(ctx, publishWithHistory.get(b.sharded),
 		[]string{historyStreamKey(name), historyEpochKey(name)},
-		name, msg.History.count, ttl, newEpoch(), nodeStamp+envelopeHead(msg.Channel), tail)
-	var res []string
-	if err == nil {
-		res, err = cmd.StringSlice()
-	}
+		name, msg.History.count, ttl, newEpoch(), nodeStamp+envelopeHead(msg.Channel), tail, mayCreate)
 	if err != nil {
 		return "", fmt.Errorf("redis XADD+PUBLISH %s: %w", name, err)
 	}
-	if len(res) != 2 {
+	if n, ok := cmd.Val().(int64); ok && n == 0 {
+		return "", errNewHistoryLimited
+	}
+	res, err := cmd.StringSlice()
+	if err != nil {
+		return "", fmt.Errorf("redis XADD+PUBLISH %s: %w", name, err)
+	}
+	if len(res) != 3 {
 		return "", fmt.Errorf("redis XADD+PUBLISH %s: unexpected reply %q", name, res)
+	}
+	if res[2] == "1" && msg.newHistory != nil {
+		msg.newHistory.created = true
 	}
 	return res[0], nil
 }

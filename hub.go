@@ -378,6 +378,9 @@ func (h *hub) deliverBody(channel string, body []byte, stamped bool) {
 func (h *hub) publish(ctx context.Context, msg Publication) (string, error) {
 	start := time.Now()
 	id, err := h.broker.Publish(ctx, msg)
+	if errors.Is(err, errNewHistoryLimited) {
+		return id, err // the publisher's limit, not the broker's health
+	}
 	m := moduleMetrics()
 	m.publishSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {

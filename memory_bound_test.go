@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddychat/caddychat/internal/redistest"
+	"github.com/caddyserver/caddy/v2"
 	"github.com/coder/websocket"
 )
 
@@ -25,6 +26,10 @@ func TestOneConnectionCannotGrowTheNode(t *testing.T) {
 		h := newHandler()
 		h.History = []HistoryRule{{Channels: "room:**", Count: 1000}}
 		h.RateLimit = &RateLimit{PerSecond: -1}
+		// Long enough that the node never cuts the attacker for not reading
+		// before the test reads what it was told.
+		h.WriteTimeout = caddy.Duration(time.Minute)
+		h.PingInterval = caddy.Duration(time.Hour)
 		n := startNode(t, h)
 		const channel = "room:big"
 		pub := dial(t, n.url("/"), nil)

@@ -30,6 +30,7 @@ type chatMetrics struct {
 	httpPublishes     *prometheus.CounterVec
 	queuedBytes       prometheus.GaugeFunc
 	panics            prometheus.Counter
+	historyBytes      prometheus.Gauge
 }
 
 var (
@@ -76,6 +77,7 @@ func moduleMetrics() *chatMetrics {
 				Namespace: ns, Subsystem: sub, Name: "http_publishes_total",
 				Help: "Messages published through the HTTP publish endpoint, by result.",
 			}, []string{"result"}),
+			historyBytes: gauge("history_bytes", "Bytes of history the in-process broker keeps (messages plus bookkeeping), at most history_memory per hub; 0 with Redis."),
 		}
 		metrics.queuedBytes = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "queued_bytes",
@@ -99,6 +101,7 @@ func (m *chatMetrics) register(reg prometheus.Registerer) error {
 		m.brokerReconnects, m.brokerUp, m.authFailures, m.httpPublishes, m.presenceFailures,
 		m.queuedBytes,
 		m.panics,
+		m.historyBytes,
 	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError

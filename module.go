@@ -165,6 +165,24 @@ type Handler struct {
 	// channel applies; channels no rule matches keep nothing (the default).
 	History []HistoryRule `json:"history,omitempty"`
 
+	// Most bytes of history the in-process broker keeps (no redis option),
+	// for all its channels together: messages plus a bookkeeping cost per
+	// message and per channel. Over it, whole channels are evicted, least
+	// recently written first; a resume on one reports recovered false. The
+	// routes sharing a hub (same broker settings) share one cap, the largest
+	// any of them sets (the default when none does). No effect with Redis
+	// (bound Redis with maxmemory).
+	// Default: 64MiB.
+	HistoryMemory int64 `json:"history_memory,omitempty"`
+
+	// How fast one publisher may create history channels that do not exist
+	// yet (publishing on a channel whose history exists is not limited): an
+	// authenticated user on this node, across its connections and HTTP
+	// publishes; each anonymous connection on its own; the publish key is
+	// not limited. Over it a publish gets limit_exceeded (HTTP: 429; raw:
+	// the connection is closed with 4003). Default: 30 per 1m.
+	HistoryNewChannels *NewChannelLimit `json:"history_new_channels,omitempty"`
+
 	// Longest a node takes to close its connections when it shuts down (1001)
 	// or a reload changes the broker (1012): they are closed at an even pace
 	// of at most 1000 per second within it, so that clients do not all
@@ -189,6 +207,7 @@ type Handler struct {
 	logger        *zap.Logger
 	history       *compiledHistory
 	publishLimit  *userRateLimiter // token holders' HTTP publishes; nil: none
+	newChannels   *creationLimiter
 }
 
 // CaddyModule returns the Caddy module information.
@@ -275,6 +294,19 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.MaxReplay = defaultMaxReplay
 	}
 	h.history = compileHistory(h.History)
+	setMemory := h.HistoryMemory // 0: the route leaves the hub's cap to others
+	if h.HistoryMemory == 0 {
+		h.HistoryMemory = defaultHistoryMemory
+	} else if h.Redis != "" || h.RedisSentinel != nil || h.RedisCluster != nil {
+		h.logger.Warn("history_memory bounds the in-process broker only; with Redis, bound Redis's memory with maxmemory")
+	}
+	if h.HistoryNewChannels == nil {
+		h.HistoryNewChannels = &NewChannelLimit{Count: defaultNewChannels}
+	}
+	if h.HistoryNewChannels.Per == 0 {
+		h.HistoryNewChannels.Per = caddy.Duration(defaultNewChannelsPer)
+	}
+	h.newChannels = newCreationLimiter(h.HistoryNewChannels)
 	if err := h.provisionAuth(repl); err != nil {
 		return err
 	}
@@ -302,6 +334,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	// The latest configuration's drain period applies when the hub closes.
 	h.hub.drainPeriod.Store(int64(h.DrainPeriod))
+	h.hub.holdHistoryMemory(h, setMemory)
 	return nil
 }
 
@@ -361,6 +394,10 @@ func (h *Handler) Validate() error {
 	}
 	errs = append(errs, h.validateSecurity()...)
 	errs = append(errs, validateHistoryRules(h.History)...)
+	if h.HistoryMemory < minHistoryMemory || h.HistoryMemory > maxHistoryMemory {
+		errs = append(errs, fmt.Errorf("chat: history_memory %d: must be between 1MiB and 1TiB", h.HistoryMemory))
+	}
+	errs = append(errs, validateNewChannelLimit(h.HistoryNewChannels)...)
 	if h.MaxReplay < 1 || h.MaxReplay > 100000 {
 		errs = append(errs, fmt.Errorf("chat: max_replay %d: must be between 1 and 100000", h.MaxReplay))
 	}
@@ -416,6 +453,7 @@ func (h *Handler) Cleanup() error {
 	if h.hubKey == "" {
 		return nil
 	}
+	h.hub.releaseHistoryMemory(h)
 	_, err := hubs.Delete(h.hubKey)
 	h.hubKey = ""
 	return err

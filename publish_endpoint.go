@@ -167,7 +167,14 @@ func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem
 	}
 	ctx, cancel := context.WithTimeout(ctx, time.Duration(h.PublishTimeout))
 	defer cancel()
-	msgID, err := h.hub.publish(ctx, Publication{Channel: item.Channel, From: id.user, Origin: originOf(id), Data: item.Data, History: h.history.policyFor(item.Channel)})
+	var key *publisherKey // the publish key is not limited
+	if id.user != "" {
+		key = &publisherKey{user: id.user}
+	}
+	msgID, err := h.publish(ctx, key, Publication{Channel: item.Channel, From: id.user, Origin: originOf(id), Data: item.Data})
+	if errors.Is(err, errNewHistoryLimited) {
+		return fail(http.StatusTooManyRequests, errLimitExceeded, h.newChannelsRefusal(item.Channel))
+	}
 	if err != nil {
 		h.logger.Debug("publish endpoint: publish failed", zap.String("channel", item.Channel), zap.Error(err))
 		return fail(http.StatusServiceUnavailable, errUnavailable, "message not published: the broker did not accept it within publish_timeout (down or overloaded); retry later")

@@ -59,6 +59,9 @@ type Publication struct {
 	History *historyPolicy
 	// event marks Raw as the node's own presence event, published as it is.
 	event bool
+	// newHistory, when set, says whether the publish may create the
+	// channel's history (history_new_channels; see history_limit.go).
+	newHistory *historyCreation
 }
 
 // payload encodes msg as it travels through the broker, with the id it
@@ -146,7 +149,10 @@ func (b *memoryBroker) publishKept(msg Publication, now time.Time) (string, erro
 		b.memoryHistory.sweep(now)
 		b.lastSweep = now
 	}
-	id, payload := b.memoryHistory.append(msg.Channel, msg.History, now, tail)
+	id, payload, err := b.memoryHistory.append(msg.Channel, msg.History, now, tail, msg.newHistory)
+	if err != nil {
+		return "", err
+	}
 	if b.subscribed[msg.Channel] {
 		b.deliver(msg.Channel, stamped(payload))
 	}
@@ -174,6 +180,7 @@ func (b *memoryBroker) Close() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.closed = true
+	b.memoryHistory.clear()
 	return nil
 }
 
