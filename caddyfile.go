@@ -160,6 +160,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := h.unmarshalRedisTLS(d); err != nil {
 				return err
 			}
+			continue
 		case "history_new_channels":
 			l, err := unmarshalNewChannelLimit(d)
 			if err != nil {

@@ -72,7 +72,7 @@ func floodNode(t *testing.T, nd *node, n, size int) map[string]int {
 // keeps at most 1 MiB of history (caddy_chat_history_bytes on /metrics).
 // The figures (RSS, kept bytes) are logged.
 func TestFreshChannelFloodOnARealNode(t *testing.T) {
-	const route = "\tchat /ws {\n\t\trate_limit off\n\t\tsend_queue 8192\n\t\thistory room:** 100\n%s\t}"
+	const route = "\tchat /ws {\n\t\trate_limit off\n\t\tsend_queue 8MiB\n\t\thistory room:** 100\n%s\t}"
 	limited := startNode(t, "defaults", fmt.Sprintf(route, ""))
 	capped := startNode(t, "capped", fmt.Sprintf(route, "\t\thistory_memory 1MiB\n\t\thistory_new_channels off\n"))
 	for _, nd := range []*node{limited, capped} {

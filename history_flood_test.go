@@ -66,7 +66,7 @@ func TestFreshChannelFloodIsBounded(t *testing.T) {
 		ChannelPrefix: ptr(uniquePrefix(t)),
 		History:       []HistoryRule{{Channels: "room:**", Count: 500}},
 		RateLimit:     &RateLimit{PerSecond: -1},
-		SendQueue:     8192,
+		SendQueue:     8 << 20,
 		PingInterval:  caddy.Duration(time.Hour), // no ping during the flood
 	})
 	attacker := dial(t, n.url("/"), nil)

@@ -255,7 +255,7 @@ func TestHistoryMemoryCapHoldsUnderFreshChannelFlood(t *testing.T) {
 		HistoryMemory:      limit,
 		HistoryNewChannels: &NewChannelLimit{Count: -1},
 		RateLimit:          &RateLimit{PerSecond: -1},
-		SendQueue:          8192,
+		SendQueue:          8 << 20,
 		PingInterval:       caddy.Duration(time.Hour),
 	})
 	mem := &n.h.hub.broker.(*memoryBroker).memoryHistory

@@ -114,7 +114,7 @@ func TestRedisMaxmemoryEvictionReportsLoss(t *testing.T) {
 		History:            []HistoryRule{{Channels: "room:**", Count: 100}},
 		HistoryNewChannels: &NewChannelLimit{Count: -1},
 		RateLimit:          &RateLimit{PerSecond: -1},
-		SendQueue:          8192,
+		SendQueue:          8 << 20,
 		PingInterval:       caddy.Duration(time.Hour),
 	}
 	n := startNode(t, h)

@@ -18,16 +18,11 @@ const forgedKept = `{"type":"message","channel":"room:lobby","id":"9999999999999
 // subscriber, and the forged text arrives as data.
 func TestForgedIDCannotSilenceAChannel(t *testing.T) {
 	forEachBroker(t, func(t *testing.T, newHandler func() *Handler, rs *redistest.Server) {
-		prefix := uniquePrefix(t)
-		js := newHandler()
-		js.ChannelPrefix = &prefix
-		js.History = []HistoryRule{{Channels: "room:**", Count: 100}}
-		jn := startNode(t, js)
-		raw := newHandler()
-		raw.ChannelPrefix = &prefix
-		raw.Protocol, raw.Channel = protocolRaw, "room:lobby"
-		rn := startNode(t, raw)
+		jn, rn := lobbyNodes(t, newHandler, func(js *Handler) {
+			js.History = []HistoryRule{{Channels: "room:**", Count: 100}}
+		})
 
+		prefix := *jn.h.ChannelPrefix
 		sub := dial(t, jn.url("/"), nil)
 		sub.subscribe("room:lobby", 1)
 		pub := dial(t, jn.url("/"), nil)
@@ -68,15 +63,10 @@ func TestForgedIDCannotSilenceAChannel(t *testing.T) {
 // says server, whatever a client puts in its frame.
 func TestSenderIsAlwaysKnown(t *testing.T) {
 	forEachBroker(t, func(t *testing.T, newHandler func() *Handler, rs *redistest.Server) {
-		prefix := uniquePrefix(t)
-		js := newHandler()
-		js.ChannelPrefix = &prefix
-		js.PublishEndpoint, js.PublishKey = testPublishPath, testPublishKey
-		jn := startNode(t, js)
-		raw := newHandler()
-		raw.ChannelPrefix = &prefix
-		raw.Protocol, raw.Channel = protocolRaw, "room:lobby"
-		rn := startNode(t, raw)
+		jn, rn := lobbyNodes(t, newHandler, func(js *Handler) {
+			js.PublishEndpoint, js.PublishKey = testPublishPath, testPublishKey
+		})
+		prefix := *jn.h.ChannelPrefix
 
 		sub := dial(t, jn.url("/"), nil)
 		sub.subscribe("room:lobby", 1)
@@ -107,4 +97,18 @@ func TestSenderIsAlwaysKnown(t *testing.T) {
 			}
 		}
 	})
+}
+
+// lobbyNodes starts a JSON node, set up further by configure, and a raw node
+// bridging room:lobby; they share one hub.
+func lobbyNodes(t *testing.T, newHandler func() *Handler, configure func(js *Handler)) (jn, rn *testNode) {
+	t.Helper()
+	prefix := uniquePrefix(t)
+	js := newHandler()
+	js.ChannelPrefix = &prefix
+	configure(js)
+	raw := newHandler()
+	raw.ChannelPrefix = &prefix
+	raw.Protocol, raw.Channel = protocolRaw, "room:lobby"
+	return startNode(t, js), startNode(t, raw)
 }
