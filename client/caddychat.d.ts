@@ -87,8 +87,12 @@ export interface Message<T = JSONValue> {
   channel: string;
   id: string;
   epoch?: string;
-  /** The publisher's authenticated user, "" when anonymous or a backend. */
+  /** The publisher's authenticated user, "" for an anonymous client or a backend. */
   from: string;
+  /** Set (true) on messages of a client without a token. */
+  anonymous?: true;
+  /** Set (true) on a backend's messages (plain Redis PUBLISH, or the publish key); no client can produce it. */
+  server?: true;
   /** Publish time, Unix ms. */
   ts: number;
   data: T;
