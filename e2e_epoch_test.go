@@ -209,3 +209,67 @@ func testRedisRestartKeeps(t *testing.T, rs *redistest.Server, persistent bool) 
 		t.Logf("%s: %d messages, %d resumes, %d answered recovered:false", s.name, len(s.got), s.resumes, len(s.notResync))
 	}
 }
+
+// TestResumeAcrossEpochChange: a client that was away while Redis restarted
+// without persistence resumes with the since and epoch of the last message
+// it saw. The old history is gone, so the reply says recovered:false, but
+// every message of the new epoch is newer than its position and is
+// replayed, in order, before live messages.
+func TestResumeAcrossEpochChange(t *testing.T) {
+	rs := redistest.Start(t)
+	routes := fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off\n\t\thistory 1000 1h\n\t}", rs.URL())
+	a := startNode(t, "A", routes)
+	const channel = "room:epoch-resume"
+	pub := dialJSON(t, "pub", a.wsURL("/ws"))
+	away := dialJSON(t, "away", a.wsURL("/ws"))
+	away.subscribe(channel)
+	for n := 1; n <= 3; n++ {
+		pub.mustPublish(channel, map[string]int{"n": n})
+	}
+	var last *serverMsg
+	for n := 1; n <= 3; n++ {
+		last = away.expectMessage(channel, 5*time.Second)
+	}
+	since, epoch := last.MessageIDOf(), last.Epoch
+	if since == "" || epoch == "" {
+		t.Fatalf("a kept message without id or epoch: %s", last)
+	}
+	away.closeNormal()
+
+	rs.Kill()
+	rs.Restart()
+	// Published the moment Redis answers: the new epoch's history.
+	for n := 4; n <= 8; {
+		m, err := pub.publishErr(channel, map[string]int{"n": n}, 8*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch {
+		case m.Type == "ok":
+			n++
+		case m.Type == "error" && m.Code == "unavailable":
+			time.Sleep(20 * time.Millisecond)
+		default:
+			t.Fatalf("publish after the restart: %s", m)
+		}
+	}
+
+	back := dialJSON(t, "back", a.wsURL("/ws"))
+	reply, err := back.request(map[string]any{"op": "subscribe", "channel": channel, "since": since, "epoch": epoch}, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reply.Type != "ok" || reply.Recovered == nil || *reply.Recovered || reply.Epoch == epoch || reply.Replayed == nil || *reply.Replayed != 5 {
+		t.Fatalf("resume with the epoch Redis lost: want ok, recovered:false, a new epoch and replayed:5 (the whole new epoch), got %s", reply)
+	}
+	for n := 4; n <= 8; n++ {
+		m := back.expectMessage(channel, 5*time.Second)
+		if got, err := dataN(m); err != nil || got != n || m.Epoch != reply.Epoch {
+			t.Fatalf("replay: want n=%d of epoch %s, got %s", n, reply.Epoch, m)
+		}
+	}
+	pub.mustPublish(channel, map[string]int{"n": 9})
+	if got, err := dataN(back.expectMessage(channel, 5*time.Second)); err != nil || got != 9 {
+		t.Fatalf("live after the replay: want n=9, got %d (%v)", got, err)
+	}
+}
