@@ -29,7 +29,7 @@ func TestRedisRestartKeepsAcknowledgedMessages(t *testing.T) {
 }
 
 func testRedisRestartKeeps(t *testing.T, rs *redistest.Server, persistent bool) {
-	const subscribers = 10
+	const subscribers = 50
 	routes := fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off\n\t\thistory 100000 1h\n\t\tpublish_timeout 1s\n\t\tsend_queue 4MiB\n\t}", rs.URL())
 	a := startNode(t, "A", routes)
 	b := startNode(t, "B", routes)
