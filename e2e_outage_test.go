@@ -17,6 +17,7 @@ import (
 type outagePublisher struct {
 	name string
 	c    *wsClient
+	base int // added to every n, so that two publishers' numbers differ
 
 	mu          sync.Mutex
 	acked       map[int]bool // n answered ok
@@ -27,7 +28,7 @@ type outagePublisher struct {
 
 func (p *outagePublisher) run(channel string, stop <-chan struct{}, done *sync.WaitGroup) {
 	defer done.Done()
-	for n := 1; ; n++ {
+	for n := p.base + 1; ; n++ {
 		select {
 		case <-stop:
 			return

@@ -76,7 +76,7 @@ func TestRedisHistoryTrimmedAndExpiring(t *testing.T) {
 // TestRedisLostStreamGetsNewEpoch: when the stream goes but its epoch key
 // stays (maxmemory with a volatile-* policy evicts keys one by one), the
 // next publish starts a new epoch, so a resume says recovered false through
-// the epoch as well as through the missing id.
+// the epoch as well as through the missing id, and gets the new epoch whole.
 func TestRedisLostStreamGetsNewEpoch(t *testing.T) {
 	rs := redistest.Start(t)
 	h := &Handler{Redis: rs.URL(), ChannelPrefix: ptr(uniquePrefix(t)), History: []HistoryRule{{Count: 100}}}
@@ -93,8 +93,12 @@ func TestRedisLostStreamGetsNewEpoch(t *testing.T) {
 		t.Fatal("a history whose stream was lost kept its epoch")
 	}
 	r := c.request(map[string]any{"op": "subscribe", "channel": "room:x", "since": last, "epoch": epoch, "id": "resume"})
-	if r["recovered"] != false || r["replayed"] != float64(0) {
-		t.Fatalf("resume after the stream was lost: %v", r)
+	// The new epoch holds message 4 only: all of it is newer than since.
+	if r["recovered"] != false || r["replayed"] != float64(1) || r["epoch"] == epoch {
+		t.Fatalf("resume after the stream was lost: want recovered false, the new epoch and replayed 1, got %v", r)
+	}
+	if data, _ := c.messages("room:x", 1); !equalData(data, seq(4, 4)) {
+		t.Fatalf("replayed %v, want the new epoch's message 4", data)
 	}
 }
 

@@ -119,6 +119,8 @@ type channelState struct {
 	// broker's delivering goroutine touches it. It drops live copies of
 	// messages a resync already delivered, and is where a resync starts.
 	lastKept streamID
+	// lastEpoch is the epoch of that message (epochresync.go); same owner.
+	lastEpoch string
 }
 
 var errHubClosed = errors.New("node is shutting down")
@@ -352,6 +354,7 @@ func (h *hub) deliverBody(channel string, body []byte, stamped bool) {
 			return // a resync delivered it already
 		}
 		cs.lastKept = d.keptID
+		cs.noteEpoch(channel, body)
 	}
 	// Join and leave events go to the clients that asked for presence only.
 	event := stamped && isPresenceEvent(channel, body)
@@ -404,20 +407,22 @@ func (h *hub) publish(ctx context.Context, msg Publication) (string, error) {
 // outage: messages published meanwhile (acknowledged to their publishers
 // through other connections) never reached this node live. For channels
 // with history it reads what came after the last kept message delivered and
-// delivers it, so connected clients miss nothing; when that is impossible
-// (the history was lost or is shorter than the gap), the channel's clients
+// delivers it, so connected clients miss nothing (or, when the channel's
+// epoch changed, the whole new history: resyncNewEpoch); when that is impossible
+// (the history is shorter than the gap), the channel's clients
 // are told to reconnect (1012), and their resume says recovered false. It
 // runs on the broker's delivering goroutine, before any newer message.
 func (h *hub) resync() {
 	type pending struct {
 		channel string
 		since   streamID
+		epoch   string
 	}
 	var todo []pending
 	h.mu.RLock()
 	for ch, cs := range h.channels {
 		if cs.lastKept != (streamID{}) && len(cs.members) > 0 {
-			todo = append(todo, pending{ch, cs.lastKept})
+			todo = append(todo, pending{ch, cs.lastKept, cs.lastEpoch})
 		}
 	}
 	h.mu.RUnlock()
@@ -425,6 +430,14 @@ func (h *hub) resync() {
 		ctx, cancel := context.WithTimeout(context.Background(), h.brokerTimeout)
 		page, err := h.broker.readSince(ctx, p.channel, p.since, defaultMaxReplay)
 		cancel()
+		if err == nil && p.epoch != "" && page.epoch != p.epoch {
+			// The history was lost: everything kept now is newer than
+			// what the clients have (epochresync.go).
+			if !h.resyncNewEpoch(p.channel, p.epoch) {
+				h.restartMembers(p.channel)
+			}
+			continue
+		}
 		if err != nil || !page.sinceFound || page.more {
 			h.log.Warn("messages missed during a broker outage cannot be recovered; clients of the channel are told to reconnect",
 				zap.String("channel", p.channel), zap.Error(err))

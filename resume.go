@@ -214,6 +214,12 @@ func (c *conn) subscribeWithHistory(f clientFrame) {
 	var err error
 	if resume {
 		page, err = c.hub.broker.readSince(ctx, f.Channel, since, c.h.MaxReplay)
+		if err == nil && f.Epoch != "" && page.epoch != f.Epoch {
+			// since names a message of a lost history: everything kept now
+			// is newer than it, so the whole new epoch is replayed.
+			since = streamID{}
+			page, err = c.hub.broker.readSince(ctx, f.Channel, since, c.h.MaxReplay)
+		}
 	} else {
 		page, err = c.hub.broker.readBefore(ctx, f.Channel, nil, min(f.History, c.h.MaxReplay, policy.count))
 	}
@@ -233,10 +239,6 @@ func (c *conn) subscribeWithHistory(f clientFrame) {
 		sameEpoch := f.Epoch == "" || f.Epoch == page.epoch
 		recovered := sameEpoch && page.sinceFound && !page.more && !aged && int64(since.ms) >= cutoff.UnixMilli()
 		r.Recovered = &recovered
-		if !sameEpoch {
-			// The ids the client holds name messages of a lost history.
-			entries = nil
-		}
 	}
 	n := len(entries)
 	r.Replayed = &n

@@ -171,13 +171,24 @@ export interface ResubscribedEvent {
 
 export interface GapEvent {
   channel: string;
-  reply: SubscribeReply;
+  /** The subscribe reply; null for history_lost. */
+  reply: SubscribeReply | null;
   /**
    * not_recovered: the server said recovered:false (reload, e.g. with history()).
    * no_resume_point: resubscribed without since (a channel without history, or no
    * message seen yet), so messages published while disconnected may be missing.
+   * history_lost: a live message came with a new epoch: the server lost the
+   * channel's history (e.g. Redis restarted without persistence) while the
+   * connection stayed up; it delivers the new history whole, and only messages
+   * sent just before the loss may be missing.
    */
-  reason: "not_recovered" | "no_resume_point";
+  reason: "not_recovered" | "no_resume_point" | "history_lost";
+  /**
+   * The history the position pointed into was lost (the epoch changed): for
+   * not_recovered, the replay then holds the whole new history, so only
+   * messages from before the loss may be missing.
+   */
+  historyLost?: boolean;
 }
 
 export interface CaddyChatEvents {

@@ -71,6 +71,28 @@ function report(err) {
   (globalThis.reportError ?? console.error)(err);
 }
 
+/**
+ * A sentence telling a user what a `gap` event means, in words that are true
+ * for its cause; null for a gap that needs no notice.
+ */
+export function describeGap({ reason, reply, historyLost }) {
+  if (reason === "history_lost") {
+    return "The server lost this room's earlier history (e.g. Redis restarted without persistence). Everything sent since is shown; a message sent at the moment it happened may be missing, and scrolling back stops there.";
+  }
+  if (reason !== "not_recovered") return null;
+  if (historyLost) {
+    const n = reply?.replayed ?? 0;
+    const since = reply?.limited
+      ? `Only the latest ${n} messages sent since are shown.`
+      : n > 0 ? `All ${n} messages sent since are shown.` : "Nothing was sent since.";
+    return `The server lost this room's earlier history while you were away (e.g. Redis restarted without persistence): messages sent before that may be missing. ${since}`;
+  }
+  if (reply?.limited) {
+    return `You missed more messages than one reconnect replays: only the latest ${reply.replayed ?? 0} are shown.`;
+  }
+  return "Some messages sent while you were away could not be recovered: the room's history no longer holds them.";
+}
+
 export class CaddyChat {
   #url;
   #token;
@@ -461,7 +483,8 @@ export class CaddyChat {
   #subscribed(entry, reply, resumed, wasConfirmed) {
     // A new epoch means the history the position pointed into was lost: the
     // old ids say nothing about the new ones.
-    if (reply.epoch && entry.epoch && reply.epoch !== entry.epoch) entry.streamId = null;
+    const historyLost = Boolean(reply.epoch && entry.epoch && reply.epoch !== entry.epoch);
+    if (historyLost) entry.streamId = null;
     if (reply.epoch) entry.epoch = reply.epoch;
     entry.reply = reply;
     entry.retries = 0;
@@ -472,7 +495,10 @@ export class CaddyChat {
     }
     this.#emit("resubscribed", { channel: entry.channel, reply, resumed });
     if (reply.recovered === false) {
-      this.#emit("gap", { channel: entry.channel, reply, reason: "not_recovered" });
+      // historyLost: the server lost the history the position pointed into
+      // (e.g. Redis restarted without persistence); the replay holds all of
+      // the new history, and only what came just before the loss may be gone.
+      this.#emit("gap", { channel: entry.channel, reply, reason: "not_recovered", historyLost: resumed && historyLost });
     } else if (!resumed) {
       // A plain subscribe cannot say what happened while we were away.
       this.#emit("gap", { channel: entry.channel, reply, reason: "no_resume_point" });
@@ -598,8 +624,13 @@ export class CaddyChat {
       // against any that slip through (e.g. a resume racing a late live copy).
       const sameHistory = !msg.epoch || !entry.epoch || msg.epoch === entry.epoch;
       if (sameHistory && isStreamId(entry.streamId) && compareStreamIds(msg.id, entry.streamId) <= 0) return;
+      // A live message of a new epoch: the server lost the channel's history
+      // while this connection stayed up (it then delivers the new history
+      // whole); messages sent just before the loss may be missing.
+      const lost = !sameHistory && isStreamId(entry.streamId);
       entry.streamId = msg.id;
       if (msg.epoch) entry.epoch = msg.epoch;
+      if (lost) this.#emit("gap", { channel: entry.channel, reply: null, reason: "history_lost", historyLost: true });
     }
     for (const { fn } of [...entry.listeners]) if (fn) this.#call(fn, msg, "message");
     this.#emit("message", msg);

@@ -3,7 +3,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { CaddyChat, CaddyChatError, backoffDelay, compareStreamIds, isStreamId } from "./caddychat.js";
+import { CaddyChat, CaddyChatError, backoffDelay, compareStreamIds, describeGap, isStreamId } from "./caddychat.js";
 
 const flush = () => new Promise((resolve) => setImmediate(resolve));
 
@@ -732,4 +732,53 @@ test("close() from a state listener leaves no socket or timer behind", async () 
   assert.equal(clock.timers.size, 0);
   await clock.advance(60000);
   assert.equal(FakeWebSocket.instances.length, 1);
+});
+
+test("a resume whose epoch the server lost: a gap with historyLost, words that say so, the new epoch delivered", async () => {
+  const { clock, client, events } = setup();
+  let ws = await connect();
+  const got = [];
+  client.subscribe("room:a", (m) => got.push(m.id));
+  ws.ok(ws.lastOp("subscribe"));
+  ws.receive(msg("room:a", "100-0", "e1"));
+  ws = await dropAndWait(clock, ws);
+  ws.open();
+  const f = ws.lastOp("subscribe");
+  assert.equal(f.since, "100-0");
+  assert.equal(f.epoch, "e1");
+  ws.ok(f, { recovered: false, epoch: "e2", replayed: 2 });
+  const gap = events.find(([n]) => n === "gap")[1];
+  assert.equal(gap.reason, "not_recovered");
+  assert.equal(gap.historyLost, true);
+  const text = describeGap(gap);
+  assert.match(text, /lost this room's earlier history/);
+  assert.match(text, /All 2 messages sent since are shown/);
+  assert.doesNotMatch(text, /no longer holds/);
+  // The new epoch's ids may be lower: they are not duplicates.
+  ws.receive(msg("room:a", "50-0", "e2"));
+  ws.receive(msg("room:a", "50-1", "e2"));
+  assert.deepEqual(got, ["100-0", "50-0", "50-1"]);
+  assert.equal(client.position("room:a").epoch, "e2");
+});
+
+test("recovered:false in the same epoch keeps the old words; a limited replay says so", () => {
+  assert.match(describeGap({ reason: "not_recovered", reply: { recovered: false, epoch: "e1", replayed: 0 }, historyLost: false }), /no longer holds them/);
+  assert.match(describeGap({ reason: "not_recovered", reply: { recovered: false, limited: true, epoch: "e1", replayed: 1000 }, historyLost: false }), /only the latest 1000/);
+  assert.equal(describeGap({ reason: "no_resume_point", reply: {} }), null);
+});
+
+test("a live message of a new epoch emits a history_lost gap once", async () => {
+  const { client, events } = setup();
+  const ws = await connect();
+  const got = [];
+  client.subscribe("room:a", (m) => got.push(m.id));
+  ws.ok(ws.lastOp("subscribe"));
+  ws.receive(msg("room:a", "100-0", "e1"));
+  ws.receive(msg("room:a", "200-0", "e2"));
+  ws.receive(msg("room:a", "200-1", "e2"));
+  const gaps = events.filter(([n]) => n === "gap").map(([, g]) => g);
+  assert.equal(gaps.length, 1);
+  assert.equal(gaps[0].reason, "history_lost");
+  assert.match(describeGap(gaps[0]), /lost this room's earlier history/);
+  assert.deepEqual(got, ["100-0", "200-0", "200-1"]);
 });

@@ -225,13 +225,24 @@ export async function startCluster({ nodes = ["a", "b"], lb = false, tls = false
   try {
     for (const d of [".config", ".local/share", ".cache"]) mkdirSync(path.join(home, d), { recursive: true });
     const redisPort = await freePort();
-    const redis = new Proc("redis", REDIS_SERVER, [
-      "--port", String(redisPort), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-      "--dir", dir, "--protected-mode", "yes", "--loglevel", "warning",
-    ], { dir, env });
-    cluster.procs.push(redis);
-    await redis.ready(() => tcpReady(redisPort, "PING\r\n", "+PONG"));
+    const startRedis = async () => {
+      const redis = new Proc("redis", REDIS_SERVER, [
+        "--port", String(redisPort), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", dir, "--protected-mode", "yes", "--loglevel", "warning",
+      ], { dir, env });
+      cluster.procs.push(redis);
+      cluster.redis = redis;
+      await redis.ready(() => tcpReady(redisPort, "PING\r\n", "+PONG"));
+    };
+    await startRedis();
     cluster.redisPort = redisPort;
+    // Kills redis-server (SIGKILL: no persistence, its data is gone) and
+    // starts it again on the same port; resolves once it answers PING.
+    cluster.restartRedis = async ({ down = 0 } = {}) => {
+      await cluster.redis.kill("SIGKILL");
+      if (down > 0) await new Promise((r) => setTimeout(r, down));
+      await startRedis();
+    };
 
     const redisURL = `redis://127.0.0.1:${redisPort}/0`;
     const chatBlock = (extra) => `{

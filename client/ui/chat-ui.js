@@ -7,7 +7,7 @@
 // the page with textContent, never parsed as HTML; the page's Content-Security-Policy
 // forbids inline code on top of that.
 
-import { CaddyChat } from "./caddychat.js";
+import { CaddyChat, describeGap } from "./caddychat.js";
 
 const HISTORY = 50; // messages shown on joining a room
 const MAX_SHOWN = 500; // messages kept in the page; older ones are dropped
@@ -140,10 +140,10 @@ function onError(err) {
   notice(`Error: ${describe(err)}`);
 }
 
-function onGap({ channel: ch, reason, reply }) {
+function onGap({ channel: ch, reason, reply, historyLost }) {
   if (ch !== channel) return;
-  if (reason === "not_recovered") {
-    notice("Some messages sent while you were away could not be recovered: the room's history no longer holds them.");
+  if (reason === "history_lost" || reason === "not_recovered") {
+    notice(describeGap({ reason, reply, historyLost }));
   } else if (!reply?.epoch) {
     // A resubscribe with history has no position to resume from only when
     // nothing came yet; then the replay shows everything. Without history,

@@ -1,7 +1,7 @@
 // Package redistest runs a real redis-server (the Debian binary) for tests.
 //
 // Each Server is a foreground child process bound to 127.0.0.1 on a free port,
-// with persistence off and its working directory in t.TempDir(). It is killed
+// with persistence off (StartAOF: appendonly yes) and its working directory in t.TempDir(). It is killed
 // in t.Cleanup. Kill and Restart simulate a broker outage: Restart starts the
 // server again on the same port, so clients configured with the old address
 // can reconnect. StartSentinel and StartCluster (topology.go) build a
@@ -56,6 +56,8 @@ type Server struct {
 	// pki, when set, makes the server speak TLS only (tls.go): its port is
 	// a tls-port, and clients must present a certificate of pki's CA.
 	pki *PKI
+	// aof: appendonly yes (StartAOF), so that a restart keeps the data.
+	aof bool
 
 	mu     sync.Mutex
 	cmd    *exec.Cmd
@@ -79,6 +81,15 @@ func StartTLS(t testing.TB, pki *PKI) *Server {
 	return startServer(t, "", "", pki)
 }
 
+// StartAOF is Start for a server with AOF persistence (appendonly yes):
+// Restart replays the append-only file, so the data written before a Kill
+// survives it (SIGKILL loses nothing the server had written to the file,
+// which it does before answering the command).
+func StartAOF(t testing.TB) *Server {
+	t.Helper()
+	return startWith(t, "", "", nil, true)
+}
+
 func startMode(t testing.TB, mode, modeArg string) *Server {
 	t.Helper()
 	return startServer(t, mode, modeArg, nil)
@@ -86,11 +97,16 @@ func startMode(t testing.TB, mode, modeArg string) *Server {
 
 func startServer(t testing.TB, mode, modeArg string, pki *PKI) *Server {
 	t.Helper()
+	return startWith(t, mode, modeArg, pki, false)
+}
+
+func startWith(t testing.TB, mode, modeArg string, pki *PKI, aof bool) *Server {
+	t.Helper()
 	bin, err := lookBinary()
 	if err != nil {
 		t.Fatalf("redistest: %v", err)
 	}
-	s := &Server{t: t, bin: bin, dir: t.TempDir(), mode: mode, modeArg: modeArg, pki: pki}
+	s := &Server{t: t, bin: bin, dir: t.TempDir(), mode: mode, modeArg: modeArg, pki: pki, aof: aof}
 	s.logPath = filepath.Join(s.dir, "redis.log")
 	t.Cleanup(s.cleanup)
 
@@ -264,7 +280,8 @@ func (s *Server) Kill() {
 }
 
 // Restart starts the server again on the same port (killing it first if it is
-// still running) and waits until it answers PING. Data is not kept.
+// still running) and waits until it answers PING. Data is not kept, except
+// by a server started with StartAOF.
 func (s *Server) Restart() {
 	s.t.Helper()
 	s.Kill()

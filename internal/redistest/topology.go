@@ -42,6 +42,9 @@ func (s *Server) args() ([]string, error) {
 		"--logfile", "", // log to stdout, which goes to redis.log
 	}
 	data := []string{"--save", "", "--appendonly", "no"}
+	if s.aof {
+		data[3] = "yes"
+	}
 	if p := s.pki; p != nil {
 		// TLS only: no plain port; the TLS port is the server's port.
 		common[3] = "0"
