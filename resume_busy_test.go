@@ -272,3 +272,90 @@ func TestResumeOnABusyChannelKeepsAReadingClient(t *testing.T) {
 		wg.Wait()
 	})
 }
+
+// TestResumeThenStopReadingIsClosed (issue 15, finding 1): the replay's
+// allowance does not let a client that stops reading hold more. On a
+// channel publishing 400 msg/s, one client resumes after 800 missed messages
+// and reads nothing at all; another reads the reply and the replay, then
+// stops. Both are closed with 4000, and what the node holds for each stays
+// within 1.5 × send_queue plus one message.
+func TestResumeThenStopReadingIsClosed(t *testing.T) {
+	forEachBroker(t, func(t *testing.T, newHandler func() *Handler, _ *redistest.Server) {
+		h := newHandler()
+		h.History = []HistoryRule{{Channels: "room:*", Count: 10000}}
+		h.MaxReplay = 2000
+		h.RateLimit = &RateLimit{PerSecond: -1}
+		h.WriteTimeout = caddy.Duration(time.Minute)
+		h.PingInterval = caddy.Duration(time.Hour)
+		n := startNodeSmallSendBuffers(t, h)
+		const channel, missed = "room:busy", 800
+		pub := startBusyPublisher(t, n.url("/"), channel, strings.Repeat("p", 250), time.Second/400)
+		pub.waitAcked(t, missed+1)
+
+		var wg sync.WaitGroup
+		for _, readReplay := range []bool{false, true} {
+			ws := dialSlowReader(t, n.url("/"))
+			read := func() []byte {
+				ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+				defer cancel()
+				_, b, err := ws.Read(ctx)
+				if err != nil {
+					t.Fatalf("read: %v", err)
+				}
+				return b
+			}
+			var welcome struct{ Conn string }
+			if err := json.Unmarshal(read(), &welcome); err != nil {
+				t.Fatal(err)
+			}
+			sc := n.h.hub.connByID(welcome.Conn)
+			total, _ := pub.acked(t, 0)
+			_, since := pub.acked(t, total-missed)
+			resume, _ := json.Marshal(map[string]any{"op": "subscribe", "channel": channel, "since": since, "id": "r"})
+			if err := ws.Write(t.Context(), websocket.MessageText, resume); err != nil {
+				t.Fatal(err)
+			}
+			if readReplay {
+				var r struct {
+					Recovered bool
+					Replayed  int
+				}
+				if err := json.Unmarshal(read(), &r); err != nil || !r.Recovered || r.Replayed < missed {
+					t.Fatalf("resume: %+v %v", r, err)
+				}
+				for range r.Replayed {
+					read()
+				}
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				// The client reads no more: sample what the node holds for it
+				// until it is closed.
+				var peak int64
+				for sc.ctx.Err() == nil {
+					peak = max(peak, sc.send.queuedBytes()+sc.heldBytes.Load())
+					time.Sleep(time.Millisecond)
+				}
+				peak = max(peak, sc.send.queuedBytes()+sc.heldBytes.Load())
+				// One client's share: send_queue of live messages, half of it
+				// again for a replay, and one message (about 700 bytes here).
+				if bound := h.SendQueue*3/2 + 4<<10; peak > bound {
+					t.Errorf("read replay %v: the node held %d bytes for a client that stopped reading, over %d", readReplay, peak, bound)
+				}
+				// Reading now: what was queued before the close, then 4000.
+				var err error
+				for err == nil {
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+					_, _, err = ws.Read(ctx)
+					cancel()
+				}
+				if code := websocket.CloseStatus(err); code != closeSlowConsumer {
+					t.Errorf("read replay %v: closed with %v (%v), want %d", readReplay, code, err, closeSlowConsumer)
+				}
+				t.Logf("read replay %v: peak held %d KiB (send_queue %d KiB), closed %d %q", readReplay, peak>>10, h.SendQueue>>10, sc.closeCode, sc.closeWhy)
+			}()
+		}
+		wg.Wait()
+	})
+}
