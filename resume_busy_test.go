@@ -359,3 +359,59 @@ func TestResumeThenStopReadingIsClosed(t *testing.T) {
 		wg.Wait()
 	})
 }
+
+// TestReplaysWaitingShareHalfOfSendQueue: the replays waiting to be sent to
+// a connection hold at most half of send_queue together. A client that has
+// not yet read one resume's replay (0.45 × send_queue) and resumes another
+// channel gets what is left of that half, the newest messages, limited.
+func TestReplaysWaitingShareHalfOfSendQueue(t *testing.T) {
+	forEachBroker(t, func(t *testing.T, newHandler func() *Handler, _ *redistest.Server) {
+		h := newHandler()
+		h.History = []HistoryRule{{Channels: "room:*", Count: 1000}}
+		h.MaxReplay = 1000
+		h.RateLimit = &RateLimit{PerSecond: -1}
+		h.WriteTimeout = caddy.Duration(time.Minute)
+		n := startNodeSmallSendBuffers(t, h)
+		pub := dial(t, n.url("/"), nil)
+		pub.next("welcome")
+		pad := strings.Repeat("p", 250)
+		first := map[string]string{}
+		for _, ch := range []string{"room:a", "room:b"} {
+			first[ch] = pub.publishOK(ch, map[string]any{"n": 0, "pad": pad}, 0)
+			for i := 1; i <= 800; i++ {
+				pub.send(map[string]any{"op": "publish", "channel": ch, "data": map[string]any{"n": i, "pad": pad}, "id": i})
+			}
+			for range 800 {
+				if r := pub.next("ok"); r["message_id"] == nil {
+					t.Fatalf("publish: %v", r)
+				}
+			}
+		}
+		ws := dialSlowReader(t, n.url("/"))
+		for i, ch := range []string{"room:a", "room:b"} {
+			b, _ := json.Marshal(map[string]any{"op": "subscribe", "channel": ch, "since": first[ch], "id": i})
+			if err := ws.Write(t.Context(), websocket.MessageText, b); err != nil {
+				t.Fatal(err)
+			}
+		}
+		c := adopt(t, ws)
+		ra := c.reply(0)
+		if ra["recovered"] != true || ra["replayed"] != float64(800) {
+			t.Fatalf("first resume: %v", ra)
+		}
+		if data, _ := c.messages("room:a", 800); data[799].(map[string]any)["n"] != float64(800) {
+			t.Fatalf("first replay ends with %v", data[799])
+		}
+		rb := c.reply(1)
+		replayed, _ := rb["replayed"].(float64)
+		if rb["type"] != "ok" || rb["recovered"] != false || rb["limited"] != true || replayed >= 800 {
+			t.Fatalf("second resume while the first replay waits: %v; want limited", rb)
+		}
+		// The newest that fit, up to the last one.
+		data, _ := c.messages("room:b", int(replayed))
+		if len(data) > 0 && data[len(data)-1].(map[string]any)["n"] != float64(800) {
+			t.Fatalf("second replay ends with %v", data[len(data)-1])
+		}
+		t.Logf("second resume replayed %v of 800", replayed)
+	})
+}
