@@ -49,10 +49,11 @@ func (c *conn) holdForCatchUp(d *delivery) (held, ok bool) {
 		c.endCatchUpLocked(d.channel)
 		return false, true
 	}
-	// Held messages are waiting to be sent: with the queue they count
-	// against send_queue.
+	// Held messages are waiting to be sent: with the queue's live messages
+	// they count against send_queue (a replay still queued does not: see
+	// finishCatchUp).
 	size := d.size()
-	if c.send.queuedBytes()+cu.heldBytes+size > c.h.SendQueue {
+	if c.send.queuedLiveBytes()+cu.heldBytes+size > c.h.SendQueue {
 		c.fail(closeSlowConsumer, "send queue full")
 		return true, false
 	}
@@ -105,9 +106,14 @@ func (c *conn) finishCatchUp(channel string, first *delivery, since streamID, en
 	if cu == nil || cu.draining {
 		return
 	}
-	// Queued whatever send_queue says: the replay was cut to replayBudget
-	// and the held messages were bounded as they came (holdForCatchUp), so
-	// the queue holds at most 1.5 send_queue and one reply.
+	// Queued whatever send_queue says: the replay was cut so that the
+	// replays waiting hold at most half of send_queue (resumeBudget), and
+	// the held messages were bounded as they came (holdForCatchUp), so the
+	// queue holds at most 1.5 send_queue and one reply. The reply and the
+	// replay are queued as a replay: while they wait they do not count
+	// against send_queue, so that a client reading them is not taken for a
+	// slow one by the live messages behind them; a client that stops
+	// reading is still closed once those pass send_queue.
 	out := make([]*delivery, 0, 1+len(entries)+len(cu.held))
 	out = append(out, first)
 	last := since
@@ -117,6 +123,7 @@ func (c *conn) finishCatchUp(channel string, first *delivery, since streamID, en
 			last = e.id
 		}
 	}
+	replay := len(out)
 	for _, d := range cu.held {
 		if !d.kept {
 			out = append(out, d) // not from history: it cannot be a duplicate
@@ -127,7 +134,7 @@ func (c *conn) finishCatchUp(channel string, first *delivery, since streamID, en
 			last = d.keptID
 		}
 	}
-	c.send.pushAll(out)
+	c.send.pushAll(out, replay)
 	c.heldBytes.Add(-cu.heldBytes)
 	*cu = catchUp{draining: true, floor: last}
 	c.kickWriter()
@@ -137,6 +144,14 @@ func (c *conn) finishCatchUp(channel string, first *delivery, since streamID, en
 // a history page) may queue: half of send_queue, so that live messages
 // still fit behind it.
 func (c *conn) replayBudget() int64 { return c.h.SendQueue / 2 }
+
+// resumeBudget is how many bytes a resume's replay (or a subscribe's
+// history) may queue: what is left of replayBudget by the replays still
+// waiting, which do not count against send_queue, so that they hold at most
+// half of it together.
+func (c *conn) resumeBudget() int64 {
+	return max(c.replayBudget()-c.send.queuedReplayBytes(), 0)
+}
 
 // newestWithin keeps the newest entries that fit in budget bytes (at least
 // one, so a message larger than the budget can still be read); cut reports
@@ -232,7 +247,7 @@ func (c *conn) subscribeWithHistory(f clientFrame) {
 	}
 	cutoff := time.Now().Add(-policy.maxAge)
 	entries, aged := withinAge(page.entries, cutoff)
-	entries, cut := newestWithin(entries, c.replayBudget())
+	entries, cut := newestWithin(entries, c.resumeBudget())
 	page.more = page.more || cut
 	r := reply{Type: "ok", ID: f.ID, Channel: f.Channel, Epoch: page.epoch, Limited: page.more}
 	if resume {

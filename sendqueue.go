@@ -11,7 +11,19 @@ type sendQueue struct {
 	frames []*delivery
 	head   int   // frames[head:] wait
 	bytes  int64 // what frames[head:] count for (delivery.size)
+
+	// A replay (a resume's reply and the history after it) does not count
+	// against the limit of push: a client that keeps reading must not look
+	// slow because it was sent what it missed. pushed and popped count the
+	// bytes that ever went in and out; since the queue is a FIFO, replays
+	// are the byte ranges [start, end) of pushed that were replays, and
+	// replayBytes is what of them still waits.
+	pushed, popped int64
+	replays        []byteRange
+	replayBytes    int64
 }
+
+type byteRange struct{ start, end int64 }
 
 // shrinkAbove is the capacity (in frames, 8 bytes each) a drained queue may
 // keep for the next burst: enough that steady traffic never reallocates.
@@ -29,14 +41,15 @@ func (d *delivery) size() int64 {
 	return int64(len(d.own)+len(d.payload)) + frameOverhead
 }
 
-// push appends d unless the frames waiting and d would count for more than
-// limit bytes. An empty queue takes any one frame, so that a message larger
-// than the limit (a backend's) still reaches a client that keeps up.
+// push appends d unless the frames waiting, other than replays, and d would
+// count for more than limit bytes. A queue where nothing but a replay waits
+// takes any one frame, so that a message larger than the limit (a
+// backend's) still reaches a client that keeps up.
 func (q *sendQueue) push(d *delivery, limit int64) bool {
 	size := d.size()
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if q.head < len(q.frames) && q.bytes+size > limit {
+	if live := q.bytes - q.replayBytes; live > 0 && live+size > limit {
 		return false
 	}
 	q.appendLocked(d, size)
@@ -44,12 +57,19 @@ func (q *sendQueue) push(d *delivery, limit int64) bool {
 }
 
 // pushAll appends ds whatever the limit: the caller has bounded them (a
-// catch-up's replay and held messages, see resume.go).
-func (q *sendQueue) pushAll(ds []*delivery) {
+// catch-up's reply, replay and held messages, see resume.go). The first
+// replay of them are a replay: until popped they do not count against the
+// limit of push.
+func (q *sendQueue) pushAll(ds []*delivery, replay int) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	for _, d := range ds {
+	start := q.pushed
+	for i, d := range ds {
 		q.appendLocked(d, d.size())
+		if i == replay-1 {
+			q.replays = append(q.replays, byteRange{start, q.pushed})
+			q.replayBytes += q.pushed - start
+		}
 	}
 }
 
@@ -63,6 +83,7 @@ func (q *sendQueue) appendLocked(d *delivery, size int64) {
 	}
 	q.frames = append(q.frames, d)
 	q.bytes += size
+	q.pushed += size
 }
 
 // pop takes the oldest frame, or returns nil when none waits.
@@ -75,7 +96,17 @@ func (q *sendQueue) pop() *delivery {
 	d := q.frames[q.head]
 	q.frames[q.head] = nil
 	q.head++
-	q.bytes -= d.size()
+	size := d.size()
+	q.bytes -= size
+	if len(q.replays) > 0 && q.popped >= q.replays[0].start {
+		q.replayBytes -= size
+	}
+	q.popped += size
+	if len(q.replays) > 0 && q.popped >= q.replays[0].end {
+		if q.replays = q.replays[1:]; len(q.replays) == 0 {
+			q.replays = nil
+		}
+	}
 	if q.head == len(q.frames) {
 		q.head = 0
 		if cap(q.frames) > shrinkAbove {
@@ -99,4 +130,19 @@ func (q *sendQueue) queuedBytes() int64 {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	return q.bytes
+}
+
+// queuedReplayBytes is what the waiting frames of replays count for.
+func (q *sendQueue) queuedReplayBytes() int64 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.replayBytes
+}
+
+// queuedLiveBytes is what the waiting frames other than replays count for:
+// what the limit of push bounds.
+func (q *sendQueue) queuedLiveBytes() int64 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.bytes - q.replayBytes
 }

@@ -66,3 +66,51 @@ func TestSendQueueIsAFIFOBoundedInBytes(t *testing.T) {
 		t.Fatalf("kept %d slots after a burst", cap(q.frames))
 	}
 }
+
+// TestSendQueueReplayIsAnAllowance: frames queued as a replay do not count
+// against the limit of push while they wait; as they are popped the
+// allowance shrinks with them, and live frames count in full.
+func TestSendQueueReplayIsAnAllowance(t *testing.T) {
+	var q sendQueue
+	frame := func() *delivery { return &delivery{own: make([]byte, 72)} } // 200 bytes queued
+	const limit = 600
+	live := frame()
+	if !q.push(live, limit) {
+		t.Fatal("push refused on an empty queue")
+	}
+	replay := []*delivery{frame(), frame(), frame(), frame(), frame(), frame()}
+	held := frame()
+	q.pushAll(append(replay[:len(replay):len(replay)], held), len(replay))
+	if q.queuedBytes() != 1600 || q.queuedReplayBytes() != 1200 || q.queuedLiveBytes() != 400 {
+		t.Fatalf("queued %d, replay %d, live %d", q.queuedBytes(), q.queuedReplayBytes(), q.queuedLiveBytes())
+	}
+	// 400 live bytes wait: one more frame fits the limit of 600, two do not.
+	if !q.push(frame(), limit) || q.push(frame(), limit) {
+		t.Fatal("the replay counted against the limit, or the live frames did not")
+	}
+	// Popping the live frame before the replay frees live room; popping the
+	// replay only shrinks the allowance.
+	if q.pop() != live || q.queuedReplayBytes() != 1200 || q.queuedLiveBytes() != 400 {
+		t.Fatalf("after the first pop: replay %d, live %d", q.queuedReplayBytes(), q.queuedLiveBytes())
+	}
+	for i, want := range replay {
+		if q.pop() != want {
+			t.Fatalf("replay frame %d out of order", i)
+		}
+		if got := q.queuedReplayBytes(); got != int64(1000-200*i) {
+			t.Fatalf("after replay frame %d: replay %d bytes", i, got)
+		}
+		if q.queuedLiveBytes() != 400 {
+			t.Fatalf("after replay frame %d: live %d bytes", i, q.queuedLiveBytes())
+		}
+	}
+	if q.pop() != held || q.replays != nil {
+		t.Fatalf("the held frame follows the replay; replay ranges left: %v", q.replays)
+	}
+	// Nothing but a replay waits: any one frame goes in, whatever its size.
+	q.pop()
+	q.pushAll([]*delivery{frame()}, 1)
+	if !q.push(&delivery{own: make([]byte, 2*limit)}, limit) || q.push(frame(), limit) {
+		t.Fatal("a queue holding only a replay must take one oversized frame and then refuse")
+	}
+}
