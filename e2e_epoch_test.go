@@ -65,10 +65,13 @@ func testRedisRestartKeeps(t *testing.T, rs *redistest.Server, persistent bool) 
 		return n == len(subs), fmt.Sprintf("%d of %d", n, len(subs))
 	})
 
-	// One publisher on each node, ~100 msg/s each; their numbers differ by base.
+	// Two publishers on each node, each waiting for its ok before the next
+	// (over 200 msg/s together here); their numbers differ by base.
 	pubs := []*outagePublisher{
 		{name: "A", c: dialJSON(t, "pub@A", a.wsURL("/ws")), acked: map[int]bool{}},
 		{name: "B", c: dialJSON(t, "pub@B", b.wsURL("/ws")), acked: map[int]bool{}, base: 1_000_000},
+		{name: "A2", c: dialJSON(t, "pub2@A", a.wsURL("/ws")), acked: map[int]bool{}, base: 2_000_000},
+		{name: "B2", c: dialJSON(t, "pub2@B", b.wsURL("/ws")), acked: map[int]bool{}, base: 3_000_000},
 	}
 	stopPub := make(chan struct{})
 	var pubDone sync.WaitGroup
