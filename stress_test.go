@@ -249,7 +249,11 @@ func TestStressMalformedFramesManyClients(t *testing.T) {
 			if err := c.ws.Close(websocket.StatusNormalClosure, ""); err != nil {
 				t.Fatalf("abuser %d: close: %v", i, err)
 			}
-			if code := c.closeCode(); code != websocket.StatusNormalClosure {
+			// Close returned nil: the node answered the close handshake. The
+			// background reader either read the node's 1000 itself or found
+			// the connection already closed by Close, which read it (-1): the
+			// library decides which, not the node (4 in 20 runs before).
+			if code := c.closeCode(); code != websocket.StatusNormalClosure && code != -1 {
 				t.Fatalf("abuser %d: close code %v, want 1000", i, code)
 			}
 		}
