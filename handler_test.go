@@ -28,6 +28,13 @@ type testNode struct {
 
 func startNode(t *testing.T, h *Handler) *testNode {
 	t.Helper()
+	return startNodeListening(t, h, nil)
+}
+
+// startNodeListening is startNode whose server accepts through wrap (nil:
+// the listener as it is).
+func startNodeListening(t *testing.T, h *Handler, wrap func(net.Listener) net.Listener) *testNode {
+	t.Helper()
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	t.Cleanup(cancel)
 	if err := h.Provision(ctx); err != nil {
@@ -37,12 +44,16 @@ func startNode(t *testing.T, h *Handler) *testNode {
 		t.Fatalf("Validate: %v", err)
 	}
 	h.logger = zap.NewNop()
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// As Caddy's server does: the request's replacer knows its HTTP placeholders.
 		repl := caddyhttp.NewTestReplacer(r)
 		r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, repl))
 		_ = h.ServeHTTP(w, r, nil)
 	}))
+	if wrap != nil {
+		srv.Listener = wrap(srv.Listener)
+	}
+	srv.Start()
 	t.Cleanup(func() {
 		srv.CloseClientConnections()
 		srv.Close()

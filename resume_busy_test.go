@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
-	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -14,9 +12,7 @@ import (
 
 	"github.com/caddychat/caddychat/internal/redistest"
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/coder/websocket"
-	"go.uber.org/zap"
 )
 
 // busyPublisher publishes {"n":1,"pad":…}, {"n":2,…}, … on one channel at a
@@ -125,30 +121,7 @@ func (h *hub) connByID(id string) *conn {
 // than in the kernel (which on loopback takes megabytes).
 func startNodeSmallSendBuffers(t *testing.T, h *Handler) *testNode {
 	t.Helper()
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	t.Cleanup(cancel)
-	if err := h.Provision(ctx); err != nil {
-		t.Fatalf("Provision: %v", err)
-	}
-	if err := h.Validate(); err != nil {
-		t.Fatalf("Validate: %v", err)
-	}
-	h.logger = zap.NewNop()
-	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		repl := caddyhttp.NewTestReplacer(r)
-		r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, repl))
-		_ = h.ServeHTTP(w, r, nil)
-	}))
-	srv.Listener = smallSendBufferListener{srv.Listener}
-	srv.Start()
-	t.Cleanup(func() {
-		srv.CloseClientConnections()
-		srv.Close()
-		if err := h.Cleanup(); err != nil {
-			t.Errorf("Cleanup: %v", err)
-		}
-	})
-	return &testNode{h: h, srv: srv}
+	return startNodeListening(t, h, func(l net.Listener) net.Listener { return smallSendBufferListener{l} })
 }
 
 type smallSendBufferListener struct{ net.Listener }
