@@ -1041,6 +1041,7 @@ func logTestNode(t *testing.T, h *Handler) (n *testNode, logs *observer.Observed
 	}
 	core, logs := observer.New(zapcore.DebugLevel)
 	h.logger = zap.New(core)
+	h.route.log = h.logger
 	done = make(chan any, 16)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		vars := map[string]any{}

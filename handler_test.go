@@ -44,6 +44,7 @@ func startNodeListening(t *testing.T, h *Handler, wrap func(net.Listener) net.Li
 		t.Fatalf("Validate: %v", err)
 	}
 	h.logger = zap.NewNop()
+	h.route.log = h.logger
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// As Caddy's server does: the request's replacer knows its HTTP placeholders.
 		repl := caddyhttp.NewTestReplacer(r)

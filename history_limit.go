@@ -1,7 +1,6 @@
 package caddychat
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"hash/maphash"
@@ -151,40 +150,6 @@ func (l *creationLimiter) tracked() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return len(l.buckets)
-}
-
-// publish sends msg with its channel's history policy; when the channel
-// keeps history and key is set (nil: the publish key, not limited), a
-// publish that would create the history is refused with
-// errNewHistoryLimited if key's publisher is over history_new_channels.
-// The broker checks whether the history exists as it stores the message
-// (a map lookup; in Redis, in the publish script), so this costs no round
-// trip.
-func (h *Handler) publish(ctx context.Context, key *publisherKey, msg Publication) (string, error) {
-	msg.History = h.history.policyFor(msg.Channel)
-	if msg.History == nil || key == nil || h.newChannels == nil {
-		return h.hub.publish(ctx, msg)
-	}
-	create := &historyCreation{allowed: h.newChannels.mayCreate(*key, time.Now())}
-	msg.newHistory = create
-	id, err := h.hub.publish(ctx, msg)
-	if create.created {
-		h.newChannels.charge(*key, time.Now())
-	}
-	return id, err
-}
-
-// newChannelsRefusal is the error message of a refused publish.
-func (h *Handler) newChannelsRefusal(channel string) string {
-	return fmt.Sprintf("message not published: %s has no history yet, and this publisher may create at most %s (history_new_channels); publish on existing channels, or retry later", channel, h.newChannels.desc)
-}
-
-// publisher is the budget the connection's publishes spend.
-func (c *conn) publisher() *publisherKey {
-	if c.identity.user != "" {
-		return &publisherKey{user: c.identity.user}
-	}
-	return &publisherKey{conn: c.id}
 }
 
 func validateNewChannelLimit(l *NewChannelLimit) []error {

@@ -40,10 +40,29 @@ func (h *hub) queuedBytes() int64 {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	var total int64
-	for c := range h.conns {
-		total += c.send.queuedBytes() + c.heldBytes.Load()
+	for s := range h.subscribers {
+		total += s.queuedBytes()
 	}
 	return total
+}
+
+// subscriber is what the hub knows of a local client (a WebSocket
+// connection: conn.go). The hub hands it deliveries and never waits for it.
+type subscriber interface {
+	// enqueue queues d without blocking. A subscriber that cannot take d
+	// (its queue is full: it does not keep up) closes itself as a slow
+	// consumer and reports false, so that it never holds anyone back.
+	enqueue(d *delivery) bool
+	// fail starts closing the subscriber with code and reason; the first
+	// call wins.
+	fail(code websocket.StatusCode, reason string)
+	// wantsPresence reports whether join and leave events are delivered to it.
+	wantsPresence() bool
+	// presenceInfo is how it is listed in presence; ok is false on a route
+	// without presence.
+	presenceInfo() (info presenceInfo, ok bool)
+	// queuedBytes is what waits to be sent to it.
+	queuedBytes() int64
 }
 
 // hubConfig is what identifies a hub: handlers with equal hubConfigs share one.
@@ -78,11 +97,11 @@ type hub struct {
 	// presence holds this node's presence entries; see presence.go.
 	presence *presence
 
-	mu       sync.RWMutex
-	channels map[string]*channelState
-	conns    map[*conn]struct{}
-	closed   bool
-	connWG   sync.WaitGroup
+	mu          sync.RWMutex
+	channels    map[string]*channelState
+	subscribers map[subscriber]struct{}
+	closed      bool
+	connWG      sync.WaitGroup
 
 	// admitted counts connections accepted or being accepted, and userConns
 	// those of each authenticated user; both guarded by admitMu.
@@ -113,7 +132,7 @@ type channelState struct {
 	// refs counts members plus joins in progress; guarded by hub.mu. The entry
 	// stays in hub.channels while refs > 0 or a broker call is under way.
 	refs    int
-	members map[*conn]struct{} // guarded by hub.mu
+	members map[subscriber]struct{} // guarded by hub.mu
 
 	// lastKept is the id of the last kept message delivered; only the
 	// broker's delivering goroutine touches it. It drops live copies of
@@ -131,11 +150,11 @@ func newHub(cfg hubConfig) (*hub, error) {
 		return nil, err
 	}
 	h := &hub{
-		node:     node,
-		ids:      &idGenerator{node: node},
-		log:      caddy.Log().Named("http.handlers.chat").With(zap.String("node", node)),
-		channels: make(map[string]*channelState),
-		conns:    make(map[*conn]struct{}),
+		node:        node,
+		ids:         &idGenerator{node: node},
+		log:         caddy.Log().Named("http.handlers.chat").With(zap.String("node", node)),
+		channels:    make(map[string]*channelState),
+		subscribers: make(map[subscriber]struct{}),
 
 		brokerTimeout: cfg.brokerTimeouts,
 	}
@@ -217,33 +236,37 @@ func (h *hub) admit(user string, maxTotal, maxPerUser int) (release func(), err 
 	}, nil
 }
 
-// register adds c to the node's connections, so that closing the hub closes it.
-func (h *hub) register(c *conn) error {
+// register adds s to the node's subscribers, so that closing the hub closes it.
+func (h *hub) register(s subscriber) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.closed {
 		return errHubClosed
 	}
-	h.conns[c] = struct{}{}
+	h.subscribers[s] = struct{}{}
 	h.connWG.Add(1)
 	return nil
 }
 
-// unregister removes c and every subscription it still holds.
-func (h *hub) unregister(c *conn, channels []string) {
-	h.presence.leaveConn(c, channels)
+// unregister removes s and every subscription it still holds, with its
+// presence entries (in one round trip to the store).
+func (h *hub) unregister(s subscriber, channels []string) {
+	h.presence.leaveAll(s, channels)
 	for _, ch := range channels {
-		h.unsubscribe(c, ch)
+		if cs := h.dropMember(s, ch); cs != nil {
+			h.releaseIfIdle(ch, cs)
+		}
 	}
 	h.mu.Lock()
-	delete(h.conns, c)
+	delete(h.subscribers, s)
 	h.mu.Unlock()
 	h.connWG.Done()
 }
 
-// subscribe adds c to channel's members, subscribing the node to the channel
-// at the broker first when c is its first local member.
-func (h *hub) subscribe(ctx context.Context, c *conn, channel string) error {
+// subscribe adds s to channel's members, subscribing the node to the channel
+// at the broker first when s is its first local member, and then enters s
+// in the channel's presence. ctx bounds both.
+func (h *hub) subscribe(ctx context.Context, s subscriber, channel string) error {
 	h.mu.Lock()
 	if h.closed {
 		h.mu.Unlock()
@@ -251,10 +274,10 @@ func (h *hub) subscribe(ctx context.Context, c *conn, channel string) error {
 	}
 	cs := h.channels[channel]
 	if cs == nil {
-		cs = &channelState{members: make(map[*conn]struct{})}
+		cs = &channelState{members: make(map[subscriber]struct{})}
 		h.channels[channel] = cs
 	}
-	if _, ok := cs.members[c]; ok {
+	if _, ok := cs.members[s]; ok {
 		h.mu.Unlock()
 		return nil
 	}
@@ -271,7 +294,7 @@ func (h *hub) subscribe(ctx context.Context, c *conn, channel string) error {
 	}
 	h.mu.Lock()
 	if err == nil {
-		cs.members[c] = struct{}{}
+		cs.members[s] = struct{}{}
 	} else {
 		cs.refs--
 	}
@@ -280,28 +303,36 @@ func (h *hub) subscribe(ctx context.Context, c *conn, channel string) error {
 
 	if err != nil {
 		h.releaseIfIdle(channel, cs)
+		return err
 	}
-	return err
+	h.presence.join(ctx, s, channel)
+	return nil
 }
 
-// unsubscribe removes c from channel's members; the last member leaving
-// unsubscribes the node from the channel.
-func (h *hub) unsubscribe(c *conn, channel string) {
+// unsubscribe removes s from channel's members and presence; the last
+// member leaving unsubscribes the node from the channel.
+func (h *hub) unsubscribe(s subscriber, channel string) {
+	if cs := h.dropMember(s, channel); cs != nil {
+		h.presence.leave(s, channel)
+		h.releaseIfIdle(channel, cs)
+	}
+}
+
+// dropMember takes s out of channel's members; it returns the channel's
+// state, for releaseIfIdle, or nil when s was not a member.
+func (h *hub) dropMember(s subscriber, channel string) *channelState {
 	h.mu.Lock()
+	defer h.mu.Unlock()
 	cs := h.channels[channel]
 	if cs == nil {
-		h.mu.Unlock()
-		return
+		return nil
 	}
-	if _, ok := cs.members[c]; !ok {
-		h.mu.Unlock()
-		return
+	if _, ok := cs.members[s]; !ok {
+		return nil
 	}
-	delete(cs.members, c)
+	delete(cs.members, s)
 	cs.refs--
-	h.mu.Unlock()
-	h.presence.leave(c, channel)
-	h.releaseIfIdle(channel, cs)
+	return cs
 }
 
 func (h *hub) releaseIfIdle(channel string, cs *channelState) {
@@ -359,12 +390,12 @@ func (h *hub) deliverBody(channel string, body []byte, stamped bool) {
 	// Join and leave events go to the clients that asked for presence only.
 	event := stamped && isPresenceEvent(channel, body)
 	queued, skipped := 0, 0
-	for c := range cs.members {
-		if event && !c.wantsPresence() {
+	for s := range cs.members {
+		if event && !s.wantsPresence() {
 			skipped++
 			continue
 		}
-		if c.enqueue(d) {
+		if s.enqueue(d) {
 			queued++
 		}
 	}
@@ -457,16 +488,16 @@ func (h *hub) resync() {
 // reconnect and resume.
 func (h *hub) restartMembers(channel string) {
 	h.mu.RLock()
-	var members []*conn
+	var members []subscriber
 	if cs := h.channels[channel]; cs != nil {
-		members = make([]*conn, 0, len(cs.members))
-		for c := range cs.members {
-			members = append(members, c)
+		members = make([]subscriber, 0, len(cs.members))
+		for s := range cs.members {
+			members = append(members, s)
 		}
 	}
 	h.mu.RUnlock()
-	for _, c := range members {
-		c.fail(closeServiceRestart, "messages were lost; resume")
+	for _, s := range members {
+		s.fail(closeServiceRestart, "messages were lost; resume")
 	}
 }
 
@@ -481,19 +512,19 @@ func (h *hub) Destruct() error {
 	liveHubs.Delete(h)
 	h.mu.Lock()
 	h.closed = true
-	conns := make([]*conn, 0, len(h.conns))
-	for c := range h.conns {
-		conns = append(conns, c)
+	subs := make([]subscriber, 0, len(h.subscribers))
+	for s := range h.subscribers {
+		subs = append(subs, s)
 	}
 	h.mu.Unlock()
 
-	h.drain(conns, code, reason)
+	h.drain(subs, code, reason)
 	done := make(chan struct{})
 	go func() { h.connWG.Wait(); close(done) }()
 	select {
 	case <-done:
 	case <-time.After(closeWait + time.Second):
-		h.log.Warn("connections still closing at hub shutdown", zap.Int("connections", len(conns)))
+		h.log.Warn("connections still closing at hub shutdown", zap.Int("connections", len(subs)))
 	}
 	h.presence.close()
 
@@ -511,20 +542,20 @@ var _ caddy.Destructor = (*hub)(nil)
 // instant, to whichever nodes remain.
 const drainPace = 1000 // connections per second
 
-// drain closes conns at an even pace, at most drainPace per second, over
+// drain closes subs at an even pace, at most drainPace per second, over
 // at most the drain period: a few connections go at once, thousands are
 // spread out so their reconnects are too.
-func (h *hub) drain(conns []*conn, code websocket.StatusCode, reason string) {
-	offsets := drainSchedule(len(conns), time.Duration(h.drainPeriod.Load()))
+func (h *hub) drain(subs []subscriber, code websocket.StatusCode, reason string) {
+	offsets := drainSchedule(len(subs), time.Duration(h.drainPeriod.Load()))
 	if n := len(offsets); n > 0 && offsets[n-1] > 0 {
 		h.log.Info("draining connections", zap.Int("connections", n), zap.Duration("over", offsets[n-1]))
 	}
 	start := time.Now()
-	for i, c := range conns {
+	for i, s := range subs {
 		if wait := time.Until(start.Add(offsets[i])); wait > 0 {
 			time.Sleep(wait)
 		}
-		c.fail(code, reason)
+		s.fail(code, reason)
 	}
 }
 

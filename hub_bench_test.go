@@ -25,15 +25,15 @@ func BenchmarkHubDeliver(b *testing.B) {
 				b.Fatal(err)
 			}
 			const channel = "room:bench"
-			cs := &channelState{members: make(map[*conn]struct{}, subscribers), subscribed: true, refs: subscribers}
+			cs := &channelState{members: make(map[subscriber]struct{}, subscribers), subscribed: true, refs: subscribers}
 			h.channels[channel] = cs
 			var drained sync.WaitGroup
 			stop := make(chan struct{})
 			// Queues deep enough that drainers sharing two cores with the
 			// deliveries never fill one (a full queue would close the client).
-			owner := &Handler{SendQueue: 1 << 30}
+			rt := &route{sendQueue: 1 << 30}
 			for range subscribers {
-				c := &conn{h: owner, cancel: func() {}}
+				c := &conn{route: rt, cancel: func() {}}
 				c.writing.Store(true) // the drain goroutine below is its writer
 				cs.members[c] = struct{}{}
 				drained.Add(1)
@@ -148,8 +148,8 @@ func (h *hub) queued(channel string) int {
 	defer h.mu.RUnlock()
 	n := 0
 	if cs := h.channels[channel]; cs != nil {
-		for c := range cs.members {
-			n += c.send.len()
+		for s := range cs.members {
+			n += s.(*conn).send.len()
 		}
 	}
 	return n

@@ -208,6 +208,7 @@ type Handler struct {
 	history       *compiledHistory
 	publishLimit  *userRateLimiter // token holders' HTTP publishes; nil: none
 	newChannels   *creationLimiter
+	route         *route // what connections need, resolved from the above
 }
 
 // CaddyModule returns the Caddy module information.
@@ -335,6 +336,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// The latest configuration's drain period applies when the hub closes.
 	h.hub.drainPeriod.Store(int64(h.DrainPeriod))
 	h.hub.holdHistoryMemory(h, setMemory)
+	h.route = h.resolveRoute()
 	return nil
 }
 

@@ -43,7 +43,7 @@ const (
 // presenceEntry is one connection's subscription to a channel on a presence
 // route.
 type presenceEntry struct {
-	conn    *conn
+	sub     subscriber
 	channel string
 	user    string // empty: anonymous, the connection watches but is not listed
 	member  string // "<user>\x00<node>\x00<conn>"; empty when anonymous
@@ -102,7 +102,7 @@ type presence struct {
 	mu sync.Mutex
 	// channels holds, per channel, this node's subscribers on presence
 	// routes; their channels are the ones this node sweeps.
-	channels map[string]map[*conn]*presenceEntry
+	channels map[string]map[subscriber]*presenceEntry
 	// interval is the heartbeat period (the smallest ttl/3 among entries);
 	// 0 while there is nothing to refresh.
 	interval time.Duration
@@ -118,28 +118,33 @@ func newPresence(store presenceStore, node string, log *zap.Logger) *presence {
 		store:    store,
 		node:     node,
 		log:      log,
-		channels: make(map[string]map[*conn]*presenceEntry),
+		channels: make(map[string]map[subscriber]*presenceEntry),
 		kick:     make(chan struct{}, 1),
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
 	}
 }
 
-// wantsPresence reports whether c gets join and leave events: JSON clients
-// on routes with presence on. Raw clients get message text only.
-func (c *conn) wantsPresence() bool {
-	return c.rawChannel == "" && c.h.Presence
+// presenceInfo is how a subscriber is listed in presence.
+type presenceInfo struct {
+	user string // empty: anonymous, the subscriber watches but is not listed
+	conn string // the subscriber's id, unique on the node
+	ttl  time.Duration
+	// timeout bounds removing its entries from the store.
+	timeout time.Duration
 }
 
-// join records c's subscription to channel once the hub subscribed it. A
-// store failure only delays the entry: the next heartbeat restores it.
-func (p *presence) join(c *conn, channel string) {
-	if !c.h.Presence {
+// join records s's subscription to channel once the hub subscribed it;
+// ctx bounds the store's answer. A store failure only delays the entry:
+// the next heartbeat restores it.
+func (p *presence) join(ctx context.Context, s subscriber, channel string) {
+	info, ok := s.presenceInfo()
+	if !ok {
 		return
 	}
-	e := &presenceEntry{conn: c, channel: channel, user: c.identity.user, ttl: time.Duration(c.h.PresenceTTL)}
+	e := &presenceEntry{sub: s, channel: channel, user: info.user, ttl: info.ttl}
 	if e.user != "" {
-		e.member = e.user + "\x00" + p.node + "\x00" + c.id
+		e.member = e.user + "\x00" + p.node + "\x00" + info.conn
 	}
 	// Held until the store answered: a restore that finds e waits for it.
 	e.mu.Lock()
@@ -152,14 +157,14 @@ func (p *presence) join(c *conn, channel string) {
 	}
 	watchers := p.channels[channel]
 	if watchers == nil {
-		watchers = make(map[*conn]*presenceEntry)
+		watchers = make(map[subscriber]*presenceEntry)
 		p.channels[channel] = watchers
 	}
-	if _, ok := watchers[c]; ok {
+	if _, ok := watchers[s]; ok {
 		p.mu.Unlock()
 		return
 	}
-	watchers[c] = e
+	watchers[s] = e
 	if p.store.expires() {
 		if !p.started {
 			p.started = true
@@ -178,52 +183,52 @@ func (p *presence) join(c *conn, channel string) {
 	if e.member == "" {
 		return
 	}
-	ctx, cancel := c.brokerContext()
-	defer cancel()
 	if err := p.store.join(ctx, e); err != nil {
 		p.failed("presence join", channel, err)
 	}
 }
 
-// leave removes c's entry on channel, if it has one.
-func (p *presence) leave(c *conn, channel string) {
-	if !c.h.Presence {
+// leave removes s's entry on channel, if it has one.
+func (p *presence) leave(s subscriber, channel string) {
+	info, ok := s.presenceInfo()
+	if !ok {
 		return
 	}
 	p.mu.Lock()
-	e := p.remove(c, channel)
+	e := p.remove(s, channel)
 	p.mu.Unlock()
 	if e != nil {
-		p.leaveEntries(time.Duration(c.h.PublishTimeout), []*presenceEntry{e})
+		p.leaveEntries(info.timeout, []*presenceEntry{e})
 	}
 }
 
-// leaveConn removes c's entries on channels in one round trip: a closing
+// leaveAll removes s's entries on channels in one round trip: a closing
 // connection does not wait for the store once per channel.
-func (p *presence) leaveConn(c *conn, channels []string) {
-	if !c.h.Presence || len(channels) == 0 {
+func (p *presence) leaveAll(s subscriber, channels []string) {
+	info, ok := s.presenceInfo()
+	if !ok || len(channels) == 0 {
 		return
 	}
 	var entries []*presenceEntry
 	p.mu.Lock()
 	for _, ch := range channels {
-		if e := p.remove(c, ch); e != nil {
+		if e := p.remove(s, ch); e != nil {
 			entries = append(entries, e)
 		}
 	}
 	p.mu.Unlock()
-	p.leaveEntries(time.Duration(c.h.PublishTimeout), entries)
+	p.leaveEntries(info.timeout, entries)
 }
 
-// remove takes c's entry on channel out of the registry; p.mu is held. It
+// remove takes s's entry on channel out of the registry; p.mu is held. It
 // returns the entry if the store knows it (nil for anonymous watchers).
-func (p *presence) remove(c *conn, channel string) *presenceEntry {
+func (p *presence) remove(s subscriber, channel string) *presenceEntry {
 	watchers := p.channels[channel]
-	e := watchers[c]
+	e := watchers[s]
 	if e == nil {
 		return nil
 	}
-	delete(watchers, c)
+	delete(watchers, s)
 	if len(watchers) == 0 {
 		delete(p.channels, channel)
 	}
@@ -341,7 +346,7 @@ func (p *presence) restore(ctx context.Context, e *presenceEntry) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	p.mu.Lock()
-	current := p.channels[e.channel][e.conn] == e
+	current := p.channels[e.channel][e.sub] == e
 	p.mu.Unlock()
 	if !current {
 		return
@@ -377,31 +382,6 @@ func (p *presence) close() {
 		<-p.done
 	}
 	p.leaveEntries(presenceCloseTimeout, entries)
-}
-
-// queryPresence answers {"op":"presence"}: who is on the channel, on every
-// node. It takes the permission to subscribe to the channel.
-func (c *conn) queryPresence(f clientFrame) {
-	if !c.h.Presence {
-		c.replyError(f.ID, errBadRequest, "presence is off on this route")
-		return
-	}
-	if !c.identity.subscribe.allows(f.Channel) {
-		c.replyError(f.ID, errForbidden, "may not see presence on "+f.Channel+" (needs permission to subscribe to it)")
-		return
-	}
-	ctx, cancel := c.brokerContext()
-	users, err := c.hub.presence.list(ctx, f.Channel)
-	cancel()
-	if err != nil {
-		c.hub.presence.failed("presence query", f.Channel, err)
-		c.replyError(f.ID, errUnavailable, "presence not available: the broker did not answer within publish_timeout (down or overloaded); retry later")
-		return
-	}
-	if users == nil {
-		users = []presenceUser{}
-	}
-	c.sendOwn(presenceReply{Type: "presence", ID: f.ID, Channel: f.Channel, Users: users})
 }
 
 // presenceEvent encodes a join or leave event as the Redis scripts do.

@@ -574,10 +574,10 @@ func TestPresenceCloseRemovesEntries(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer h.Destruct()
-	owner := &Handler{Presence: true, PresenceTTL: caddy.Duration(30 * time.Second), PublishTimeout: caddy.Duration(time.Second)}
+	rt := &route{presence: true, presenceTTL: 30 * time.Second, publishTimeout: time.Second}
 	for i, user := range []string{"alice", "bob", ""} {
-		c := &conn{h: owner, hub: h, id: fmt.Sprintf("%s-%d", h.node, i), identity: &identity{user: user}, ctx: context.Background()}
-		h.presence.join(c, "room:x")
+		c := &conn{route: rt, hub: h, id: fmt.Sprintf("%s-%d", h.node, i), identity: &identity{user: user}, ctx: context.Background()}
+		h.presence.join(context.Background(), c, "room:x")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

@@ -171,9 +171,9 @@ func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem
 	if id.user != "" {
 		key = &publisherKey{user: id.user}
 	}
-	msgID, err := h.publish(ctx, key, Publication{Channel: item.Channel, From: id.user, Origin: originOf(id), Data: item.Data})
+	msgID, err := h.route.publish(ctx, key, Publication{Channel: item.Channel, From: id.user, Origin: originOf(id), Data: item.Data})
 	if errors.Is(err, errNewHistoryLimited) {
-		return fail(http.StatusTooManyRequests, errLimitExceeded, h.newChannelsRefusal(item.Channel))
+		return fail(http.StatusTooManyRequests, errLimitExceeded, h.route.newChannelsRefusal(item.Channel))
 	}
 	if err != nil {
 		h.logger.Debug("publish endpoint: publish failed", zap.String("channel", item.Channel), zap.Error(err))

@@ -49,7 +49,7 @@ func (c *conn) protect(where string, f func()) {
 
 func (c *conn) panicked(where string, v any) {
 	moduleMetrics().panics.Inc()
-	c.h.logger.Error("panic in a connection; closing it with 1011",
+	c.route.log.Error("panic in a connection; closing it with 1011",
 		zap.String("in", where), zap.String("conn", c.id),
 		zap.Any("panic", v), zap.Stack("stack"))
 	c.fail(closeInternal, "internal error")

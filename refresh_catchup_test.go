@@ -11,8 +11,8 @@ func connOf(t *testing.T, n *testNode, user string) *conn {
 	t.Helper()
 	n.h.hub.mu.RLock()
 	defer n.h.hub.mu.RUnlock()
-	for c := range n.h.hub.conns {
-		if c.identity.user == user {
+	for s := range n.h.hub.subscribers {
+		if c := s.(*conn); c.identity.user == user {
 			return c
 		}
 	}

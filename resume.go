@@ -1,7 +1,6 @@
 package caddychat
 
 import (
-	"encoding/json"
 	"fmt"
 	"time"
 
@@ -53,7 +52,7 @@ func (c *conn) holdForCatchUp(d *delivery) (held, ok bool) {
 	// they count against send_queue (a replay still queued does not: see
 	// finishCatchUp).
 	size := d.size()
-	if c.send.queuedLiveBytes()+cu.heldBytes+size > c.h.SendQueue {
+	if c.send.queuedLiveBytes()+cu.heldBytes+size > c.route.sendQueue {
 		c.fail(closeSlowConsumer, "send queue full")
 		return true, false
 	}
@@ -143,7 +142,7 @@ func (c *conn) finishCatchUp(channel string, first *delivery, since streamID, en
 // replayBudget is how many bytes of history one answer (a resume's replay,
 // a history page) may queue: half of send_queue, so that live messages
 // still fit behind it.
-func (c *conn) replayBudget() int64 { return c.h.SendQueue / 2 }
+func (c *conn) replayBudget() int64 { return c.route.sendQueue / 2 }
 
 // resumeBudget is how many bytes a resume's replay (or a subscribe's
 // history) may queue: what is left of replayBudget by the replays still
@@ -202,7 +201,7 @@ func (c *conn) subscribeWithHistory(f clientFrame) {
 	if c.historyRefused(f) {
 		return
 	}
-	policy := c.h.history.policyFor(f.Channel)
+	policy := c.route.history.policyFor(f.Channel)
 	if policy == nil {
 		// Nothing to replay: a plain subscribe, telling a resuming client it
 		// cannot have what it missed.
@@ -228,20 +227,20 @@ func (c *conn) subscribeWithHistory(f clientFrame) {
 	var page historyPage
 	var err error
 	if resume {
-		page, err = c.hub.broker.readSince(ctx, f.Channel, since, c.h.MaxReplay)
+		page, err = c.hub.broker.readSince(ctx, f.Channel, since, c.route.maxReplay)
 		if err == nil && f.Epoch != "" && page.epoch != f.Epoch {
 			// since names a message of a lost history: everything kept now
 			// is newer than it, so the whole new epoch is replayed.
 			since = streamID{}
-			page, err = c.hub.broker.readSince(ctx, f.Channel, since, c.h.MaxReplay)
+			page, err = c.hub.broker.readSince(ctx, f.Channel, since, c.route.maxReplay)
 		}
 	} else {
-		page, err = c.hub.broker.readBefore(ctx, f.Channel, nil, min(f.History, c.h.MaxReplay, policy.count))
+		page, err = c.hub.broker.readBefore(ctx, f.Channel, nil, min(f.History, c.route.maxReplay, policy.count))
 	}
 	cancel()
 	if err != nil {
 		c.leave(f.Channel)
-		c.h.logger.Debug("reading history failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
+		c.route.log.Debug("reading history failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
 		c.replyError(f.ID, errUnavailable, "not subscribed: the history could not be read within publish_timeout (broker down or overloaded); retry later")
 		return
 	}
@@ -276,56 +275,6 @@ func withinAge(entries []historyEntry, cutoff time.Time) (kept []historyEntry, a
 }
 
 func (c *conn) replyUnavailableSubscribe(f clientFrame, err error) {
-	c.h.logger.Debug("subscribe failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
+	c.route.log.Debug("subscribe failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
 	c.replyError(f.ID, errUnavailable, "not subscribed: the broker did not answer within publish_timeout (down or overloaded); retry later")
-}
-
-// historyQuery serves the history op: a page of kept messages older than
-// before, for scroll-back.
-func (c *conn) historyQuery(f clientFrame) {
-	if !c.identity.subscribe.allows(f.Channel) {
-		c.replyError(f.ID, errForbidden, "may not read the history of "+f.Channel)
-		return
-	}
-	policy := c.h.history.policyFor(f.Channel)
-	if policy == nil {
-		c.replyError(f.ID, errBadRequest, f.Channel+" keeps no history on this route")
-		return
-	}
-	if c.historyRefused(f) {
-		return
-	}
-	limit := f.Limit
-	if limit == 0 {
-		limit = defaultHistoryLimit
-	}
-	if limit < 0 || limit > c.h.MaxReplay {
-		c.replyError(f.ID, errBadRequest, fmt.Sprintf(`"limit" must be between 1 and %d`, c.h.MaxReplay))
-		return
-	}
-	var before *streamID
-	if f.Before != "" {
-		id, ok := parseStreamID(f.Before)
-		if !ok {
-			c.replyError(f.ID, errBadRequest, `"before" must be a message id like "1732540000000-0"`)
-			return
-		}
-		before = &id
-	}
-	ctx, cancel := c.brokerContext()
-	page, err := c.hub.broker.readBefore(ctx, f.Channel, before, min(limit, policy.count))
-	cancel()
-	if err != nil {
-		c.h.logger.Debug("reading history failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
-		c.replyError(f.ID, errUnavailable, "the history could not be read within publish_timeout (broker down or overloaded); retry later")
-		return
-	}
-	entries, aged := withinAge(page.entries, time.Now().Add(-policy.maxAge))
-	entries, cut := newestWithin(entries, c.replayBudget())
-	out := historyReply{Type: "history", ID: f.ID, Channel: f.Channel, Epoch: page.epoch, More: (page.more && !aged) || cut}
-	out.Messages = make([]json.RawMessage, len(entries))
-	for i, e := range entries {
-		out.Messages[i] = e.payload
-	}
-	c.sendOwn(out)
 }

@@ -108,8 +108,8 @@ func (p *busyPublisher) waitAcked(t *testing.T, n int) {
 func (h *hub) connByID(id string) *conn {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
-	for c := range h.conns {
-		if c.id == id {
+	for s := range h.subscribers {
+		if c := s.(*conn); c.id == id {
 			return c
 		}
 	}

@@ -276,7 +276,7 @@ func TestStressMalformedFramesManyClients(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	n.h.hub.mu.RLock()
-	conns := len(n.h.hub.conns)
+	conns := len(n.h.hub.subscribers)
 	n.h.hub.mu.RUnlock()
 	if conns != 2 {
 		t.Fatalf("the hub still has %d connections, want the good pair's 2", conns)

@@ -61,22 +61,22 @@ var assetETags = func() map[string]string {
 
 // serveBrowser answers a plain (non-upgrade) request: an asset, the chat page
 // when ui is on, or 426 (Upgrade Required).
-func (h *Handler) serveBrowser(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) serveBrowser(w http.ResponseWriter, r *http.Request) error {
 	if r.Method == http.MethodGet || r.Method == http.MethodHead {
 		if i := strings.LastIndexByte(r.URL.Path, '/'); i >= 0 {
 			if a, ok := browserAssets[r.URL.Path[i+1:]]; ok {
 				serveAsset(w, r, r.URL.Path[i+1:], a)
-				return
+				return nil
 			}
 		}
 		if h.UI {
 			serveChatPage(w, r)
-			return
+			return nil
 		}
 	}
 	w.Header().Set("Upgrade", "websocket")
 	w.Header().Set("Connection", "Upgrade")
-	http.Error(w, "this endpoint speaks WebSocket only", http.StatusUpgradeRequired)
+	return refuse(w, r, refused(http.StatusUpgradeRequired, "this endpoint speaks WebSocket only"))
 }
 
 func serveAsset(w http.ResponseWriter, r *http.Request, name string, a browserAsset) {

@@ -1,0 +1,444 @@
+package caddychat
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode/utf8"
+
+	"github.com/coder/websocket"
+	"go.uber.org/zap"
+	"golang.org/x/time/rate"
+)
+
+// conn is one client connection. The goroutine that runs serve reads frames;
+// a second goroutine is its only writer, draining the bounded send queue.
+type conn struct {
+	id         string
+	route      *route
+	hub        *hub
+	ws         *websocket.Conn
+	rawChannel string // the bridged channel in raw mode; empty in JSON mode
+
+	// send is the queue of frames for the writer, bounded by send_queue bytes.
+	send sendQueue
+	// writeTimer bounds each write: it cuts the connection when a write
+	// takes longer than write_timeout. One timer per connection, reset per
+	// write, instead of a context (and its allocations) per write.
+	writeTimer *time.Timer
+	ctx        context.Context // ends when the connection starts closing
+	cancel     context.CancelFunc
+	closeOnce  sync.Once
+	closeCode  websocket.StatusCode
+	closeWhy   string
+	cork       *corkWriter // batches queued frames into one socket write
+	// writing is true while a writer goroutine runs. A writer exists only
+	// while there is something to write (or a close to perform), so an idle
+	// connection costs one goroutine, not two.
+	writing atomic.Bool
+	// closed is closed by the writer once the close handshake is done.
+	closed chan struct{}
+	// pingTimer is set once serve starts; the timer's own callback reads it.
+	pingTimer atomic.Pointer[time.Timer]
+	pinging   atomic.Bool
+
+	// Only touched by the reading goroutine: subscriptions, the identity
+	// (replaced by a refresh) and the rate limiter's state.
+	subscribed map[string]struct{}
+	identity   *identity
+	expiry     *time.Timer
+	limiter    *rate.Limiter // nil: no rate limit
+	// overLimit grows by one per frame refused by the limiter and shrinks by
+	// one per frame let through: a client that keeps sending faster than
+	// allowed reaches the close threshold, a brief burst does not.
+	overLimit int
+
+	// catchingUp counts channels whose history is being read (resume.go);
+	// while it is zero, deliveries skip catchMu altogether.
+	catchingUp atomic.Int32
+	catchMu    sync.Mutex
+	catchUps   map[string]*catchUp
+	// heldBytes is what the catch-ups hold: it counts against send_queue.
+	heldBytes atomic.Int64
+}
+
+func newConn(rt *route, ws *websocket.Conn, rawChannel string, id *identity) *conn {
+	ctx, cancel := context.WithCancel(context.Background())
+	var limiter *rate.Limiter
+	if rt.rate > 0 {
+		limiter = rate.NewLimiter(rate.Limit(rt.rate), rt.rateBurst)
+	}
+	c := &conn{
+		identity:   id,
+		limiter:    limiter,
+		id:         rt.hub.nextConnID(),
+		route:      rt,
+		hub:        rt.hub,
+		ws:         ws,
+		rawChannel: rawChannel,
+		ctx:        ctx,
+		cancel:     cancel,
+		closed:     make(chan struct{}),
+		subscribed: make(map[string]struct{}),
+	}
+	c.writeTimer = time.AfterFunc(time.Hour, c.writeTimedOut)
+	c.writeTimer.Stop()
+	return c
+}
+
+// fail starts closing the connection with code; the first call wins.
+func (c *conn) fail(code websocket.StatusCode, why string) {
+	c.closeOnce.Do(func() {
+		c.closeCode, c.closeWhy = code, why
+		c.cancel()
+		// The writer performs the close handshake.
+		c.kickWriter()
+	})
+}
+
+// kickWriter starts the writer unless one is running.
+func (c *conn) kickWriter() {
+	if c.writing.CompareAndSwap(false, true) {
+		go c.writeLoop()
+	}
+}
+
+// enqueue queues f without blocking. A full queue means the client does not
+// keep up: it is disconnected so that it never holds anyone else back.
+func (c *conn) enqueue(d *delivery) bool {
+	if d.own == nil && c.catchingUp.Load() > 0 {
+		if held, ok := c.holdForCatchUp(d); held {
+			return ok
+		}
+	}
+	if !c.send.push(d, c.route.sendQueue-c.heldBytes.Load()) {
+		c.fail(closeSlowConsumer, "send queue full")
+		return false
+	}
+	c.kickWriter()
+	return true
+}
+
+// queuedBytes is what waits to be sent: the queue and what catch-ups hold.
+func (c *conn) queuedBytes() int64 {
+	return c.send.queuedBytes() + c.heldBytes.Load()
+}
+
+// wantsPresence reports whether c gets join and leave events: JSON clients
+// on routes with presence on. Raw clients get message text only.
+func (c *conn) wantsPresence() bool {
+	return c.rawChannel == "" && c.route.presence
+}
+
+// presenceInfo lists c under its user on a route with presence on.
+func (c *conn) presenceInfo() (presenceInfo, bool) {
+	if !c.route.presence {
+		return presenceInfo{}, false
+	}
+	return presenceInfo{user: c.identity.user, conn: c.id, ttl: c.route.presenceTTL, timeout: c.route.publishTimeout}, true
+}
+
+var _ subscriber = (*conn)(nil)
+
+func (c *conn) serve() {
+	// No per-connection logger (With copies the encoder): fields per entry.
+	log := c.route.log
+	if err := c.hub.register(c); err != nil {
+		_ = c.ws.Close(closeGoingAway, "node shutting down")
+		return
+	}
+	m := moduleMetrics()
+	m.connections.Inc()
+	m.connectionsOpened.Inc()
+	defer func() {
+		m.connections.Dec()
+		m.connectionsClosed.WithLabelValues(closeReason(c.closeCode)).Inc()
+		if c.closeCode == closeSlowConsumer {
+			m.slowConsumers.Inc()
+		}
+	}()
+	log.Debug("connection opened", zap.String("conn", c.id), zap.String("user", c.identity.user))
+	pingTimer := time.AfterFunc(c.route.pingInterval, c.pingDue)
+	c.pingTimer.Store(pingTimer)
+	defer pingTimer.Stop()
+	c.armExpiry()
+	defer func() {
+		if c.expiry != nil {
+			c.expiry.Stop()
+		}
+	}()
+
+	if c.rawChannel != "" {
+		var err error
+		c.offStack(func() { err = c.join(c.rawChannel) })
+		if err != nil {
+			log.Debug("raw channel subscription failed", zap.String("conn", c.id), zap.String("channel", c.rawChannel), zap.Error(err))
+			c.fail(closeTryAgainLater, "broker unavailable")
+		}
+	} else {
+		c.offStack(func() { c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user}) })
+	}
+	if c.ctx.Err() == nil {
+		c.protect("read", c.readLoop)
+	}
+	c.fail(closeNormal, "")
+
+	channels := make([]string, 0, len(c.subscribed))
+	for ch := range c.subscribed {
+		channels = append(channels, ch)
+	}
+	c.hub.unregister(c, channels)
+	<-c.closed
+	log.Debug("connection closed", zap.String("conn", c.id), zap.Int("code", int(c.closeCode)), zap.String("reason", c.closeWhy))
+}
+
+func (c *conn) readLoop() {
+	for {
+		// The read is not tied to c.ctx: closing goes through the writer's close
+		// handshake, which ends this read once the peer answers or times out.
+		typ, frame, err := c.ws.Read(context.Background())
+		if err != nil {
+			return
+		}
+		moduleMetrics().received.Inc()
+		if typ != websocket.MessageText {
+			c.fail(closeUnsupported, "binary frames are not supported")
+			return
+		}
+		if !utf8.Valid(frame) {
+			c.fail(closeInvalidPayload, "text frame is not valid UTF-8")
+			return
+		}
+		if !c.withinRateLimit(frame) {
+			if c.ctx.Err() != nil {
+				return
+			}
+			continue
+		}
+		if c.rawChannel != "" {
+			published := false
+			c.offStack(func() { published = c.publishRaw(frame) })
+			if !published {
+				return
+			}
+			continue
+		}
+		c.offStack(func() { c.handleFrame(frame) })
+		if c.ctx.Err() != nil {
+			return
+		}
+	}
+}
+
+// offStack runs f on a short-lived goroutine and waits for it. Decoding
+// frames and calling the broker take deep stacks; done on the reading
+// goroutine, they would grow its stack for good (Go shrinks a stack only
+// when most of it is unused), and an idle connection would carry that
+// stack while it waits in Read.
+func (c *conn) offStack(f func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.protect("op", f)
+	}()
+	<-done
+}
+
+func (c *conn) brokerContext() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(c.ctx, c.route.publishTimeout)
+}
+
+// armExpiry closes the connection when its token expires.
+func (c *conn) armExpiry() {
+	if c.expiry != nil {
+		c.expiry.Stop()
+		c.expiry = nil
+	}
+	if c.identity.expires.IsZero() {
+		return
+	}
+	// The leeway that let the token in also keeps it valid that much longer.
+	deadline := c.identity.expires.Add(c.route.tokenLeeway)
+	c.expiry = time.AfterFunc(time.Until(deadline), func() {
+		defer c.recoverPanic("expiry")
+		c.fail(closeTokenExpired, "token expired")
+	})
+}
+
+// withinRateLimit applies the connection's token bucket to one frame. A
+// refused frame gets a rate_limited reply (JSON) or is dropped (raw); a
+// client that keeps going is closed.
+func (c *conn) withinRateLimit(frame []byte) bool {
+	if c.limiter == nil {
+		return true
+	}
+	if c.limiter.Allow() {
+		if c.overLimit > 0 {
+			c.overLimit--
+		}
+		return true
+	}
+	c.overLimit++
+	if c.overLimit > 2*c.route.rateBurst {
+		c.fail(closeRateLimited, "rate limit exceeded")
+		return false
+	}
+	if c.rawChannel == "" {
+		f, _ := decodeClientFrame(frame)
+		c.replyError(f.ID, errRateLimited, fmt.Sprintf("more than %g frames per second; slow down", c.route.rate))
+	}
+	return false
+}
+
+func (c *conn) replyError(id json.RawMessage, code, message string) {
+	c.sendOwn(reply{Type: "error", ID: id, Code: code, Message: message})
+}
+
+func (c *conn) sendOwn(v any) {
+	if d, err := c.encodeOwn(v); err == nil {
+		c.enqueue(d)
+	}
+}
+
+// encodeOwn encodes a reply for this connection alone; a reply that cannot
+// be encoded is a bug, and closes the connection with 1011.
+func (c *conn) encodeOwn(v any) (*delivery, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		c.route.log.Error("encoding reply", zap.Error(err))
+		c.fail(closeInternal, "internal error")
+		return nil, err
+	}
+	return &delivery{own: b}, nil
+}
+
+// writeLoop is the connection's only writer while it runs: it drains the
+// send queue and ends when the queue is empty. Once the connection starts
+// closing it performs the close handshake instead, and stays the writer.
+func (c *conn) writeLoop() {
+	defer c.recoverWriter()
+	for {
+		// Closing wins over queued frames.
+		if c.ctx.Err() != nil {
+			c.closeHandshake()
+			return
+		}
+		if d := c.send.pop(); d != nil {
+			if err := c.writeBatch(d); err != nil {
+				if errors.Is(err, net.ErrClosed) {
+					// A close frame is already out: the WebSocket library sent
+					// one itself (1009 for an oversized frame, 1002) or answered
+					// the peer's. The read fails too and ends c.ctx; then finish
+					// the close handshake, since closing the socket now could
+					// reset it before the peer has read that close frame.
+					<-c.ctx.Done()
+					c.closeHandshake()
+					return
+				}
+				c.fail(closeInternal, "write failed")
+				_ = c.ws.CloseNow()
+				c.closeHandshake()
+				return
+			}
+			continue
+		}
+		// Queue empty: stop, unless a frame or a close slipped in between the
+		// check and giving up the writer role (its enqueue or fail saw
+		// writing == true and started no writer).
+		c.writing.Store(false)
+		if c.send.len() == 0 && c.ctx.Err() == nil {
+			return
+		}
+		if !c.writing.CompareAndSwap(false, true) {
+			return
+		}
+	}
+}
+
+// closeHandshake closes the WebSocket with the connection's close code. Only
+// the writer calls it, once: the writing flag stays set, so no other writer
+// starts after it.
+func (c *conn) closeHandshake() {
+	c.writeTimer.Stop()
+	_ = c.ws.Close(c.closeCode, c.closeWhy)
+	close(c.closed)
+}
+
+// maxBatch bounds the frames sent with one socket write.
+const maxBatch = 64
+
+// writeBatch writes d and whatever else is queued (up to maxBatch frames)
+// with the socket corked, then sends them with one write.
+func (c *conn) writeBatch(d *delivery) error {
+	// context.Background in the writes, not c.ctx: a write cut short by
+	// closing would tear the connection down before the close frame could be
+	// sent. The timer bounds the whole batch instead: corked writes can
+	// still wait for the library's lock behind a pong on a full socket.
+	c.writeTimer.Reset(c.route.writeTimeout)
+	defer c.writeTimer.Stop()
+	c.cork.cork()
+	err := c.write(d)
+	for n := 1; err == nil && n < maxBatch; n++ {
+		next := c.send.pop()
+		if next == nil {
+			break
+		}
+		err = c.write(next)
+	}
+	if uncorkErr := c.cork.uncork(); err == nil {
+		err = uncorkErr
+	}
+	return err
+}
+
+func (c *conn) write(d *delivery) error {
+	frame := d.own
+	if frame == nil {
+		if c.rawChannel != "" {
+			frame = d.rawForm()
+		} else {
+			frame = d.jsonForm()
+		}
+	}
+	return c.cork.writeText(frame)
+}
+
+// writeTimedOut runs when a write took longer than write_timeout: the peer
+// is not reading, so the connection is cut without a close handshake.
+func (c *conn) writeTimedOut() {
+	defer c.recoverPanic("write timer")
+	c.fail(closeSlowConsumer, "write timed out")
+	_ = c.ws.CloseNow()
+}
+
+// pingDue runs every ping_interval on a timer (no goroutine waits for it)
+// and starts a ping unless one is in flight.
+func (c *conn) pingDue() {
+	defer c.recoverPanic("ping timer")
+	if c.ctx.Err() != nil {
+		return
+	}
+	if c.pinging.CompareAndSwap(false, true) {
+		go c.ping()
+	}
+	if t := c.pingTimer.Load(); t != nil {
+		t.Reset(c.route.pingInterval)
+	}
+}
+
+// ping runs outside the writer so that waiting for the pong never delays
+// deliveries; at most one ping per connection is in flight.
+func (c *conn) ping() {
+	defer c.pinging.Store(false)
+	defer c.recoverPanic("ping")
+	ctx, cancel := context.WithTimeout(c.ctx, c.route.pingInterval)
+	defer cancel()
+	if err := c.ws.Ping(ctx); err != nil && c.ctx.Err() == nil {
+		c.fail(closePingTimeout, "ping timeout")
+	}
+}

@@ -1,0 +1,98 @@
+package caddychat
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// route is what a connection needs of its route, resolved once by
+// Provision from the Handler's options and defaults. Connections read this,
+// never the Handler: the operator's config stays the Handler's business,
+// and a connection sees only the values it acts on.
+type route struct {
+	hub  *hub
+	log  *zap.Logger
+	auth *authenticator
+
+	// raw: the route bridges one channel, each text frame a message.
+	raw bool
+	// usesTokens: the route has a jwt block, so refresh has meaning.
+	usesTokens bool
+	// tokenLeeway keeps a token valid that much past its expiry.
+	tokenLeeway time.Duration
+
+	sendQueue        int64
+	maxSubscriptions int
+	maxReplay        int
+	publishTimeout   time.Duration
+	writeTimeout     time.Duration
+	pingInterval     time.Duration
+	// rate is the frames per second one connection may send, 0 for no
+	// limit; rateBurst the bucket's size.
+	rate      float64
+	rateBurst int
+
+	presence    bool
+	presenceTTL time.Duration
+
+	history     *compiledHistory
+	newChannels *creationLimiter // nil: publishers may create history channels freely
+}
+
+// resolveRoute builds the route of a provisioned Handler.
+func (h *Handler) resolveRoute() *route {
+	r := &route{
+		hub:              h.hub,
+		log:              h.logger,
+		auth:             h.auth,
+		raw:              h.Protocol == protocolRaw,
+		usesTokens:       h.JWT != nil,
+		sendQueue:        h.SendQueue,
+		maxSubscriptions: h.MaxSubscriptions,
+		maxReplay:        h.MaxReplay,
+		publishTimeout:   time.Duration(h.PublishTimeout),
+		writeTimeout:     time.Duration(h.WriteTimeout),
+		pingInterval:     time.Duration(h.PingInterval),
+		presence:         h.Presence,
+		presenceTTL:      time.Duration(h.PresenceTTL),
+		history:          h.history,
+		newChannels:      h.newChannels,
+	}
+	if h.JWT != nil {
+		r.tokenLeeway = time.Duration(h.JWT.Leeway)
+	}
+	if h.RateLimit != nil && h.RateLimit.PerSecond > 0 {
+		r.rate, r.rateBurst = h.RateLimit.PerSecond, h.RateLimit.Burst
+	}
+	return r
+}
+
+// publish sends msg with its channel's history policy; when the channel
+// keeps history and key is set (nil: the publish key, not limited), a
+// publish that would create the history is refused with
+// errNewHistoryLimited if key's publisher is over history_new_channels.
+// The broker checks whether the history exists as it stores the message
+// (a map lookup; in Redis, in the publish script), so this costs no round
+// trip.
+func (r *route) publish(ctx context.Context, key *publisherKey, msg Publication) (string, error) {
+	msg.History = r.history.policyFor(msg.Channel)
+	if msg.History == nil || key == nil || r.newChannels == nil {
+		return r.hub.publish(ctx, msg)
+	}
+	create := &historyCreation{allowed: r.newChannels.mayCreate(*key, time.Now())}
+	msg.newHistory = create
+	id, err := r.hub.publish(ctx, msg)
+	if create.created {
+		r.newChannels.charge(*key, time.Now())
+	}
+	return id, err
+}
+
+// newChannelsRefusal is the error message of a publish refused by
+// history_new_channels.
+func (r *route) newChannelsRefusal(channel string) string {
+	return fmt.Sprintf("message not published: %s has no history yet, and this publisher may create at most %s (history_new_channels); publish on existing channels, or retry later", channel, r.newChannels.desc)
+}
