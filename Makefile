@@ -2,9 +2,9 @@
 # is missing, checks formatting and vet, and runs every test.
 GO ?= go
 
-.PHONY: test setup check gotest jstest browsertest run bench
+.PHONY: test setup check gotest jstest typecheck browsertest run bench
 
-test: setup check gotest jstest browsertest
+test: setup check gotest jstest typecheck browsertest
 
 setup:
 	bash .ci/setup
@@ -20,6 +20,15 @@ gotest:
 # The browser client's unit tests (node's own runner, a fake socket).
 jstest:
 	node --test client/caddychat.test.mjs
+
+# The hand-written client/caddychat.d.ts: tsc (the npm package typescript,
+# pinned in client/typecheck/package-lock.json) on a typed use of the whole
+# API, then a test that the declarations name what caddychat.js exports, its
+# methods, options, events and error codes.
+typecheck:
+	npm ci --prefix client/typecheck --no-audit --no-fund --loglevel=error
+	client/typecheck/node_modules/.bin/tsc -p client/typecheck
+	node --test client/typecheck/
 
 # The chat page in headless Chromium (Debian's, driven by playwright-core)
 # against real Caddy nodes built from this tree and a real redis-server.

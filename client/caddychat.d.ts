@@ -6,17 +6,25 @@ export type JSONValue = string | number | boolean | null | JSONValue[] | { [key:
 /** A token, or a function asked for one on every (re)connect and by refresh(). */
 export type TokenSource = string | null | undefined | (() => string | null | undefined | Promise<string | null | undefined>);
 
+/**
+ * A handler the client sets on the socket. Declared bivariant (as a method is),
+ * so that sockets whose handlers take richer events (the browser's own, with
+ * `(this: WebSocket, ev: MessageEvent) => any`) fit.
+ */
+export type SocketHandler<E> = { bivarianceHack(ev: E): void }["bivarianceHack"];
+
 /** The subset of the WebSocket constructor the client uses (browsers' own, or a fake in tests). */
 export interface WebSocketLike {
-  onopen: ((ev: unknown) => void) | null;
-  onmessage: ((ev: { data: unknown }) => void) | null;
-  onclose: ((ev: { code: number; reason?: string }) => void) | null;
-  onerror: ((ev: unknown) => void) | null;
+  onopen: SocketHandler<unknown> | null;
+  onmessage: SocketHandler<{ data: unknown }> | null;
+  onclose: SocketHandler<{ code: number; reason?: string }> | null;
+  onerror: SocketHandler<unknown> | null;
   send(data: string): void;
   close(code?: number, reason?: string): void;
 }
 export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
 
+/** Each field omitted takes its default; none may be undefined (it would replace the default). */
 export interface BackoffOptions {
   /** Ceiling of the first reconnect's delay, ms. Default 1000. */
   initial?: number;
@@ -26,28 +34,29 @@ export interface BackoffOptions {
   factor?: number;
 }
 
+/** Every option may be omitted or undefined: it then takes its default. */
 export interface CaddyChatOptions {
   /** Sent as the subprotocol pair ["caddychat", "bearer.<token>"]. Omit for cookie or anonymous auth. */
   token?: TokenSource;
   /** Defaults to globalThis.WebSocket. */
-  WebSocket?: WebSocketConstructor;
+  WebSocket?: WebSocketConstructor | undefined;
   /** Reconnect delay = random(0, min(max, initial·factor^attempt)). */
-  backoff?: BackoffOptions;
+  backoff?: BackoffOptions | undefined;
   /** A connection up this long (ms) resets the attempt counter. Default 10000. */
-  stableAfter?: number;
+  stableAfter?: number | undefined;
   /** Requests (publish, history, presence) that may wait for a connection. Default 100. */
-  maxQueued?: number;
+  maxQueued?: number | undefined;
   /** A request without a reply after this long (ms) rejects with code "timeout". Default 10000. */
-  requestTimeout?: number;
+  requestTimeout?: number | undefined;
   /** Largest frame sent (bytes); larger requests reject with "too_large". Match the route's max_message_size. Default 65536. */
-  maxFrameSize?: number;
+  maxFrameSize?: number | undefined;
   /** Consecutive reconnect attempts without a stable connection before giving up (state "closed"). Default Infinity. */
-  maxRetries?: number;
+  maxRetries?: number | undefined;
   /** Random source in [0, 1), for the jitter. Default Math.random. */
-  random?: () => number;
+  random?: (() => number) | undefined;
   /** Timer functions, injectable for tests. Default the global ones. */
-  setTimeout?: (fn: () => void, ms: number) => unknown;
-  clearTimeout?: (handle: any) => void;
+  setTimeout?: ((fn: () => void, ms: number) => unknown) | undefined;
+  clearTimeout?: ((handle: any) => void) | undefined;
 }
 
 export type ConnectionState = "connecting" | "connected" | "reconnecting" | "closed";
@@ -119,10 +128,17 @@ export interface Subscription {
 
 export interface SubscribeOptions {
   /** Start with the channel's last N kept messages (first subscribe only). */
-  history?: number;
-  /** Resume after this stream id (e.g. one stored across page loads), with its epoch. */
-  since?: string;
-  epoch?: string;
+  history?: number | undefined;
+  /** Resume after this stream id (e.g. one stored across page loads), with its epoch: position()'s result fits. */
+  since?: string | null | undefined;
+  epoch?: string | null | undefined;
+}
+
+export interface HistoryOptions {
+  /** Messages per page. The server's default is 50, its maximum the route's max_replay. */
+  limit?: number | undefined;
+  /** Messages older than this id; the newest without it. */
+  before?: string | undefined;
 }
 
 export interface HistoryPage<T = JSONValue> {
@@ -206,6 +222,8 @@ export const PERMANENT_CLOSE_CODES: readonly number[];
 export const TOKEN_EXPIRED: 4002;
 export function isStreamId(id: unknown): id is string;
 export function compareStreamIds(a: string, b: string): number;
+/** A sentence telling a user what a `gap` event means, in words true for its cause; null for a gap that needs no notice. */
+export function describeGap(gap: { reason: GapEvent["reason"]; reply: SubscribeReply | null; historyLost?: boolean | undefined }): string | null;
 export function backoffDelay(attempt: number, backoff?: Required<BackoffOptions>, random?: () => number): number;
 
 export class CaddyChat {
@@ -226,7 +244,7 @@ export class CaddyChat {
 
   /** Resolves with the message id. */
   publish(channel: string, data: JSONValue): Promise<string>;
-  history<T = JSONValue>(channel: string, options?: { limit?: number; before?: string }): Promise<HistoryPage<T>>;
+  history<T = JSONValue>(channel: string, options?: HistoryOptions): Promise<HistoryPage<T>>;
   presence(channel: string): Promise<PresenceUser[]>;
   /** Moves the open connection to a new token; null when disconnected. */
   refresh(token?: string): Promise<{ type: "ok"; id?: number | string } | null>;
