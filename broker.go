@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"time"
 )
 
 // The broker between a hub and the other nodes. broker_memory.go serves a
@@ -62,26 +61,30 @@ type Publication struct {
 	newHistory *historyCreation
 }
 
-// payload encodes msg as it travels through the broker, with the id it
-// gets: stamped, since the node vouches for it (trust.go).
-func (msg Publication) payload(id string, now time.Time) ([]byte, error) {
-	if msg.event {
-		return stamped(msg.Raw), nil
-	}
-	data, err := msg.historyData()
-	if err != nil {
-		return nil, err
-	}
-	env, err := encodeEnvelope(msg.Channel, id, msg.sender(), now.UnixMilli(), data)
-	if err != nil {
-		return nil, err
-	}
-	return stamped(env), nil
-}
+// origin is who a message comes from, as the node knows it.
+type origin uint8
 
-// sender is who msg's envelope names as its sender.
-func (msg Publication) sender() sender {
-	return sender{User: msg.From, Anonymous: msg.Origin == originAnonymous, Server: msg.Origin == originServer}
+const (
+	// originUser: a client authenticated as Publication.From.
+	originUser origin = iota
+	// originAnonymous: a client without a token. Envelopes say
+	// "anonymous":true, the same on every node.
+	originAnonymous
+	// originServer: a backend (a plain Redis PUBLISH, or the publish
+	// endpoint with publish_key). Envelopes say "server":true, which only
+	// a node writes, and never for what a client sent.
+	originServer
+)
+
+// originOf is the origin of what a connection with identity id publishes.
+func originOf(id *identity) origin {
+	if id.server {
+		return originServer
+	}
+	if id.anonymous {
+		return originAnonymous
+	}
+	return originUser
 }
 
 var errBrokerClosed = errors.New("broker is closed")

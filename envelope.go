@@ -1,6 +1,21 @@
 package caddychat
 
-import "bytes"
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"strconv"
+	"sync/atomic"
+	"time"
+	"unicode/utf8"
+)
+
+// The envelope: what travels through the broker, encoded and decoded here
+// alone. A node publishes stamped payloads: a message's envelope (a kept
+// message's carries the id history gave it and the channel's epoch) or a
+// presence event; anything else is a backend's plain payload. The frames
+// clients send and receive are in protocol.go.
 
 // What a node vouches for. Anyone with Redis access can PUBLISH anything on
 // a channel, and clients choose the bytes of what they publish; neither may
@@ -31,28 +46,206 @@ func unstamp(payload []byte) (body []byte, ok bool) {
 	return bytes.CutPrefix(payload, []byte(nodeStamp))
 }
 
-// origin is who a message comes from, as the node knows it.
-type origin uint8
+// envelope is a published message as JSON-protocol clients receive it; it
+// travels through the broker stamped (nodeStamp), and a node forwards the
+// bytes after the stamp unchanged.
+type envelope struct {
+	Type    string `json:"type"`
+	Channel string `json:"channel"`
+	ID      string `json:"id"`
+	Epoch   string `json:"epoch,omitempty"`
+	sender
+	TS   int64           `json:"ts"`
+	Data json.RawMessage `json:"data"`
+}
 
-const (
-	// originUser: a client authenticated as Publication.From.
-	originUser origin = iota
-	// originAnonymous: a client without a token. Envelopes say
-	// "anonymous":true, the same on every node.
-	originAnonymous
-	// originServer: a backend (a plain Redis PUBLISH, or the publish
-	// endpoint with publish_key). Envelopes say "server":true, which only
-	// a node writes, and never for what a client sent.
-	originServer
-)
+// sender is who a message comes from, in the envelope's words: "from" is
+// the authenticated user, empty otherwise; "anonymous" marks a client
+// without a token and "server" a backend. No client can produce "server".
+type sender struct {
+	User      string `json:"from"`
+	Anonymous bool   `json:"anonymous,omitempty"`
+	Server    bool   `json:"server,omitempty"`
+}
 
-// originOf is the origin of what a connection with identity id publishes.
-func originOf(id *identity) origin {
-	if id.server {
-		return originServer
+const envelopeType = "message"
+
+func encodeEnvelope(channel, id string, from sender, ts int64, data json.RawMessage) ([]byte, error) {
+	return json.Marshal(envelope{Type: envelopeType, Channel: channel, ID: id, sender: from, TS: ts, Data: data})
+}
+
+// parseEnvelope decodes a node's envelope for channel (the payload after
+// the stamp); ok is false for anything else.
+func parseEnvelope(channel string, payload []byte) (envelope, bool) {
+	var e envelope
+	if len(payload) == 0 || payload[0] != '{' || !utf8.Valid(payload) {
+		return e, false
 	}
-	if id.anonymous {
-		return originAnonymous
+	if err := json.Unmarshal(payload, &e); err != nil {
+		return e, false
 	}
-	return originUser
+	ok := e.Type == envelopeType && e.Channel == channel && e.ID != "" && len(e.Data) > 0
+	return e, ok
+}
+
+// idGenerator makes message ids unique across nodes without coordination:
+// <unix ms>-<node>-<sequence>.
+type idGenerator struct {
+	node string
+	seq  atomic.Uint64
+}
+
+func (g *idGenerator) next(now time.Time) string {
+	buf := make([]byte, 0, 40)
+	buf = strconv.AppendInt(buf, now.UnixMilli(), 10)
+	buf = append(buf, '-')
+	buf = append(buf, g.node...)
+	buf = append(buf, '-')
+	buf = strconv.AppendUint(buf, g.seq.Add(1), 10)
+	return string(buf)
+}
+
+// payload encodes msg as it travels through the broker, with the id it
+// gets: stamped, since the node vouches for it (nodeStamp).
+func (msg Publication) payload(id string, now time.Time) ([]byte, error) {
+	if msg.event {
+		return stamped(msg.Raw), nil
+	}
+	data, err := msg.historyData()
+	if err != nil {
+		return nil, err
+	}
+	env, err := encodeEnvelope(msg.Channel, id, msg.sender(), now.UnixMilli(), data)
+	if err != nil {
+		return nil, err
+	}
+	return stamped(env), nil
+}
+
+// sender is who msg's envelope names as its sender.
+func (msg Publication) sender() sender {
+	return sender{User: msg.From, Anonymous: msg.Origin == originAnonymous, Server: msg.Origin == originServer}
+}
+
+// Envelopes of kept messages are built from a head naming the channel, the
+// id, the channel's epoch and a tail carrying sender, time and data, so that
+// the Lua script that stores a message can insert the id Redis assigns.
+func envelopeHead(channel string) string {
+	return `{"type":"message","channel":"` + channel + `","id":"`
+}
+
+func envelopeTail(from sender, ts int64, data json.RawMessage) (string, error) {
+	b, err := json.Marshal(struct {
+		sender
+		TS   int64           `json:"ts"`
+		Data json.RawMessage `json:"data"`
+	}{from, ts, data})
+	if err != nil {
+		return "", err
+	}
+	return string(b[1:]), nil // without '{': it follows the id and epoch
+}
+
+func historyEnvelope(channel string, id streamID, epoch, tail string) []byte {
+	// Sized exactly: kept envelopes stay in memory for the history's age,
+	// and one reallocated by the appends would keep up to a third unused.
+	ids := id.String()
+	const fixed = len(`{"type":"message","channel":"`) + len(`","id":"`) + len(`","epoch":"`) + len(`",`)
+	b := make([]byte, 0, fixed+len(channel)+len(ids)+len(epoch)+len(tail))
+	b = append(b, envelopeHead(channel)...)
+	b = append(b, ids...)
+	b = append(b, `","epoch":"`...)
+	b = append(b, epoch...)
+	b = append(b, `",`...)
+	return append(b, tail...)
+}
+
+// historyData is what a kept message carries as data: a raw-protocol frame
+// becomes a JSON string so that history holds envelopes only.
+func (msg Publication) historyData() (json.RawMessage, error) {
+	if msg.Raw == nil {
+		return msg.Data, nil
+	}
+	return json.Marshal(string(msg.Raw))
+}
+
+func newEpoch() string {
+	var b [6]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		// crypto/rand does not fail on supported platforms; a time-based
+		// epoch still changes whenever the history is recreated.
+		return strconv.FormatInt(time.Now().UnixNano(), 36)
+	}
+	return hex.EncodeToString(b[:])
+}
+
+// messageID returns the id of an envelope without decoding it (and without
+// allocating: it runs once per delivered message), for the merge of live
+// messages with a history read; ok is false for payloads that are not kept
+// messages (a backend's plain PUBLISH, an envelope without history).
+func messageID(channel string, payload []byte) (streamID, bool) {
+	const head, mid = `{"type":"message","channel":"`, `","id":"`
+	rest, ok := bytes.CutPrefix(payload, []byte(head))
+	if !ok {
+		return streamID{}, false
+	}
+	if rest, ok = bytes.CutPrefix(rest, []byte(channel)); !ok {
+		return streamID{}, false
+	}
+	if rest, ok = bytes.CutPrefix(rest, []byte(mid)); !ok {
+		return streamID{}, false
+	}
+	var id streamID
+	var part *uint64 = &id.ms
+	digits := 0
+	for i, b := range rest {
+		switch {
+		case '0' <= b && b <= '9' && digits < 19:
+			*part = *part*10 + uint64(b-'0')
+			digits++
+		case b == '-' && part == &id.ms && digits > 0:
+			part, digits = &id.seq, 0
+		case b == '"' && part == &id.seq && digits > 0:
+			// Only kept messages carry an epoch after the id.
+			return id, bytes.HasPrefix(rest[i:], []byte(`","epoch":"`))
+		default:
+			return streamID{}, false
+		}
+	}
+	return streamID{}, false
+}
+
+// presenceEvent encodes a join or leave event as the Redis scripts do.
+func presenceEvent(kind, channel, user string) []byte {
+	u, _ := json.Marshal(user)
+	b := make([]byte, 0, 40+len(channel)+len(u))
+	b = append(b, `{"type":"`...)
+	b = append(b, kind...)
+	b = append(b, `","channel":"`...)
+	b = append(b, channel...)
+	b = append(b, `","user":`...)
+	b = append(b, u...)
+	return append(b, '}')
+}
+
+// isPresenceEvent reports whether payload is a join or leave event for
+// channel. It runs once per message on the fan-out path, so it decodes
+// nothing: a fixed prefix naming the channel, then json.Valid
+// (allocation-free) on the user.
+func isPresenceEvent(channel string, payload []byte) bool {
+	const join, leave, user = `{"type":"join","channel":"`, `{"type":"leave","channel":"`, `","user":`
+	rest, ok := bytes.CutPrefix(payload, []byte(join))
+	if !ok {
+		if rest, ok = bytes.CutPrefix(payload, []byte(leave)); !ok {
+			return false
+		}
+	}
+	if rest, ok = bytes.CutPrefix(rest, []byte(channel)); !ok {
+		return false
+	}
+	if rest, ok = bytes.CutPrefix(rest, []byte(user)); !ok {
+		return false
+	}
+	name, ok := bytes.CutSuffix(rest, []byte("}"))
+	return ok && len(name) > 1 && name[0] == '"' && utf8.Valid(name) && json.Valid(name)
 }

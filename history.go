@@ -1,11 +1,7 @@
 package caddychat
 
 import (
-	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"strconv"
 	"strings"
@@ -163,92 +159,4 @@ type historyStore interface {
 	// entries when before is nil), oldest first, with more set when older
 	// ones remain.
 	readBefore(ctx context.Context, channel string, before *streamID, limit int) (historyPage, error)
-}
-
-// Envelopes of kept messages are built from a head naming the channel, the
-// id, the channel's epoch and a tail carrying sender, time and data, so that
-// the Lua script that stores a message can insert the id Redis assigns.
-func envelopeHead(channel string) string {
-	return `{"type":"message","channel":"` + channel + `","id":"`
-}
-
-func envelopeTail(from sender, ts int64, data json.RawMessage) (string, error) {
-	b, err := json.Marshal(struct {
-		sender
-		TS   int64           `json:"ts"`
-		Data json.RawMessage `json:"data"`
-	}{from, ts, data})
-	if err != nil {
-		return "", err
-	}
-	return string(b[1:]), nil // without '{': it follows the id and epoch
-}
-
-func historyEnvelope(channel string, id streamID, epoch, tail string) []byte {
-	// Sized exactly: kept envelopes stay in memory for the history's age,
-	// and one reallocated by the appends would keep up to a third unused.
-	ids := id.String()
-	const fixed = len(`{"type":"message","channel":"`) + len(`","id":"`) + len(`","epoch":"`) + len(`",`)
-	b := make([]byte, 0, fixed+len(channel)+len(ids)+len(epoch)+len(tail))
-	b = append(b, envelopeHead(channel)...)
-	b = append(b, ids...)
-	b = append(b, `","epoch":"`...)
-	b = append(b, epoch...)
-	b = append(b, `",`...)
-	return append(b, tail...)
-}
-
-// historyData is what a kept message carries as data: a raw-protocol frame
-// becomes a JSON string so that history holds envelopes only.
-func (msg Publication) historyData() (json.RawMessage, error) {
-	if msg.Raw == nil {
-		return msg.Data, nil
-	}
-	return json.Marshal(string(msg.Raw))
-}
-
-func newEpoch() string {
-	var b [6]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		// crypto/rand does not fail on supported platforms; a time-based
-		// epoch still changes whenever the history is recreated.
-		return strconv.FormatInt(time.Now().UnixNano(), 36)
-	}
-	return hex.EncodeToString(b[:])
-}
-
-// messageID returns the id of an envelope without decoding it (and without
-// allocating: it runs once per delivered message), for the merge of live
-// messages with a history read; ok is false for payloads that are not kept
-// messages (a backend's plain PUBLISH, an envelope without history).
-func messageID(channel string, payload []byte) (streamID, bool) {
-	const head, mid = `{"type":"message","channel":"`, `","id":"`
-	rest, ok := bytes.CutPrefix(payload, []byte(head))
-	if !ok {
-		return streamID{}, false
-	}
-	if rest, ok = bytes.CutPrefix(rest, []byte(channel)); !ok {
-		return streamID{}, false
-	}
-	if rest, ok = bytes.CutPrefix(rest, []byte(mid)); !ok {
-		return streamID{}, false
-	}
-	var id streamID
-	var part *uint64 = &id.ms
-	digits := 0
-	for i, b := range rest {
-		switch {
-		case '0' <= b && b <= '9' && digits < 19:
-			*part = *part*10 + uint64(b-'0')
-			digits++
-		case b == '-' && part == &id.ms && digits > 0:
-			part, digits = &id.seq, 0
-		case b == '"' && part == &id.seq && digits > 0:
-			// Only kept messages carry an epoch after the id.
-			return id, bytes.HasPrefix(rest[i:], []byte(`","epoch":"`))
-		default:
-			return streamID{}, false
-		}
-	}
-	return streamID{}, false
 }

@@ -1,7 +1,6 @@
 package caddychat
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -9,7 +8,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"go.uber.org/zap"
 )
@@ -399,41 +397,6 @@ func (c *conn) queryPresence(f clientFrame) {
 		users = []presenceUser{}
 	}
 	c.sendOwn(presenceReply{Type: "presence", ID: f.ID, Channel: f.Channel, Users: users})
-}
-
-// presenceEvent encodes a join or leave event as the Redis scripts do.
-func presenceEvent(kind, channel, user string) []byte {
-	u, _ := json.Marshal(user)
-	b := make([]byte, 0, 40+len(channel)+len(u))
-	b = append(b, `{"type":"`...)
-	b = append(b, kind...)
-	b = append(b, `","channel":"`...)
-	b = append(b, channel...)
-	b = append(b, `","user":`...)
-	b = append(b, u...)
-	return append(b, '}')
-}
-
-// isPresenceEvent reports whether payload is a join or leave event for
-// channel. It runs once per message on the fan-out path, so it decodes
-// nothing: a fixed prefix naming the channel, then json.Valid
-// (allocation-free) on the user.
-func isPresenceEvent(channel string, payload []byte) bool {
-	const join, leave, user = `{"type":"join","channel":"`, `{"type":"leave","channel":"`, `","user":`
-	rest, ok := bytes.CutPrefix(payload, []byte(join))
-	if !ok {
-		if rest, ok = bytes.CutPrefix(payload, []byte(leave)); !ok {
-			return false
-		}
-	}
-	if rest, ok = bytes.CutPrefix(rest, []byte(channel)); !ok {
-		return false
-	}
-	if rest, ok = bytes.CutPrefix(rest, []byte(user)); !ok {
-		return false
-	}
-	name, ok := bytes.CutSuffix(rest, []byte("}"))
-	return ok && len(name) > 1 && name[0] == '"' && utf8.Valid(name) && json.Valid(name)
 }
 
 // memoryPresence is the in-process broker's store: one process sees every
