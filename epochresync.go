@@ -1,7 +1,6 @@
 package caddychat
 
 import (
-	"bytes"
 	"context"
 
 	"go.uber.org/zap"
@@ -15,26 +14,6 @@ import (
 // Every message of a new epoch is newer than anything the node delivered
 // from the old one, so the resync delivers the new epoch's whole history
 // (when it fits one read) instead of telling clients to reconnect.
-
-// messageEpoch returns the epoch of a kept message's envelope (one whose id
-// messageID found), without allocating.
-func messageEpoch(channel string, body []byte) []byte {
-	const head, key = `{"type":"message","channel":"`, `","epoch":"`
-	if len(body) < len(head)+len(channel) {
-		return nil
-	}
-	rest := body[len(head)+len(channel):]
-	i := bytes.Index(rest, []byte(key))
-	if i < 0 {
-		return nil
-	}
-	rest = rest[i+len(key):]
-	j := bytes.IndexByte(rest, '"')
-	if j < 0 {
-		return nil
-	}
-	return rest[:j]
-}
 
 // noteEpoch records the epoch of the kept message d, delivered on cs; only
 // the broker's delivering goroutine calls it.

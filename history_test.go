@@ -416,30 +416,3 @@ func TestRawPublishesAreKeptAsText(t *testing.T) {
 		}
 	})
 }
-
-func TestMessageIDOfEnvelope(t *testing.T) {
-	env := historyEnvelope("room:a", streamID{1732540000000, 7}, "e1", `"from":"u","ts":1,"data":1}`)
-	id, ok := messageID("room:a", env)
-	if !ok || id != (streamID{1732540000000, 7}) {
-		t.Fatalf("messageID = %v %v", id, ok)
-	}
-	if _, ok := messageID("room:b", env); ok {
-		t.Fatal("id read from another channel's envelope")
-	}
-	for _, bad := range []string{"", "{}", `{"type":"message","channel":"room:a","id":"x`, "plain text"} {
-		if _, ok := messageID("room:a", []byte(bad)); ok {
-			t.Errorf("messageID(%q) ok", bad)
-		}
-	}
-	for _, s := range []string{"1-0", "1732540000000-12"} {
-		id, ok := parseStreamID(s)
-		if !ok || id.String() != s {
-			t.Errorf("parseStreamID(%q) = %v %v", s, id, ok)
-		}
-	}
-	for _, s := range []string{"", "1", "a-1", "1-b", "-1", "1--1", strings.Repeat("9", 30) + "-0"} {
-		if _, ok := parseStreamID(s); ok {
-			t.Errorf("parseStreamID(%q) ok", s)
-		}
-	}
-}

@@ -371,7 +371,7 @@ func (h *hub) deliver(channel string, payload []byte) {
 }
 
 // deliverBody delivers a payload whose stamp was checked (and cut off): only
-// a stamped one is read for an id or a presence event (trust.go).
+// a stamped one is read for an id or a presence event (envelope.go).
 func (h *hub) deliverBody(channel string, body []byte, stamped bool) {
 	h.mu.RLock()
 	defer h.mu.RUnlock()

@@ -480,40 +480,6 @@ func TestPresenceUnavailable(t *testing.T) {
 	waitPresence(t, bob, "room:u", "alice:1 bob:1")
 }
 
-func TestIsPresenceEvent(t *testing.T) {
-	const ch = "room:a"
-	cases := []struct {
-		payload string
-		want    bool
-	}{
-		{string(presenceEvent("join", ch, "alice")), true},
-		{string(presenceEvent("leave", ch, `a"b\c/é<>`)), true},
-		{`{"type":"join","channel":"room:a","user":"gh\"o\\st\/\u00e9"}`, true}, // Redis's cjson escapes /
-		{`{"type":"join","channel":"room:b","user":"alice"}`, false},
-		{`{"type":"join","channel":"room:ab","user":"alice"}`, false},
-		{`{"type":"join","channel":"room:a","user":alice}`, false},
-		{`{"type":"join","channel":"room:a","user":"alice"`, false},
-		{`{"type":"join","channel":"room:a","user":"a","x":"y"}`, false},
-		{`{"type":"join","channel":"room:a","user":5}`, false},
-		{`{"type":"kick","channel":"room:a","user":"alice"}`, false},
-		{`{"type":"message","channel":"room:a","id":"1-a-1","from":"","ts":1,"data":1}`, false},
-		{`hello`, false},
-		{"{\"type\":\"join\",\"channel\":\"room:a\",\"user\":\"\xff\"}", false},
-	}
-	for _, tc := range cases {
-		if got := isPresenceEvent(ch, []byte(tc.payload)); got != tc.want {
-			t.Errorf("isPresenceEvent(%q) = %v, want %v", tc.payload, got, tc.want)
-		}
-	}
-	event, message := presenceEvent("join", ch, "alice"), []byte(`{"type":"message","channel":"room:a","id":"1-a-1","from":"","ts":1,"data":1}`)
-	if n := testing.AllocsPerRun(100, func() {
-		isPresenceEvent(ch, event)
-		isPresenceEvent(ch, message)
-	}); n != 0 {
-		t.Errorf("isPresenceEvent allocates %v times per call; it runs on the fan-out path", n)
-	}
-}
-
 func TestPresenceConfigErrors(t *testing.T) {
 	for _, tc := range []struct{ input, want string }{
 		{"chat {\n presence maybe\n}", `presence "maybe": want on or off`},

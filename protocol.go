@@ -5,10 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -170,65 +168,6 @@ type welcome struct {
 	Conn string `json:"conn"`
 	Node string `json:"node"`
 	User string `json:"user"`
-}
-
-// envelope is a published message as JSON-protocol clients receive it; it
-// travels through the broker stamped (trust.go), and a node forwards the
-// bytes after the stamp unchanged.
-type envelope struct {
-	Type    string `json:"type"`
-	Channel string `json:"channel"`
-	ID      string `json:"id"`
-	Epoch   string `json:"epoch,omitempty"`
-	sender
-	TS   int64           `json:"ts"`
-	Data json.RawMessage `json:"data"`
-}
-
-// sender is who a message comes from, in the envelope's words: "from" is
-// the authenticated user, empty otherwise; "anonymous" marks a client
-// without a token and "server" a backend. No client can produce "server".
-type sender struct {
-	User      string `json:"from"`
-	Anonymous bool   `json:"anonymous,omitempty"`
-	Server    bool   `json:"server,omitempty"`
-}
-
-const envelopeType = "message"
-
-func encodeEnvelope(channel, id string, from sender, ts int64, data json.RawMessage) ([]byte, error) {
-	return json.Marshal(envelope{Type: envelopeType, Channel: channel, ID: id, sender: from, TS: ts, Data: data})
-}
-
-// parseEnvelope decodes a node's envelope for channel (the payload after
-// the stamp); ok is false for anything else.
-func parseEnvelope(channel string, payload []byte) (envelope, bool) {
-	var e envelope
-	if len(payload) == 0 || payload[0] != '{' || !utf8.Valid(payload) {
-		return e, false
-	}
-	if err := json.Unmarshal(payload, &e); err != nil {
-		return e, false
-	}
-	ok := e.Type == envelopeType && e.Channel == channel && e.ID != "" && len(e.Data) > 0
-	return e, ok
-}
-
-// idGenerator makes message ids unique across nodes without coordination:
-// <unix ms>-<node>-<sequence>.
-type idGenerator struct {
-	node string
-	seq  atomic.Uint64
-}
-
-func (g *idGenerator) next(now time.Time) string {
-	buf := make([]byte, 0, 40)
-	buf = strconv.AppendInt(buf, now.UnixMilli(), 10)
-	buf = append(buf, '-')
-	buf = append(buf, g.node...)
-	buf = append(buf, '-')
-	buf = strconv.AppendUint(buf, g.seq.Add(1), 10)
-	return string(buf)
 }
 
 // delivery is one message from the broker, shared by every local subscriber.

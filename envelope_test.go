@@ -68,3 +68,64 @@ func TestEnvelopeSender(t *testing.T) {
 		}
 	}
 }
+
+func TestMessageIDOfEnvelope(t *testing.T) {
+	env := historyEnvelope("room:a", streamID{1732540000000, 7}, "e1", `"from":"u","ts":1,"data":1}`)
+	id, ok := messageID("room:a", env)
+	if !ok || id != (streamID{1732540000000, 7}) {
+		t.Fatalf("messageID = %v %v", id, ok)
+	}
+	if _, ok := messageID("room:b", env); ok {
+		t.Fatal("id read from another channel's envelope")
+	}
+	for _, bad := range []string{"", "{}", `{"type":"message","channel":"room:a","id":"x`, "plain text"} {
+		if _, ok := messageID("room:a", []byte(bad)); ok {
+			t.Errorf("messageID(%q) ok", bad)
+		}
+	}
+	for _, s := range []string{"1-0", "1732540000000-12"} {
+		id, ok := parseStreamID(s)
+		if !ok || id.String() != s {
+			t.Errorf("parseStreamID(%q) = %v %v", s, id, ok)
+		}
+	}
+	for _, s := range []string{"", "1", "a-1", "1-b", "-1", "1--1", strings.Repeat("9", 30) + "-0"} {
+		if _, ok := parseStreamID(s); ok {
+			t.Errorf("parseStreamID(%q) ok", s)
+		}
+	}
+}
+
+func TestIsPresenceEvent(t *testing.T) {
+	const ch = "room:a"
+	cases := []struct {
+		payload string
+		want    bool
+	}{
+		{string(presenceEvent("join", ch, "alice")), true},
+		{string(presenceEvent("leave", ch, `a"b\c/é<>`)), true},
+		{`{"type":"join","channel":"room:a","user":"gh\"o\\st\/\u00e9"}`, true}, // Redis's cjson escapes /
+		{`{"type":"join","channel":"room:b","user":"alice"}`, false},
+		{`{"type":"join","channel":"room:ab","user":"alice"}`, false},
+		{`{"type":"join","channel":"room:a","user":alice}`, false},
+		{`{"type":"join","channel":"room:a","user":"alice"`, false},
+		{`{"type":"join","channel":"room:a","user":"a","x":"y"}`, false},
+		{`{"type":"join","channel":"room:a","user":5}`, false},
+		{`{"type":"kick","channel":"room:a","user":"alice"}`, false},
+		{`{"type":"message","channel":"room:a","id":"1-a-1","from":"","ts":1,"data":1}`, false},
+		{`hello`, false},
+		{"{\"type\":\"join\",\"channel\":\"room:a\",\"user\":\"\xff\"}", false},
+	}
+	for _, tc := range cases {
+		if got := isPresenceEvent(ch, []byte(tc.payload)); got != tc.want {
+			t.Errorf("isPresenceEvent(%q) = %v, want %v", tc.payload, got, tc.want)
+		}
+	}
+	event, message := presenceEvent("join", ch, "alice"), []byte(`{"type":"message","channel":"room:a","id":"1-a-1","from":"","ts":1,"data":1}`)
+	if n := testing.AllocsPerRun(100, func() {
+		isPresenceEvent(ch, event)
+		isPresenceEvent(ch, message)
+	}); n != 0 {
+		t.Errorf("isPresenceEvent allocates %v times per call; it runs on the fan-out path", n)
+	}
+}

@@ -17,7 +17,7 @@ import (
 // Redis topologies. A standalone Redis is the redis option's URL; Sentinel
 // and Cluster take a list of addresses and credentials of their own. The hub
 // gets a redis.UniversalClient either way and does not know which it is,
-// except that on a cluster pub/sub is sharded (see cluster.go).
+// except that on a cluster pub/sub is sharded (see redis_cluster.go).
 
 // RedisSentinel names a master watched by Redis Sentinel: the nodes ask the
 // sentinels where the master is and follow its failovers, for commands and

@@ -2,7 +2,6 @@ package caddychat
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -14,177 +13,9 @@ import (
 	"go.uber.org/zap"
 )
 
-// Broker carries published messages between the nodes of a deployment. A hub
-// owns one broker and is its only caller: it subscribes a channel when the
-// first local client wants it and unsubscribes when the last one leaves.
-//
-// Incoming messages reach the hub through the deliverFunc given to the
-// broker's constructor, called from one goroutine per broker, in the order
-// the broker received them; it never blocks.
-type Broker interface {
-	// Publish sends msg to every node subscribed to its channel and returns
-	// the message id the broker assigned.
-	Publish(ctx context.Context, msg Publication) (id string, err error)
-	// Subscribe makes this node receive the channel's messages. It returns once
-	// the subscription is active, so a message published after it returns is
-	// delivered.
-	Subscribe(ctx context.Context, channel string) error
-	// Unsubscribe stops the channel's messages for this node.
-	Unsubscribe(ctx context.Context, channel string) error
-	// Close releases the broker's connections and stops its goroutines.
-	Close() error
-
-	historyStore
-}
-
-// deliverFunc hands one message of channel to the hub. payload is either the
-// module's envelope or a backend's plain payload.
-type deliverFunc func(channel string, payload []byte)
-
-// Publication is a message to publish.
-type Publication struct {
-	Channel string
-	// From is the sender as authenticated by the node; empty for anonymous.
-	From string
-	// Origin says whether From is a user, an anonymous client or a backend.
-	Origin origin
-	// Data is the JSON value of a JSON-protocol publish.
-	Data json.RawMessage
-	// Raw, when set, is a raw-protocol text frame: it travels as an
-	// envelope whose data is the text as a JSON string, so JSON clients see
-	// who sent it and raw clients get the text back.
-	Raw []byte
-	// History, when set, keeps the message in the channel's history, and
-	// its id is the history's.
-	History *historyPolicy
-	// event marks Raw as the node's own presence event, published as it is.
-	event bool
-	// newHistory, when set, says whether the publish may create the
-	// channel's history (history_new_channels; see history_limit.go).
-	newHistory *historyCreation
-}
-
-// payload encodes msg as it travels through the broker, with the id it
-// gets: stamped, since the node vouches for it (trust.go).
-func (msg Publication) payload(id string, now time.Time) ([]byte, error) {
-	if msg.event {
-		return stamped(msg.Raw), nil
-	}
-	data, err := msg.historyData()
-	if err != nil {
-		return nil, err
-	}
-	env, err := encodeEnvelope(msg.Channel, id, msg.sender(), now.UnixMilli(), data)
-	if err != nil {
-		return nil, err
-	}
-	return stamped(env), nil
-}
-
-// sender is who msg's envelope names as its sender.
-func (msg Publication) sender() sender {
-	return sender{User: msg.From, Anonymous: msg.Origin == originAnonymous, Server: msg.Origin == originServer}
-}
-
-// memoryBroker serves a single node from process memory.
-type memoryBroker struct {
-	deliver deliverFunc
-	ids     *idGenerator
-
-	// mu serialises publishes so that every subscriber sees one order, and
-	// history ids follow it.
-	mu         sync.Mutex
-	subscribed map[string]bool
-	closed     bool
-	lastSweep  time.Time
-
-	memoryHistory
-}
-
-// historySweepEvery is how often expired in-memory histories are deleted.
-const historySweepEvery = time.Minute
-
-func newMemoryBroker(ids *idGenerator, deliver deliverFunc) *memoryBroker {
-	return &memoryBroker{deliver: deliver, ids: ids, subscribed: make(map[string]bool)}
-}
-
-func (b *memoryBroker) Publish(_ context.Context, msg Publication) (string, error) {
-	now := time.Now()
-	if msg.History != nil {
-		return b.publishKept(msg, now)
-	}
-	id := b.ids.next(now)
-	payload, err := msg.payload(id, now)
-	if err != nil {
-		return "", fmt.Errorf("encoding message: %w", err)
-	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.closed {
-		return "", errBrokerClosed
-	}
-	if b.subscribed[msg.Channel] {
-		b.deliver(msg.Channel, payload)
-	}
-	return id, nil
-}
-
-// publishKept keeps msg in its channel's ring and delivers it, under the
-// publish lock, so history order is delivery order.
-func (b *memoryBroker) publishKept(msg Publication, now time.Time) (string, error) {
-	data, err := msg.historyData()
-	if err != nil {
-		return "", fmt.Errorf("encoding message: %w", err)
-	}
-	tail, err := envelopeTail(msg.sender(), now.UnixMilli(), data)
-	if err != nil {
-		return "", fmt.Errorf("encoding message: %w", err)
-	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.closed {
-		return "", errBrokerClosed
-	}
-	if now.Sub(b.lastSweep) > historySweepEvery {
-		b.memoryHistory.sweep(now)
-		b.lastSweep = now
-	}
-	id, payload, err := b.memoryHistory.append(msg.Channel, msg.History, now, tail, msg.newHistory)
-	if err != nil {
-		return "", err
-	}
-	if b.subscribed[msg.Channel] {
-		b.deliver(msg.Channel, stamped(payload))
-	}
-	return id.String(), nil
-}
-
-func (b *memoryBroker) Subscribe(_ context.Context, channel string) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.closed {
-		return errBrokerClosed
-	}
-	b.subscribed[channel] = true
-	return nil
-}
-
-func (b *memoryBroker) Unsubscribe(_ context.Context, channel string) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	delete(b.subscribed, channel)
-	return nil
-}
-
-func (b *memoryBroker) Close() error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.closed = true
-	b.memoryHistory.clear()
-	return nil
-}
-
-var errBrokerClosed = errors.New("broker is closed")
+// The Redis broker, for a standalone Redis or the master Sentinel names
+// (redis_topology.go builds the client); redis_cluster.go builds on it for
+// a Redis Cluster. Its Redis history is history_redis.go.
 
 // redisBroker bridges channels to Redis Pub/Sub through one pub/sub connection
 // per node, whatever the number of channels and clients.
@@ -213,7 +44,7 @@ type redisBroker struct {
 	loopDone chan struct{}
 
 	// sharded: a Redis Cluster's broker, which publishes with SPUBLISH and
-	// whose subscriptions clusterBroker keeps (pubsub is nil); see cluster.go.
+	// whose subscriptions clusterBroker keeps (pubsub is nil); see redis_cluster.go.
 	sharded bool
 }
 
@@ -450,4 +281,27 @@ func (b *redisBroker) receiveLoop(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// pubsubScript is a Lua script that publishes, in both forms: with PUBLISH
+// for a standalone Redis or Sentinel, with SPUBLISH for a cluster. A script
+// may SPUBLISH on a cluster only to a channel of the slot of its KEYS, which
+// holds for every script here: their keys' hash tag is the channel's name.
+type pubsubScript struct{ classic, sharded *redis.Script }
+
+func newPubSubScript(src string) pubsubScript {
+	sharded := strings.ReplaceAll(src, "redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+	if strings.Contains(strings.ReplaceAll(sharded, "'SPUBLISH'", ""), "PUBLISH") {
+		// A PUBLISH written another way would go unnoticed on a cluster
+		// (its events would reach no node): fail at start-up instead.
+		panic("caddychat: a script publishes other than with redis.call('PUBLISH', ...): " + src)
+	}
+	return pubsubScript{classic: redis.NewScript(src), sharded: redis.NewScript(sharded)}
+}
+
+func (s pubsubScript) get(sharded bool) *redis.Script {
+	if sharded {
+		return s.sharded
+	}
+	return s.classic
 }

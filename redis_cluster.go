@@ -346,26 +346,3 @@ func (b *clusterBroker) brokerTimeout() time.Duration {
 	}
 	return 5 * time.Second
 }
-
-// pubsubScript is a Lua script that publishes, in both forms: with PUBLISH
-// for a standalone Redis or Sentinel, with SPUBLISH for a cluster. A script
-// may SPUBLISH on a cluster only to a channel of the slot of its KEYS, which
-// holds for every script here: their keys' hash tag is the channel's name.
-type pubsubScript struct{ classic, sharded *redis.Script }
-
-func newPubSubScript(src string) pubsubScript {
-	sharded := strings.ReplaceAll(src, "redis.call('PUBLISH',", "redis.call('SPUBLISH',")
-	if strings.Contains(strings.ReplaceAll(sharded, "'SPUBLISH'", ""), "PUBLISH") {
-		// A PUBLISH written another way would go unnoticed on a cluster
-		// (its events would reach no node): fail at start-up instead.
-		panic("caddychat: a script publishes other than with redis.call('PUBLISH', ...): " + src)
-	}
-	return pubsubScript{classic: redis.NewScript(src), sharded: redis.NewScript(sharded)}
-}
-
-func (s pubsubScript) get(sharded bool) *redis.Script {
-	if sharded {
-		return s.sharded
-	}
-	return s.classic
-}
