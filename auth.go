@@ -1,12 +1,14 @@
 package caddychat
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rsa"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -63,10 +65,37 @@ type JWTConfig struct {
 	// Query parameter that may carry the token, e.g. "token". Off unless set:
 	// URLs end up in logs and proxies. Requests using it are left out of
 	// Caddy's access log and logged by this module with the value redacted.
-	QueryParam string `json:"query_param,omitempty"`
+	// Named query_token in JSON as in the Caddyfile; the older JSON name
+	// query_param is deprecated and still read (see UnmarshalJSON).
+	QueryParam string `json:"query_token,omitempty"`
 
 	// Tokens longer than this many bytes are refused unparsed. Default: 8192.
 	MaxTokenSize int `json:"max_token_size,omitempty"`
+}
+
+// UnmarshalJSON decodes a jwt object as the default decoding would (unknown
+// fields are errors, as Caddy's strict decoding makes them), and reads the
+// deprecated name query_param of query_token. Both may be given only with
+// the same value.
+func (j *JWTConfig) UnmarshalJSON(data []byte) error {
+	type jwtConfig JWTConfig // the fields, without this method
+	var v struct {
+		jwtConfig
+		DeprecatedQueryParam string `json:"query_param,omitempty"`
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&v); err != nil {
+		return err
+	}
+	if old := v.DeprecatedQueryParam; old != "" {
+		if v.QueryParam != "" && v.QueryParam != old {
+			return fmt.Errorf("jwt: query_param %q and query_token %q: query_param is the deprecated name of query_token; set query_token only", old, v.QueryParam)
+		}
+		v.QueryParam = old
+	}
+	*j = JWTConfig(v.jwtConfig)
+	return nil
 }
 
 // Permissions are the channels a class of users may use, as patterns: "*"

@@ -2,6 +2,7 @@ package caddychat
 
 import (
 	"encoding/json"
+	"fmt"
 	"strconv"
 	"strings"
 
@@ -84,471 +85,315 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens:
 //
 //	chat [<matcher>] {
-//		redis            <url>
-//		redis_sentinel   <master name> <sentinel addr...> [{ ... }]
-//		redis_cluster    <node addr...> [{ ... }]
-//		redis_tls        { ca <file>; cert <file>; key <file>; server_name <name> }
-//		channel_prefix   <prefix>
-//		protocol         json|raw
-//		channel          <name>
-//		origins          <pattern...>
-//		max_message_size <size>
-//		send_queue       <size>
-//		ping_interval    <duration>
-//		write_timeout    <duration>
-//		publish_timeout  <duration>
-//		drain_period     <duration>
-//		history          [<channel pattern>] <count> [<max age>]
-//		max_replay       <messages>
-//		history_memory   <size>
-//		history_new_channels <n> [<per duration>] | off
-//		ui               on|off
-//		presence         on|off
-//		presence_ttl     <duration>
+//		redis                    <url>
+//		redis_sentinel           <master name> <sentinel addr...> [{
+//			username          <user>
+//			password          <password>
+//			db                <number>
+//			sentinel_username <user>
+//			sentinel_password <password>
+//			tls
+//		}]
+//		redis_cluster            <node addr...> [{
+//			username <user>
+//			password <password>
+//			tls
+//		}]
+//		redis_tls {
+//			ca          <PEM file>
+//			cert        <PEM file>
+//			key         <PEM file>
+//			server_name <name>
+//		}
+//		channel_prefix           <prefix>
+//		protocol                 json|raw
+//		channel                  <name>
+//		origins                  <pattern...>
+//		max_message_size         <size>
+//		send_queue               <size>
+//		ping_interval            <duration>
+//		write_timeout            <duration>
+//		publish_timeout          <duration>
+//		drain_period             <duration>
+//		jwt {
+//			secret          <secret>
+//			public_key      <PEM file>
+//			jwks            <URL>
+//			issuer          <iss>
+//			audience        <aud>
+//			user_claim      <claim>
+//			subscribe_claim <claim>
+//			publish_claim   <claim>
+//			leeway          <duration>
+//			cookie          <name>
+//			query_token     [<param>]
+//			max_token_size  <size>
+//		}
+//		subscribe                <pattern...>
+//		publish                  <pattern...>
+//		anonymous [{
+//			subscribe <pattern...>
+//			publish   <pattern...>
+//		}]
+//		rate_limit               <per second> [<burst>] | off
+//		max_connections          <n>
+//		max_connections_per_user <n>
+//		max_subscriptions        <n>
+//		presence                 on|off
+//		presence_ttl             <duration>
+//		history                  [<channel pattern>] <count> [<max age>]
+//		max_replay               <n>
+//		history_memory           <size>
+//		history_new_channels     <n> [<per duration>] | off
+//		publish_endpoint         <path>
+//		publish_key              <key>
+//		ui                       on|off
 //	}
+//
+// The jwt block takes exactly one of secret, public_key and jwks. The
+// options are the tables chatOptions (below) and those of the blocks;
+// TestCaddyfileSyntaxComment keeps this comment in step with them.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive's name (the matcher, if any, was taken already)
 	if d.NextArg() {
-		return d.Errf("chat takes no arguments besides a matcher; options go in its block")
+		return d.Errf("chat: unexpected argument %q: chat takes a matcher and a block of options, e.g. chat /ws { redis redis://127.0.0.1:6379/0 }", d.Val())
 	}
-	for d.NextBlock(0) {
-		option := d.Val()
-		switch option {
-		case "origins":
-			h.Origins = append(h.Origins, d.RemainingArgs()...)
-			if len(h.Origins) == 0 {
-				return d.Errf("origins needs at least one pattern")
-			}
-			continue
-		case "subscribe", "publish":
-			patterns := d.RemainingArgs()
-			if len(patterns) == 0 {
-				return d.Errf("%s needs at least one channel pattern", option)
-			}
-			if option == "subscribe" {
-				h.Subscribe = append(h.Subscribe, patterns...)
-			} else {
-				h.Publish = append(h.Publish, patterns...)
-			}
-			continue
-		case "jwt":
-			if err := h.unmarshalJWT(d); err != nil {
-				return err
-			}
-			continue
-		case "anonymous":
-			if err := h.unmarshalAnonymous(d); err != nil {
-				return err
-			}
-			continue
-		case "rate_limit":
-			if err := h.unmarshalRateLimit(d); err != nil {
-				return err
-			}
-			continue
-		case "redis_sentinel":
-			if err := h.unmarshalRedisSentinel(d); err != nil {
-				return err
-			}
-			continue
-		case "redis_cluster":
-			if err := h.unmarshalRedisCluster(d); err != nil {
-				return err
-			}
-			continue
-		case "redis_tls":
-			if err := h.unmarshalRedisTLS(d); err != nil {
-				return err
-			}
-			continue
-		case "history_new_channels":
-			l, err := unmarshalNewChannelLimit(d)
-			if err != nil {
-				return err
-			}
-			h.HistoryNewChannels = l
-			continue
-		case "history":
-			rule, err := unmarshalHistoryRule(d)
-			if err != nil {
-				return err
-			}
-			h.History = append(h.History, rule)
-			continue
-		}
-
-		var value string
-		if !d.Args(&value) {
-			return d.Errf("%s needs exactly one value", option)
-		}
-		if d.NextArg() {
-			return d.Errf("%s takes one value, got more: %q", option, d.Val())
-		}
-		switch option {
-		case "redis":
-			h.Redis = value
-		case "channel_prefix":
-			h.ChannelPrefix = &value
-		case "protocol":
-			h.Protocol = value
-		case "channel":
-			h.Channel = value
-		case "max_message_size":
-			size, err := humanize.ParseBytes(value)
-			if err != nil || size == 0 || size > 1<<40 {
-				return d.Errf("max_message_size %q: want a size such as 65536, 64KiB or 1MB", value)
-			}
-			h.MaxMessageSize = int64(size)
-		case "send_queue":
-			size, err := humanize.ParseBytes(value)
-			if err != nil || size == 0 || size > 1<<40 {
-				return d.Errf("send_queue %q: want a size in bytes such as 1MiB or 512KiB", value)
-			}
-			h.SendQueue = int64(size)
-		case "history_memory":
-			size, err := humanize.ParseBytes(value)
-			if err != nil || size == 0 || size > 1<<40 {
-				return d.Errf("history_memory %q: want a size such as 64MiB or 1GiB", value)
-			}
-			h.HistoryMemory = int64(size)
-		case "max_connections", "max_connections_per_user", "max_subscriptions", "max_replay":
-			n, err := strconv.Atoi(value)
-			if err != nil || n < 1 {
-				return d.Errf("%s %q: want a positive number", option, value)
-			}
-			switch option {
-			case "max_connections":
-				h.MaxConnections = n
-			case "max_connections_per_user":
-				h.MaxConnectionsPerUser = n
-			case "max_replay":
-				h.MaxReplay = n
-			default:
-				h.MaxSubscriptions = n
-			}
-		case "publish_endpoint":
-			h.PublishEndpoint = value
-		case "publish_key":
-			h.PublishKey = value
-		case "presence", "ui":
-			if value != "on" && value != "off" {
-				return d.Errf("%s %q: want on or off", option, value)
-			}
-			if option == "ui" {
-				h.UI = value == "on"
-			} else {
-				h.Presence = value == "on"
-			}
-		case "presence_ttl":
-			dur, err := caddy.ParseDuration(value)
-			if err != nil || dur <= 0 {
-				return d.Errf("presence_ttl %q: want a duration such as 15s", value)
-			}
-			h.PresenceTTL = caddy.Duration(dur)
-		case "ping_interval", "write_timeout", "publish_timeout", "drain_period":
-			dur, err := caddy.ParseDuration(value)
-			if err != nil || dur <= 0 {
-				return d.Errf("%s %q: want a positive duration such as 10s", option, value)
-			}
-			switch option {
-			case "ping_interval":
-				h.PingInterval = caddy.Duration(dur)
-			case "write_timeout":
-				h.WriteTimeout = caddy.Duration(dur)
-			case "drain_period":
-				h.DrainPeriod = caddy.Duration(dur)
-			default:
-				h.PublishTimeout = caddy.Duration(dur)
-			}
-		default:
-			return d.Errf("unknown chat option %q", option)
-		}
-	}
-	return nil
+	return chatOptions.parse(d, h)
 }
 
-// unmarshalHistoryRule parses history [<channel pattern>] <count> [<max age>];
+// chatOptions are the options of the chat block, in the order of the syntax
+// comment above.
+var chatOptions = &optionTable[Handler]{options: []option[Handler]{
+	{name: "redis", min: 1, max: 1, syntax: "<url>", takes: "one URL", example: "redis redis://127.0.0.1:6379/0",
+		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error { h.Redis = args[0]; return nil }},
+	{name: "redis_sentinel", min: 2, max: -1, syntax: "<master name> <sentinel addr...>",
+		takes:   "the master name and one or more sentinel addresses",
+		example: "redis_sentinel mymaster 10.0.0.1:26379 10.0.0.2:26379",
+		block:   redisSentinelOptions, blockOptional: true,
+		parse: func(h *Handler, d *caddyfile.Dispenser, args []string) error {
+			s := &RedisSentinel{Master: args[0], Addrs: args[1:]}
+			if err := redisSentinelOptions.parse(d, s); err != nil {
+				return err
+			}
+			h.RedisSentinel = s
+			return nil
+		}},
+	{name: "redis_cluster", min: 1, max: -1, syntax: "<node addr...>",
+		takes: "one or more node addresses", example: "redis_cluster 10.0.1.1:6379 10.0.1.2:6379",
+		block: redisClusterOptions, blockOptional: true,
+		parse: func(h *Handler, d *caddyfile.Dispenser, args []string) error {
+			c := &RedisCluster{Addrs: args}
+			if err := redisClusterOptions.parse(d, c); err != nil {
+				return err
+			}
+			h.RedisCluster = c
+			return nil
+		}},
+	{name: "redis_tls", takes: "no values, only a block", example: "redis_tls { ca /etc/chat/redis-ca.pem }",
+		block: redisTLSOptions, parse: (*Handler).unmarshalRedisTLS},
+	{name: "channel_prefix", min: 1, max: 1, syntax: "<prefix>", takes: "one prefix", example: "channel_prefix chat:",
+		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error { h.ChannelPrefix = &args[0]; return nil }},
+	{name: "protocol", min: 1, max: 1, syntax: "json|raw", takes: "one protocol, json or raw", example: "protocol raw",
+		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error { h.Protocol = args[0]; return nil }},
+	{name: "channel", min: 1, max: 1, syntax: "<name>", takes: "one channel name", example: "channel room:{http.request.uri.path.1}",
+		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error { h.Channel = args[0]; return nil }},
+	patternsOption("origins", "one or more origin patterns", "origins app.example.com *.example.com", func(h *Handler) *[]string { return &h.Origins }),
+	sizeOption("max_message_size", "64KiB", 1<<40, func(h *Handler, n int64) { h.MaxMessageSize = n }),
+	sizeOption("send_queue", "1MiB", 1<<40, func(h *Handler, n int64) { h.SendQueue = n }),
+	durationOption("ping_interval", "25s", func(h *Handler, d caddy.Duration) { h.PingInterval = d }),
+	durationOption("write_timeout", "10s", func(h *Handler, d caddy.Duration) { h.WriteTimeout = d }),
+	durationOption("publish_timeout", "2s", func(h *Handler, d caddy.Duration) { h.PublishTimeout = d }),
+	durationOption("drain_period", "10s", func(h *Handler, d caddy.Duration) { h.DrainPeriod = d }),
+	{name: "jwt", takes: "no values, only a block", example: "jwt { secret {env.CHAT_JWT_SECRET} }",
+		block: jwtOptions,
+		parse: func(h *Handler, d *caddyfile.Dispenser, _ []string) error {
+			j := new(JWTConfig)
+			if err := jwtOptions.parse(d, j); err != nil {
+				return err
+			}
+			h.JWT = j
+			return nil
+		}},
+	patternsOption("subscribe", "one or more channel patterns", "subscribe room:* user:{user}", func(h *Handler) *[]string { return &h.Subscribe }),
+	patternsOption("publish", "one or more channel patterns", "publish room:*", func(h *Handler) *[]string { return &h.Publish }),
+	{name: "anonymous", takes: "no values, only a block", example: "anonymous { subscribe public:* }",
+		block: anonymousOptions, blockOptional: true,
+		parse: func(h *Handler, d *caddyfile.Dispenser, _ []string) error {
+			p := new(Permissions)
+			if err := anonymousOptions.parse(d, p); err != nil {
+				return err
+			}
+			h.Anonymous = p
+			return nil
+		}},
+	{name: "rate_limit", min: 1, max: 2, syntax: "<per second> [<burst>] | off",
+		takes: "a number of frames per second and an optional burst, or off", example: "rate_limit 50 100",
+		parse: parseRateLimit},
+	countOption("max_connections", "100000", func(h *Handler, n int) { h.MaxConnections = n }),
+	countOption("max_connections_per_user", "100", func(h *Handler, n int) { h.MaxConnectionsPerUser = n }),
+	countOption("max_subscriptions", "100", func(h *Handler, n int) { h.MaxSubscriptions = n }),
+	onOffOption("presence", func(h *Handler, on bool) { h.Presence = on }),
+	durationOption("presence_ttl", "15s", func(h *Handler, d caddy.Duration) { h.PresenceTTL = d }),
+	{name: "history", min: 1, max: 3, syntax: "[<channel pattern>] <count> [<max age>]",
+		takes: "an optional channel pattern, a count and an optional max age", example: historyExample,
+		parse: parseHistoryRule},
+	countOption("max_replay", "1000", func(h *Handler, n int) { h.MaxReplay = n }),
+	sizeOption("history_memory", "64MiB", 1<<40, func(h *Handler, n int64) { h.HistoryMemory = n }),
+	{name: "history_new_channels", min: 1, max: 2, syntax: "<n> [<per duration>] | off",
+		takes: "a number of channels and an optional period, or off", example: newChannelsExample,
+		parse: parseNewChannelLimit},
+	{name: "publish_endpoint", min: 1, max: 1, syntax: "<path>", takes: "one path", example: "publish_endpoint /chat/publish",
+		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error { h.PublishEndpoint = args[0]; return nil }},
+	{name: "publish_key", min: 1, max: 1, syntax: "<key>", takes: "one key", example: "publish_key {env.CHAT_PUBLISH_KEY}",
+		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error { h.PublishKey = args[0]; return nil }},
+	onOffOption("ui", func(h *Handler, on bool) { h.UI = on }),
+}}
+
+// jwtOptions are the options of the jwt block.
+var jwtOptions = &optionTable[JWTConfig]{block: "jwt", options: []option[JWTConfig]{
+	stringOption("secret", "<secret>", "{env.CHAT_JWT_SECRET}", func(j *JWTConfig, v string) { j.Secret = v }),
+	stringOption("public_key", "<PEM file>", "/etc/chat/jwt.pem", func(j *JWTConfig, v string) { j.PublicKey = v }),
+	stringOption("jwks", "<URL>", "https://idp.example.com/.well-known/jwks.json", func(j *JWTConfig, v string) { j.JWKS = v }),
+	stringOption("issuer", "<iss>", "https://idp.example.com", func(j *JWTConfig, v string) { j.Issuer = v }),
+	stringOption("audience", "<aud>", "chat", func(j *JWTConfig, v string) { j.Audience = v }),
+	stringOption("user_claim", "<claim>", "sub", func(j *JWTConfig, v string) { j.UserClaim = v }),
+	stringOption("subscribe_claim", "<claim>", "chat.subscribe", func(j *JWTConfig, v string) { j.SubscribeClaim = v }),
+	stringOption("publish_claim", "<claim>", "chat.publish", func(j *JWTConfig, v string) { j.PublishClaim = v }),
+	{name: "leeway", min: 1, max: 1, syntax: "<duration>", takes: "one duration", example: "leeway 5s",
+		parse: func(j *JWTConfig, _ *caddyfile.Dispenser, args []string) error {
+			dur, err := caddy.ParseDuration(args[0])
+			if err != nil || dur < 0 {
+				return fmt.Errorf("leeway %q: want a duration such as 5s", args[0])
+			}
+			j.Leeway = caddy.Duration(dur)
+			return nil
+		}},
+	stringOption("cookie", "<name>", "chat_token", func(j *JWTConfig, v string) { j.Cookie = v }),
+	{name: "query_token", max: 1, syntax: "[<param>]", takes: "at most one parameter name", example: "query_token token",
+		parse: func(j *JWTConfig, _ *caddyfile.Dispenser, args []string) error {
+			j.QueryParam = "token"
+			if len(args) == 1 {
+				j.QueryParam = args[0]
+			}
+			return nil
+		}},
+	{name: "max_token_size", min: 1, max: 1, syntax: "<size>", takes: "one size", example: "max_token_size 8KiB",
+		parse: func(j *JWTConfig, _ *caddyfile.Dispenser, args []string) error {
+			size, err := humanize.ParseBytes(args[0])
+			if err != nil || size == 0 || size > 1<<20 {
+				return fmt.Errorf("max_token_size %q: want a size such as 8KiB", args[0])
+			}
+			j.MaxTokenSize = int(size)
+			return nil
+		}},
+}, meant: map[string]string{"query_param": "query_token"}}
+
+// anonymousOptions are the options of the anonymous block.
+var anonymousOptions = &optionTable[Permissions]{block: "anonymous", options: []option[Permissions]{
+	patternsOption("subscribe", "one or more channel patterns", "subscribe public:*", func(p *Permissions) *[]string { return &p.Subscribe }),
+	patternsOption("publish", "one or more channel patterns", "publish public:*", func(p *Permissions) *[]string { return &p.Publish }),
+}}
+
+// redisSentinelOptions are the options of the redis_sentinel block.
+var redisSentinelOptions = &optionTable[RedisSentinel]{block: "redis_sentinel", options: []option[RedisSentinel]{
+	stringOption("username", "<user>", "chat", func(s *RedisSentinel, v string) { s.Username = v }),
+	stringOption("password", "<password>", "{env.REDIS_PASSWORD}", func(s *RedisSentinel, v string) { s.Password = v }),
+	{name: "db", min: 1, max: 1, syntax: "<number>", takes: "one database number", example: "db 0",
+		parse: func(s *RedisSentinel, _ *caddyfile.Dispenser, args []string) error {
+			n, err := strconv.Atoi(args[0])
+			if err != nil || n < 0 {
+				return fmt.Errorf("db %q: want a database number, 0 or more", args[0])
+			}
+			s.DB = n
+			return nil
+		}},
+	stringOption("sentinel_username", "<user>", "watcher", func(s *RedisSentinel, v string) { s.SentinelUsername = v }),
+	stringOption("sentinel_password", "<password>", "{env.SENTINEL_PASSWORD}", func(s *RedisSentinel, v string) { s.SentinelPassword = v }),
+	flagOption("tls", func(s *RedisSentinel) { s.TLS = true }),
+}}
+
+// redisClusterOptions are the options of the redis_cluster block.
+var redisClusterOptions = &optionTable[RedisCluster]{block: "redis_cluster", options: []option[RedisCluster]{
+	stringOption("username", "<user>", "chat", func(c *RedisCluster, v string) { c.Username = v }),
+	stringOption("password", "<password>", "{env.REDIS_PASSWORD}", func(c *RedisCluster, v string) { c.Password = v }),
+	flagOption("tls", func(c *RedisCluster) { c.TLS = true }),
+}}
+
+const (
+	historyExample     = "history room:* 100 24h"
+	newChannelsExample = "history_new_channels 30 1m"
+)
+
+// parseHistoryRule parses history [<channel pattern>] <count> [<max age>];
 // a first argument that is a number is the count of a rule for every channel.
-func unmarshalHistoryRule(d *caddyfile.Dispenser) (HistoryRule, error) {
-	const usage = "history [<channel pattern>] <count> [<max age>], e.g. history room:* 100 24h"
-	args := d.RemainingArgs()
+func parseHistoryRule(h *Handler, _ *caddyfile.Dispenser, args []string) error {
+	const usage = "history [<channel pattern>] <count> [<max age>], e.g. " + historyExample
 	var rule HistoryRule
-	if len(args) > 0 {
-		if _, err := strconv.Atoi(args[0]); err != nil {
-			rule.Channels, args = args[0], args[1:]
-		}
+	line := strings.Join(args, " ")
+	if _, err := strconv.Atoi(args[0]); err != nil {
+		rule.Channels, args = args[0], args[1:]
 	}
-	if len(args) < 1 || len(args) > 2 {
-		return rule, d.Errf("%s", usage)
+	switch {
+	case len(args) == 0:
+		return fmt.Errorf("history %s: want a count after the channel pattern (%s)", line, usage)
+	case len(args) > 2:
+		return fmt.Errorf("history %s: a first value that is a number is the count, and only a max age may follow it (%s)", line, usage)
 	}
 	n, err := strconv.Atoi(args[0])
 	if err != nil || n < 1 {
-		return rule, d.Errf("history count %q: want a positive number of messages (%s)", args[0], usage)
+		return fmt.Errorf("history count %q: want a positive number of messages (%s)", args[0], usage)
 	}
 	rule.Count = n
 	if len(args) == 2 {
 		dur, err := caddy.ParseDuration(args[1])
 		if err != nil || dur <= 0 {
-			return rule, d.Errf("history max age %q: want a positive duration such as 24h (%s)", args[1], usage)
+			return fmt.Errorf("history max age %q: want a positive duration such as 24h (%s)", args[1], usage)
 		}
 		rule.MaxAge = caddy.Duration(dur)
 	}
-	return rule, nil
+	h.History = append(h.History, rule)
+	return nil
 }
 
-// unmarshalNewChannelLimit parses history_new_channels <n> [<per duration>]
-// or history_new_channels off.
-func unmarshalNewChannelLimit(d *caddyfile.Dispenser) (*NewChannelLimit, error) {
-	const usage = "history_new_channels <n> [<per duration>], e.g. history_new_channels 30 1m, or off"
-	args := d.RemainingArgs()
+// parseNewChannelLimit parses history_new_channels <n> [<per duration>] or
+// history_new_channels off.
+func parseNewChannelLimit(h *Handler, _ *caddyfile.Dispenser, args []string) error {
+	const usage = "history_new_channels <n> [<per duration>], e.g. " + newChannelsExample + ", or off"
 	if len(args) == 1 && args[0] == "off" {
-		return &NewChannelLimit{Count: -1}, nil
-	}
-	if len(args) < 1 || len(args) > 2 {
-		return nil, d.Errf("%s", usage)
+		h.HistoryNewChannels = &NewChannelLimit{Count: -1}
+		return nil
 	}
 	n, err := strconv.Atoi(args[0])
 	if err != nil || n < 1 {
-		return nil, d.Errf("history_new_channels %q: want a positive number of channels (%s)", args[0], usage)
+		return fmt.Errorf("history_new_channels %q: want a positive number of channels (%s)", args[0], usage)
 	}
 	l := &NewChannelLimit{Count: n}
 	if len(args) == 2 {
 		dur, err := caddy.ParseDuration(args[1])
 		if err != nil || dur <= 0 {
-			return nil, d.Errf("history_new_channels period %q: want a positive duration such as 1m (%s)", args[1], usage)
+			return fmt.Errorf("history_new_channels period %q: want a positive duration such as 1m (%s)", args[1], usage)
 		}
 		l.Per = caddy.Duration(dur)
 	}
-	return l, nil
-}
-
-// unmarshalRedisSentinel parses
-//
-//	redis_sentinel <master name> <sentinel addr...> {
-//		username <user>
-//		password <password>
-//		db <number>
-//		sentinel_username <user>
-//		sentinel_password <password>
-//		tls
-//	}
-func (h *Handler) unmarshalRedisSentinel(d *caddyfile.Dispenser) error {
-	const usage = "redis_sentinel <master name> <sentinel host:port...>"
-	args := d.RemainingArgs()
-	if len(args) < 2 {
-		return d.Errf("%s: want the master name and at least one sentinel address", usage)
-	}
-	s := &RedisSentinel{Master: args[0], Addrs: args[1:]}
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		option := d.Val()
-		if option == "tls" {
-			if d.NextArg() {
-				return d.Errf("redis_sentinel tls takes no value")
-			}
-			s.TLS = true
-			continue
-		}
-		value, err := redisOptionValue(d, "redis_sentinel")
-		if err != nil {
-			return err
-		}
-		switch option {
-		case "username":
-			s.Username = value
-		case "password":
-			s.Password = value
-		case "sentinel_username":
-			s.SentinelUsername = value
-		case "sentinel_password":
-			s.SentinelPassword = value
-		case "db":
-			n, err := strconv.Atoi(value)
-			if err != nil || n < 0 {
-				return d.Errf("redis_sentinel db %q: want a database number, 0 or more", value)
-			}
-			s.DB = n
-		default:
-			return d.Errf("unknown redis_sentinel option %q (want username, password, db, sentinel_username, sentinel_password or tls)", option)
-		}
-	}
-	h.RedisSentinel = s
+	h.HistoryNewChannels = l
 	return nil
 }
 
-// unmarshalRedisCluster parses
-//
-//	redis_cluster <node addr...> {
-//		username <user>
-//		password <password>
-//		tls
-//	}
-func (h *Handler) unmarshalRedisCluster(d *caddyfile.Dispenser) error {
-	addrs := d.RemainingArgs()
-	if len(addrs) == 0 {
-		return d.Errf("redis_cluster <node host:port...>: want at least one node address")
-	}
-	c := &RedisCluster{Addrs: addrs}
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		option := d.Val()
-		if option == "tls" {
-			if d.NextArg() {
-				return d.Errf("redis_cluster tls takes no value")
-			}
-			c.TLS = true
-			continue
-		}
-		value, err := redisOptionValue(d, "redis_cluster")
-		if err != nil {
-			return err
-		}
-		switch option {
-		case "username":
-			c.Username = value
-		case "password":
-			c.Password = value
-		default:
-			return d.Errf("unknown redis_cluster option %q (want username, password or tls)", option)
-		}
-	}
-	h.RedisCluster = c
-	return nil
-}
-
-// redisOptionValue reads the one value of an option in a redis_* block.
-func redisOptionValue(d *caddyfile.Dispenser, directive string) (string, error) {
-	option := d.Val()
-	args := d.RemainingArgs()
-	if len(args) != 1 {
-		return "", d.Errf("%s %s needs exactly one value", directive, option)
-	}
-	return args[0], nil
-}
-
-// unmarshalJWT parses
-//
-//	jwt {
-//		secret|public_key|jwks <value>
-//		issuer <iss>
-//		audience <aud>
-//		user_claim <claim>
-//		subscribe_claim <claim>
-//		publish_claim <claim>
-//		leeway <duration>
-//		cookie <name>
-//		query_token [<param>]
-//		max_token_size <size>
-//	}
-func (h *Handler) unmarshalJWT(d *caddyfile.Dispenser) error {
-	if d.NextArg() {
-		return d.Errf("jwt takes its options in a block")
-	}
-	j := new(JWTConfig)
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		option := d.Val()
-		args := d.RemainingArgs()
-		if option == "query_token" {
-			switch len(args) {
-			case 0:
-				j.QueryParam = "token"
-			case 1:
-				j.QueryParam = args[0]
-			default:
-				return d.Errf("jwt query_token takes at most one parameter name")
-			}
-			continue
-		}
-		if len(args) != 1 {
-			return d.Errf("jwt %s needs exactly one value", option)
-		}
-		value := args[0]
-		switch option {
-		case "secret":
-			j.Secret = value
-		case "public_key":
-			j.PublicKey = value
-		case "jwks":
-			j.JWKS = value
-		case "issuer":
-			j.Issuer = value
-		case "audience":
-			j.Audience = value
-		case "user_claim":
-			j.UserClaim = value
-		case "subscribe_claim":
-			j.SubscribeClaim = value
-		case "publish_claim":
-			j.PublishClaim = value
-		case "cookie":
-			j.Cookie = value
-		case "leeway":
-			dur, err := caddy.ParseDuration(value)
-			if err != nil || dur < 0 {
-				return d.Errf("jwt leeway %q: want a duration such as 5s", value)
-			}
-			j.Leeway = caddy.Duration(dur)
-		case "max_token_size":
-			size, err := humanize.ParseBytes(value)
-			if err != nil || size == 0 || size > 1<<20 {
-				return d.Errf("jwt max_token_size %q: want a size such as 8KiB", value)
-			}
-			j.MaxTokenSize = int(size)
-		default:
-			return d.Errf("unknown jwt option %q", option)
-		}
-	}
-	h.JWT = j
-	return nil
-}
-
-// unmarshalAnonymous parses `anonymous` or
-//
-//	anonymous {
-//		subscribe <pattern...>
-//		publish <pattern...>
-//	}
-func (h *Handler) unmarshalAnonymous(d *caddyfile.Dispenser) error {
-	if d.NextArg() {
-		return d.Errf("anonymous takes its permissions in a block")
-	}
-	p := new(Permissions)
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		option := d.Val()
-		patterns := d.RemainingArgs()
-		if len(patterns) == 0 {
-			return d.Errf("anonymous %s needs at least one channel pattern", option)
-		}
-		switch option {
-		case "subscribe":
-			p.Subscribe = append(p.Subscribe, patterns...)
-		case "publish":
-			p.Publish = append(p.Publish, patterns...)
-		default:
-			return d.Errf("unknown anonymous option %q (want subscribe or publish)", option)
-		}
-	}
-	h.Anonymous = p
-	return nil
-}
-
-// unmarshalRateLimit parses `rate_limit <per second> [<burst>]` or `rate_limit off`.
-func (h *Handler) unmarshalRateLimit(d *caddyfile.Dispenser) error {
-	args := d.RemainingArgs()
+// parseRateLimit parses rate_limit <per second> [<burst>] or rate_limit off.
+func parseRateLimit(h *Handler, _ *caddyfile.Dispenser, args []string) error {
 	if len(args) == 1 && args[0] == "off" {
 		h.RateLimit = &RateLimit{PerSecond: -1}
 		return nil
 	}
-	if len(args) < 1 || len(args) > 2 {
-		return d.Errf("rate_limit needs <frames per second> [<burst>], or off")
-	}
 	perSecond, err := strconv.ParseFloat(args[0], 64)
 	if err != nil || perSecond <= 0 || perSecond > 1e6 {
-		return d.Errf("rate_limit %q: want a positive number of frames per second, or off", args[0])
+		return fmt.Errorf("rate_limit %q: want a positive number of frames per second, or off", args[0])
 	}
 	rl := &RateLimit{PerSecond: perSecond}
 	if len(args) == 2 {
 		burst, err := strconv.Atoi(args[1])
 		if err != nil || burst < 1 {
-			return d.Errf("rate_limit burst %q: want a positive number of frames", args[1])
+			return fmt.Errorf("rate_limit burst %q: want a positive number of frames", args[1])
 		}
 		rl.Burst = burst
 	}

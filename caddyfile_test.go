@@ -1,8 +1,14 @@
 package caddychat
 
 import (
+	"go/ast"
+	"go/parser"
+	"go/token"
 	"os"
 	"path/filepath"
+	"reflect"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -37,54 +43,214 @@ func TestCaddyfileAdapt(t *testing.T) {
 	}
 }
 
-func TestCaddyfileErrorsNameTheOption(t *testing.T) {
-	cases := []struct{ input, want string }{
-		{"chat {\n bogus 1\n}", `unknown chat option "bogus"`},
-		{"chat {\n redis\n}", "redis needs exactly one value"},
-		{"chat {\n redis a b\n}", "redis takes one value"},
-		{"chat {\n max_message_size lots\n}", "max_message_size"},
-		{"chat {\n max_message_size 0\n}", "max_message_size"},
-		{"chat {\n send_queue -3\n}", "send_queue"},
-		{"chat {\n ping_interval soon\n}", "ping_interval"},
-		{"chat {\n write_timeout -1s\n}", "write_timeout"},
-		{"chat {\n publish_timeout x\n}", "publish_timeout"},
-		{"chat {\n drain_period soon\n}", "drain_period"},
-		{"chat {\n origins\n}", "origins needs at least one pattern"},
-		{"chat extra", "no arguments"},
-		{"chat {\n jwt {\n bogus 1\n }\n}", `unknown jwt option "bogus"`},
-		{"chat {\n jwt {\n secret\n }\n}", "jwt secret needs exactly one value"},
-		{"chat {\n jwt {\n leeway never\n }\n}", "jwt leeway"},
-		{"chat {\n jwt {\n max_token_size huge\n }\n}", "jwt max_token_size"},
-		{"chat {\n jwt {\n query_token a b\n }\n}", "jwt query_token"},
-		{"chat {\n anonymous {\n read x\n }\n}", `unknown anonymous option "read"`},
-		{"chat {\n anonymous {\n subscribe\n }\n}", "anonymous subscribe needs at least one channel pattern"},
-		{"chat {\n subscribe\n}", "subscribe needs at least one channel pattern"},
-		{"chat {\n rate_limit fast\n}", `rate_limit "fast"`},
-		{"chat {\n rate_limit 10 many\n}", `rate_limit burst "many"`},
-		{"chat {\n rate_limit\n}", "rate_limit needs"},
-		{"chat {\n max_connections 0\n}", "max_connections"},
-		{"chat {\n max_connections_per_user x\n}", "max_connections_per_user"},
-		{"chat {\n max_subscriptions -1\n}", "max_subscriptions"},
-		{"chat {\n history\n}", "history [<channel pattern>] <count> [<max age>]"},
-		{"chat {\n history room:*\n}", "history [<channel pattern>] <count>"},
-		{"chat {\n history room:* lots\n}", `history count "lots"`},
-		{"chat {\n history 0\n}", "history count"},
-		{"chat {\n history 10 forever\n}", `history max age "forever"`},
-		{"chat {\n history room:* 10 1h extra\n}", "history [<channel pattern>]"},
-		{"chat {\n max_replay none\n}", "max_replay"},
-		{"chat {\n history_memory lots\n}", `history_memory "lots"`},
-		{"chat {\n history_memory 0\n}", `history_memory "0"`},
-		{"chat {\n history_new_channels\n}", "history_new_channels <n> [<per duration>]"},
-		{"chat {\n history_new_channels many\n}", `history_new_channels "many"`},
-		{"chat {\n history_new_channels 0\n}", `history_new_channels "0"`},
-		{"chat {\n history_new_channels 10 soon\n}", `history_new_channels period "soon"`},
-		{"chat {\n history_new_channels 10 1m extra\n}", "history_new_channels <n>"},
+// optionPaths are the names of the options in docs, a nested one as
+// "jwt/secret".
+func optionPaths(docs []optionDoc) []string {
+	var paths []string
+	for _, o := range docs {
+		paths = append(paths, o.name)
+		for _, n := range o.block {
+			paths = append(paths, o.name+"/"+n.name)
+		}
 	}
-	for _, tc := range cases {
-		var h Handler
-		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
-		if err == nil || !strings.Contains(err.Error(), tc.want) {
-			t.Errorf("%q: error %v, want one containing %q", tc.input, err, tc.want)
+	return paths
+}
+
+// TestCaddyfileAdaptPinsEveryOption: every option of the tables, top-level
+// and nested, appears in a golden file of TestCaddyfileAdapt.
+func TestCaddyfileAdaptPinsEveryOption(t *testing.T) {
+	files, err := filepath.Glob("testdata/caddyfile_adapt/*.txt")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no golden files: %v", err)
+	}
+	seen := map[string]bool{}
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		input, _, _ := strings.Cut(string(data), "----------")
+		blocks, err := caddyfile.Parse(f, []byte(input))
+		if err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		for _, b := range blocks {
+			for _, seg := range b.Segments {
+				if seg.Directive() != "chat" {
+					continue
+				}
+				d := caddyfile.NewDispenser(seg)
+				d.Next()
+				d.RemainingArgs()
+				for d.NextBlock(0) {
+					name := d.Val()
+					seen[name] = true
+					d.RemainingArgs()
+					for nesting := d.Nesting(); d.NextBlock(nesting); {
+						seen[name+"/"+d.Val()] = true
+						d.RemainingArgs()
+					}
+				}
+			}
+		}
+	}
+	for _, p := range optionPaths(chatOptions.docs()) {
+		if !seen[p] {
+			t.Errorf("option %s is in no file of testdata/caddyfile_adapt", p)
+		}
+	}
+}
+
+// TestCaddyfileSyntaxComment: the syntax in UnmarshalCaddyfile's doc comment
+// is the tables', option for option and in their order.
+func TestCaddyfileSyntaxComment(t *testing.T) {
+	f, err := parser.ParseFile(token.NewFileSet(), "caddyfile.go", nil, parser.ParseComments)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, decl := range f.Decls {
+		fn, ok := decl.(*ast.FuncDecl)
+		if !ok || fn.Name.Name != "UnmarshalCaddyfile" || fn.Doc == nil {
+			continue
+		}
+		for _, c := range fn.Doc.List {
+			if line, ok := strings.CutPrefix(c.Text, "//\t"); ok {
+				got = append(got, line)
+			}
+		}
+	}
+	want := append([]string{"chat [<matcher>] {"}, syntaxLines(chatOptions.docs(), "\t")...)
+	want = append(want, "}")
+	if slices.Equal(got, want) {
+		return
+	}
+	for _, l := range want {
+		if !slices.Contains(got, l) {
+			t.Errorf("the syntax comment lacks %q", l)
+		}
+	}
+	for _, l := range got {
+		if !slices.Contains(want, l) {
+			t.Errorf("the syntax comment has %q, which the tables do not", l)
+		}
+	}
+	t.Errorf("UnmarshalCaddyfile's syntax comment differs from the tables; want:\n//\t%s", strings.Join(want, "\n//\t"))
+}
+
+// readmeOptionRows are the rows of README.md's table of options, by the
+// options each names (a row may name two: "`subscribe …` / `publish …`").
+func readmeOptionRows(t *testing.T) map[string]string {
+	t.Helper()
+	data, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, table, ok := strings.Cut(string(data), "\n| option | default | meaning |\n|---|---|---|\n")
+	if !ok {
+		t.Fatal("README.md has no table of options (| option | default | meaning |)")
+	}
+	table, _, _ = strings.Cut(table, "\n\n")
+	code := regexp.MustCompile("`([^`]+)`")
+	rows := map[string]string{}
+	for _, row := range strings.Split(table, "\n") {
+		first, _, _ := strings.Cut(strings.TrimPrefix(row, "| "), " | ")
+		for _, part := range strings.Split(first, " / ") {
+			m := code.FindStringSubmatch(part)
+			if m == nil {
+				t.Fatalf("README.md's option row %q names no option", row)
+			}
+			name, _, _ := strings.Cut(m[1], " ")
+			rows[name] = row
+		}
+	}
+	return rows
+}
+
+// TestCaddyfileOptionsInREADME: README.md's table of options has a row for
+// every option of the table and none for an option it does not have; a
+// block option's row names the block's options.
+func TestCaddyfileOptionsInREADME(t *testing.T) {
+	rows := readmeOptionRows(t)
+	docs := chatOptions.docs()
+	word := regexp.MustCompile("[a-z_]+")
+	code := regexp.MustCompile("`([^`]+)`")
+	for _, o := range docs {
+		row, ok := rows[o.name]
+		if !ok {
+			t.Errorf("README.md's table of options has no row for %s", o.name)
+			continue
+		}
+		var named []string
+		for _, m := range code.FindAllStringSubmatch(row, -1) {
+			named = append(named, word.FindAllString(m[1], -1)...)
+		}
+		for _, n := range o.block {
+			if !slices.Contains(named, n.name) {
+				t.Errorf("README.md's row for %s does not name its option %s", o.name, n.name)
+			}
+		}
+	}
+	for name := range rows {
+		if !slices.ContainsFunc(docs, func(o optionDoc) bool { return o.name == name }) {
+			t.Errorf("README.md's table of options has a row for %s, which is no option", name)
+		}
+	}
+}
+
+// jsonNames are the JSON names of T's fields.
+func jsonNames[T any]() []string {
+	var names []string
+	typ := reflect.TypeFor[T]()
+	for i := range typ.NumField() {
+		name, _, _ := strings.Cut(typ.Field(i).Tag.Get("json"), ",")
+		if name != "" && name != "-" {
+			names = append(names, name)
+		}
+	}
+	return names
+}
+
+func checkJSONNames[T any](t *testing.T, tbl *optionTable[T]) {
+	t.Helper()
+	names := jsonNames[T]()
+	for _, o := range tbl.options {
+		if !slices.Contains(names, o.name) {
+			t.Errorf("%s option %s: %T has no JSON field of that name (JSON names: %v)",
+				orChat(tbl.block), o.name, *new(T), names)
+		}
+	}
+}
+
+func orChat(block string) string {
+	if block != "" {
+		return block
+	}
+	return "chat"
+}
+
+// TestCaddyfileNamesAreJSONNames: every Caddyfile option is called the same
+// in the JSON config.
+func TestCaddyfileNamesAreJSONNames(t *testing.T) {
+	checkJSONNames(t, chatOptions)
+	checkJSONNames(t, jwtOptions)
+	checkJSONNames(t, anonymousOptions)
+	checkJSONNames(t, redisSentinelOptions)
+	checkJSONNames(t, redisClusterOptions)
+	checkJSONNames(t, redisTLSOptions)
+}
+
+// TestCaddyfileClosestName: a typo gets the option meant; a name far from
+// every option gets none.
+func TestCaddyfileClosestName(t *testing.T) {
+	names := []string{"history", "history_memory", "max_replay", "ui", "redis", "redis_tls", "tls"}
+	for typed, want := range map[string]string{
+		"histroy": "history", "hisory": "history", "History": "history", "history_memroy": "history_memory",
+		"max_reply": "max_replay", "redis_tsl": "redis_tls", "tsl": "tls", "rdis": "redis",
+		"bogus": "", "u": "ui", "x": "", "max": "", "memory": "", "replay": "", "xyz": "",
+	} {
+		if got := closestName(typed, names); got != want {
+			t.Errorf("closestName(%q) = %q, want %q", typed, got, want)
 		}
 	}
 }

@@ -483,7 +483,7 @@ func TestPresenceUnavailable(t *testing.T) {
 func TestPresenceConfigErrors(t *testing.T) {
 	for _, tc := range []struct{ input, want string }{
 		{"chat {\n presence maybe\n}", `presence "maybe": want on or off`},
-		{"chat {\n presence\n}", "presence needs exactly one value"},
+		{"chat {\n presence\n}", "presence takes on or off, e.g. presence on; got none"},
 		{"chat {\n presence_ttl soon\n}", `presence_ttl "soon"`},
 		{"chat {\n presence_ttl -3s\n}", "presence_ttl"},
 	} {

@@ -267,41 +267,24 @@ func (h *hub) checkRedisAtStart(timeout time.Duration) {
 	}()
 }
 
-// unmarshalRedisTLS parses
-//
-//	redis_tls {
-//		ca <PEM file>
-//		cert <PEM file>
-//		key <PEM file>
-//		server_name <name>
-//	}
-func (h *Handler) unmarshalRedisTLS(d *caddyfile.Dispenser) error {
-	if d.NextArg() {
-		return d.Errf("redis_tls takes its options in a block: redis_tls { ca <file>; cert <file>; key <file>; server_name <name> }")
-	}
+// unmarshalRedisTLS parses the redis_tls block (its options are
+// redisTLSOptions).
+func (h *Handler) unmarshalRedisTLS(d *caddyfile.Dispenser, _ []string) error {
 	if h.RedisTLS != nil {
-		return d.Errf("redis_tls is set twice")
+		return errors.New("redis_tls is set twice")
 	}
 	t := new(RedisTLS)
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		option := d.Val()
-		value, err := redisOptionValue(d, "redis_tls")
-		if err != nil {
-			return err
-		}
-		switch option {
-		case "ca":
-			t.CA = value
-		case "cert":
-			t.Cert = value
-		case "key":
-			t.Key = value
-		case "server_name":
-			t.ServerName = value
-		default:
-			return d.Errf("unknown redis_tls option %q (want ca, cert, key or server_name)", option)
-		}
+	if err := redisTLSOptions.parse(d, t); err != nil {
+		return err
 	}
 	h.RedisTLS = t
 	return nil
 }
+
+// redisTLSOptions are the options of the redis_tls block.
+var redisTLSOptions = &optionTable[RedisTLS]{block: "redis_tls", options: []option[RedisTLS]{
+	stringOption("ca", "<PEM file>", "/etc/chat/redis-ca.pem", func(t *RedisTLS, v string) { t.CA = v }),
+	stringOption("cert", "<PEM file>", "/etc/chat/redis-client.pem", func(t *RedisTLS, v string) { t.Cert = v }),
+	stringOption("key", "<PEM file>", "/etc/chat/redis-client.key", func(t *RedisTLS, v string) { t.Key = v }),
+	stringOption("server_name", "<name>", "redis.internal", func(t *RedisTLS, v string) { t.ServerName = v }),
+}}

@@ -14,9 +14,9 @@ import (
 
 func TestRedisTLSCaddyfileErrors(t *testing.T) {
 	cases := []struct{ input, want string }{
-		{"chat {\n redis_tls /ca.pem\n}", "redis_tls takes its options in a block"},
-		{"chat {\n redis_tls {\n ca\n }\n}", "redis_tls ca needs exactly one value"},
-		{"chat {\n redis_tls {\n cert a b\n }\n}", "redis_tls cert needs exactly one value"},
+		{"chat {\n redis_tls /ca.pem\n}", "redis_tls takes no values, only a block"},
+		{"chat {\n redis_tls {\n ca\n }\n}", "redis_tls ca takes one value"},
+		{"chat {\n redis_tls {\n cert a b\n }\n}", "redis_tls cert takes one value"},
 		{"chat {\n redis_tls {\n insecure_skip_verify yes\n }\n}", `unknown redis_tls option "insecure_skip_verify"`},
 		{"chat {\n redis_tls {\n ca a\n }\n redis_tls {\n ca b\n }\n}", "redis_tls is set twice"},
 	}

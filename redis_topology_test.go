@@ -11,16 +11,16 @@ import (
 
 func TestCaddyfileRedisTopologyErrors(t *testing.T) {
 	cases := []struct{ input, want string }{
-		{"chat {\n redis_sentinel mymaster\n}", "want the master name and at least one sentinel address"},
-		{"chat {\n redis_sentinel\n}", "redis_sentinel <master name>"},
+		{"chat {\n redis_sentinel mymaster\n}", "redis_sentinel takes the master name and one or more sentinel addresses"},
+		{"chat {\n redis_sentinel\n}", "redis_sentinel takes the master name and one or more sentinel addresses, e.g. redis_sentinel mymaster 10.0.0.1:26379 10.0.0.2:26379; got none"},
 		{"chat {\n redis_sentinel m 127.0.0.1:26379 {\n bogus 1\n }\n}", `unknown redis_sentinel option "bogus"`},
-		{"chat {\n redis_sentinel m 127.0.0.1:26379 {\n password\n }\n}", "redis_sentinel password needs exactly one value"},
+		{"chat {\n redis_sentinel m 127.0.0.1:26379 {\n password\n }\n}", "redis_sentinel password takes one value"},
 		{"chat {\n redis_sentinel m 127.0.0.1:26379 {\n db two\n }\n}", `redis_sentinel db "two"`},
 		{"chat {\n redis_sentinel m 127.0.0.1:26379 {\n db -1\n }\n}", `redis_sentinel db "-1"`},
-		{"chat {\n redis_sentinel m 127.0.0.1:26379 {\n tls yes\n }\n}", "redis_sentinel tls takes no value"},
-		{"chat {\n redis_cluster\n}", "want at least one node address"},
+		{"chat {\n redis_sentinel m 127.0.0.1:26379 {\n tls yes\n }\n}", "redis_sentinel tls takes no values"},
+		{"chat {\n redis_cluster\n}", "redis_cluster takes one or more node addresses"},
 		{"chat {\n redis_cluster 127.0.0.1:7000 {\n db 1\n }\n}", `unknown redis_cluster option "db"`},
-		{"chat {\n redis_cluster 127.0.0.1:7000 {\n username a b\n }\n}", "redis_cluster username needs exactly one value"},
+		{"chat {\n redis_cluster 127.0.0.1:7000 {\n username a b\n }\n}", "redis_cluster username takes one value"},
 	}
 	for _, tc := range cases {
 		var h Handler
