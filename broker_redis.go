@@ -235,6 +235,10 @@ func (b *redisBroker) receiveLoop(ctx context.Context) {
 	const minBackoff, maxBackoff = 50 * time.Millisecond, 500 * time.Millisecond
 	backoff := minBackoff
 	var outageSince time.Time
+	// reached: the connection has worked once. Until then a failure means
+	// Redis cannot be reached (a wrong address, a firewall, Redis not yet
+	// up), not that a connection was lost, and nothing was missed.
+	reached := false
 	for {
 		msg, err := b.pubsub.ReceiveTimeout(ctx, receiveIdle)
 		if err != nil {
@@ -249,7 +253,11 @@ func (b *redisBroker) receiveLoop(ctx context.Context) {
 			}
 			if outageSince.IsZero() {
 				outageSince = time.Now()
-				b.log.Warn("redis pub/sub connection lost; retrying", zap.Error(err))
+				if reached {
+					b.log.Warn("redis pub/sub connection lost; retrying", zap.Error(err))
+				} else {
+					b.log.Warn("cannot reach Redis for pub/sub; retrying until it answers", zap.Error(err))
+				}
 			}
 			select {
 			case <-ctx.Done():
@@ -260,7 +268,10 @@ func (b *redisBroker) receiveLoop(ctx context.Context) {
 			continue
 		}
 		backoff = minBackoff
-		if !outageSince.IsZero() {
+		if !outageSince.IsZero() && !reached {
+			b.log.Info("reached Redis for pub/sub", zap.Duration("after", time.Since(outageSince)))
+			outageSince = time.Time{}
+		} else if !outageSince.IsZero() {
 			b.log.Info("redis pub/sub connection restored", zap.Duration("outage", time.Since(outageSince)))
 			moduleMetrics().brokerReconnects.Inc()
 			outageSince = time.Time{}
@@ -268,6 +279,7 @@ func (b *redisBroker) receiveLoop(ctx context.Context) {
 				b.restored()
 			}
 		}
+		reached = true
 		switch m := msg.(type) {
 		case *redis.Message:
 			channel, ok := strings.CutPrefix(m.Channel, b.prefix)

@@ -91,9 +91,12 @@ type hub struct {
 	ids  *idGenerator
 	// brokerTimeout bounds the hub's own broker calls (a resync's reads).
 	brokerTimeout time.Duration
-	broker        Broker
-	redis         redis.UniversalClient // nil for the in-memory broker
-	log           *zap.Logger
+	// brokerName and prefix label the hub's broker_up metric.
+	brokerName string
+	prefix     string
+	broker     Broker
+	redis      redis.UniversalClient // nil for the in-memory broker
+	log        *zap.Logger
 	// presence holds this node's presence entries; see presence.go.
 	presence *presence
 
@@ -152,7 +155,9 @@ func newHub(cfg hubConfig) (*hub, error) {
 	h := &hub{
 		node:        node,
 		ids:         &idGenerator{node: node},
-		log:         caddy.Log().Named("http.handlers.chat").With(zap.String("node", node)),
+		log:         caddy.Log().Named("http.handlers.chat").With(zap.String("node", node), zap.String("broker", cfg.brokerName())),
+		brokerName:  cfg.brokerName(),
+		prefix:      cfg.channelPrefix,
 		channels:    make(map[string]*channelState),
 		subscribers: make(map[subscriber]struct{}),
 
@@ -161,7 +166,7 @@ func newHub(cfg hubConfig) (*hub, error) {
 	if !cfg.usesRedis() {
 		h.broker = newMemoryBroker(h.ids, h.deliverRecovering)
 		h.presence = newPresence(newMemoryPresence(h.broker), node, h.log)
-		liveHubs.Store(h, struct{}{})
+		h.live()
 		return h, nil
 	}
 	client, sharded, err := newRedisClient(cfg, "caddychat-"+node)
@@ -181,8 +186,15 @@ func newHub(cfg hubConfig) (*hub, error) {
 	}
 	h.broker = broker
 	h.presence = newPresence(newRedisPresence(client, cfg.channelPrefix, sharded), node, h.log)
-	liveHubs.Store(h, struct{}{})
+	h.live()
 	return h, nil
+}
+
+// live counts the hub in the metrics that sum over hubs, and shows its
+// broker as up until a publish fails.
+func (h *hub) live() {
+	liveHubs.Store(h, struct{}{})
+	moduleMetrics().brokerUp.WithLabelValues(h.brokerName, h.prefix).Set(1)
 }
 
 func newNodeID() (string, error) {
@@ -422,13 +434,13 @@ func (h *hub) publish(ctx context.Context, msg Publication) (string, error) {
 		// A publish abandoned because its connection is closing says nothing
 		// about the broker.
 		if !errors.Is(err, context.Canceled) && h.publishOutage.CompareAndSwap(0, start.UnixNano()) {
-			m.brokerUp.Set(0)
+			m.brokerUp.WithLabelValues(h.brokerName, h.prefix).Set(0)
 			h.log.Warn("the broker is not accepting publishes; clients are told unavailable until it is back", zap.Error(err))
 		}
 		return id, err
 	}
 	if since := h.publishOutage.Load(); since != 0 && h.publishOutage.CompareAndSwap(since, 0) {
-		m.brokerUp.Set(1)
+		m.brokerUp.WithLabelValues(h.brokerName, h.prefix).Set(1)
 		h.log.Info("the broker accepts publishes again", zap.Duration("outage", time.Since(time.Unix(0, since))))
 	}
 	return id, nil
@@ -510,6 +522,7 @@ func (h *hub) Destruct() error {
 		code, reason = closeGoingAway, "node shutting down"
 	}
 	liveHubs.Delete(h)
+	moduleMetrics().brokerUp.DeleteLabelValues(h.brokerName, h.prefix)
 	h.mu.Lock()
 	h.closed = true
 	subs := make([]subscriber, 0, len(h.subscribers))

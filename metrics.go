@@ -24,7 +24,7 @@ type chatMetrics struct {
 	publishSeconds    prometheus.Histogram
 	publishFailures   prometheus.Counter
 	brokerReconnects  prometheus.Counter
-	brokerUp          prometheus.Gauge
+	brokerUp          *prometheus.GaugeVec
 	presenceFailures  prometheus.Counter
 	authFailures      *prometheus.CounterVec
 	httpPublishes     *prometheus.CounterVec
@@ -67,7 +67,10 @@ func moduleMetrics() *chatMetrics {
 			}),
 			publishFailures:  counter("publish_failures_total", "Publishes the broker did not accept in time (answered unavailable); each is logged at debug level, the start of an outage once at warn."),
 			brokerReconnects: counter("broker_reconnects_total", "Times the broker's pub/sub connection came back after an outage."),
-			brokerUp:         gauge("broker_up", "1 while the broker answers publishes in time, 0 from the first failed publish until one succeeds again."),
+			brokerUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+				Namespace: ns, Subsystem: sub, Name: "broker_up",
+				Help: "Per broker (memory, a Redis URL without its password, sentinel or cluster addresses) and channel prefix: 1 while it answers publishes in time, 0 from the first failed publish until one succeeds again.",
+			}, []string{"broker", "channel_prefix"}),
 			presenceFailures: counter("presence_failures_total", "Presence joins, leaves, heartbeats and queries the broker did not complete in time; entries heal within presence_ttl."),
 			authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 				Namespace: ns, Subsystem: sub, Name: "auth_failures_total",
@@ -84,7 +87,6 @@ func moduleMetrics() *chatMetrics {
 			Help: "Bytes waiting to be sent to this node's clients (send queues and held resume messages; each frame counts 128 bytes of overhead). Each client's share is bounded by send_queue.",
 		}, liveHubs.queuedBytes)
 		metrics.panics = counter("panics_total", "Panics recovered: in a connection's goroutines (the connection is closed with 1011) or while delivering a broker message (the message is dropped). Each is logged at error level with its stack.")
-		metrics.brokerUp.Set(1)
 	})
 	return metrics
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"strconv"
 	"strings"
 
@@ -137,6 +138,26 @@ func (c hubConfig) servers() string {
 		return fmt.Sprintf("cluster:%s,tls=%v,auth=%s", strings.Join(cl.Addrs, ","), cl.TLS, secret(cl.Username, cl.Password)) + c.redisTLS.keyPart()
 	}
 	return c.redisURL + c.redisTLS.keyPart()
+}
+
+// brokerName names the broker for logs and the broker_up metric, without
+// credentials: "memory", a Redis URL without its password, or the
+// sentinels' or cluster's addresses.
+func (c hubConfig) brokerName() string {
+	switch {
+	case c.sentinel != nil:
+		return fmt.Sprintf("sentinel %s at %s", c.sentinel.Master, strings.Join(c.sentinel.Addrs, ","))
+	case c.cluster != nil:
+		return "cluster at " + strings.Join(c.cluster.Addrs, ",")
+	case c.redisURL != "":
+		u, err := url.Parse(c.redisURL)
+		if err != nil {
+			return "redis"
+		}
+		u.User = nil
+		return u.Redacted()
+	}
+	return "memory"
 }
 
 // usesRedis reports whether c names any Redis (else the in-process broker).
