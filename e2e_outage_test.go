@@ -1,4 +1,4 @@
-package caddychat_test
+package caddychat
 
 import (
 	"encoding/json"
@@ -82,11 +82,11 @@ func testRedisOutage(t *testing.T, history string) {
 	rs := redistest.Start(t)
 	routes := fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off%s\n\t\tpublish_timeout %v\n\t\tsend_queue 4MiB\n\t}",
 		rs.URL(), history, publishTimeout)
-	a := startNode(t, "A", routes)
-	b := startNode(t, "B", routes)
+	a := startCaddy(t, "A", routes)
+	b := startCaddy(t, "B", routes)
 	const channel = "room:outage"
 	var subs []*wsClient
-	for i, n := range []*node{a, b, a, b} {
+	for i, n := range []*caddyNode{a, b, a, b} {
 		c := dialJSON(t, fmt.Sprintf("sub%d@%s", i, n.name), n.wsURL("/ws"))
 		c.subscribe(channel)
 		subs = append(subs, c)
@@ -134,7 +134,7 @@ func testRedisOutage(t *testing.T, history string) {
 	paused := time.Now()
 	time.Sleep(5 * time.Second)
 	before := map[string]int{"A": pubs[0].acks() + 20, "B": pubs[1].acks() + 20}
-	for _, n := range []*node{a, b} {
+	for _, n := range []*caddyNode{a, b} {
 		if up := n.scrapeMetrics(t)["caddy_chat_broker_up"]; up != 0 {
 			t.Errorf("%s: caddy_chat_broker_up = %v during the outage, want 0", n.name, up)
 		}
@@ -209,7 +209,7 @@ func testRedisOutage(t *testing.T, history string) {
 		t.Logf("%s: every acknowledged message once, in order, without reconnecting (%d more that were answered unavailable but reached Redis)", c.name, extra)
 	}
 
-	for _, n := range []*node{a, b} {
+	for _, n := range []*caddyNode{a, b} {
 		if up := n.scrapeMetrics(t)["caddy_chat_broker_up"]; up != 1 {
 			t.Errorf("%s: caddy_chat_broker_up = %v after the outage, want 1", n.name, up)
 		}

@@ -1,4 +1,4 @@
-package caddychat_test
+package caddychat
 
 // End-to-end tests of presence: real Caddy nodes sharing a real redis-server,
 // clients authenticated with JWTs.
@@ -41,7 +41,7 @@ func presenceRoutes(redisURL string, ttl time.Duration) string {
 }
 
 // userToken mints an HS256 token for user, valid for an hour.
-func userToken(t testing.TB, user string) string {
+func e2eUserToken(t testing.TB, user string) string {
 	t.Helper()
 	now := time.Now()
 	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
@@ -59,7 +59,7 @@ func dialUser(t testing.TB, name, url, user string) *wsClient {
 	t.Helper()
 	header := http.Header{"Origin": {"http://" + strings.Split(strings.TrimPrefix(url, "ws://"), "/")[0]}}
 	if user != "" {
-		header.Set("Authorization", "Bearer "+userToken(t, user))
+		header.Set("Authorization", "Bearer "+e2eUserToken(t, user))
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -84,7 +84,7 @@ func dialUser(t testing.TB, name, url, user string) *wsClient {
 
 // kill ends the node's process with SIGKILL: no shutdown, no goodbye to
 // Redis, as in a crash.
-func (n *node) kill() {
+func (n *caddyNode) kill() {
 	n.stopOnce.Do(func() {
 		_ = n.cmd.Process.Kill()
 		<-n.exited
@@ -175,8 +175,8 @@ func nextEvent(t testing.TB, c *wsClient, timeout time.Duration) *serverMsg {
 // for the others, and one leave, after the last tab closed.
 func TestPresenceTwoTabsTwoNodes(t *testing.T) {
 	rs := redistest.Start(t)
-	a := startNode(t, "A", presenceRoutes(rs.URL(), 15*time.Second))
-	b := startNode(t, "B", presenceRoutes(rs.URL(), 15*time.Second))
+	a := startCaddy(t, "A", presenceRoutes(rs.URL(), 15*time.Second))
+	b := startCaddy(t, "B", presenceRoutes(rs.URL(), 15*time.Second))
 	const ch = "room:tabs"
 	carol := dialUser(t, "carol@A", a.wsURL("/ws"), "carol")
 	carol.subscribe(ch)
@@ -229,8 +229,8 @@ func TestPresenceTwoTabsTwoNodes(t *testing.T) {
 func TestPresenceNodeKilled(t *testing.T) {
 	rs := redistest.Start(t)
 	const ttl = 3 * time.Second
-	a := startNode(t, "A", presenceRoutes(rs.URL(), ttl))
-	b := startNode(t, "B", presenceRoutes(rs.URL(), ttl))
+	a := startCaddy(t, "A", presenceRoutes(rs.URL(), ttl))
+	b := startCaddy(t, "B", presenceRoutes(rs.URL(), ttl))
 	const ch = "room:crash"
 	carol := dialUser(t, "carol@A", a.wsURL("/ws"), "carol")
 	carol.subscribe(ch)
@@ -274,17 +274,17 @@ func TestPresenceNodeKilled(t *testing.T) {
 // listed.
 func TestPresenceQueryAcrossNodes(t *testing.T) {
 	rs := redistest.Start(t)
-	a := startNode(t, "A", presenceRoutes(rs.URL(), 15*time.Second))
-	b := startNode(t, "B", presenceRoutes(rs.URL(), 15*time.Second))
+	a := startCaddy(t, "A", presenceRoutes(rs.URL(), 15*time.Second))
+	b := startCaddy(t, "B", presenceRoutes(rs.URL(), 15*time.Second))
 	const ch = "room:who"
 	for _, s := range []struct {
-		n    *node
+		n    *caddyNode
 		user string
 	}{{a, "alice"}, {a, "alice"}, {b, "alice"}, {b, "bob"}, {a, ""}, {b, ""}, {b, "zed"}} {
 		dialUser(t, s.user+"@"+s.n.name, s.n.wsURL("/ws"), s.user).subscribe(ch)
 	}
 	dialUser(t, "zed-elsewhere@A", a.wsURL("/ws"), "zed").subscribe("room:other")
-	for _, n := range []*node{a, b} {
+	for _, n := range []*caddyNode{a, b} {
 		c := dialUser(t, "asker@"+n.name, n.wsURL("/ws"), "")
 		if got := presenceOf(t, c, ch); got != "alice:3 bob:1 zed:1" {
 			t.Errorf("presence on %s: %q, want alice:3 bob:1 zed:1", n.name, got)

@@ -1,4 +1,4 @@
-package caddychat_test
+package caddychat
 
 // Multi-process end-to-end tests: a real Caddy binary built from ./cmd/caddy
 // (once per test run), real redis-server processes (internal/redistest) and
@@ -122,7 +122,7 @@ func freeAddr(t testing.TB) string {
 // ---------------------------------------------------------------------------
 // Caddy node processes.
 
-type node struct {
+type caddyNode struct {
 	t         testing.TB
 	name      string
 	addr      string // 127.0.0.1:port of the HTTP site
@@ -157,11 +157,11 @@ http://:%s {
 `, admin, storage, debugOpt, port, routes)
 }
 
-// startNode writes a Caddyfile with routes as the site body and runs it.
-func startNode(t testing.TB, name, routes string) *node {
+// startCaddy writes a Caddyfile with routes as the site body and runs it.
+func startCaddy(t testing.TB, name, routes string) *caddyNode {
 	t.Helper()
 	dir := t.TempDir()
-	n := &node{t: t, name: name, dir: dir, addr: freeAddr(t), admin: freeAddr(t)}
+	n := &caddyNode{t: t, name: name, dir: dir, addr: freeAddr(t), admin: freeAddr(t)}
 	n.caddyfile = filepath.Join(dir, "Caddyfile")
 	text := nodeCaddyfile(n.admin, filepath.Join(dir, "storage"), n.addr, routes)
 	if err := os.WriteFile(n.caddyfile, []byte(text), 0o644); err != nil {
@@ -173,7 +173,7 @@ func startNode(t testing.TB, name, routes string) *node {
 
 // run starts the binary with args, waits until n.addr accepts connections and
 // registers the stop in t.Cleanup.
-func (n *node) run(t testing.TB, args []string, extraEnv []string, workDir string) {
+func (n *caddyNode) run(t testing.TB, args []string, extraEnv []string, workDir string) {
 	t.Helper()
 	bin := caddyBinary(t)
 	n.logPath = filepath.Join(n.dir, "caddy.log")
@@ -228,7 +228,7 @@ func (n *node) run(t testing.TB, args []string, extraEnv []string, workDir strin
 
 // stop sends SIGTERM and waits; SIGKILL after timeout. It reports whether the
 // process exited by itself.
-func (n *node) stop(timeout time.Duration) bool {
+func (n *caddyNode) stop(timeout time.Duration) bool {
 	graceful := true
 	n.stopOnce.Do(func() {
 		_ = n.cmd.Process.Signal(syscall.SIGTERM)
@@ -243,7 +243,7 @@ func (n *node) stop(timeout time.Duration) bool {
 	return graceful
 }
 
-func (n *node) cleanup() {
+func (n *caddyNode) cleanup() {
 	if !n.stop(10 * time.Second) {
 		n.t.Errorf("%s: caddy did not exit within 10s of SIGTERM; killed", n.name)
 	}
@@ -259,7 +259,7 @@ func (n *node) cleanup() {
 	}
 }
 
-func (n *node) logTail(lines int) string {
+func (n *caddyNode) logTail(lines int) string {
 	b, err := os.ReadFile(n.logPath)
 	if err != nil {
 		return "(no log: " + err.Error() + ")"
@@ -271,13 +271,13 @@ func (n *node) logTail(lines int) string {
 	return strings.Join(ls, "\n")
 }
 
-func (n *node) wsURL(path string) string   { return "ws://" + n.addr + path }
-func (n *node) httpURL(path string) string { return "http://" + n.addr + path }
+func (n *caddyNode) wsURL(path string) string   { return "ws://" + n.addr + path }
+func (n *caddyNode) httpURL(path string) string { return "http://" + n.addr + path }
 
 // reload replaces the node's config with a Caddyfile whose site body is routes
 // (same ports) and loads it through the admin API, forcing a reload even when
 // the config is unchanged.
-func (n *node) reload(t testing.TB, routes string) {
+func (n *caddyNode) reload(t testing.TB, routes string) {
 	t.Helper()
 	text := nodeCaddyfile(n.admin, filepath.Join(n.dir, "storage"), n.addr, routes)
 	if err := os.WriteFile(n.caddyfile, []byte(text), 0o644); err != nil {
@@ -312,7 +312,7 @@ var adminHTTP = &http.Client{
 }
 
 // goroutines reads "goroutine profile: total N" from the node's admin API.
-func (n *node) goroutines(t testing.TB) int {
+func (n *caddyNode) goroutines(t testing.TB) int {
 	t.Helper()
 	resp, err := adminHTTP.Get("http://" + n.admin + "/debug/pprof/goroutine?debug=1")
 	if err != nil {
@@ -733,7 +733,7 @@ func TestSingleNodeExample(t *testing.T) {
 	if _, err := os.Stat(example); err != nil {
 		t.Fatalf("Caddyfile.example: %v", err)
 	}
-	n := &node{t: t, name: "example", dir: t.TempDir(), addr: freeAddr(t)}
+	n := &caddyNode{t: t, name: "example", dir: t.TempDir(), addr: freeAddr(t)}
 	// CADDY_ADMIN keeps the example's default admin endpoint (if it does not
 	// set one) off the well-known port 2019.
 	n.run(t, []string{"run", "--config", example, "--adapter", "caddyfile"},
@@ -786,8 +786,8 @@ func TestSingleNodeExample(t *testing.T) {
 // get each of 1000 sequentially published messages exactly once, in order.
 func TestTwoNodesFanout(t *testing.T) {
 	rs := redistest.Start(t)
-	a := startNode(t, "A", chatRoutes(rs.URL()))
-	b := startNode(t, "B", chatRoutes(rs.URL()))
+	a := startCaddy(t, "A", chatRoutes(rs.URL()))
+	b := startCaddy(t, "B", chatRoutes(rs.URL()))
 	const (
 		channel     = "room:bench"
 		subscribers = 100
@@ -880,8 +880,8 @@ func consumeSequence(c *wsClient, channel string, count int, deadline time.Time)
 // 1001 (going away); the other node keeps working.
 func TestTwoNodesShutdownGoingAway(t *testing.T) {
 	rs := redistest.Start(t)
-	a := startNode(t, "A", chatRoutes(rs.URL()))
-	b := startNode(t, "B", chatRoutes(rs.URL()))
+	a := startCaddy(t, "A", chatRoutes(rs.URL()))
+	b := startCaddy(t, "B", chatRoutes(rs.URL()))
 	subA := dialJSON(t, "subA", a.wsURL("/ws"))
 	subA.subscribe("room:bye")
 	var onB []*wsClient
@@ -914,8 +914,8 @@ func TestTwoNodesShutdownGoingAway(t *testing.T) {
 // the last local client goes.
 func TestOneRedisSubscriptionPerNodePerChannel(t *testing.T) {
 	rs := redistest.Start(t)
-	a := startNode(t, "A", chatRoutes(rs.URL()))
-	b := startNode(t, "B", chatRoutes(rs.URL()))
+	a := startCaddy(t, "A", chatRoutes(rs.URL()))
+	b := startCaddy(t, "B", chatRoutes(rs.URL()))
 	const (
 		channel  = "room:numsub"
 		rchannel = "chat:" + channel
@@ -973,8 +973,8 @@ func TestOneRedisSubscriptionPerNodePerChannel(t *testing.T) {
 // subscribers on both nodes resumes within 2s without the clients reconnecting.
 func TestRedisRestart(t *testing.T) {
 	rs := redistest.Start(t)
-	a := startNode(t, "A", chatRoutes(rs.URL()))
-	b := startNode(t, "B", chatRoutes(rs.URL()))
+	a := startCaddy(t, "A", chatRoutes(rs.URL()))
+	b := startCaddy(t, "B", chatRoutes(rs.URL()))
 	const channel = "room:restart"
 	subA := dialJSON(t, "subA", a.wsURL("/ws"))
 	subA.subscribe(channel)
@@ -1108,8 +1108,8 @@ func syncRaw(t testing.TB, rs *redistest.Server, redisChannel string, clients ..
 func TestRawModeTwoNodes(t *testing.T) {
 	rs := redistest.Start(t)
 	routes := fmt.Sprintf("\tchat /raw/* {\n\t\tprotocol raw\n\t\tchannel room:{http.request.uri.path.1}\n\t\tredis %s\n\t}", rs.URL())
-	a := startNode(t, "A", routes)
-	b := startNode(t, "B", routes)
+	a := startCaddy(t, "A", routes)
+	b := startCaddy(t, "B", routes)
 
 	a1 := dialRaw(t, "x1@A", a.wsURL("/raw/x"))
 	b1 := dialRaw(t, "x1@B", b.wsURL("/raw/x"))
@@ -1167,9 +1167,9 @@ func TestRawModeTwoNodes(t *testing.T) {
 // nodes round-robin; a publish from one client reaches all of them.
 func TestLoadBalancerInFront(t *testing.T) {
 	rs := redistest.Start(t)
-	a := startNode(t, "A", chatRoutes(rs.URL()))
-	b := startNode(t, "B", chatRoutes(rs.URL()))
-	lb := startNode(t, "LB", fmt.Sprintf("\treverse_proxy %s %s {\n\t\tlb_policy round_robin\n\t}", a.addr, b.addr))
+	a := startCaddy(t, "A", chatRoutes(rs.URL()))
+	b := startCaddy(t, "B", chatRoutes(rs.URL()))
+	lb := startCaddy(t, "LB", fmt.Sprintf("\treverse_proxy %s %s {\n\t\tlb_policy round_robin\n\t}", a.addr, b.addr))
 
 	nodeA := dialJSON(t, "direct@A", a.wsURL("/ws")).welcome.Node
 	nodeB := dialJSON(t, "direct@B", b.wsURL("/ws")).welcome.Node
@@ -1212,7 +1212,7 @@ func TestLoadBalancerInFront(t *testing.T) {
 func TestReloadNoLeak(t *testing.T) {
 	rs := redistest.Start(t)
 	routes := chatRoutes(rs.URL())
-	n := startNode(t, "node", routes)
+	n := startCaddy(t, "node", routes)
 
 	const clients = 20
 	var cs []*wsClient
@@ -1328,8 +1328,8 @@ func TestHTTPPublishReachesBothNodes(t *testing.T) {
 		publish_endpoint /chat/publish
 		publish_key %s
 	}`, rs.URL(), key)
-	a := startNode(t, "A", routes)
-	b := startNode(t, "B", routes)
+	a := startCaddy(t, "A", routes)
+	b := startCaddy(t, "B", routes)
 	subA := dialJSON(t, "sub@A", a.wsURL("/ws"))
 	subB := dialJSON(t, "sub@B", b.wsURL("/ws"))
 	subA.subscribe("room:http")
@@ -1371,7 +1371,7 @@ func TestHTTPPublishReachesBothNodes(t *testing.T) {
 
 // scrapeMetrics reads the node's admin /metrics and returns every caddy_chat_
 // sample by its name with labels, e.g. `caddy_chat_connections_closed_total{reason="normal"}`.
-func (n *node) scrapeMetrics(t testing.TB) map[string]float64 {
+func (n *caddyNode) scrapeMetrics(t testing.TB) map[string]float64 {
 	t.Helper()
 	resp, err := adminHTTP.Get("http://" + n.admin + "/metrics")
 	if err != nil {
@@ -1403,7 +1403,7 @@ func (n *node) scrapeMetrics(t testing.TB) map[string]float64 {
 // /metrics endpoint and counts what the test does.
 func TestMetricsMoveWithTraffic(t *testing.T) {
 	rs := redistest.Start(t)
-	n := startNode(t, "node", chatRoutes(rs.URL())+`
+	n := startCaddy(t, "node", chatRoutes(rs.URL())+`
 	chat /secure {
 		jwt {
 			secret 0123456789abcdef0123456789abcdef

@@ -1,4 +1,4 @@
-package caddychat_test
+package caddychat
 
 import (
 	"context"
@@ -110,7 +110,7 @@ func TestTokensNeverLogged(t *testing.T) {
 			query_token token
 		}
 	}`, access, e2eJWTSecret, e2eJWTSecret)
-	n := startNode(t, "node", routes)
+	n := startCaddy(t, "node", routes)
 
 	tokens := map[string]string{}
 	tok := func(name string) string {
@@ -200,7 +200,7 @@ func TestLogFilterRedactsTokensOutsideTheModule(t *testing.T) {
 	}
 	chat /ws
 	respond "not the chat" 200`, access)
-	n := startNode(t, "node", routes)
+	n := startCaddy(t, "node", routes)
 	token := tokenFor(t, "alice", "outside")
 	other := tokenFor(t, "alice", "outside-subprotocol")
 	if got := httpDo(t, http.MethodGet, n.httpURL("/page?x=1&token="+token+"&access_token="+token), http.Header{}, ""); got != http.StatusOK {
