@@ -25,56 +25,11 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/coder/websocket"
 	"github.com/golang-jwt/jwt/v5"
-	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 )
-
-// testSecret is a valid HMAC secret (Validate wants at least 32 bytes).
-const testSecret = "caddychat-test-secret-0123456789abcdef"
-
-var authPrefixSeq atomic.Uint64
-
-// authPrefix gives each node a channel prefix of its own, hence a hub of its
-// own: no test sees another's messages or connection counts.
-func authPrefix() *string {
-	return ptr(fmt.Sprintf("authtest%d:", authPrefixSeq.Add(1)))
-}
-
-// claims returns claims for user valid for an hour, plus extra.
-func claims(user string, extra jwt.MapClaims) jwt.MapClaims {
-	now := time.Now()
-	c := jwt.MapClaims{"sub": user, "iat": now.Unix(), "exp": now.Add(time.Hour).Unix()}
-	for k, v := range extra {
-		if v == nil {
-			delete(c, k)
-			continue
-		}
-		c[k] = v
-	}
-	return c
-}
-
-func mint(t *testing.T, method jwt.SigningMethod, key any, kid string, c jwt.MapClaims) string {
-	t.Helper()
-	tok := jwt.NewWithClaims(method, c)
-	if kid != "" {
-		tok.Header["kid"] = kid
-	}
-	s, err := tok.SignedString(key)
-	if err != nil {
-		t.Fatalf("signing %s token: %v", method.Alg(), err)
-	}
-	return s
-}
-
-func mintHS256(t *testing.T, secret string, c jwt.MapClaims) string {
-	t.Helper()
-	return mint(t, jwt.SigningMethodHS256, []byte(secret), "", c)
-}
 
 func bearer(token string) *websocket.DialOptions {
 	return &websocket.DialOptions{HTTPHeader: http.Header{"Authorization": {"Bearer " + token}}}
@@ -82,7 +37,7 @@ func bearer(token string) *websocket.DialOptions {
 
 func jwtNode(t *testing.T, cfg *JWTConfig) *testNode {
 	t.Helper()
-	return startNode(t, &Handler{JWT: cfg, ChannelPrefix: authPrefix()})
+	return startNode(t, &Handler{JWT: cfg, ChannelPrefix: ptr(uniquePrefix())})
 }
 
 // refusal is an upgrade the server answered with a plain HTTP status.
@@ -172,29 +127,29 @@ func TestAuthRefusalsBeforeUpgrade(t *testing.T) {
 	}
 
 	// The baseline token is accepted: each case below differs in one thing.
-	ok := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, claims("alice", good))))
+	ok := dial(t, n.url("/ws"), bearer(newToken(t, "alice").with(good).sign()))
 	if w := ok.next("welcome"); w["user"] != "alice" {
 		t.Fatalf("welcome = %v", w)
 	}
 
-	noneToken := mint(t, jwt.SigningMethodNone, jwt.UnsafeAllowNoneSignatureType, "", claims("alice", good))
+	noneToken := newToken(t, "alice").with(good).signedWith(jwt.SigningMethodNone, jwt.UnsafeAllowNoneSignatureType, "").sign()
 	cases := []struct {
 		name, token, reason string
 	}{
-		{"forged signature", mintHS256(t, "another-secret-another-secret-0123456789", claims("alice", good)), "invalid token signature"},
+		{"forged signature", newToken(t, "alice").with(good).secret("another-secret-another-secret-0123456789").sign(), "invalid token signature"},
 		{"alg none", noneToken, "invalid token signature"},
-		{"expired", mintHS256(t, testSecret, claims("alice", extra(jwt.MapClaims{"exp": now.Add(-time.Minute).Unix()}))), "token expired"},
-		{"not yet valid", mintHS256(t, testSecret, claims("alice", extra(jwt.MapClaims{"nbf": now.Add(time.Minute).Unix()}))), "token not valid yet"},
-		{"issued in the future", mintHS256(t, testSecret, claims("alice", extra(jwt.MapClaims{"iat": now.Add(time.Minute).Unix()}))), "token not valid yet"},
-		{"wrong issuer", mintHS256(t, testSecret, claims("alice", extra(jwt.MapClaims{"iss": "https://evil.example"}))), "wrong token issuer"},
-		{"no issuer", mintHS256(t, testSecret, claims("alice", jwt.MapClaims{"aud": "chat"})), "token lacks a required claim (iss)"},
-		{"no audience", mintHS256(t, testSecret, claims("alice", jwt.MapClaims{"iss": "https://issuer.example"})), "token lacks a required claim (aud)"},
-		{"wrong audience", mintHS256(t, testSecret, claims("alice", extra(jwt.MapClaims{"aud": []string{"billing", "admin"}}))), "wrong token audience"},
-		{"no exp", mintHS256(t, testSecret, claims("alice", extra(jwt.MapClaims{"exp": nil}))), "token lacks a required claim (exp)"},
-		{"no sub", mintHS256(t, testSecret, claims("", extra(jwt.MapClaims{"sub": nil}))), "token has no sub claim"},
-		{"numeric sub", mintHS256(t, testSecret, claims("", extra(jwt.MapClaims{"sub": 42}))), "token has no sub claim"},
+		{"expired", newToken(t, "alice").with(extra(jwt.MapClaims{"exp": now.Add(-time.Minute).Unix()})).sign(), "token expired"},
+		{"not yet valid", newToken(t, "alice").with(extra(jwt.MapClaims{"nbf": now.Add(time.Minute).Unix()})).sign(), "token not valid yet"},
+		{"issued in the future", newToken(t, "alice").with(extra(jwt.MapClaims{"iat": now.Add(time.Minute).Unix()})).sign(), "token not valid yet"},
+		{"wrong issuer", newToken(t, "alice").with(extra(jwt.MapClaims{"iss": "https://evil.example"})).sign(), "wrong token issuer"},
+		{"no issuer", newToken(t, "alice").with(jwt.MapClaims{"aud": "chat"}).sign(), "token lacks a required claim (iss)"},
+		{"no audience", newToken(t, "alice").with(jwt.MapClaims{"iss": "https://issuer.example"}).sign(), "token lacks a required claim (aud)"},
+		{"wrong audience", newToken(t, "alice").with(extra(jwt.MapClaims{"aud": []string{"billing", "admin"}})).sign(), "wrong token audience"},
+		{"no exp", newToken(t, "alice").with(extra(jwt.MapClaims{"exp": nil})).sign(), "token lacks a required claim (exp)"},
+		{"no sub", newToken(t, "").with(extra(jwt.MapClaims{"sub": nil})).sign(), "token has no sub claim"},
+		{"numeric sub", newToken(t, "").with(extra(jwt.MapClaims{"sub": 42})).sign(), "token has no sub claim"},
 		{"malformed", "not.a.jwt", "malformed token"},
-		{"oversized", mintHS256(t, testSecret, claims("alice", extra(jwt.MapClaims{"pad": strings.Repeat("x", 8192)}))), "token too large"},
+		{"oversized", newToken(t, "alice").with(extra(jwt.MapClaims{"pad": strings.Repeat("x", 8192)})).sign(), "token too large"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -211,11 +166,11 @@ func TestAuthRefusalsBeforeUpgrade(t *testing.T) {
 	})
 	t.Run("token just under max_token_size", func(t *testing.T) {
 		// The limit is on the token's length, not an accident of parsing.
-		base := mintHS256(t, testSecret, claims("alice", extra(jwt.MapClaims{"pad": ""})))
+		base := newToken(t, "alice").with(extra(jwt.MapClaims{"pad": ""})).sign()
 		pad := (defaultMaxTokenSize - len(base)) * 3 / 4
 		var tok string
 		for ; ; pad-- {
-			tok = mintHS256(t, testSecret, claims("alice", extra(jwt.MapClaims{"pad": strings.Repeat("x", pad)})))
+			tok = newToken(t, "alice").with(extra(jwt.MapClaims{"pad": strings.Repeat("x", pad)})).sign()
 			if len(tok) <= defaultMaxTokenSize {
 				break
 			}
@@ -224,7 +179,7 @@ func TestAuthRefusalsBeforeUpgrade(t *testing.T) {
 		if w := c.next("welcome"); w["user"] != "alice" {
 			t.Fatalf("welcome = %v", w)
 		}
-		big := mintHS256(t, testSecret, claims("alice", extra(jwt.MapClaims{"pad": strings.Repeat("x", pad+3)})))
+		big := newToken(t, "alice").with(extra(jwt.MapClaims{"pad": strings.Repeat("x", pad+3)})).sign()
 		if len(big) <= defaultMaxTokenSize {
 			t.Fatalf("test setup: %d-byte token is not over the limit", len(big))
 		}
@@ -235,7 +190,7 @@ func TestAuthRefusalsBeforeUpgrade(t *testing.T) {
 func TestAuthLeewayToleratesSmallSkew(t *testing.T) {
 	n := jwtNode(t, &JWTConfig{Secret: testSecret})
 	// nbf 2s ahead is within the default 5s leeway.
-	tok := mintHS256(t, testSecret, claims("alice", jwt.MapClaims{"nbf": time.Now().Add(2 * time.Second).Unix()}))
+	tok := newToken(t, "alice").with(jwt.MapClaims{"nbf": time.Now().Add(2 * time.Second).Unix()}).sign()
 	c := dial(t, n.url("/ws"), bearer(tok))
 	if w := c.next("welcome"); w["user"] != "alice" {
 		t.Fatalf("welcome = %v", w)
@@ -249,11 +204,11 @@ func TestAuthHMACWithPublicKeyPEMRefused(t *testing.T) {
 
 	// Algorithm confusion: an HS256 token whose HMAC key is the public PEM.
 	for _, method := range []jwt.SigningMethod{jwt.SigningMethodHS256, jwt.SigningMethodHS384, jwt.SigningMethodHS512} {
-		tok := mint(t, method, pemBytes, "", claims("alice", nil))
+		tok := newToken(t, "alice").signedWith(method, pemBytes, "").sign()
 		expect401(t, dialRefused(t, n.url("/ws"), bearer(tok)), "invalid token signature", tok)
 	}
 	// The route does accept the key's own tokens.
-	c := dial(t, n.url("/ws"), bearer(mint(t, jwt.SigningMethodRS256, key, "", claims("alice", nil))))
+	c := dial(t, n.url("/ws"), bearer(newToken(t, "alice").signedWith(jwt.SigningMethodRS256, key, "").sign()))
 	if w := c.next("welcome"); w["user"] != "alice" {
 		t.Fatalf("welcome = %v", w)
 	}
@@ -264,19 +219,19 @@ func TestAuthHMACWithPublicKeyPEMRefused(t *testing.T) {
 
 func TestTokenFromAuthorizationHeader(t *testing.T) {
 	n := jwtNode(t, &JWTConfig{Secret: testSecret})
-	c := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, claims("alice", nil))))
+	c := dial(t, n.url("/ws"), bearer(newToken(t, "alice").sign()))
 	if w := c.next("welcome"); w["user"] != "alice" {
 		t.Fatalf("welcome = %v", w)
 	}
 	// The scheme is case-insensitive.
-	c2 := dial(t, n.url("/ws"), &websocket.DialOptions{HTTPHeader: http.Header{"Authorization": {"bearer " + mintHS256(t, testSecret, claims("bob", nil))}}})
+	c2 := dial(t, n.url("/ws"), &websocket.DialOptions{HTTPHeader: http.Header{"Authorization": {"bearer " + newToken(t, "bob").sign()}}})
 	if w := c2.next("welcome"); w["user"] != "bob" {
 		t.Fatalf("welcome = %v", w)
 	}
 }
 
 func TestTokenFromCookie(t *testing.T) {
-	tok := mintHS256(t, testSecret, claims("alice", nil))
+	tok := newToken(t, "alice").sign()
 	cookie := func(name string) *websocket.DialOptions {
 		return &websocket.DialOptions{HTTPHeader: http.Header{"Cookie": {"other=1; " + name + "=" + tok}}}
 	}
@@ -301,7 +256,7 @@ func TestTokenFromCookie(t *testing.T) {
 
 func TestTokenFromSubprotocol(t *testing.T) {
 	n := jwtNode(t, &JWTConfig{Secret: testSecret})
-	tok := mintHS256(t, testSecret, claims("alice", nil))
+	tok := newToken(t, "alice").sign()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -342,14 +297,14 @@ func TestTokenFromSubprotocol(t *testing.T) {
 		}
 	})
 	t.Run("invalid token in subprotocol", func(t *testing.T) {
-		bad := mintHS256(t, "another-secret-another-secret-0123456789", claims("alice", nil))
+		bad := newToken(t, "alice").secret("another-secret-another-secret-0123456789").sign()
 		r := dialRefused(t, n.url("/ws"), &websocket.DialOptions{Subprotocols: []string{"caddychat", "bearer." + bad}})
 		expect401(t, r, "invalid token signature", bad)
 	})
 }
 
 func TestQueryParamToken(t *testing.T) {
-	tok := mintHS256(t, testSecret, claims("alice", nil))
+	tok := newToken(t, "alice").sign()
 	t.Run("off by default", func(t *testing.T) {
 		n := jwtNode(t, &JWTConfig{Secret: testSecret})
 		expect401(t, dialRefused(t, n.url("/ws?token="+tok), nil), "missing token", tok)
@@ -367,15 +322,15 @@ func TestQueryParamToken(t *testing.T) {
 
 func TestTokenUserClaim(t *testing.T) {
 	n := jwtNode(t, &JWTConfig{Secret: testSecret, UserClaim: "email"})
-	c := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, claims("alice", jwt.MapClaims{"email": "alice@example.com"}))))
+	c := dial(t, n.url("/ws"), bearer(newToken(t, "alice").with(jwt.MapClaims{"email": "alice@example.com"}).sign()))
 	if w := c.next("welcome"); w["user"] != "alice@example.com" {
 		t.Fatalf("welcome = %v, want user alice@example.com", w)
 	}
-	tok := mintHS256(t, testSecret, claims("alice", nil))
+	tok := newToken(t, "alice").sign()
 	expect401(t, dialRefused(t, n.url("/ws"), bearer(tok)), "token has no email claim", tok)
 
 	nested := jwtNode(t, &JWTConfig{Secret: testSecret, UserClaim: "profile.id"})
-	c2 := dial(t, nested.url("/ws"), bearer(mintHS256(t, testSecret, claims("alice", jwt.MapClaims{"profile": map[string]any{"id": "u-17"}}))))
+	c2 := dial(t, nested.url("/ws"), bearer(newToken(t, "alice").with(jwt.MapClaims{"profile": map[string]any{"id": "u-17"}}).sign()))
 	if w := c2.next("welcome"); w["user"] != "u-17" {
 		t.Fatalf("welcome = %v, want user u-17", w)
 	}
@@ -389,13 +344,13 @@ func TestJWTPublicKeyRSA(t *testing.T) {
 	path, _ := writePEM(t, &key.PublicKey)
 	n := jwtNode(t, &JWTConfig{PublicKey: path})
 	for _, method := range []jwt.SigningMethod{jwt.SigningMethodRS256, jwt.SigningMethodPS256} {
-		c := dial(t, n.url("/ws"), bearer(mint(t, method, key, "", claims("alice", nil))))
+		c := dial(t, n.url("/ws"), bearer(newToken(t, "alice").signedWith(method, key, "").sign()))
 		if w := c.next("welcome"); w["user"] != "alice" {
 			t.Fatalf("%s: welcome = %v", method.Alg(), w)
 		}
 	}
 	other := rsaKey(t)
-	tok := mint(t, jwt.SigningMethodRS256, other, "", claims("alice", nil))
+	tok := newToken(t, "alice").signedWith(jwt.SigningMethodRS256, other, "").sign()
 	expect401(t, dialRefused(t, n.url("/ws"), bearer(tok)), "invalid token signature", tok)
 }
 
@@ -406,7 +361,7 @@ func TestJWTPublicKeyECDSA(t *testing.T) {
 	}
 	path, _ := writePEM(t, &p256.PublicKey)
 	n := jwtNode(t, &JWTConfig{PublicKey: path})
-	c := dial(t, n.url("/ws"), bearer(mint(t, jwt.SigningMethodES256, p256, "", claims("alice", nil))))
+	c := dial(t, n.url("/ws"), bearer(newToken(t, "alice").signedWith(jwt.SigningMethodES256, p256, "").sign()))
 	if w := c.next("welcome"); w["user"] != "alice" {
 		t.Fatalf("welcome = %v", w)
 	}
@@ -415,11 +370,11 @@ func TestJWTPublicKeyECDSA(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tok := mint(t, jwt.SigningMethodES384, p384, "", claims("alice", nil))
+	tok := newToken(t, "alice").signedWith(jwt.SigningMethodES384, p384, "").sign()
 	expect401(t, dialRefused(t, n.url("/ws"), bearer(tok)), "invalid token signature", tok)
 
 	otherP256, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tok = mint(t, jwt.SigningMethodES256, otherP256, "", claims("alice", nil))
+	tok = newToken(t, "alice").signedWith(jwt.SigningMethodES256, otherP256, "").sign()
 	expect401(t, dialRefused(t, n.url("/ws"), bearer(tok)), "invalid token signature", tok)
 }
 
@@ -430,12 +385,12 @@ func TestJWTPublicKeyEd25519(t *testing.T) {
 	}
 	path, _ := writePEM(t, pub)
 	n := jwtNode(t, &JWTConfig{PublicKey: path})
-	c := dial(t, n.url("/ws"), bearer(mint(t, jwt.SigningMethodEdDSA, priv, "", claims("alice", nil))))
+	c := dial(t, n.url("/ws"), bearer(newToken(t, "alice").signedWith(jwt.SigningMethodEdDSA, priv, "").sign()))
 	if w := c.next("welcome"); w["user"] != "alice" {
 		t.Fatalf("welcome = %v", w)
 	}
 	_, otherPriv, _ := ed25519.GenerateKey(rand.Reader)
-	tok := mint(t, jwt.SigningMethodEdDSA, otherPriv, "", claims("alice", nil))
+	tok := newToken(t, "alice").signedWith(jwt.SigningMethodEdDSA, otherPriv, "").sign()
 	expect401(t, dialRefused(t, n.url("/ws"), bearer(tok)), "invalid token signature", tok)
 }
 
@@ -497,7 +452,7 @@ func TestJWKSKeyRotation(t *testing.T) {
 		t.Fatalf("JWKS fetched %d times at start, want 1", got)
 	}
 
-	c1 := dial(t, n.url("/ws"), bearer(mint(t, jwt.SigningMethodRS256, key1, "kid1", claims("alice", nil))))
+	c1 := dial(t, n.url("/ws"), bearer(newToken(t, "alice").signedWith(jwt.SigningMethodRS256, key1, "kid1").sign()))
 	if w := c1.next("welcome"); w["user"] != "alice" {
 		t.Fatalf("kid1: welcome = %v", w)
 	}
@@ -506,7 +461,7 @@ func TestJWKSKeyRotation(t *testing.T) {
 	// the node refetch the set (the one unknown-kid refresh of this test).
 	js.set(t, rsaJWK(key2, "kid2"))
 	start := time.Now()
-	c2 := dial(t, n.url("/ws"), bearer(mint(t, jwt.SigningMethodRS256, key2, "kid2", claims("bob", nil))))
+	c2 := dial(t, n.url("/ws"), bearer(newToken(t, "bob").signedWith(jwt.SigningMethodRS256, key2, "kid2").sign()))
 	if w := c2.next("welcome"); w["user"] != "bob" {
 		t.Fatalf("kid2: welcome = %v", w)
 	}
@@ -518,10 +473,10 @@ func TestJWKSKeyRotation(t *testing.T) {
 	}
 
 	// A known kid with a signature by another key is refused without a refetch.
-	forged := mint(t, jwt.SigningMethodRS256, key3, "kid2", claims("bob", nil))
+	forged := newToken(t, "bob").signedWith(jwt.SigningMethodRS256, key3, "kid2").sign()
 	expect401(t, dialRefused(t, n.url("/ws"), bearer(forged)), "invalid token signature", forged)
 	// So is an HMAC token, even naming a known kid.
-	hs := mint(t, jwt.SigningMethodHS256, []byte(testSecret), "kid2", claims("bob", nil))
+	hs := newToken(t, "bob").signedWith(jwt.SigningMethodHS256, []byte(testSecret), "kid2").sign()
 	expect401(t, dialRefused(t, n.url("/ws"), bearer(hs)), "invalid token signature", hs)
 	if got := js.fetches.Load(); got != 2 {
 		t.Fatalf("JWKS fetched %d times, want still 2", got)
@@ -534,7 +489,7 @@ func TestJWKSUnknownKeyRefused(t *testing.T) {
 	// A node of its own: its unknown-kid limiter still has its one token.
 	n := jwtNode(t, &JWTConfig{JWKS: js.srv.URL})
 
-	tok := mint(t, jwt.SigningMethodRS256, stranger, "kid-unknown", claims("mallory", nil))
+	tok := newToken(t, "mallory").signedWith(jwt.SigningMethodRS256, stranger, "kid-unknown").sign()
 	start := time.Now()
 	expect401(t, dialRefused(t, n.url("/ws"), bearer(tok)), "token signing method or key not accepted", tok)
 	if d := time.Since(start); d > 3*time.Second {
@@ -546,7 +501,7 @@ func TestJWKSUnknownKeyRefused(t *testing.T) {
 	// More made-up kids within the refresh interval are refused at once: they
 	// neither refetch the set nor wait for the refresh limiter.
 	for i := range 3 {
-		tok := mint(t, jwt.SigningMethodRS256, stranger, fmt.Sprintf("kid-made-up-%d", i), claims("mallory", nil))
+		tok := newToken(t, "mallory").signedWith(jwt.SigningMethodRS256, stranger, fmt.Sprintf("kid-made-up-%d", i)).sign()
 		start := time.Now()
 		expect401(t, dialRefused(t, n.url("/ws"), bearer(tok)), "token signing method or key not accepted", tok)
 		if d := time.Since(start); d > time.Second {
@@ -557,7 +512,7 @@ func TestJWKSUnknownKeyRefused(t *testing.T) {
 		t.Fatalf("JWKS fetched %d times after more unknown kids, want still 2", got)
 	}
 	// The set's own key still works.
-	c := dial(t, n.url("/ws"), bearer(mint(t, jwt.SigningMethodRS256, key1, "kid1", claims("alice", nil))))
+	c := dial(t, n.url("/ws"), bearer(newToken(t, "alice").signedWith(jwt.SigningMethodRS256, key1, "kid1").sign()))
 	if w := c.next("welcome"); w["user"] != "alice" {
 		t.Fatalf("welcome = %v", w)
 	}
@@ -569,7 +524,7 @@ func TestJWKSOctKeyNeverEnablesHMAC(t *testing.T) {
 	oct := map[string]string{"kty": "oct", "kid": "hmac", "k": base64.RawURLEncoding.EncodeToString(secret)}
 	js := newJWKSServer(t, rsaJWK(key1, "kid1"), oct)
 	n := jwtNode(t, &JWTConfig{JWKS: js.srv.URL})
-	tok := mint(t, jwt.SigningMethodHS256, secret, "hmac", claims("mallory", nil))
+	tok := newToken(t, "mallory").signedWith(jwt.SigningMethodHS256, secret, "hmac").sign()
 	expect401(t, dialRefused(t, n.url("/ws"), bearer(tok)), "invalid token signature", tok)
 }
 
@@ -648,11 +603,11 @@ func ownDelivery(t *testing.T, c *testClient, channel string, data any, id float
 
 func TestACLClaimsEnforced(t *testing.T) {
 	n := jwtNode(t, &JWTConfig{Secret: testSecret})
-	alice := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, claims("alice", aclClaims))))
+	alice := dial(t, n.url("/ws"), bearer(newToken(t, "alice").with(aclClaims).sign()))
 	alice.next("welcome")
-	bob := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, claims("bob", jwt.MapClaims{"chat": map[string]any{
+	bob := dial(t, n.url("/ws"), bearer(newToken(t, "bob").with(jwt.MapClaims{"chat": map[string]any{
 		"subscribe": []string{"room:*"}, "publish": []string{"room:**"},
-	}}))))
+	}}).sign()))
 	bob.next("welcome")
 
 	alice.subscribe("room:x", 1)
@@ -691,11 +646,11 @@ func TestACLClaimsEnforced(t *testing.T) {
 
 func TestACLClaimNamesAndShapes(t *testing.T) {
 	n := jwtNode(t, &JWTConfig{Secret: testSecret, SubscribeClaim: "subs", PublishClaim: "perms.pub"})
-	c := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, claims("alice", jwt.MapClaims{
+	c := dial(t, n.url("/ws"), bearer(newToken(t, "alice").with(jwt.MapClaims{
 		"subs":  "room:*",                                    // a single pattern as a string
 		"perms": map[string]any{"pub": []any{"room:a", 7}},   // non-strings grant nothing
 		"chat":  map[string]any{"subscribe": []string{"**"}}, // the default claim is not read
-	}))))
+	}).sign()))
 	c.next("welcome")
 	c.subscribe("room:a", 1)
 	c.send(map[string]any{"op": "subscribe", "channel": "other:a", "id": 2})
@@ -709,11 +664,11 @@ func TestACLClaimNamesAndShapes(t *testing.T) {
 func TestACLHandlerRulesAddToClaims(t *testing.T) {
 	n := startNode(t, &Handler{
 		JWT:           &JWTConfig{Secret: testSecret},
-		ChannelPrefix: authPrefix(),
+		ChannelPrefix: ptr(uniquePrefix()),
 		Subscribe:     []string{"lobby", "notice:{user}"},
 		Publish:       []string{"lobby"},
 	})
-	alice := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, claims("alice", aclClaims))))
+	alice := dial(t, n.url("/ws"), bearer(newToken(t, "alice").with(aclClaims).sign()))
 	alice.next("welcome")
 	// Claims still apply...
 	alice.subscribe("room:x", 1)
@@ -727,7 +682,7 @@ func TestACLHandlerRulesAddToClaims(t *testing.T) {
 	}
 
 	// A token without chat claims gets exactly the route's rules.
-	carol := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, claims("carol", nil))))
+	carol := dial(t, n.url("/ws"), bearer(newToken(t, "carol").sign()))
 	carol.next("welcome")
 	carol.subscribe("lobby", 1)
 	carol.send(map[string]any{"op": "subscribe", "channel": "room:x", "id": 2})
@@ -849,7 +804,7 @@ func TestAnonymousRefusedByDefaultWithJWT(t *testing.T) {
 func TestAnonymousPermissions(t *testing.T) {
 	n := startNode(t, &Handler{
 		JWT:           &JWTConfig{Secret: testSecret},
-		ChannelPrefix: authPrefix(),
+		ChannelPrefix: ptr(uniquePrefix()),
 		Anonymous:     &Permissions{Subscribe: []string{"public:*", "user:{user}"}},
 	})
 	anon := dial(t, n.url("/ws"), nil)
@@ -867,15 +822,15 @@ func TestAnonymousPermissions(t *testing.T) {
 		expectError(t, anon, id, "forbidden", ch)
 	}
 	// An anonymous connection cannot turn into a user with a refresh.
-	anon.send(map[string]any{"op": "refresh", "token": mintHS256(t, testSecret, claims("alice", nil)), "id": 20})
+	anon.send(map[string]any{"op": "refresh", "token": newToken(t, "alice").sign(), "id": 20})
 	expectError(t, anon, 20, "forbidden", "")
 
 	// A token that fails is refused, not downgraded to anonymous.
-	bad := mintHS256(t, "another-secret-another-secret-0123456789", claims("alice", nil))
+	bad := newToken(t, "alice").secret("another-secret-another-secret-0123456789").sign()
 	expect401(t, dialRefused(t, n.url("/ws"), bearer(bad)), "invalid token signature", bad)
 
 	// A user with a token gets the token's permissions, not the anonymous ones.
-	alice := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, claims("alice", aclClaims))))
+	alice := dial(t, n.url("/ws"), bearer(newToken(t, "alice").with(aclClaims).sign()))
 	if w := alice.next("welcome"); w["user"] != "alice" {
 		t.Fatalf("welcome = %v", w)
 	}
@@ -885,7 +840,7 @@ func TestAnonymousPermissions(t *testing.T) {
 }
 
 func TestAnonymousWithoutJWTMayDoAnything(t *testing.T) {
-	n := startNode(t, &Handler{ChannelPrefix: authPrefix()})
+	n := startNode(t, &Handler{ChannelPrefix: ptr(uniquePrefix())})
 	c := dial(t, n.url("/ws"), nil)
 	if w := c.next("welcome"); w["user"] != "" {
 		t.Fatalf("welcome = %v", w)
@@ -926,7 +881,7 @@ func TestTokenExpiryCloses4002(t *testing.T) {
 	t.Parallel()
 	n := expiryNode(t)
 	exp := shortExp()
-	c := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, claims("alice", jwt.MapClaims{"exp": exp.Unix(), "chat": map[string]any{"subscribe": []string{"room:*"}}}))))
+	c := dial(t, n.url("/ws"), bearer(newToken(t, "alice").with(jwt.MapClaims{"exp": exp.Unix(), "chat": map[string]any{"subscribe": []string{"room:*"}}}).sign()))
 	c.next("welcome")
 	c.subscribe("room:x", 1)
 	code := c.closeCode()
@@ -948,13 +903,11 @@ func TestRefreshExtendsConnection(t *testing.T) {
 	n := expiryNode(t)
 	perms := jwt.MapClaims{"chat": map[string]any{"subscribe": []string{"room:*"}, "publish": []string{"room:*"}}}
 	exp := shortExp()
-	old := claims("alice", perms)
-	old["exp"] = exp.Unix()
-	c := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, old)))
+	c := dial(t, n.url("/ws"), bearer(newToken(t, "alice").with(perms).with(jwt.MapClaims{"exp": exp.Unix()}).sign()))
 	c.next("welcome")
 	c.subscribe("room:x", 1)
 
-	c.send(map[string]any{"op": "refresh", "token": mintHS256(t, testSecret, claims("alice", perms)), "id": 2})
+	c.send(map[string]any{"op": "refresh", "token": newToken(t, "alice").with(perms).sign(), "id": 2})
 	if r := expectOK(t, c, 2); len(r) != 2 {
 		t.Fatalf("refresh reply = %v, want just type and id", r)
 	}
@@ -974,11 +927,11 @@ func TestRefreshExtendsConnection(t *testing.T) {
 
 func TestRefreshNarrowsPermissions(t *testing.T) {
 	n := jwtNode(t, &JWTConfig{Secret: testSecret})
-	c := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, claims("alice", jwt.MapClaims{"chat": map[string]any{"subscribe": []string{"room:*", "news:*"}, "publish": []string{"room:*", "news:*"}}}))))
+	c := dial(t, n.url("/ws"), bearer(newToken(t, "alice").with(jwt.MapClaims{"chat": map[string]any{"subscribe": []string{"room:*", "news:*"}, "publish": []string{"room:*", "news:*"}}}).sign()))
 	c.next("welcome")
 	c.subscribe("room:x", 1)
 	c.subscribe("news:x", 2)
-	c.send(map[string]any{"op": "refresh", "token": mintHS256(t, testSecret, claims("alice", jwt.MapClaims{"chat": map[string]any{"subscribe": []string{"room:*"}, "publish": []string{"room:*"}}})), "id": 3})
+	c.send(map[string]any{"op": "refresh", "token": newToken(t, "alice").with(jwt.MapClaims{"chat": map[string]any{"subscribe": []string{"room:*"}, "publish": []string{"room:*"}}}).sign(), "id": 3})
 	expectOK(t, c, 3)
 	c.send(map[string]any{"op": "subscribe", "channel": "news:y", "id": 4})
 	expectError(t, c, 4, "forbidden", "news:y")
@@ -996,16 +949,15 @@ func TestRefreshRefused(t *testing.T) {
 	t.Parallel()
 	n := expiryNode(t)
 	exp := shortExp()
-	c := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, claims("alice", jwt.MapClaims{"exp": exp.Unix()}))))
+	c := dial(t, n.url("/ws"), bearer(newToken(t, "alice").with(jwt.MapClaims{"exp": exp.Unix()}).sign()))
 	c.next("welcome")
 
-	c.send(map[string]any{"op": "refresh", "token": mintHS256(t, testSecret, claims("bob", nil)), "id": 1})
+	c.send(map[string]any{"op": "refresh", "token": newToken(t, "bob").sign(), "id": 1})
 	expectError(t, c, 1, "forbidden", "")
-	c.send(map[string]any{"op": "refresh", "token": mintHS256(t, "another-secret-another-secret-0123456789", claims("alice", nil)), "id": 2})
+	c.send(map[string]any{"op": "refresh", "token": newToken(t, "alice").secret("another-secret-another-secret-0123456789").sign(), "id": 2})
 	expectError(t, c, 2, "unauthorized", "")
-	expired := claims("alice", nil)
-	expired["exp"] = time.Now().Add(-time.Minute).Unix()
-	c.send(map[string]any{"op": "refresh", "token": mintHS256(t, testSecret, expired), "id": 3})
+	expired := newToken(t, "alice").with(jwt.MapClaims{"exp": time.Now().Add(-time.Minute).Unix()}).sign()
+	c.send(map[string]any{"op": "refresh", "token": expired, "id": 3})
 	expectError(t, c, 3, "unauthorized", "")
 	c.send(map[string]any{"op": "refresh", "token": "garbage", "id": 4})
 	expectError(t, c, 4, "unauthorized", "")
@@ -1025,51 +977,6 @@ func TestRefreshRefused(t *testing.T) {
 
 // ---------------------------------------------------------------------------
 // 8. Access-log redaction.
-
-// logTestNode serves h like startNode, but with Caddy's vars table in each
-// request's context and h's log observed. done receives each request's
-// log_skip variable once ServeHTTP returns.
-func logTestNode(t *testing.T, h *Handler) (n *testNode, logs *observer.ObservedLogs, done chan any) {
-	t.Helper()
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	t.Cleanup(cancel)
-	if err := h.Provision(ctx); err != nil {
-		t.Fatalf("Provision: %v", err)
-	}
-	if err := h.Validate(); err != nil {
-		t.Fatalf("Validate: %v", err)
-	}
-	core, logs := observer.New(zapcore.DebugLevel)
-	h.logger = zap.New(core)
-	done = make(chan any, 16)
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		vars := map[string]any{}
-		c := context.WithValue(r.Context(), caddyhttp.VarsCtxKey, vars)
-		c = context.WithValue(c, caddy.ReplacerCtxKey, caddyhttp.NewTestReplacer(r))
-		r = r.WithContext(c)
-		_ = h.ServeHTTP(w, r, nil)
-		done <- caddyhttp.GetVar(r.Context(), caddyhttp.LogSkipVar)
-	}))
-	t.Cleanup(func() {
-		srv.CloseClientConnections()
-		srv.Close()
-		if err := h.Cleanup(); err != nil {
-			t.Errorf("Cleanup: %v", err)
-		}
-	})
-	return &testNode{h: h, srv: srv}, logs, done
-}
-
-func waitDone(t *testing.T, done chan any) any {
-	t.Helper()
-	select {
-	case v := <-done:
-		return v
-	case <-time.After(5 * time.Second):
-		t.Fatal("request not finished within 5s")
-	}
-	return nil
-}
 
 const redactedLogMsg = "websocket request (token redacted; left out of the access log)"
 
@@ -1103,56 +1010,57 @@ func checkLogs(t *testing.T, logs *observer.ObservedLogs, token, wantURI string,
 }
 
 func TestRedactQueryTokenInLogs(t *testing.T) {
-	n, logs, done := logTestNode(t, &Handler{JWT: &JWTConfig{Secret: testSecret, QueryParam: "token"}, ChannelPrefix: authPrefix()})
+	n := startNode(t, &Handler{JWT: &JWTConfig{Secret: testSecret, QueryParam: "token"}, ChannelPrefix: ptr(uniquePrefix())}, observeLogs())
+	logs := n.logs
 
 	t.Run("accepted query token", func(t *testing.T) {
-		tok := mintHS256(t, testSecret, claims("alice", nil))
+		tok := newToken(t, "alice").sign()
 		c := dial(t, n.url("/ws?room=1&token="+tok), nil)
 		if w := c.next("welcome"); w["user"] != "alice" {
 			t.Fatalf("welcome = %v", w)
 		}
 		_ = c.ws.Close(websocket.StatusNormalClosure, "")
-		if skip := waitDone(t, done); skip != true {
+		if skip := n.waitDone(t); skip != true {
 			t.Fatalf("log_skip = %v, want true", skip)
 		}
 		checkLogs(t, logs, tok, "/ws?room=1&token=REDACTED", http.StatusSwitchingProtocols)
 	})
 	t.Run("refused query token", func(t *testing.T) {
-		tok := mintHS256(t, "another-secret-another-secret-0123456789", claims("alice", nil))
+		tok := newToken(t, "alice").secret("another-secret-another-secret-0123456789").sign()
 		r := dialRefused(t, n.url("/ws?token="+tok), nil)
 		expect401(t, r, "invalid token signature", tok)
-		if skip := waitDone(t, done); skip != true {
+		if skip := n.waitDone(t); skip != true {
 			t.Fatalf("log_skip = %v, want true", skip)
 		}
 		checkLogs(t, logs, tok, "/ws?token=REDACTED", http.StatusUnauthorized)
 	})
 	t.Run("token in subprotocol", func(t *testing.T) {
-		tok := mintHS256(t, testSecret, claims("alice", nil))
+		tok := newToken(t, "alice").sign()
 		c := dial(t, n.url("/ws"), &websocket.DialOptions{Subprotocols: []string{"caddychat", "bearer." + tok}})
 		c.next("welcome")
 		_ = c.ws.Close(websocket.StatusNormalClosure, "")
-		if skip := waitDone(t, done); skip != true {
+		if skip := n.waitDone(t); skip != true {
 			t.Fatalf("log_skip = %v, want true", skip)
 		}
 		checkLogs(t, logs, tok, "/ws", http.StatusSwitchingProtocols)
 	})
 	t.Run("bearer subprotocol without caddychat", func(t *testing.T) {
-		tok := mintHS256(t, testSecret, claims("alice", nil))
+		tok := newToken(t, "alice").sign()
 		r := dialRefused(t, n.url("/ws"), &websocket.DialOptions{Subprotocols: []string{"bearer." + tok}})
 		if r.status != http.StatusBadRequest {
 			t.Fatalf("status = %d, want 400", r.status)
 		}
-		if skip := waitDone(t, done); skip != true {
+		if skip := n.waitDone(t); skip != true {
 			t.Fatalf("log_skip = %v, want true", skip)
 		}
 		checkLogs(t, logs, tok, "/ws", http.StatusBadRequest)
 	})
 	t.Run("header token stays in the access log", func(t *testing.T) {
-		tok := mintHS256(t, testSecret, claims("alice", nil))
+		tok := newToken(t, "alice").sign()
 		c := dial(t, n.url("/ws?room=1"), bearer(tok))
 		c.next("welcome")
 		_ = c.ws.Close(websocket.StatusNormalClosure, "")
-		if skip := waitDone(t, done); skip != nil {
+		if skip := n.waitDone(t); skip != nil {
 			t.Fatalf("log_skip = %v, want unset (Caddy redacts Authorization itself)", skip)
 		}
 		checkLogs(t, logs, tok, "", 0)

@@ -14,17 +14,6 @@ import (
 	"github.com/coder/websocket"
 )
 
-// restart stops the node (SIGTERM: it drains its connections) and starts it
-// again on the same address with the same Caddyfile.
-func (n *caddyNode) restart(t *testing.T) {
-	t.Helper()
-	if !n.stop(30 * time.Second) {
-		t.Fatalf("%s: did not stop within 30s", n.name)
-	}
-	n.stopOnce = sync.Once{}
-	n.run(t, []string{"run", "--config", n.caddyfile, "--adapter", "caddyfile"}, nil, "")
-}
-
 // resumingSubscriber stays subscribed to one channel through a load
 // balancer as the JS client does: after any drop it reconnects and resumes
 // from the last message it saw.

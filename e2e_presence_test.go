@@ -14,12 +14,9 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
-	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/caddychat/caddychat/internal/redistest"
 )
-
-const e2eJWTSecret = "caddychat-e2e-presence-secret-0123456789"
 
 // presenceRoutes is a JSON route with presence on: authenticated users may
 // use room:*, anonymous connections may subscribe to it.
@@ -37,20 +34,7 @@ func presenceRoutes(redisURL string, ttl time.Duration) string {
 		}
 		presence on
 		presence_ttl %s
-	}`, redisURL, e2eJWTSecret, ttl)
-}
-
-// userToken mints an HS256 token for user, valid for an hour.
-func e2eUserToken(t testing.TB, user string) string {
-	t.Helper()
-	now := time.Now()
-	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
-		"sub": user, "iat": now.Unix(), "exp": now.Add(time.Hour).Unix(),
-	}).SignedString([]byte(e2eJWTSecret))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tok
+	}`, redisURL, testSecret, ttl)
 }
 
 // dialUser connects to a JSON route as user (anonymous when empty) and reads
@@ -59,7 +43,7 @@ func dialUser(t testing.TB, name, url, user string) *wsClient {
 	t.Helper()
 	header := http.Header{"Origin": {"http://" + strings.Split(strings.TrimPrefix(url, "ws://"), "/")[0]}}
 	if user != "" {
-		header.Set("Authorization", "Bearer "+e2eUserToken(t, user))
+		header.Set("Authorization", "Bearer "+newToken(t, user).sign())
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -80,15 +64,6 @@ func dialUser(t testing.TB, name, url, user string) *wsClient {
 	}
 	c.welcome = m
 	return c
-}
-
-// kill ends the node's process with SIGKILL: no shutdown, no goodbye to
-// Redis, as in a crash.
-func (n *caddyNode) kill() {
-	n.stopOnce.Do(func() {
-		_ = n.cmd.Process.Kill()
-		<-n.exited
-	})
 }
 
 // presenceOf sends the presence op and returns the users as "alice:2 bob:1",

@@ -25,38 +25,6 @@ import (
 	"github.com/caddychat/caddychat/internal/redistest"
 )
 
-// startTLSNode runs a node whose site is https://127.0.0.1:<port> with a
-// certificate from Caddy's local CA (`tls internal`), kept in the node's
-// storage dir and never installed into the machine's trust stores.
-func startTLSNode(t testing.TB, name, routes string) *caddyNode {
-	t.Helper()
-	dir := t.TempDir()
-	n := &caddyNode{t: t, name: name, dir: dir, addr: freeAddr(t), admin: freeAddr(t)}
-	n.caddyfile = filepath.Join(dir, "Caddyfile")
-	port := n.addr[strings.LastIndexByte(n.addr, ':')+1:]
-	text := fmt.Sprintf(`{
-	admin %s
-	default_bind 127.0.0.1
-	persist_config off
-	storage file_system %s
-	skip_install_trust
-	auto_https disable_redirects
-	http_port %d
-	https_port %s
-}
-
-https://127.0.0.1:%[4]s {
-	tls internal
-%s
-}
-`, n.admin, filepath.Join(dir, "storage"), freePort(t), port, routes)
-	if err := os.WriteFile(n.caddyfile, []byte(text), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	n.run(t, []string{"run", "--config", n.caddyfile, "--adapter", "caddyfile"}, nil, "")
-	return n
-}
-
 // localCA is the root certificate of the node's local CA, read from its
 // storage dir (pki/authorities/local/root.crt), as a pool. It returns once
 // the node has its site certificate (Caddy issues it in the background
@@ -152,8 +120,8 @@ func handshakeTimes(t testing.TB, n *caddyNode, roots *x509.CertPool, count int)
 // or the other node's only, fails the handshake with a certificate error.
 func TestWSSTwoNodes(t *testing.T) {
 	rs := redistest.Start(t)
-	a := startTLSNode(t, "A", chatRoutes(rs.URL()))
-	b := startTLSNode(t, "B", chatRoutes(rs.URL()))
+	a := startCaddy(t, "A", chatRoutes(rs.URL()), overTLS())
+	b := startCaddy(t, "B", chatRoutes(rs.URL()), overTLS())
 	rootA, rootB := a.localCA(t), b.localCA(t)
 
 	const channel = "room:wss"

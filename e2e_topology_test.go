@@ -135,7 +135,7 @@ func clusterRoutes(cl *redistest.Cluster) string {
 			publish room:*
 		}
 		presence on
-	}`, strings.Join(cl.Addrs(), " "), e2eJWTSecret)
+	}`, strings.Join(cl.Addrs(), " "), testSecret)
 }
 
 // clusterChannels picks channels whose slots sit on every master of cl,

@@ -12,23 +12,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 )
 
-// historyNodes starts one node per broker kind with the given history rules,
-// so each history test runs against the in-memory ring and a real Redis.
-func forEachBroker(t *testing.T, test func(t *testing.T, newHandler func() *Handler, rs *redistest.Server)) {
-	t.Run("memory", func(t *testing.T) {
-		test(t, func() *Handler { return &Handler{ChannelPrefix: ptr(uniquePrefix(t))} }, nil)
-	})
-	t.Run("redis", func(t *testing.T) {
-		rs := redistest.Start(t)
-		test(t, func() *Handler { return &Handler{Redis: rs.URL(), ChannelPrefix: ptr(uniquePrefix(t))} }, rs)
-	})
-}
-
-// uniquePrefix keeps tests from sharing a hub (hubs are per redis+prefix).
-func uniquePrefix(t *testing.T) string {
-	return fmt.Sprintf("t%d:", time.Now().UnixNano())
-}
-
 // request sends op and waits for the frame answering its id (ok, error or
 // history), skipping the rest.
 func (c *testClient) request(op map[string]any) map[string]any {
@@ -389,7 +372,7 @@ func TestHistoryResumeUnderConcurrentPublishes(t *testing.T) {
 
 func TestRawPublishesAreKeptAsText(t *testing.T) {
 	forEachBroker(t, func(t *testing.T, newHandler func() *Handler, _ *redistest.Server) {
-		prefix := uniquePrefix(t)
+		prefix := uniquePrefix()
 		raw := newHandler()
 		raw.ChannelPrefix = &prefix
 		raw.Protocol, raw.Channel = protocolRaw, "room:raw"
