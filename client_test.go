@@ -6,6 +6,9 @@ package caddychat
 import (
 	"context"
 	"encoding/json"
+	"io"
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -142,4 +145,100 @@ func (c *testClient) closeCode() websocket.StatusCode {
 			c.t.Fatal("connection not closed within 15s")
 		}
 	}
+}
+
+func bearer(token string) *websocket.DialOptions {
+	return &websocket.DialOptions{HTTPHeader: http.Header{"Authorization": {"Bearer " + token}}}
+}
+
+// refusal is an upgrade the server answered with a plain HTTP status.
+type refusal struct {
+	status int
+	body   string
+	header http.Header
+}
+
+// dialRefused dials url and expects the upgrade to be refused.
+func dialRefused(t *testing.T, url string, opts *websocket.DialOptions) refusal {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ws, resp, err := websocket.Dial(ctx, url, opts)
+	if err == nil {
+		_ = ws.CloseNow()
+		t.Fatalf("dial %s succeeded, want it refused", url)
+	}
+	if resp == nil {
+		t.Fatalf("dial %s: no HTTP response: %v", url, err)
+	}
+	var body []byte
+	if resp.Body != nil {
+		body, _ = io.ReadAll(resp.Body)
+	}
+	return refusal{status: resp.StatusCode, body: string(body), header: resp.Header}
+}
+
+func expectError(t *testing.T, c *testClient, id float64, code, channel string) {
+	t.Helper()
+	r := c.reply(id)
+	if r["type"] != "error" || r["code"] != code {
+		t.Fatalf("reply %v = %v, want error %s", id, r, code)
+	}
+	if msg, _ := r["message"].(string); channel != "" && !strings.Contains(msg, channel) {
+		t.Fatalf("reply %v message %q does not name %s", id, msg, channel)
+	}
+}
+
+func expectOK(t *testing.T, c *testClient, id float64) map[string]any {
+	t.Helper()
+	r := c.reply(id)
+	if r["type"] != "ok" {
+		t.Fatalf("reply %v = %v, want ok", id, r)
+	}
+	return r
+}
+
+// publishOK publishes data on channel and waits for the ok reply. A publisher
+// subscribed to the channel may get the delivery before the reply (reply()
+// would skip it): the first delivery seen is returned, or nil.
+func publishOK(t *testing.T, c *testClient, channel string, data any, id float64) (ok, first map[string]any) {
+	t.Helper()
+	c.send(map[string]any{"op": "publish", "channel": channel, "data": data, "id": id})
+	return awaitOK(t, c, id)
+}
+
+// awaitOK waits for the ok reply to id, keeping the first delivery seen.
+func awaitOK(t *testing.T, c *testClient, id float64) (ok, first map[string]any) {
+	t.Helper()
+	deadline := time.After(5 * time.Second)
+	for {
+		select {
+		case m, open := <-c.frames:
+			if !open {
+				t.Fatalf("connection closed while waiting for reply %v: %v", id, <-c.closed)
+			}
+			switch {
+			case m["type"] == "message" && first == nil:
+				first = m
+			case (m["type"] == "ok" || m["type"] == "error") && m["id"] == id:
+				if m["type"] != "ok" {
+					t.Fatalf("reply %v = %v, want ok", id, m)
+				}
+				return m, first
+			}
+		case <-deadline:
+			t.Fatalf("no reply to id %v within 5s", id)
+		}
+	}
+}
+
+// ownDelivery publishes on a channel c is subscribed to and returns the
+// first delivery c gets after the publish.
+func ownDelivery(t *testing.T, c *testClient, channel string, data any, id float64) (ok, delivery map[string]any) {
+	t.Helper()
+	ok, first := publishOK(t, c, channel, data, id)
+	if first == nil {
+		first = c.next("message")
+	}
+	return ok, first
 }
