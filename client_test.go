@@ -6,6 +6,7 @@ package caddychat
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
@@ -70,23 +71,30 @@ func (c *testClient) send(v any) {
 	c.sendText(string(b))
 }
 
-// next returns the next frame of the given type, skipping others.
-func (c *testClient) next(typ string) map[string]any {
+// nextMatching returns the next frame match accepts, skipping the others;
+// the test fails if none comes within 5s.
+func (c *testClient) nextMatching(what string, match func(m map[string]any) bool) map[string]any {
 	c.t.Helper()
 	deadline := time.After(5 * time.Second)
 	for {
 		select {
 		case m, ok := <-c.frames:
 			if !ok {
-				c.t.Fatalf("connection closed while waiting for %q: %v", typ, <-c.closed)
+				c.t.Fatalf("connection closed while waiting for %s: %v", what, <-c.closed)
 			}
-			if m["type"] == typ {
+			if match(m) {
 				return m
 			}
 		case <-deadline:
-			c.t.Fatalf("no %q frame within 5s", typ)
+			c.t.Fatalf("no %s within 5s", what)
 		}
 	}
+}
+
+// next returns the next frame of the given type, skipping others.
+func (c *testClient) next(typ string) map[string]any {
+	c.t.Helper()
+	return c.nextMatching(fmt.Sprintf("%q frame", typ), func(m map[string]any) bool { return m["type"] == typ })
 }
 
 // nextAny returns the next frame, whatever it is.
@@ -107,20 +115,9 @@ func (c *testClient) nextAny() map[string]any {
 // reply waits for the ok or error reply to the request with correlation id.
 func (c *testClient) reply(id float64) map[string]any {
 	c.t.Helper()
-	deadline := time.After(5 * time.Second)
-	for {
-		select {
-		case m, ok := <-c.frames:
-			if !ok {
-				c.t.Fatalf("connection closed while waiting for reply %v: %v", id, <-c.closed)
-			}
-			if (m["type"] == "ok" || m["type"] == "error") && m["id"] == id {
-				return m
-			}
-		case <-deadline:
-			c.t.Fatalf("no reply to id %v within 5s", id)
-		}
-	}
+	return c.nextMatching(fmt.Sprintf("reply to id %v", id), func(m map[string]any) bool {
+		return (m["type"] == "ok" || m["type"] == "error") && m["id"] == id
+	})
 }
 
 func (c *testClient) subscribe(channel string, id float64) {
@@ -241,4 +238,50 @@ func ownDelivery(t *testing.T, c *testClient, channel string, data any, id float
 		first = c.next("message")
 	}
 	return ok, first
+}
+
+// request sends op and waits for the frame answering its id (ok, error or
+// history), skipping the rest.
+func (c *testClient) request(op map[string]any) map[string]any {
+	c.t.Helper()
+	c.send(op)
+	id := fmt.Sprint(op["id"]) // numbers come back as float64
+	return c.nextMatching(fmt.Sprintf("answer to %v", op), func(m map[string]any) bool {
+		return m["id"] != nil && fmt.Sprint(m["id"]) == id && m["type"] != "message"
+	})
+}
+
+func (c *testClient) publishOK(channel string, data any, id float64) string {
+	c.t.Helper()
+	r := c.request(map[string]any{"op": "publish", "channel": channel, "data": data, "id": id})
+	if r["type"] != "ok" {
+		c.t.Fatalf("publish %v: %v", data, r)
+	}
+	return r["message_id"].(string)
+}
+
+// messages reads the next n frames, which must all be messages of channel,
+// and returns their data values and ids.
+func (c *testClient) messages(channel string, n int) (data []any, ids []string) {
+	c.t.Helper()
+	for range n {
+		m := c.nextAny()
+		if m["type"] != "message" || m["channel"] != channel {
+			c.t.Fatalf("want a message of %s, got %v (after %d of %d)", channel, m, len(data), n)
+		}
+		data = append(data, m["data"])
+		ids = append(ids, m["id"].(string))
+	}
+	return data, ids
+}
+
+func (c *testClient) expectQuiet(d time.Duration) {
+	c.t.Helper()
+	select {
+	case m, ok := <-c.frames:
+		if ok {
+			c.t.Fatalf("unexpected frame %v", m)
+		}
+	case <-time.After(d):
+	}
 }
