@@ -68,15 +68,22 @@ type wsClient struct {
 // page served by the node would send) and starts the reader.
 func dialWS(t testing.TB, name, url string) (*wsClient, error) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
 	host := strings.TrimPrefix(strings.TrimPrefix(url, "ws://"), "wss://")
 	if i := strings.IndexByte(host, '/'); i >= 0 {
 		host = host[:i]
 	}
-	conn, resp, err := websocket.Dial(ctx, url, &websocket.DialOptions{
+	return dialWSWith(t, name, url, &websocket.DialOptions{
 		HTTPHeader: http.Header{"Origin": {"http://" + host}},
 	})
+}
+
+// dialWSWith dials url with opts and starts reading its frames; the
+// connection closes when the test ends.
+func dialWSWith(t testing.TB, name, url string, opts *websocket.DialOptions) (*wsClient, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, resp, err := websocket.Dial(ctx, url, opts)
 	if err != nil {
 		if resp != nil {
 			return nil, fmt.Errorf("%s: dial %s: %v (HTTP %s)", name, url, err, resp.Status)

@@ -4,7 +4,6 @@ package caddychat
 // clients authenticated with JWTs.
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -45,19 +44,10 @@ func dialUser(t testing.TB, name, url, user string) *wsClient {
 	if user != "" {
 		header.Set("Authorization", "Bearer "+newToken(t, user).sign())
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	conn, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{HTTPHeader: header})
+	c, err := dialWSWith(t, name, url, &websocket.DialOptions{HTTPHeader: header})
 	if err != nil {
-		t.Fatalf("%s: dial %s: %v", name, url, err)
+		t.Fatal(err)
 	}
-	conn.SetReadLimit(1 << 20)
-	c := &wsClient{t: t, name: name, conn: conn, frames: make(chan frame, 4096), done: make(chan struct{})}
-	go c.readLoop()
-	t.Cleanup(func() {
-		close(c.done)
-		_ = c.conn.CloseNow()
-	})
 	m, err := c.readMsg(10 * time.Second)
 	if err != nil || m.Type != "welcome" || m.User == nil || *m.User != user {
 		t.Fatalf("%s: want a welcome for user %q, got %v %v", name, user, m, err)

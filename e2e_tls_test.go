@@ -7,7 +7,6 @@ package caddychat
 // caddyBinary).
 
 import (
-	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -57,27 +56,13 @@ func (n *caddyNode) localCA(t testing.TB) *x509.CertPool {
 // system's roots), and starts the reader.
 func dialWSS(t testing.TB, name string, n *caddyNode, path string, roots *x509.CertPool) (*wsClient, error) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
 	httpClient := &http.Client{Transport: &http.Transport{
 		TLSClientConfig: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
 	}}
-	url := "wss://" + n.addr + path
-	conn, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{
+	return dialWSWith(t, name, "wss://"+n.addr+path, &websocket.DialOptions{
 		HTTPClient: httpClient,
 		HTTPHeader: http.Header{"Origin": {"https://" + n.addr}},
 	})
-	if err != nil {
-		return nil, fmt.Errorf("%s: dial %s: %w", name, url, err)
-	}
-	conn.SetReadLimit(1 << 20)
-	c := &wsClient{t: t, name: name, conn: conn, frames: make(chan frame, 4096), done: make(chan struct{})}
-	go c.readLoop()
-	t.Cleanup(func() {
-		close(c.done)
-		_ = c.conn.CloseNow()
-	})
-	return c, nil
 }
 
 // dialJSONS is dialJSON over wss://.
