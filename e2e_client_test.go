@@ -86,9 +86,9 @@ func dialWSWith(t testing.TB, name, url string, opts *websocket.DialOptions) (*w
 	conn, resp, err := websocket.Dial(ctx, url, opts)
 	if err != nil {
 		if resp != nil {
-			return nil, fmt.Errorf("%s: dial %s: %v (HTTP %s)", name, url, err, resp.Status)
+			return nil, fmt.Errorf("%s: dial %s: %w (HTTP %s)", name, url, err, resp.Status)
 		}
-		return nil, fmt.Errorf("%s: dial %s: %v", name, url, err)
+		return nil, fmt.Errorf("%s: dial %s: %w", name, url, err)
 	}
 	conn.SetReadLimit(1 << 20)
 	c := &wsClient{
