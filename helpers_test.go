@@ -224,7 +224,7 @@ http://:%s {
 
 https://127.0.0.1:%[4]s {
 	tls internal
-%s
+%[6]s
 }
 `, n.admin, storage, n.httpPort, port, debugOpt, routes)
 	}
