@@ -1,4 +1,4 @@
-package caddychat_test
+package caddychat
 
 import (
 	"encoding/json"
@@ -31,15 +31,15 @@ func TestRedisRestartKeepsAcknowledgedMessages(t *testing.T) {
 func testRedisRestartKeeps(t *testing.T, rs *redistest.Server, persistent bool) {
 	const subscribers = 50
 	routes := fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off\n\t\thistory 100000 1h\n\t\tpublish_timeout 1s\n\t\tsend_queue 4MiB\n\t}", rs.URL())
-	a := startNode(t, "A", routes)
-	b := startNode(t, "B", routes)
+	a := startCaddy(t, "A", routes)
+	b := startCaddy(t, "B", routes)
 	const channel = "room:epoch"
 
 	stopSubs := make(chan struct{})
 	var subsDone sync.WaitGroup
 	subs := make([]*resumingSubscriber, subscribers)
 	for i := range subs {
-		n := []*node{a, b}[i%2]
+		n := []*caddyNode{a, b}[i%2]
 		subs[i] = &resumingSubscriber{t: t, name: fmt.Sprintf("sub%d@%s", i, n.name), url: n.wsURL("/ws"), channel: channel}
 		subsDone.Add(1)
 		go subs[i].run(stopSubs, &subsDone)
@@ -221,7 +221,7 @@ func testRedisRestartKeeps(t *testing.T, rs *redistest.Server, persistent bool) 
 func TestResumeAcrossEpochChange(t *testing.T) {
 	rs := redistest.Start(t)
 	routes := fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off\n\t\thistory 1000 1h\n\t}", rs.URL())
-	a := startNode(t, "A", routes)
+	a := startCaddy(t, "A", routes)
 	const channel = "room:epoch-resume"
 	pub := dialJSON(t, "pub", a.wsURL("/ws"))
 	away := dialJSON(t, "away", a.wsURL("/ws"))

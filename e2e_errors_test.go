@@ -1,4 +1,4 @@
-package caddychat_test
+package caddychat
 
 import (
 	"context"
@@ -40,8 +40,8 @@ func TestHandleErrorsShapesRefusals(t *testing.T) {
 	}
 	handle_errors {
 		respond "shaped by the site: {err.status_code} ({err.message})"
-	}`, e2eJWTSecret)
-	n := startNode(t, "errors", routes)
+	}`, testSecret)
+	n := startCaddy(t, "errors", routes)
 
 	refused := func(url, token string) (int, string, http.Header) {
 		t.Helper()
@@ -71,7 +71,7 @@ func TestHandleErrorsShapesRefusals(t *testing.T) {
 		t.Errorf("no token: WWW-Authenticate = %q, want the Bearer challenge", got)
 	}
 
-	status, body, _ = refused(n.wsURL("/raw/vault"), userToken(t, "alice"))
+	status, body, _ = refused(n.wsURL("/raw/vault"), newToken(t, "alice").sign())
 	if want := "shaped by the site: 403 (forbidden: may not subscribe to secret:vault)"; status != http.StatusForbidden || body != want {
 		t.Errorf("forbidden raw channel: %d %q, want 403 %q", status, body, want)
 	}

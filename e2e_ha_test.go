@@ -1,4 +1,4 @@
-package caddychat_test
+package caddychat
 
 import (
 	"context"
@@ -13,17 +13,6 @@ import (
 	"github.com/caddychat/caddychat/internal/redistest"
 	"github.com/coder/websocket"
 )
-
-// restart stops the node (SIGTERM: it drains its connections) and starts it
-// again on the same address with the same Caddyfile.
-func (n *node) restart(t *testing.T) {
-	t.Helper()
-	if !n.stop(30 * time.Second) {
-		t.Fatalf("%s: did not stop within 30s", n.name)
-	}
-	n.stopOnce = sync.Once{}
-	n.run(t, []string{"run", "--config", n.caddyfile, "--adapter", "caddyfile"}, nil, "")
-}
 
 // resumingSubscriber stays subscribed to one channel through a load
 // balancer as the JS client does: after any drop it reconnects and resumes
@@ -128,9 +117,9 @@ func isClosedErr(err error) bool {
 func TestRollingRestartBehindLoadBalancer(t *testing.T) {
 	rs := redistest.Start(t)
 	routes := fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off\n\t\thistory 100000 1h\n\t\tdrain_period 1s\n\t}", rs.URL())
-	a := startNode(t, "A", routes)
-	b := startNode(t, "B", routes)
-	lb := startNode(t, "LB", fmt.Sprintf("\treverse_proxy %s %s {\n\t\tlb_policy round_robin\n\t\tlb_try_duration 10s\n\t\tlb_try_interval 100ms\n\t\tfail_duration 2s\n\t}", a.addr, b.addr))
+	a := startCaddy(t, "A", routes)
+	b := startCaddy(t, "B", routes)
+	lb := startCaddy(t, "LB", fmt.Sprintf("\treverse_proxy %s %s {\n\t\tlb_policy round_robin\n\t\tlb_try_duration 10s\n\t\tlb_try_interval 100ms\n\t\tfail_duration 2s\n\t}", a.addr, b.addr))
 	const channel = "room:rolling"
 
 	stop := make(chan struct{})
@@ -381,8 +370,8 @@ func TestReloadUnderLoad(t *testing.T) {
 	routesFor := func(redisURL string) string {
 		return fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off\n\t\thistory 100000 1h\n\t\tdrain_period 2s\n\t\tmax_connections_per_user 2000\n\t}", redisURL)
 	}
-	a := startNode(t, "A", routesFor(rs.URL()))
-	b := startNode(t, "B", routesFor(rs.URL()))
+	a := startCaddy(t, "A", routesFor(rs.URL()))
+	b := startCaddy(t, "B", routesFor(rs.URL()))
 	const channel = "room:reload"
 	const clients = 1000
 
@@ -483,11 +472,11 @@ func TestReloadUnderLoad(t *testing.T) {
 func TestSubscriptionLossFilledFromHistory(t *testing.T) {
 	rs := redistest.Start(t)
 	routes := historyRoutes(rs.URL(), "10000 1h")
-	a := startNode(t, "A", routes)
-	b := startNode(t, "B", routes)
+	a := startCaddy(t, "A", routes)
+	b := startCaddy(t, "B", routes)
 	const channel = "room:gapfill"
 	var subs []*wsClient
-	for i, n := range []*node{a, b, a, b} {
+	for i, n := range []*caddyNode{a, b, a, b} {
 		c := dialJSON(t, fmt.Sprintf("sub%d@%s", i, n.name), n.wsURL("/ws"))
 		c.subscribe(channel)
 		subs = append(subs, c)

@@ -1,4 +1,4 @@
-package caddychat_test
+package caddychat
 
 import (
 	"encoding/json"
@@ -13,7 +13,7 @@ import (
 )
 
 // rssBytes is the resident set size of the node's Caddy process.
-func (n *node) rssBytes(t testing.TB) int64 {
+func (n *caddyNode) rssBytes(t testing.TB) int64 {
 	t.Helper()
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", n.cmd.Process.Pid))
 	if err != nil {
@@ -34,7 +34,7 @@ func (n *node) rssBytes(t testing.TB) int64 {
 
 // floodNode publishes one message of size bytes on each of n fresh
 // channels through one connection, sent at once, and counts the replies.
-func floodNode(t *testing.T, nd *node, n, size int) map[string]int {
+func floodNode(t *testing.T, nd *caddyNode, n, size int) map[string]int {
 	t.Helper()
 	c := dialJSON(t, "flood@"+nd.name, nd.wsURL("/ws"))
 	pad := strings.Repeat("x", size)
@@ -73,9 +73,9 @@ func floodNode(t *testing.T, nd *node, n, size int) map[string]int {
 // The figures (RSS, kept bytes) are logged.
 func TestFreshChannelFloodOnARealNode(t *testing.T) {
 	const route = "\tchat /ws {\n\t\trate_limit off\n\t\tsend_queue 8MiB\n\t\thistory room:** 100\n%s\t}"
-	limited := startNode(t, "defaults", fmt.Sprintf(route, ""))
-	capped := startNode(t, "capped", fmt.Sprintf(route, "\t\thistory_memory 1MiB\n\t\thistory_new_channels off\n"))
-	for _, nd := range []*node{limited, capped} {
+	limited := startCaddy(t, "defaults", fmt.Sprintf(route, ""))
+	capped := startCaddy(t, "capped", fmt.Sprintf(route, "\t\thistory_memory 1MiB\n\t\thistory_new_channels off\n"))
+	for _, nd := range []*caddyNode{limited, capped} {
 		before := nd.rssBytes(t)
 		start := time.Now()
 		replies := floodNode(t, nd, 10000, 512)

@@ -1,4 +1,4 @@
-package caddychat_test
+package caddychat
 
 import (
 	"context"
@@ -174,10 +174,10 @@ func (m *serverMsg) MessageIDOf() string {
 func TestResumeAcrossNodesNoGapNoDuplicate(t *testing.T) {
 	rs := redistest.Start(t)
 	routes := historyRoutes(rs.URL(), "5000 1h")
-	a := startNode(t, "A", routes)
-	b := startNode(t, "B", routes)
+	a := startCaddy(t, "A", routes)
+	b := startCaddy(t, "B", routes)
 	const channel = "room:resume"
-	nodes := []*node{b, a}
+	nodes := []*caddyNode{b, a}
 
 	pub := startSeqPublisher(t, a.wsURL("/ws"), channel, time.Millisecond)
 	var tr resumeTracker
@@ -214,8 +214,8 @@ func TestResumeAcrossNodesNoGapNoDuplicate(t *testing.T) {
 func TestResumeAfterHistoryLossIsNotRecovered(t *testing.T) {
 	rs := redistest.Start(t)
 	routes := historyRoutes(rs.URL(), "50 1h")
-	a := startNode(t, "A", routes)
-	b := startNode(t, "B", routes)
+	a := startCaddy(t, "A", routes)
+	b := startCaddy(t, "B", routes)
 	const channel = "room:loss"
 	pub := dialJSON(t, "pub@A", a.wsURL("/ws"))
 
@@ -317,15 +317,15 @@ type historyPageMsg struct {
 func TestLiveMessagesAreAlwaysInHistory(t *testing.T) {
 	rs := redistest.Start(t)
 	routes := historyRoutes(rs.URL(), "300 1h")
-	a := startNode(t, "A", routes)
-	b := startNode(t, "B", routes)
+	a := startCaddy(t, "A", routes)
+	b := startCaddy(t, "B", routes)
 	const channel = "room:atomic"
 	sub := dialJSON(t, "sub@B", b.wsURL("/ws"))
 	sub.subscribe(channel)
 
 	const perPublisher = 200
 	var wg sync.WaitGroup
-	for _, n := range []*node{a, b} {
+	for _, n := range []*caddyNode{a, b} {
 		p := dialJSON(t, "pub@"+n.name, n.wsURL("/ws"))
 		wg.Add(1)
 		go func() {

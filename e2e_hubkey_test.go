@@ -1,4 +1,4 @@
-package caddychat_test
+package caddychat
 
 import (
 	"fmt"
@@ -13,7 +13,7 @@ func TestReloadChangingPublishTimeout(t *testing.T) {
 	routes := func(timeout string) string {
 		return fmt.Sprintf("\tchat /ws {\n\t\trate_limit off\n\t\tpublish_timeout %s\n\t\tdrain_period 1ms\n\t}", timeout)
 	}
-	n := startNode(t, "node", routes("2s"))
+	n := startCaddy(t, "node", routes("2s"))
 	c := dialJSON(t, "c", n.wsURL("/ws"))
 	c.subscribe("room:x")
 	n.reload(t, routes("1s"))

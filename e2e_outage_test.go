@@ -1,7 +1,8 @@
-package caddychat_test
+package caddychat
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -82,11 +83,11 @@ func testRedisOutage(t *testing.T, history string) {
 	rs := redistest.Start(t)
 	routes := fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off%s\n\t\tpublish_timeout %v\n\t\tsend_queue 4MiB\n\t}",
 		rs.URL(), history, publishTimeout)
-	a := startNode(t, "A", routes)
-	b := startNode(t, "B", routes)
+	a := startCaddy(t, "A", routes)
+	b := startCaddy(t, "B", routes)
 	const channel = "room:outage"
 	var subs []*wsClient
-	for i, n := range []*node{a, b, a, b} {
+	for i, n := range []*caddyNode{a, b, a, b} {
 		c := dialJSON(t, fmt.Sprintf("sub%d@%s", i, n.name), n.wsURL("/ws"))
 		c.subscribe(channel)
 		subs = append(subs, c)
@@ -134,8 +135,8 @@ func testRedisOutage(t *testing.T, history string) {
 	paused := time.Now()
 	time.Sleep(5 * time.Second)
 	before := map[string]int{"A": pubs[0].acks() + 20, "B": pubs[1].acks() + 20}
-	for _, n := range []*node{a, b} {
-		if up := n.scrapeMetrics(t)["caddy_chat_broker_up"]; up != 0 {
+	for _, n := range []*caddyNode{a, b} {
+		if up := n.scrapeMetrics(t)[brokerUpSample(rs.URL(), "chat:")]; up != 0 {
 			t.Errorf("%s: caddy_chat_broker_up = %v during the outage, want 0", n.name, up)
 		}
 	}
@@ -209,8 +210,8 @@ func testRedisOutage(t *testing.T, history string) {
 		t.Logf("%s: every acknowledged message once, in order, without reconnecting (%d more that were answered unavailable but reached Redis)", c.name, extra)
 	}
 
-	for _, n := range []*node{a, b} {
-		if up := n.scrapeMetrics(t)["caddy_chat_broker_up"]; up != 1 {
+	for _, n := range []*caddyNode{a, b} {
+		if up := n.scrapeMetrics(t)[brokerUpSample(rs.URL(), "chat:")]; up != 1 {
 			t.Errorf("%s: caddy_chat_broker_up = %v after the outage, want 1", n.name, up)
 		}
 		log, err := os.ReadFile(n.logPath)
@@ -236,4 +237,100 @@ func streamIDLess(a, b string) bool {
 		return false
 	}
 	return am < bm || am == bm && as < bs
+}
+
+// TestRedisRestart: while Redis is down a publish is answered with
+// "unavailable"; after Redis comes back on the same address, delivery to
+// subscribers on both nodes resumes within 2s without the clients reconnecting.
+func TestRedisRestart(t *testing.T) {
+	rs := redistest.Start(t)
+	a := startCaddy(t, "A", chatRoutes(rs.URL()))
+	b := startCaddy(t, "B", chatRoutes(rs.URL()))
+	const channel = "room:restart"
+	subA := dialJSON(t, "subA", a.wsURL("/ws"))
+	subA.subscribe(channel)
+	subB := dialJSON(t, "subB", b.wsURL("/ws"))
+	subB.subscribe(channel)
+	pub := dialJSON(t, "pub@A", a.wsURL("/ws"))
+
+	pub.mustPublish(channel, map[string]string{"phase": "before"})
+	subA.expectMessage(channel, 5*time.Second)
+	subB.expectMessage(channel, 5*time.Second)
+
+	rs.Kill()
+	for _, c := range []*wsClient{pub, subB} {
+		sent := time.Now()
+		m, err := c.publishErr(channel, map[string]string{"phase": "outage"}, 8*time.Second)
+		if err != nil {
+			t.Fatalf("publish while Redis is down: want error unavailable, got no reply: %v", err)
+		}
+		if m.Type != "error" || m.Code != "unavailable" {
+			t.Fatalf("%s: publish while Redis is down: want {\"type\":\"error\",\"code\":\"unavailable\"}, got %s", c.name, m)
+		}
+		t.Logf("%s: unavailable after %v", c.name, time.Since(sent).Round(time.Millisecond))
+	}
+
+	rs.Restart()
+	back := time.Now()
+	var firstOK, gotA, gotB time.Time
+	collect := func(c *wsClient, got *time.Time) {
+		for {
+			m, err := c.readMsg(30 * time.Millisecond)
+			if errors.Is(err, errTimeout) {
+				return
+			}
+			if err != nil {
+				t.Fatalf("%s (must stay connected through the outage): %v", c.name, err)
+			}
+			var d struct{ Phase string }
+			_ = json.Unmarshal(m.Data, &d)
+			switch {
+			case m.Type == "message" && d.Phase == "after":
+				if got.IsZero() {
+					*got = m.at
+				}
+			case m.Type == "message" && d.Phase == "outage":
+				t.Logf("%s: a publish answered \"unavailable\" was delivered later: %s", c.name, m)
+			default:
+				t.Errorf("%s: unexpected frame %s", c.name, m)
+			}
+		}
+	}
+	deadline := back.Add(15 * time.Second)
+	for k := 0; gotA.IsZero() || gotB.IsZero(); k++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("delivery did not resume within 15s of the Redis restart (first ok publish after %v; subA got one: %v, subB got one: %v)",
+				sinceOrNever(firstOK, back), !gotA.IsZero(), !gotB.IsZero())
+		}
+		m, err := pub.publishErr(channel, map[string]any{"phase": "after", "k": k}, 8*time.Second)
+		if err != nil {
+			t.Fatalf("publish after the Redis restart: %v", err)
+		}
+		switch {
+		case m.Type == "ok":
+			if firstOK.IsZero() {
+				firstOK = time.Now()
+			}
+		case m.Type == "error" && m.Code == "unavailable":
+			time.Sleep(50 * time.Millisecond)
+		default:
+			t.Errorf("publish after the Redis restart: want ok or unavailable, got %s", m)
+		}
+		collect(subA, &gotA)
+		collect(subB, &gotB)
+	}
+	t.Logf("after the Redis restart: first ok publish %v, delivery on A %v, on B %v",
+		firstOK.Sub(back).Round(time.Millisecond), gotA.Sub(back).Round(time.Millisecond), gotB.Sub(back).Round(time.Millisecond))
+	for name, got := range map[string]time.Time{"A": gotA, "B": gotB} {
+		if d := got.Sub(back); d > 2*time.Second {
+			t.Errorf("delivery on node %s resumed %v after Redis was back, want <= 2s", name, d.Round(time.Millisecond))
+		}
+	}
+}
+
+func sinceOrNever(t, from time.Time) string {
+	if t.IsZero() {
+		return "never"
+	}
+	return t.Sub(from).Round(time.Millisecond).String()
 }

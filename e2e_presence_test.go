@@ -1,10 +1,9 @@
-package caddychat_test
+package caddychat
 
 // End-to-end tests of presence: real Caddy nodes sharing a real redis-server,
 // clients authenticated with JWTs.
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -14,12 +13,9 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
-	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/caddychat/caddychat/internal/redistest"
 )
-
-const e2eJWTSecret = "caddychat-e2e-presence-secret-0123456789"
 
 // presenceRoutes is a JSON route with presence on: authenticated users may
 // use room:*, anonymous connections may subscribe to it.
@@ -37,20 +33,7 @@ func presenceRoutes(redisURL string, ttl time.Duration) string {
 		}
 		presence on
 		presence_ttl %s
-	}`, redisURL, e2eJWTSecret, ttl)
-}
-
-// userToken mints an HS256 token for user, valid for an hour.
-func userToken(t testing.TB, user string) string {
-	t.Helper()
-	now := time.Now()
-	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
-		"sub": user, "iat": now.Unix(), "exp": now.Add(time.Hour).Unix(),
-	}).SignedString([]byte(e2eJWTSecret))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tok
+	}`, redisURL, testSecret, ttl)
 }
 
 // dialUser connects to a JSON route as user (anonymous when empty) and reads
@@ -59,36 +42,18 @@ func dialUser(t testing.TB, name, url, user string) *wsClient {
 	t.Helper()
 	header := http.Header{"Origin": {"http://" + strings.Split(strings.TrimPrefix(url, "ws://"), "/")[0]}}
 	if user != "" {
-		header.Set("Authorization", "Bearer "+userToken(t, user))
+		header.Set("Authorization", "Bearer "+newToken(t, user).sign())
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	conn, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{HTTPHeader: header})
+	c, err := dialWSWith(t, name, url, &websocket.DialOptions{HTTPHeader: header})
 	if err != nil {
-		t.Fatalf("%s: dial %s: %v", name, url, err)
+		t.Fatal(err)
 	}
-	conn.SetReadLimit(1 << 20)
-	c := &wsClient{t: t, name: name, conn: conn, frames: make(chan frame, 4096), done: make(chan struct{})}
-	go c.readLoop()
-	t.Cleanup(func() {
-		close(c.done)
-		_ = c.conn.CloseNow()
-	})
 	m, err := c.readMsg(10 * time.Second)
 	if err != nil || m.Type != "welcome" || m.User == nil || *m.User != user {
 		t.Fatalf("%s: want a welcome for user %q, got %v %v", name, user, m, err)
 	}
 	c.welcome = m
 	return c
-}
-
-// kill ends the node's process with SIGKILL: no shutdown, no goodbye to
-// Redis, as in a crash.
-func (n *node) kill() {
-	n.stopOnce.Do(func() {
-		_ = n.cmd.Process.Kill()
-		<-n.exited
-	})
 }
 
 // presenceOf sends the presence op and returns the users as "alice:2 bob:1",
@@ -175,8 +140,8 @@ func nextEvent(t testing.TB, c *wsClient, timeout time.Duration) *serverMsg {
 // for the others, and one leave, after the last tab closed.
 func TestPresenceTwoTabsTwoNodes(t *testing.T) {
 	rs := redistest.Start(t)
-	a := startNode(t, "A", presenceRoutes(rs.URL(), 15*time.Second))
-	b := startNode(t, "B", presenceRoutes(rs.URL(), 15*time.Second))
+	a := startCaddy(t, "A", presenceRoutes(rs.URL(), 15*time.Second))
+	b := startCaddy(t, "B", presenceRoutes(rs.URL(), 15*time.Second))
 	const ch = "room:tabs"
 	carol := dialUser(t, "carol@A", a.wsURL("/ws"), "carol")
 	carol.subscribe(ch)
@@ -229,8 +194,8 @@ func TestPresenceTwoTabsTwoNodes(t *testing.T) {
 func TestPresenceNodeKilled(t *testing.T) {
 	rs := redistest.Start(t)
 	const ttl = 3 * time.Second
-	a := startNode(t, "A", presenceRoutes(rs.URL(), ttl))
-	b := startNode(t, "B", presenceRoutes(rs.URL(), ttl))
+	a := startCaddy(t, "A", presenceRoutes(rs.URL(), ttl))
+	b := startCaddy(t, "B", presenceRoutes(rs.URL(), ttl))
 	const ch = "room:crash"
 	carol := dialUser(t, "carol@A", a.wsURL("/ws"), "carol")
 	carol.subscribe(ch)
@@ -274,17 +239,17 @@ func TestPresenceNodeKilled(t *testing.T) {
 // listed.
 func TestPresenceQueryAcrossNodes(t *testing.T) {
 	rs := redistest.Start(t)
-	a := startNode(t, "A", presenceRoutes(rs.URL(), 15*time.Second))
-	b := startNode(t, "B", presenceRoutes(rs.URL(), 15*time.Second))
+	a := startCaddy(t, "A", presenceRoutes(rs.URL(), 15*time.Second))
+	b := startCaddy(t, "B", presenceRoutes(rs.URL(), 15*time.Second))
 	const ch = "room:who"
 	for _, s := range []struct {
-		n    *node
+		n    *caddyNode
 		user string
 	}{{a, "alice"}, {a, "alice"}, {b, "alice"}, {b, "bob"}, {a, ""}, {b, ""}, {b, "zed"}} {
 		dialUser(t, s.user+"@"+s.n.name, s.n.wsURL("/ws"), s.user).subscribe(ch)
 	}
 	dialUser(t, "zed-elsewhere@A", a.wsURL("/ws"), "zed").subscribe("room:other")
-	for _, n := range []*node{a, b} {
+	for _, n := range []*caddyNode{a, b} {
 		c := dialUser(t, "asker@"+n.name, n.wsURL("/ws"), "")
 		if got := presenceOf(t, c, ch); got != "alice:3 bob:1 zed:1" {
 			t.Errorf("presence on %s: %q, want alice:3 bob:1 zed:1", n.name, got)

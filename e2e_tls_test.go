@@ -1,4 +1,4 @@
-package caddychat_test
+package caddychat
 
 // End-to-end tests of transport security: WebSockets over wss:// with
 // Caddy's own TLS (`tls internal`), and Redis over TLS with client
@@ -7,7 +7,6 @@ package caddychat_test
 // caddyBinary).
 
 import (
-	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -25,43 +24,11 @@ import (
 	"github.com/caddychat/caddychat/internal/redistest"
 )
 
-// startTLSNode runs a node whose site is https://127.0.0.1:<port> with a
-// certificate from Caddy's local CA (`tls internal`), kept in the node's
-// storage dir and never installed into the machine's trust stores.
-func startTLSNode(t testing.TB, name, routes string) *node {
-	t.Helper()
-	dir := t.TempDir()
-	n := &node{t: t, name: name, dir: dir, addr: freeAddr(t), admin: freeAddr(t)}
-	n.caddyfile = filepath.Join(dir, "Caddyfile")
-	port := n.addr[strings.LastIndexByte(n.addr, ':')+1:]
-	text := fmt.Sprintf(`{
-	admin %s
-	default_bind 127.0.0.1
-	persist_config off
-	storage file_system %s
-	skip_install_trust
-	auto_https disable_redirects
-	http_port %d
-	https_port %s
-}
-
-https://127.0.0.1:%[4]s {
-	tls internal
-%s
-}
-`, n.admin, filepath.Join(dir, "storage"), freePort(t), port, routes)
-	if err := os.WriteFile(n.caddyfile, []byte(text), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	n.run(t, []string{"run", "--config", n.caddyfile, "--adapter", "caddyfile"}, nil, "")
-	return n
-}
-
 // localCA is the root certificate of the node's local CA, read from its
 // storage dir (pki/authorities/local/root.crt), as a pool. It returns once
 // the node has its site certificate (Caddy issues it in the background
 // after start; until then handshakes fail with an internal error alert).
-func (n *node) localCA(t testing.TB) *x509.CertPool {
+func (n *caddyNode) localCA(t testing.TB) *x509.CertPool {
 	t.Helper()
 	path := filepath.Join(n.dir, "storage", "pki", "authorities", "local", "root.crt")
 	var pem []byte
@@ -87,33 +54,19 @@ func (n *node) localCA(t testing.TB) *x509.CertPool {
 
 // dialWSS opens a wss:// connection to path on n, trusting roots (nil: the
 // system's roots), and starts the reader.
-func dialWSS(t testing.TB, name string, n *node, path string, roots *x509.CertPool) (*wsClient, error) {
+func dialWSS(t testing.TB, name string, n *caddyNode, path string, roots *x509.CertPool) (*wsClient, error) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
 	httpClient := &http.Client{Transport: &http.Transport{
 		TLSClientConfig: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
 	}}
-	url := "wss://" + n.addr + path
-	conn, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{
+	return dialWSWith(t, name, "wss://"+n.addr+path, &websocket.DialOptions{
 		HTTPClient: httpClient,
 		HTTPHeader: http.Header{"Origin": {"https://" + n.addr}},
 	})
-	if err != nil {
-		return nil, fmt.Errorf("%s: dial %s: %w", name, url, err)
-	}
-	conn.SetReadLimit(1 << 20)
-	c := &wsClient{t: t, name: name, conn: conn, frames: make(chan frame, 4096), done: make(chan struct{})}
-	go c.readLoop()
-	t.Cleanup(func() {
-		close(c.done)
-		_ = c.conn.CloseNow()
-	})
-	return c, nil
 }
 
 // dialJSONS is dialJSON over wss://.
-func dialJSONS(t testing.TB, name string, n *node, roots *x509.CertPool) *wsClient {
+func dialJSONS(t testing.TB, name string, n *caddyNode, roots *x509.CertPool) *wsClient {
 	t.Helper()
 	c, err := dialWSS(t, name, n, "/ws", roots)
 	if err != nil {
@@ -129,7 +82,7 @@ func dialJSONS(t testing.TB, name string, n *node, roots *x509.CertPool) *wsClie
 
 // handshakeTimes makes count TLS handshakes (no session resumption) with n,
 // trusting roots, and returns their durations, sorted.
-func handshakeTimes(t testing.TB, n *node, roots *x509.CertPool, count int) []time.Duration {
+func handshakeTimes(t testing.TB, n *caddyNode, roots *x509.CertPool, count int) []time.Duration {
 	t.Helper()
 	var times []time.Duration
 	for range count {
@@ -152,8 +105,8 @@ func handshakeTimes(t testing.TB, n *node, roots *x509.CertPool, count int) []ti
 // or the other node's only, fails the handshake with a certificate error.
 func TestWSSTwoNodes(t *testing.T) {
 	rs := redistest.Start(t)
-	a := startTLSNode(t, "A", chatRoutes(rs.URL()))
-	b := startTLSNode(t, "B", chatRoutes(rs.URL()))
+	a := startCaddy(t, "A", chatRoutes(rs.URL()), overTLS())
+	b := startCaddy(t, "B", chatRoutes(rs.URL()), overTLS())
 	rootA, rootB := a.localCA(t), b.localCA(t)
 
 	const channel = "room:wss"
@@ -218,7 +171,7 @@ func mutualTLS(pki *redistest.PKI, ca string, extra ...string) string {
 
 // crossDeliver checks that channels published on either node reach
 // subscribers on both.
-func crossDeliver(t *testing.T, a, b *node, channels ...string) {
+func crossDeliver(t *testing.T, a, b *caddyNode, channels ...string) {
 	t.Helper()
 	subA := dialJSON(t, "sub@A", a.wsURL("/ws"))
 	subB := dialJSON(t, "sub@B", b.wsURL("/ws"))
@@ -247,8 +200,8 @@ func TestRedisTLSStandalone(t *testing.T) {
 	pki := redistest.NewPKI(t)
 	rs := redistest.StartTLS(t, pki)
 	routes := tlsChatRoutes("redis "+rs.URL(), mutualTLS(pki, pki.CA))
-	a := startNode(t, "A", routes)
-	b := startNode(t, "B", routes)
+	a := startCaddy(t, "A", routes)
+	b := startCaddy(t, "B", routes)
 	crossDeliver(t, a, b, "room:tls")
 	if n := numSub(t, rs, "chat:room:tls"); n != 2 {
 		t.Errorf("PUBSUB NUMSUB chat:room:tls = %d over TLS, want 2 (one per node)", n)
@@ -263,8 +216,8 @@ func TestRedisTLSCluster(t *testing.T) {
 	pki := redistest.NewPKI(t)
 	cl := redistest.StartClusterTLS(t, pki, 3, 0)
 	routes := tlsChatRoutes("redis_cluster "+strings.Join(cl.Addrs(), " "), mutualTLS(pki, pki.CA))
-	a := startNode(t, "A", routes)
-	b := startNode(t, "B", routes)
+	a := startCaddy(t, "A", routes)
+	b := startCaddy(t, "B", routes)
 	masters := cl.Masters()
 	var channels []string
 	seen := map[*redistest.Server]bool{}
@@ -287,8 +240,8 @@ func TestRedisTLSSentinel(t *testing.T) {
 	st := redistest.StartSentinelTLS(t, pki)
 	routes := tlsChatRoutes(fmt.Sprintf("redis_sentinel %s %s", redistest.SentinelMasterName, strings.Join(st.Addrs(), " ")),
 		mutualTLS(pki, pki.CA, "server_name redis.test"))
-	a := startNode(t, "A", routes)
-	b := startNode(t, "B", routes)
+	a := startCaddy(t, "A", routes)
+	b := startCaddy(t, "B", routes)
 	crossDeliver(t, a, b, "room:sentinel-tls")
 }
 
@@ -321,7 +274,7 @@ func TestRedisTLSErrorsReachTheOperator(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(strings.ReplaceAll(tc.name, " ", "_"), func(t *testing.T) {
-			n := startNode(t, "N", tlsChatRoutes("redis "+rs.URL(), tc.redisTLS))
+			n := startCaddy(t, "N", tlsChatRoutes("redis "+rs.URL(), tc.redisTLS))
 			start := time.Now()
 			var line string
 			eventually(t, 15*time.Second, "the error log line", func() (bool, string) {
@@ -344,7 +297,7 @@ func TestRedisTLSErrorsReachTheOperator(t *testing.T) {
 }
 
 // logLine is the first line of n's log holding every one of parts.
-func logLine(n *node, parts ...string) string {
+func logLine(n *caddyNode, parts ...string) string {
 	b, _ := os.ReadFile(n.logPath)
 	for _, l := range strings.Split(string(b), "\n") {
 		ok := true
@@ -404,7 +357,7 @@ func TestRedisTLSReloadWithNewCertificate(t *testing.T) {
 	install(pki.ClientCert, pki.ClientKey)
 	routes := fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\tredis_tls {\n\t\t\tca %s\n\t\t\tcert %s\n\t\t\tkey %s\n\t\t}\n\t\trate_limit off\n\t\tdrain_period 100ms\n\t}",
 		rs.URL(), pki.CA, cert, key)
-	n := startNode(t, "N", routes)
+	n := startCaddy(t, "N", routes)
 	sub := dialJSON(t, "sub", n.wsURL("/ws"))
 	sub.subscribe("room:rotate")
 	pub := dialJSON(t, "pub", n.wsURL("/ws"))

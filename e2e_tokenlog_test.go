@@ -1,4 +1,4 @@
-package caddychat_test
+package caddychat
 
 import (
 	"context"
@@ -14,21 +14,6 @@ import (
 	"github.com/coder/websocket"
 	"github.com/golang-jwt/jwt/v5"
 )
-
-// tokenFor mints an HS256 token of user that may publish on room:*; case
-// goes into a claim, so every token (and its signature) is unique.
-func tokenFor(t testing.TB, user, tokenCase string) string {
-	t.Helper()
-	now := time.Now()
-	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
-		"sub": user, "iat": now.Unix(), "exp": now.Add(time.Hour).Unix(), "case": tokenCase,
-		"chat": map[string]any{"publish": []string{"room:*"}},
-	}).SignedString([]byte(e2eJWTSecret))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tok
-}
 
 // wsAttempt dials url with opts and closes at once; the upgrade may be refused.
 func wsAttempt(t testing.TB, url string, opts *websocket.DialOptions) int {
@@ -109,12 +94,12 @@ func TestTokensNeverLogged(t *testing.T) {
 			secret %s
 			query_token token
 		}
-	}`, access, e2eJWTSecret, e2eJWTSecret)
-	n := startNode(t, "node", routes)
+	}`, access, testSecret, testSecret)
+	n := startCaddy(t, "node", routes)
 
 	tokens := map[string]string{}
 	tok := func(name string) string {
-		tokens[name] = tokenFor(t, "alice", name)
+		tokens[name] = newToken(t, "alice").with(jwt.MapClaims{"case": name, "chat": map[string]any{"publish": []string{"room:*"}}}).sign()
 		return tokens[name]
 	}
 	expect := func(what string, got, want int) {
@@ -200,9 +185,9 @@ func TestLogFilterRedactsTokensOutsideTheModule(t *testing.T) {
 	}
 	chat /ws
 	respond "not the chat" 200`, access)
-	n := startNode(t, "node", routes)
-	token := tokenFor(t, "alice", "outside")
-	other := tokenFor(t, "alice", "outside-subprotocol")
+	n := startCaddy(t, "node", routes)
+	token := newToken(t, "alice").with(jwt.MapClaims{"case": "outside", "chat": map[string]any{"publish": []string{"room:*"}}}).sign()
+	other := newToken(t, "alice").with(jwt.MapClaims{"case": "outside-subprotocol", "chat": map[string]any{"publish": []string{"room:*"}}}).sign()
 	if got := httpDo(t, http.MethodGet, n.httpURL("/page?x=1&token="+token+"&access_token="+token), http.Header{}, ""); got != http.StatusOK {
 		t.Fatalf("GET /page: %d", got)
 	}

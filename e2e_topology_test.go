@@ -1,4 +1,4 @@
-package caddychat_test
+package caddychat
 
 // End-to-end tests of the Redis Sentinel and Redis Cluster topologies, with
 // real sentinels and cluster nodes (internal/redistest) and real Caddy nodes.
@@ -27,8 +27,8 @@ func sentinelRoutes(st *redistest.Sentinel) string {
 // on each node is logged (README, "Redis topologies").
 func TestSentinelFailoverKeepsClients(t *testing.T) {
 	st := redistest.StartSentinel(t)
-	a := startNode(t, "A", sentinelRoutes(st))
-	b := startNode(t, "B", sentinelRoutes(st))
+	a := startCaddy(t, "A", sentinelRoutes(st))
+	b := startCaddy(t, "B", sentinelRoutes(st))
 	const channel = "room:failover"
 	subA := dialJSON(t, "subA", a.wsURL("/ws"))
 	subA.subscribe(channel)
@@ -135,7 +135,7 @@ func clusterRoutes(cl *redistest.Cluster) string {
 			publish room:*
 		}
 		presence on
-	}`, strings.Join(cl.Addrs(), " "), e2eJWTSecret)
+	}`, strings.Join(cl.Addrs(), " "), testSecret)
 }
 
 // clusterChannels picks channels whose slots sit on every master of cl,
@@ -177,8 +177,8 @@ func clusterChannels(t *testing.T, cl *redistest.Cluster) []string {
 //     followed to the new master; no client reconnects.
 func TestClusterShardedPubSub(t *testing.T) {
 	cl := redistest.StartCluster(t, 3, 1)
-	a := startNode(t, "A", clusterRoutes(cl))
-	b := startNode(t, "B", clusterRoutes(cl))
+	a := startCaddy(t, "A", clusterRoutes(cl))
+	b := startCaddy(t, "B", clusterRoutes(cl))
 	channels := clusterChannels(t, cl)
 
 	subA := dialJSON(t, "subA", a.wsURL("/ws"))
@@ -395,7 +395,7 @@ func drain(c *wsClient) {
 // and new connections publish and subscribe through the cluster (sharded).
 func TestReloadToAnotherTopology(t *testing.T) {
 	rs := redistest.Start(t)
-	n := startNode(t, "A", chatRoutes(rs.URL()))
+	n := startCaddy(t, "A", chatRoutes(rs.URL()))
 	old := dialJSON(t, "before", n.wsURL("/ws"))
 	old.subscribe("room:moved")
 	old.mustPublish("room:moved", map[string]int{"n": 1})

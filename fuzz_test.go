@@ -11,7 +11,6 @@ import (
 	"regexp"
 	"strings"
 	"testing"
-	"time"
 	"unicode/utf8"
 
 	"github.com/caddyserver/caddy/v2"
@@ -309,7 +308,7 @@ func followsBearerLabel(h, token string) bool {
 // so its "never authenticates" property is not vacuous.
 func TestFuzzAuthenticatorAcceptsValidToken(t *testing.T) {
 	withJWT, _ := fuzzAuthenticators(t)
-	tok := signedToken(t, fuzzJWTSecret, "alice", time.Hour)
+	tok := newToken(t, "alice").secret(fuzzJWTSecret).sign()
 	for name, r := range map[string]*http.Request{
 		"header":      {Header: http.Header{"Authorization": {"Bearer " + tok}}, URL: &url.URL{}},
 		"subprotocol": {Header: http.Header{"Sec-Websocket-Protocol": {"caddychat, bearer." + tok}}, URL: &url.URL{}},

@@ -7,199 +7,15 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/coder/websocket"
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	"go.uber.org/zap"
 )
-
-// testNode is one handler served by an httptest server, in this process.
-type testNode struct {
-	h   *Handler
-	srv *httptest.Server
-}
-
-func startNode(t *testing.T, h *Handler) *testNode {
-	t.Helper()
-	return startNodeListening(t, h, nil)
-}
-
-// startNodeListening is startNode whose server accepts through wrap (nil:
-// the listener as it is).
-func startNodeListening(t *testing.T, h *Handler, wrap func(net.Listener) net.Listener) *testNode {
-	t.Helper()
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	t.Cleanup(cancel)
-	if err := h.Provision(ctx); err != nil {
-		t.Fatalf("Provision: %v", err)
-	}
-	if err := h.Validate(); err != nil {
-		t.Fatalf("Validate: %v", err)
-	}
-	h.logger = zap.NewNop()
-	h.route.log = h.logger
-	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		// As Caddy's server does: the request's replacer knows its HTTP placeholders.
-		repl := caddyhttp.NewTestReplacer(r)
-		r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, repl))
-		_ = h.ServeHTTP(w, r, nil)
-	}))
-	if wrap != nil {
-		srv.Listener = wrap(srv.Listener)
-	}
-	srv.Start()
-	t.Cleanup(func() {
-		srv.CloseClientConnections()
-		srv.Close()
-		if err := h.Cleanup(); err != nil {
-			t.Errorf("Cleanup: %v", err)
-		}
-	})
-	return &testNode{h: h, srv: srv}
-}
-
-func (n *testNode) url(path string) string {
-	return "ws" + strings.TrimPrefix(n.srv.URL, "http") + path
-}
-
-// testClient is a JSON-protocol client whose frames are read in the background.
-type testClient struct {
-	t      *testing.T
-	ws     *websocket.Conn
-	frames chan map[string]any
-	closed chan error // the error that ended reading
-}
-
-func dial(t *testing.T, url string, opts *websocket.DialOptions) *testClient {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	ws, _, err := websocket.Dial(ctx, url, opts)
-	if err != nil {
-		t.Fatalf("dial %s: %v", url, err)
-	}
-	ws.SetReadLimit(-1)
-	c := &testClient{t: t, ws: ws, frames: make(chan map[string]any, 100000), closed: make(chan error, 1)}
-	go c.readAll()
-	t.Cleanup(func() { _ = ws.CloseNow() })
-	return c
-}
-
-func (c *testClient) readAll() {
-	for {
-		_, b, err := c.ws.Read(context.Background())
-		if err != nil {
-			c.closed <- err
-			close(c.frames)
-			return
-		}
-		var m map[string]any
-		if err := json.Unmarshal(b, &m); err != nil {
-			m = map[string]any{"type": "<raw>", "text": string(b)}
-		}
-		c.frames <- m
-	}
-}
-
-func (c *testClient) sendText(s string) {
-	c.t.Helper()
-	if err := c.ws.Write(context.Background(), websocket.MessageText, []byte(s)); err != nil {
-		c.t.Fatalf("write: %v", err)
-	}
-}
-
-func (c *testClient) send(v any) {
-	c.t.Helper()
-	b, err := json.Marshal(v)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	c.sendText(string(b))
-}
-
-// next returns the next frame of the given type, skipping others.
-func (c *testClient) next(typ string) map[string]any {
-	c.t.Helper()
-	deadline := time.After(5 * time.Second)
-	for {
-		select {
-		case m, ok := <-c.frames:
-			if !ok {
-				c.t.Fatalf("connection closed while waiting for %q: %v", typ, <-c.closed)
-			}
-			if m["type"] == typ {
-				return m
-			}
-		case <-deadline:
-			c.t.Fatalf("no %q frame within 5s", typ)
-		}
-	}
-}
-
-// nextAny returns the next frame, whatever it is.
-func (c *testClient) nextAny() map[string]any {
-	c.t.Helper()
-	select {
-	case m, ok := <-c.frames:
-		if !ok {
-			c.t.Fatalf("connection closed: %v", <-c.closed)
-		}
-		return m
-	case <-time.After(5 * time.Second):
-		c.t.Fatal("no frame within 5s")
-	}
-	return nil
-}
-
-// reply waits for the ok or error reply to the request with correlation id.
-func (c *testClient) reply(id float64) map[string]any {
-	c.t.Helper()
-	deadline := time.After(5 * time.Second)
-	for {
-		select {
-		case m, ok := <-c.frames:
-			if !ok {
-				c.t.Fatalf("connection closed while waiting for reply %v: %v", id, <-c.closed)
-			}
-			if (m["type"] == "ok" || m["type"] == "error") && m["id"] == id {
-				return m
-			}
-		case <-deadline:
-			c.t.Fatalf("no reply to id %v within 5s", id)
-		}
-	}
-}
-
-func (c *testClient) subscribe(channel string, id float64) {
-	c.t.Helper()
-	c.send(map[string]any{"op": "subscribe", "channel": channel, "id": id})
-	if r := c.reply(id); r["type"] != "ok" {
-		c.t.Fatalf("subscribe %s: %v", channel, r)
-	}
-}
-
-// closeCode waits for the connection to end and returns the close code the
-// server sent.
-func (c *testClient) closeCode() websocket.StatusCode {
-	c.t.Helper()
-	for {
-		select {
-		case _, ok := <-c.frames:
-			if !ok {
-				return websocket.CloseStatus(<-c.closed)
-			}
-		case <-time.After(15 * time.Second):
-			c.t.Fatal("connection not closed within 15s")
-		}
-	}
-}
 
 func TestPublishReachesSubscribers(t *testing.T) {
 	n := startNode(t, &Handler{})
@@ -347,8 +163,6 @@ func TestCrossOriginUpgradeRefusedUnlessListed(t *testing.T) {
 	c.next("welcome")
 }
 
-func ptr[T any](v T) *T { return &v }
-
 // dialSlowReader connects with a tiny receive buffer and reads nothing until
 // told to, so the server's queue for it fills.
 func dialSlowReader(t *testing.T, url string) *websocket.Conn {
@@ -443,17 +257,6 @@ func (h *hub) members(channel string) int {
 	return 0
 }
 
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met within 5s")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func TestRawProtocolBridgesPlainText(t *testing.T) {
 	n := startNode(t, &Handler{Protocol: protocolRaw, Channel: "room:{http.request.uri.path.1}"})
 	a := dial(t, n.url("/raw/lobby"), nil)
@@ -515,7 +318,7 @@ func TestJSONAndRawClientsShareAChannel(t *testing.T) {
 // clients as a message from its real sender, its text as data; raw clients
 // still get the text.
 func TestRawClientCannotImpersonateServer(t *testing.T) {
-	prefix := uniquePrefix(t)
+	prefix := uniquePrefix()
 	raw := startNode(t, &Handler{ChannelPrefix: &prefix, Protocol: protocolRaw, Channel: "room:lobby"})
 	js := startNode(t, &Handler{ChannelPrefix: &prefix})
 	c := dial(t, js.url("/"), nil)

@@ -63,7 +63,7 @@ func floodFreshChannels(t *testing.T, c *testClient, prefix string, n, size int)
 // channels that exist and the other clients.
 func TestFreshChannelFloodIsBounded(t *testing.T) {
 	n := startNode(t, &Handler{
-		ChannelPrefix: ptr(uniquePrefix(t)),
+		ChannelPrefix: ptr(uniquePrefix()),
 		History:       []HistoryRule{{Channels: "room:**", Count: 500}},
 		RateLimit:     &RateLimit{PerSecond: -1},
 		SendQueue:     8 << 20,

@@ -62,8 +62,8 @@ func TestNewHistoryChannelLimit(t *testing.T) {
 // 429 limit_exceeded; the publish key is not limited; a raw connection over
 // it is closed with 4003.
 func TestNewHistoryChannelLimitPerUser(t *testing.T) {
-	prefix := uniquePrefix(t)
-	jwtCfg := func() *JWTConfig { return &JWTConfig{Secret: testJWTSecret} }
+	prefix := uniquePrefix()
+	jwtCfg := func() *JWTConfig { return &JWTConfig{Secret: testSecret} }
 	n := startNode(t, &Handler{
 		ChannelPrefix:      &prefix,
 		JWT:                jwtCfg(),
@@ -84,7 +84,7 @@ func TestNewHistoryChannelLimitPerUser(t *testing.T) {
 		History:            []HistoryRule{{Count: 10}},
 		HistoryNewChannels: &NewChannelLimit{Count: 1, Per: caddy.Duration(time.Hour)},
 	})
-	alice := mintHS256(t, testJWTSecret, claims("alice", nil))
+	alice := newToken(t, "alice").sign()
 	c1 := dial(t, n.url("/"), bearer(alice))
 	c2 := dial(t, n.url("/"), bearer(alice))
 	c1.publishOK("a:1", 1, 1)
@@ -107,7 +107,7 @@ func TestNewHistoryChannelLimitPerUser(t *testing.T) {
 	if r := post(t, n, bearerHeader(testPublishKey), `{"channel":"key:1","data":1}`); r.status != http.StatusOK {
 		t.Fatalf("the publish key: %s", r)
 	}
-	bob := mintHS256(t, testJWTSecret, claims("bob", nil))
+	bob := newToken(t, "bob").sign()
 	dial(t, n.url("/"), bearer(bob)).publishOK("b:1", 1, 1)
 
 	// Raw: bob's budget on the raw route is 1 channel.

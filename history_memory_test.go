@@ -250,7 +250,7 @@ func keysOf[V any](m map[string]V) []string {
 func TestHistoryMemoryCapHoldsUnderFreshChannelFlood(t *testing.T) {
 	const limit = 1 << 20
 	n := startNode(t, &Handler{
-		ChannelPrefix:      ptr(uniquePrefix(t)),
+		ChannelPrefix:      ptr(uniquePrefix()),
 		History:            []HistoryRule{{Channels: "room:**", Count: 100}},
 		HistoryMemory:      limit,
 		HistoryNewChannels: &NewChannelLimit{Count: -1},
@@ -303,7 +303,7 @@ func TestHistoryMemoryCapHoldsUnderFreshChannelFlood(t *testing.T) {
 // TestHistoryMemoryLargestCapOfTheHubApplies: routes sharing a hub share
 // one cap, the largest they set; when that route goes, the next largest.
 func TestHistoryMemoryLargestCapOfTheHubApplies(t *testing.T) {
-	prefix := uniquePrefix(t)
+	prefix := uniquePrefix()
 	a := startNode(t, &Handler{ChannelPrefix: &prefix, HistoryMemory: 2 << 20})
 	b := &Handler{ChannelPrefix: &prefix, HistoryMemory: 5 << 20}
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
@@ -341,7 +341,7 @@ func TestHistoryMemoryLargestCapOfTheHubApplies(t *testing.T) {
 	if d := (&Handler{}); d.HistoryMemory == 0 {
 		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 		defer cancel()
-		d.ChannelPrefix = ptr(uniquePrefix(t))
+		d.ChannelPrefix = ptr(uniquePrefix())
 		if err := d.Provision(ctx); err != nil {
 			t.Fatal(err)
 		}

@@ -20,7 +20,7 @@ func TestRedisHistoryTrimmedAndExpiring(t *testing.T) {
 	rs := redistest.Start(t)
 	ctx := context.Background()
 	rdb := rs.Client()
-	h := &Handler{Redis: rs.URL(), ChannelPrefix: ptr(uniquePrefix(t)), History: []HistoryRule{
+	h := &Handler{Redis: rs.URL(), ChannelPrefix: ptr(uniquePrefix()), History: []HistoryRule{
 		{Channels: "short:*", Count: 10, MaxAge: caddy.Duration(2 * time.Second)},
 		{Count: 5},
 	}}
@@ -79,7 +79,7 @@ func TestRedisHistoryTrimmedAndExpiring(t *testing.T) {
 // the epoch as well as through the missing id, and gets the new epoch whole.
 func TestRedisLostStreamGetsNewEpoch(t *testing.T) {
 	rs := redistest.Start(t)
-	h := &Handler{Redis: rs.URL(), ChannelPrefix: ptr(uniquePrefix(t)), History: []HistoryRule{{Count: 100}}}
+	h := &Handler{Redis: rs.URL(), ChannelPrefix: ptr(uniquePrefix()), History: []HistoryRule{{Count: 100}}}
 	n := startNode(t, h)
 	c := dial(t, n.url("/"), nil)
 	last := ""
@@ -114,7 +114,7 @@ func TestRedisMaxmemoryEvictionReportsLoss(t *testing.T) {
 	rs.Do("CONFIG", "SET", "maxmemory", strconv.Itoa(maxmemory))
 	rs.Do("CONFIG", "SET", "maxmemory-policy", "volatile-lru")
 	h := &Handler{
-		Redis: rs.URL(), ChannelPrefix: ptr(uniquePrefix(t)),
+		Redis: rs.URL(), ChannelPrefix: ptr(uniquePrefix()),
 		History:            []HistoryRule{{Channels: "room:**", Count: 100}},
 		HistoryNewChannels: &NewChannelLimit{Count: -1},
 		RateLimit:          &RateLimit{PerSecond: -1},

@@ -12,80 +12,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 )
 
-// historyNodes starts one node per broker kind with the given history rules,
-// so each history test runs against the in-memory ring and a real Redis.
-func forEachBroker(t *testing.T, test func(t *testing.T, newHandler func() *Handler, rs *redistest.Server)) {
-	t.Run("memory", func(t *testing.T) {
-		test(t, func() *Handler { return &Handler{ChannelPrefix: ptr(uniquePrefix(t))} }, nil)
-	})
-	t.Run("redis", func(t *testing.T) {
-		rs := redistest.Start(t)
-		test(t, func() *Handler { return &Handler{Redis: rs.URL(), ChannelPrefix: ptr(uniquePrefix(t))} }, rs)
-	})
-}
-
-// uniquePrefix keeps tests from sharing a hub (hubs are per redis+prefix).
-func uniquePrefix(t *testing.T) string {
-	return fmt.Sprintf("t%d:", time.Now().UnixNano())
-}
-
-// request sends op and waits for the frame answering its id (ok, error or
-// history), skipping the rest.
-func (c *testClient) request(op map[string]any) map[string]any {
-	c.t.Helper()
-	c.send(op)
-	id := fmt.Sprint(op["id"]) // numbers come back as float64
-	deadline := time.After(5 * time.Second)
-	for {
-		select {
-		case m, ok := <-c.frames:
-			if !ok {
-				c.t.Fatalf("connection closed while waiting for the answer to %v: %v", op, <-c.closed)
-			}
-			if m["id"] != nil && fmt.Sprint(m["id"]) == id && m["type"] != "message" {
-				return m
-			}
-		case <-deadline:
-			c.t.Fatalf("no answer to %v within 5s", op)
-		}
-	}
-}
-
-func (c *testClient) publishOK(channel string, data any, id float64) string {
-	c.t.Helper()
-	r := c.request(map[string]any{"op": "publish", "channel": channel, "data": data, "id": id})
-	if r["type"] != "ok" {
-		c.t.Fatalf("publish %v: %v", data, r)
-	}
-	return r["message_id"].(string)
-}
-
-// messages reads the next n frames, which must all be messages of channel,
-// and returns their data values and ids.
-func (c *testClient) messages(channel string, n int) (data []any, ids []string) {
-	c.t.Helper()
-	for range n {
-		m := c.nextAny()
-		if m["type"] != "message" || m["channel"] != channel {
-			c.t.Fatalf("want a message of %s, got %v (after %d of %d)", channel, m, len(data), n)
-		}
-		data = append(data, m["data"])
-		ids = append(ids, m["id"].(string))
-	}
-	return data, ids
-}
-
-func (c *testClient) expectQuiet(d time.Duration) {
-	c.t.Helper()
-	select {
-	case m, ok := <-c.frames:
-		if ok {
-			c.t.Fatalf("unexpected frame %v", m)
-		}
-	case <-time.After(d):
-	}
-}
-
 func seq(from, to int) []any {
 	var out []any
 	for i := from; i <= to; i++ {
@@ -389,7 +315,7 @@ func TestHistoryResumeUnderConcurrentPublishes(t *testing.T) {
 
 func TestRawPublishesAreKeptAsText(t *testing.T) {
 	forEachBroker(t, func(t *testing.T, newHandler func() *Handler, _ *redistest.Server) {
-		prefix := uniquePrefix(t)
+		prefix := uniquePrefix()
 		raw := newHandler()
 		raw.ChannelPrefix = &prefix
 		raw.Protocol, raw.Channel = protocolRaw, "room:raw"

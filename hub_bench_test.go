@@ -3,14 +3,11 @@ package caddychat
 import (
 	"context"
 	"fmt"
-	"net/http"
-	"net/http/httptest"
 	"runtime"
 	"strings"
 	"sync"
 	"testing"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/coder/websocket"
 )
 
@@ -77,9 +74,9 @@ func BenchmarkHubDeliver(b *testing.B) {
 // BenchmarkConnWrite measures one connection's writer: a queued delivery
 // written to a real WebSocket over loopback.
 func BenchmarkConnWrite(b *testing.B) {
-	n := startBenchNode(b)
+	n := startNode(b, &Handler{SendQueue: 1 << 20, RateLimit: &RateLimit{PerSecond: -1}})
 	ctx := context.Background()
-	client, _, err := websocket.Dial(ctx, n.URL, nil)
+	client, _, err := websocket.Dial(ctx, n.url("/ws"), nil)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -104,7 +101,7 @@ func BenchmarkConnWrite(b *testing.B) {
 		}
 	}()
 	payload := []byte(`{"type":"message","channel":"room:w","id":"1-a-1","from":"","ts":1,"data":{"text":"` + strings.Repeat("x", 100) + `"}}`)
-	h := n.handler.hub
+	h := n.h.hub
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
@@ -119,29 +116,6 @@ func BenchmarkConnWrite(b *testing.B) {
 	<-done
 }
 
-type benchNode struct {
-	URL     string
-	handler *Handler
-}
-
-func startBenchNode(b *testing.B) benchNode {
-	h := &Handler{SendQueue: 1 << 20, RateLimit: &RateLimit{PerSecond: -1}}
-	ctx, cancel := caddyContext()
-	b.Cleanup(cancel)
-	if err := h.Provision(ctx); err != nil {
-		b.Fatal(err)
-	}
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		_ = h.ServeHTTP(w, r, nil)
-	}))
-	b.Cleanup(func() {
-		srv.CloseClientConnections()
-		srv.Close()
-		_ = h.Cleanup()
-	})
-	return benchNode{URL: "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws", handler: h}
-}
-
 // queued is how many frames wait in the queues of channel's members.
 func (h *hub) queued(channel string) int {
 	h.mu.RLock()
@@ -153,8 +127,4 @@ func (h *hub) queued(channel string) int {
 		}
 	}
 	return n
-}
-
-func caddyContext() (caddy.Context, context.CancelFunc) {
-	return caddy.NewContext(caddy.Context{Context: context.Background()})
 }

@@ -47,7 +47,7 @@ func TestHubKeyCoversEveryField(t *testing.T) {
 // TestHubPerPublishTimeout: two routes that differ only in publish_timeout
 // get a hub each, whose broker timeout is their own.
 func TestHubPerPublishTimeout(t *testing.T) {
-	prefix := uniquePrefix(t)
+	prefix := uniquePrefix()
 	fast := startNode(t, &Handler{ChannelPrefix: &prefix, PublishTimeout: caddy.Duration(300 * time.Millisecond)})
 	slow := startNode(t, &Handler{ChannelPrefix: &prefix, PublishTimeout: caddy.Duration(3 * time.Second)})
 	if fast.h.hub == slow.h.hub {

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
-	"github.com/golang-jwt/jwt/v5"
 )
 
 // Tests of the per-connection rate limit and the connection and subscription
@@ -442,37 +441,17 @@ func TestRateLimitRawProtocol(t *testing.T) {
 	})
 }
 
-const limitsJWTSecret = "0123456789abcdef0123456789abcdef-limits"
-
-// signedToken mints an HS256 token for user, valid for ttl.
-func signedToken(t *testing.T, secret, user string, ttl time.Duration) string {
-	t.Helper()
-	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
-		"sub": user,
-		"exp": time.Now().Add(ttl).Unix(),
-	}).SignedString([]byte(secret))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tok
-}
-
-func mintToken(t *testing.T, user string) string {
-	t.Helper()
-	return signedToken(t, limitsJWTSecret, user, time.Hour)
-}
-
 // TestMaxConnectionsPerUser: a user's third connection is refused with 429;
 // other users are not affected; closing one gives the slot back.
 func TestMaxConnectionsPerUser(t *testing.T) {
 	n := startNode(t, &Handler{
 		ChannelPrefix:         ptr("maxconn-user:"),
-		JWT:                   &JWTConfig{Secret: limitsJWTSecret},
+		JWT:                   &JWTConfig{Secret: testSecret},
 		Subscribe:             []string{"**"},
 		Publish:               []string{"**"},
 		MaxConnectionsPerUser: 2,
 	})
-	alice, bob := bearer(mintToken(t, "alice")), bearer(mintToken(t, "bob"))
+	alice, bob := bearer(newToken(t, "alice").sign()), bearer(newToken(t, "bob").sign())
 
 	a1 := dial(t, n.url("/ws"), alice)
 	a2 := dial(t, n.url("/ws"), alice)
@@ -483,7 +462,7 @@ func TestMaxConnectionsPerUser(t *testing.T) {
 	}
 	expectRefused(t, n.url("/ws"), alice, http.StatusTooManyRequests)
 	// A token minted later for the same user counts towards the same limit.
-	expectRefused(t, n.url("/ws"), bearer(mintToken(t, "alice")), http.StatusTooManyRequests)
+	expectRefused(t, n.url("/ws"), bearer(newToken(t, "alice").sign()), http.StatusTooManyRequests)
 
 	b1 := dial(t, n.url("/ws"), bob)
 	if w := b1.next("welcome"); w["user"] != "bob" {

@@ -43,14 +43,14 @@ type presenceNodes struct {
 // forEachPresenceBroker runs test against the in-process broker and a real Redis.
 func forEachPresenceBroker(t *testing.T, ttl time.Duration, test func(t *testing.T, n presenceNodes)) {
 	t.Run("memory", func(t *testing.T) {
-		prefix := authPrefix()
+		prefix := ptr(uniquePrefix())
 		a := startNode(t, presenceRoute("", prefix, ttl))
 		b := startNode(t, presenceRoute("", prefix, ttl))
 		test(t, presenceNodes{a: a, b: b, prefix: prefix})
 	})
 	t.Run("redis", func(t *testing.T) {
 		rs := redistest.Start(t)
-		prefix := authPrefix()
+		prefix := ptr(uniquePrefix())
 		// Two spellings of one server: two hub keys, so two hubs.
 		a := startNode(t, presenceRoute(rs.URL(), prefix, ttl))
 		b := startNode(t, presenceRoute("redis://"+rs.Addr(), prefix, ttl))
@@ -74,7 +74,7 @@ func presenceDial(t *testing.T, n *testNode, path, user string) *pclient {
 	t.Helper()
 	var opts *websocket.DialOptions
 	if user != "" {
-		opts = bearer(mintHS256(t, testSecret, claims(user, nil)))
+		opts = bearer(newToken(t, user).sign())
 	}
 	c := &pclient{testClient: dial(t, n.url(path), opts), name: user}
 	if w := c.nextFrame(); w["type"] != "welcome" {
@@ -277,7 +277,7 @@ func TestPresenceNeedsSubscribePermission(t *testing.T) {
 // get no join or leave events even when they share a hub (and channels) with
 // a presence route.
 func TestPresenceOff(t *testing.T) {
-	prefix := authPrefix()
+	prefix := ptr(uniquePrefix())
 	on := startNode(t, presenceRoute("", prefix, 15*time.Second))
 	offRoute := presenceRoute("", prefix, 15*time.Second)
 	offRoute.Presence = false
@@ -314,10 +314,10 @@ func TestPresenceRawClients(t *testing.T) {
 
 		watcher := presenceDial(t, n.a, "/ws", "bob")
 		watcher.join("room:raw")
-		alice := dial(t, rawNode.url("/raw"), bearer(mintHS256(t, testSecret, claims("alice", nil))))
+		alice := dial(t, rawNode.url("/raw"), bearer(newToken(t, "alice").sign()))
 		waitPresence(t, watcher, "room:raw", "alice:1 bob:1")
 
-		eve := dial(t, rawNode.url("/raw"), bearer(mintHS256(t, testSecret, claims("eve", nil))))
+		eve := dial(t, rawNode.url("/raw"), bearer(newToken(t, "eve").sign()))
 		waitPresence(t, watcher, "room:raw", "alice:1 bob:1 eve:1")
 		wantEvents(t, watcher, "room:raw", "join bob, join alice, join eve", "with raw clients")
 		// alice saw eve join and bob's sentinel: only the sentinel may reach her.
@@ -357,7 +357,7 @@ func addGhost(t *testing.T, rs *redistest.Server, prefix, channel, user string) 
 // a query never lists them.
 func TestPresenceDeadNodeSwept(t *testing.T) {
 	rs := redistest.Start(t)
-	prefix := authPrefix()
+	prefix := ptr(uniquePrefix())
 	const ttl, ch = 3 * time.Second, "room:dead"
 	n := startNode(t, presenceRoute(rs.URL(), prefix, ttl))
 	bob := presenceDial(t, n, "/ws", "bob")
@@ -402,7 +402,7 @@ func TestPresenceDeadNodeSwept(t *testing.T) {
 // persistence, a flush) come back with the next heartbeat.
 func TestPresenceRestoredAfterRedisLoss(t *testing.T) {
 	rs := redistest.Start(t)
-	n := startNode(t, presenceRoute(rs.URL(), authPrefix(), 3*time.Second))
+	n := startNode(t, presenceRoute(rs.URL(), ptr(uniquePrefix()), 3*time.Second))
 	alice := presenceDial(t, n, "/ws", "alice")
 	alice.join("room:r")
 	bob := presenceDial(t, n, "/ws", "bob")
@@ -419,7 +419,7 @@ func TestPresenceRestoredAfterRedisLoss(t *testing.T) {
 // would expire, and its heartbeat goroutine ends.
 func TestPresenceHubCloseLeaves(t *testing.T) {
 	rs := redistest.Start(t)
-	prefix := authPrefix()
+	prefix := ptr(uniquePrefix())
 	const ttl = 30 * time.Second
 	a := startNode(t, presenceRoute(rs.URL(), prefix, ttl))
 	b := startNode(t, presenceRoute("redis://"+rs.Addr(), prefix, ttl))
@@ -462,7 +462,7 @@ func TestPresenceHubCloseLeaves(t *testing.T) {
 // and a subscribe still succeeds; presence catches up when Redis is back.
 func TestPresenceUnavailable(t *testing.T) {
 	rs := redistest.Start(t)
-	h := presenceRoute(rs.URL(), authPrefix(), 3*time.Second)
+	h := presenceRoute(rs.URL(), ptr(uniquePrefix()), 3*time.Second)
 	h.PublishTimeout = caddy.Duration(300 * time.Millisecond)
 	n := startNode(t, h)
 	bob := presenceDial(t, n, "/ws", "bob")
@@ -517,7 +517,7 @@ func TestPresenceConfigErrors(t *testing.T) {
 	}
 	// The defaults are valid, with presence on or off.
 	for _, on := range []bool{false, true} {
-		h := Handler{Presence: on, ChannelPrefix: authPrefix()}
+		h := Handler{Presence: on, ChannelPrefix: ptr(uniquePrefix())}
 		ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
 		if err := h.Provision(ctx); err != nil {
 			t.Fatal(err)

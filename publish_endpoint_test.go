@@ -21,7 +21,6 @@ import (
 const (
 	testPublishPath = "/chat/publish"
 	testPublishKey  = "test-publish-key-0123456789"
-	testJWTSecret   = "test-jwt-secret-0123456789abcdef0123456789"
 )
 
 // publishResponse is one answer of the publish endpoint.
@@ -175,23 +174,6 @@ func expectNoMessageBefore(t *testing.T, n *testNode, c *testClient, channel str
 	}
 }
 
-func signToken(t *testing.T, claims jwt.MapClaims) string {
-	t.Helper()
-	s, err := jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString([]byte(testJWTSecret))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
-}
-
-// userToken is a token for sub valid for a minute, with the given chat
-// claims ("publish", "subscribe").
-func userToken(t *testing.T, sub string, chat map[string]any) string {
-	t.Helper()
-	now := time.Now()
-	return signToken(t, jwt.MapClaims{"sub": sub, "iat": now.Unix(), "exp": now.Add(time.Minute).Unix(), "chat": chat})
-}
-
 // dialWithToken opens a JSON-protocol WebSocket authenticated by token.
 func dialWithToken(t *testing.T, n *testNode, token string) *testClient {
 	t.Helper()
@@ -250,7 +232,7 @@ func TestPublishEndpointUnauthorized(t *testing.T) {
 		{"Basic scheme", "Basic " + testPublishKey},
 		{"key without scheme", testPublishKey},
 		{"empty bearer", "Bearer "},
-		{"a JWT on a route without jwt", bearerHeader(userToken(t, "alice", map[string]any{"publish": "**"}))},
+		{"a JWT on a route without jwt", bearerHeader(newToken(t, "alice").ttl(time.Minute).with(jwt.MapClaims{"chat": map[string]any{"publish": "**"}}).sign())},
 	}
 	for _, tc := range cases {
 		r := post(t, n, tc.auth, body)
@@ -266,40 +248,34 @@ func TestPublishEndpointJWT(t *testing.T) {
 	n := startNode(t, &Handler{
 		PublishEndpoint: testPublishPath,
 		PublishKey:      testPublishKey, // only for expectNoMessageBefore
-		JWT:             &JWTConfig{Secret: testJWTSecret},
+		JWT:             &JWTConfig{Secret: testSecret},
 	})
-	sub := dialWithToken(t, n, userToken(t, "watcher", map[string]any{"subscribe": []string{"**"}}))
+	sub := dialWithToken(t, n, newToken(t, "watcher").ttl(time.Minute).with(jwt.MapClaims{"chat": map[string]any{"subscribe": []string{"**"}}}).sign())
 	sub.subscribe("room:a", 1)
 	sub.subscribe("other:x", 2)
 
-	backend := userToken(t, "backend-1", map[string]any{"publish": []string{"room:*"}})
+	backend := newToken(t, "backend-1").ttl(time.Minute).with(jwt.MapClaims{"chat": map[string]any{"publish": []string{"room:*"}}}).sign()
 	r := post(t, n, bearerHeader(backend), `{"channel":"room:a","data":{"x":1}}`)
 	wantDelivery(t, sub.next("message"), "room:a", wantPublished(t, r, "room:a"), "backend-1", `{"x":1}`)
 
 	wantError(t, "publish outside the token's rights", post(t, n, bearerHeader(backend), `{"channel":"other:x","data":1}`), http.StatusForbidden, "forbidden")
 	// "room:*" is one segment: room:a:b is not granted.
 	wantError(t, "publish on a deeper channel", post(t, n, bearerHeader(backend), `{"channel":"room:a:b","data":1}`), http.StatusForbidden, "forbidden")
-	subscriber := userToken(t, "watcher", map[string]any{"subscribe": []string{"**"}})
+	subscriber := newToken(t, "watcher").ttl(time.Minute).with(jwt.MapClaims{"chat": map[string]any{"subscribe": []string{"**"}}}).sign()
 	wantError(t, "token without publish rights", post(t, n, bearerHeader(subscriber), `{"channel":"room:a","data":1}`), http.StatusForbidden, "forbidden")
 
 	now := time.Now()
 	unauthorized := []struct{ name, auth string }{
-		{"expired token", bearerHeader(signToken(t, jwt.MapClaims{
-			"sub": "backend-1", "iat": now.Add(-2 * time.Hour).Unix(), "exp": now.Add(-time.Hour).Unix(),
+		{"expired token", bearerHeader(newToken(t, "backend-1").with(jwt.MapClaims{
+			"iat": now.Add(-2 * time.Hour).Unix(), "exp": now.Add(-time.Hour).Unix(),
 			"chat": map[string]any{"publish": []string{"room:*"}},
-		}))},
-		{"token without exp", bearerHeader(signToken(t, jwt.MapClaims{
-			"sub": "backend-1", "chat": map[string]any{"publish": []string{"room:*"}},
-		}))},
-		{"token signed with another secret", bearerHeader(func() string {
-			s, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
-				"sub": "backend-1", "exp": now.Add(time.Minute).Unix(), "chat": map[string]any{"publish": []string{"room:*"}},
-			}).SignedString([]byte(strings.Repeat("z", 32)))
-			if err != nil {
-				t.Fatal(err)
-			}
-			return s
-		}())},
+		}).sign())},
+		{"token without exp", bearerHeader(newToken(t, "backend-1").with(jwt.MapClaims{
+			"iat": nil, "exp": nil, "chat": map[string]any{"publish": []string{"room:*"}},
+		}).sign())},
+		{"token signed with another secret", bearerHeader(newToken(t, "backend-1").ttl(time.Minute).with(jwt.MapClaims{
+			"iat": nil, "chat": map[string]any{"publish": []string{"room:*"}},
+		}).secret(strings.Repeat("z", 32)).sign())},
 		{"not a token", bearerHeader("not-a-token")},
 		{"missing Authorization", ""},
 	}
@@ -380,13 +356,13 @@ func TestPublishEndpointBatch(t *testing.T) {
 	n := startNode(t, &Handler{
 		PublishEndpoint: testPublishPath,
 		PublishKey:      testPublishKey,
-		JWT:             &JWTConfig{Secret: testJWTSecret},
+		JWT:             &JWTConfig{Secret: testSecret},
 		MaxMessageSize:  1024,
 	})
-	sub := dialWithToken(t, n, userToken(t, "watcher", map[string]any{"subscribe": []string{"**"}}))
+	sub := dialWithToken(t, n, newToken(t, "watcher").ttl(time.Minute).with(jwt.MapClaims{"chat": map[string]any{"subscribe": []string{"**"}}}).sign())
 	sub.subscribe("room:b", 1)
 	sub.subscribe("other:x", 2)
-	backend := bearerHeader(userToken(t, "backend-2", map[string]any{"publish": []string{"room:*"}}))
+	backend := bearerHeader(newToken(t, "backend-2").ttl(time.Minute).with(jwt.MapClaims{"chat": map[string]any{"publish": []string{"room:*"}}}).sign())
 
 	r := post(t, n, backend, `{"messages":[
 		{"channel":"room:b","data":{"n":1}},

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/golang-jwt/jwt/v5"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
@@ -20,18 +21,18 @@ func TestPublishEndpointRateLimitPerUser(t *testing.T) {
 	n := startNode(t, &Handler{
 		PublishEndpoint: testPublishPath,
 		PublishKey:      testPublishKey,
-		JWT:             &JWTConfig{Secret: testJWTSecret},
-		ChannelPrefix:   ptr(uniquePrefix(t)),
+		JWT:             &JWTConfig{Secret: testSecret},
+		ChannelPrefix:   ptr(uniquePrefix()),
 		// One message every 20 s, bursts of 3: the test runs well inside
 		// one refill, however loaded the machine.
 		RateLimit: &RateLimit{PerSecond: 0.05, Burst: 3},
 	})
-	sub := dialWithToken(t, n, userToken(t, "watcher", map[string]any{"subscribe": []string{"**"}}))
+	sub := dialWithToken(t, n, newToken(t, "watcher").ttl(time.Minute).with(jwt.MapClaims{"chat": map[string]any{"subscribe": []string{"**"}}}).sign())
 	sub.subscribe("room:a", 1)
 	rights := map[string]any{"publish": []string{"room:*"}}
 	limited := testutil.ToFloat64(moduleMetrics().httpPublishes.WithLabelValues(errRateLimited))
 
-	alice := bearerHeader(userToken(t, "alice", rights))
+	alice := bearerHeader(newToken(t, "alice").ttl(time.Minute).with(jwt.MapClaims{"chat": rights}).sign())
 	for i := range 3 {
 		wantPublished(t, post(t, n, alice, fmt.Sprintf(`{"channel":"room:a","data":%d}`, i)), "room:a")
 		sub.next("message")
@@ -42,7 +43,7 @@ func TestPublishEndpointRateLimitPerUser(t *testing.T) {
 		t.Errorf("Retry-After = %q, want 1 to 20 seconds", r.header.Get("Retry-After"))
 	}
 	// A new token of the same user shares the bucket.
-	wantError(t, "alice with another token", post(t, n, bearerHeader(userToken(t, "alice", rights)), `{"channel":"room:a","data":"over"}`), http.StatusTooManyRequests, errRateLimited)
+	wantError(t, "alice with another token", post(t, n, bearerHeader(newToken(t, "alice").ttl(time.Minute).with(jwt.MapClaims{"chat": rights}).sign()), `{"channel":"room:a","data":"over"}`), http.StatusTooManyRequests, errRateLimited)
 
 	// The publish key is not limited.
 	for i := range 10 {
@@ -50,7 +51,7 @@ func TestPublishEndpointRateLimitPerUser(t *testing.T) {
 	}
 
 	// Each message of a batch counts: bob's batch of 2 leaves him 1.
-	bob := bearerHeader(userToken(t, "bob", rights))
+	bob := bearerHeader(newToken(t, "bob").ttl(time.Minute).with(jwt.MapClaims{"chat": rights}).sign())
 	r = post(t, n, bob, `{"messages":[{"channel":"room:a","data":"b1"},{"channel":"room:a","data":"b2"}]}`)
 	if r.status != http.StatusOK || len(r.body["results"].([]any)) != 2 {
 		t.Fatalf("bob's batch: %s", r)
@@ -64,7 +65,7 @@ func TestPublishEndpointRateLimitPerUser(t *testing.T) {
 	wantError(t, "bob's 4th message", post(t, n, bob, `{"channel":"room:a","data":"b5"}`), http.StatusTooManyRequests, errRateLimited)
 
 	// A batch larger than the burst can never pass, and says so.
-	r = post(t, n, bearerHeader(userToken(t, "carol", rights)), `{"messages":[{"channel":"room:a","data":1},{"channel":"room:a","data":2},{"channel":"room:a","data":3},{"channel":"room:a","data":4}]}`)
+	r = post(t, n, bearerHeader(newToken(t, "carol").ttl(time.Minute).with(jwt.MapClaims{"chat": rights}).sign()), `{"messages":[{"channel":"room:a","data":1},{"channel":"room:a","data":2},{"channel":"room:a","data":3},{"channel":"room:a","data":4}]}`)
 	wantError(t, "a batch over the burst", r, http.StatusTooManyRequests, errRateLimited)
 	if msg := r.body["error"].(map[string]any)["message"].(string); !strings.Contains(msg, "burst") {
 		t.Errorf("message %q does not name the burst", msg)
@@ -81,11 +82,11 @@ func TestPublishEndpointRateLimitPerUser(t *testing.T) {
 func TestPublishEndpointRateLimitOff(t *testing.T) {
 	n := startNode(t, &Handler{
 		PublishEndpoint: testPublishPath,
-		JWT:             &JWTConfig{Secret: testJWTSecret},
-		ChannelPrefix:   ptr(uniquePrefix(t)),
+		JWT:             &JWTConfig{Secret: testSecret},
+		ChannelPrefix:   ptr(uniquePrefix()),
 		RateLimit:       &RateLimit{PerSecond: -1},
 	})
-	alice := bearerHeader(userToken(t, "alice", map[string]any{"publish": []string{"room:*"}}))
+	alice := bearerHeader(newToken(t, "alice").ttl(time.Minute).with(jwt.MapClaims{"chat": map[string]any{"publish": []string{"room:*"}}}).sign())
 	for i := range 20 {
 		wantPublished(t, post(t, n, alice, fmt.Sprintf(`{"channel":"room:a","data":%d}`, i)), "room:a")
 	}

@@ -24,7 +24,8 @@ func TestPanicInOpClosesOnlyThatConnection(t *testing.T) {
 	}
 	testHookOp.Store(&hook)
 	t.Cleanup(func() { testHookOp.Store(nil) }) // after the node's cleanup
-	n, logs, _ := logTestNode(t, &Handler{ChannelPrefix: ptr(uniquePrefix(t))})
+	n := startNode(t, &Handler{ChannelPrefix: ptr(uniquePrefix())}, observeLogs())
+	logs := n.logs
 	panics := moduleMetrics().panics
 	before := testutil.ToFloat64(panics)
 
@@ -86,7 +87,7 @@ func TestPanicInDeliveryDropsOnlyThatMessage(t *testing.T) {
 	}
 	testHookDeliver.Store(&hook)
 	t.Cleanup(func() { testHookDeliver.Store(nil) })
-	n := startNode(t, &Handler{Redis: rs.URL(), ChannelPrefix: ptr(uniquePrefix(t))})
+	n := startNode(t, &Handler{Redis: rs.URL(), ChannelPrefix: ptr(uniquePrefix())})
 	panics := moduleMetrics().panics
 	before := testutil.ToFloat64(panics)
 

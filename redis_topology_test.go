@@ -126,3 +126,22 @@ func TestNewRedisClientPerTopology(t *testing.T) {
 		t.Errorf("cluster: got %T sharded %v, want a *redis.ClusterClient with sharded pub/sub and TLS", cc, sharded)
 	}
 }
+
+// TestBrokerNameHidesCredentials: the broker's name labels a metric and
+// every log line of its hub, so it never carries a password.
+func TestBrokerNameHidesCredentials(t *testing.T) {
+	for _, tc := range []struct {
+		cfg  hubConfig
+		want string
+	}{
+		{hubConfig{}, "memory"},
+		{hubConfig{redisURL: "redis://default:s3cret@10.0.0.5:6379/2"}, "redis://10.0.0.5:6379/2"},
+		{hubConfig{redisURL: "rediss://:s3cret@cache.internal:6380"}, "rediss://cache.internal:6380"},
+		{hubConfig{sentinel: &RedisSentinel{Master: "mymaster", Addrs: []string{"a:26379", "b:26379"}, Password: "s3cret"}}, "sentinel mymaster at a:26379,b:26379"},
+		{hubConfig{cluster: &RedisCluster{Addrs: []string{"a:7000", "b:7000"}, Password: "s3cret"}}, "cluster at a:7000,b:7000"},
+	} {
+		if got := tc.cfg.brokerName(); got != tc.want {
+			t.Errorf("brokerName of %+v = %q, want %q", tc.cfg, got, tc.want)
+		}
+	}
+}

@@ -37,16 +37,16 @@ func catchUpState(c *conn, channel string) (bool, int32) {
 func TestRefreshCancelsCatchUp(t *testing.T) {
 	n := startNode(t, &Handler{
 		JWT:           &JWTConfig{Secret: testSecret},
-		ChannelPrefix: ptr(uniquePrefix(t)),
+		ChannelPrefix: ptr(uniquePrefix()),
 		History:       []HistoryRule{{Count: 100}},
 	})
 	both := jwt.MapClaims{"chat": map[string]any{"subscribe": []string{"room:*", "news:*"}, "publish": []string{"room:*", "news:*"}}}
-	pub := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, claims("publisher", both))))
+	pub := dial(t, n.url("/ws"), bearer(newToken(t, "publisher").with(both).sign()))
 	pub.next("welcome")
 	pub.publishOK("news:x", "old 1", 1)
 	pub.publishOK("news:x", "old 2", 2)
 
-	alice := dial(t, n.url("/ws"), bearer(mintHS256(t, testSecret, claims("alice", both))))
+	alice := dial(t, n.url("/ws"), bearer(newToken(t, "alice").with(both).sign()))
 	alice.next("welcome")
 	alice.subscribe("room:x", 1)
 	r := alice.request(map[string]any{"op": "subscribe", "channel": "news:x", "history": 10, "id": 2})
@@ -64,7 +64,7 @@ func TestRefreshCancelsCatchUp(t *testing.T) {
 	}
 
 	narrow := jwt.MapClaims{"chat": map[string]any{"subscribe": []string{"room:*"}, "publish": []string{"room:*"}}}
-	alice.send(map[string]any{"op": "refresh", "token": mintHS256(t, testSecret, claims("alice", narrow)), "id": 3})
+	alice.send(map[string]any{"op": "refresh", "token": newToken(t, "alice").with(narrow).sign(), "id": 3})
 	expectOK(t, alice, 3)
 	if held, count := catchUpState(c, "news:x"); held || count != 0 {
 		t.Errorf("after the refresh: catch-up on news:x %v, channels catching up %d; want none", held, count)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -116,24 +115,6 @@ func (h *hub) connByID(id string) *conn {
 	return nil
 }
 
-// startNodeSmallSendBuffers is startNode with 4 KiB socket send buffers, so
-// that what a client has not read waits in the node's send queue rather
-// than in the kernel (which on loopback takes megabytes).
-func startNodeSmallSendBuffers(t *testing.T, h *Handler) *testNode {
-	t.Helper()
-	return startNodeListening(t, h, func(l net.Listener) net.Listener { return smallSendBufferListener{l} })
-}
-
-type smallSendBufferListener struct{ net.Listener }
-
-func (l smallSendBufferListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if tc, ok := c.(*net.TCPConn); ok {
-		_ = tc.SetWriteBuffer(4096)
-	}
-	return c, err
-}
-
 // TestResumeOnABusyChannelKeepsAReadingClient (issue 15, finding 1): 20
 // clients that each missed 800 messages of a channel publishing 400 msg/s
 // resume, and each gets every message after the one it last saw, the replay
@@ -157,7 +138,7 @@ func TestResumeOnABusyChannelKeepsAReadingClient(t *testing.T) {
 		h.RateLimit = &RateLimit{PerSecond: -1}
 		h.WriteTimeout = caddy.Duration(time.Minute)
 		h.PingInterval = caddy.Duration(time.Hour)
-		n := startNodeSmallSendBuffers(t, h) // send_queue: the default, 1 MiB
+		n := startNode(t, h, smallSendBuffers()) // send_queue: the default, 1 MiB
 		const channel, missed, rounds, liveAfter = "room:busy", 800, 20, 100
 		pub := startBusyPublisher(t, n.url("/"), channel, strings.Repeat("p", 250), time.Second/400)
 		pub.waitAcked(t, missed+1)
@@ -260,7 +241,7 @@ func TestResumeThenStopReadingIsClosed(t *testing.T) {
 		h.RateLimit = &RateLimit{PerSecond: -1}
 		h.WriteTimeout = caddy.Duration(time.Minute)
 		h.PingInterval = caddy.Duration(time.Hour)
-		n := startNodeSmallSendBuffers(t, h)
+		n := startNode(t, h, smallSendBuffers())
 		const channel, missed = "room:busy", 800
 		pub := startBusyPublisher(t, n.url("/"), channel, strings.Repeat("p", 250), time.Second/400)
 		pub.waitAcked(t, missed+1)
@@ -344,7 +325,7 @@ func TestReplaysWaitingShareHalfOfSendQueue(t *testing.T) {
 		h.MaxReplay = 1000
 		h.RateLimit = &RateLimit{PerSecond: -1}
 		h.WriteTimeout = caddy.Duration(time.Minute)
-		n := startNodeSmallSendBuffers(t, h)
+		n := startNode(t, h, smallSendBuffers())
 		pub := dial(t, n.url("/"), nil)
 		pub.next("welcome")
 		pad := strings.Repeat("p", 250)

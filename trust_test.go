@@ -103,7 +103,7 @@ func TestSenderIsAlwaysKnown(t *testing.T) {
 // bridging room:lobby; they share one hub.
 func lobbyNodes(t *testing.T, newHandler func() *Handler, configure func(js *Handler)) (jn, rn *testNode) {
 	t.Helper()
-	prefix := uniquePrefix(t)
+	prefix := uniquePrefix()
 	js := newHandler()
 	js.ChannelPrefix = &prefix
 	configure(js)
