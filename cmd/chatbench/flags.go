@@ -1,0 +1,270 @@
+package main
+
+// The command line: chatbench's usage, its configuration and the flags
+// that set it.
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"time"
+)
+
+const usageText = `chatbench: load generator for caddychat nodes (WebSocket, JSON protocol).
+
+Usage:
+  chatbench [flags]
+
+The nodes under test must be configured with "rate_limit off" in their chat
+block: the default limit (50 frames/s per connection) would refuse the
+publisher, and the tool cannot change it. A large "send_queue" (e.g. 4MiB)
+avoids slow-consumer closes (4000) when one machine runs clients and nodes.
+
+Scenarios (-scenario, a comma list runs several in order):
+  fanout    one channel, -subs subscribers spread round-robin over the nodes,
+            one publisher on the first node sending -messages messages at
+            -rate msgs/s with at most -inflight unanswered publishes.
+            -step-rates 100,200,400 runs one phase per rate on the same
+            connections and stops after the first whose p99 exceeds -max-p99.
+  rooms     -clients clients in rooms of -room-size; each subscribes to its
+            room and publishes -client-rate msgs/s (jittered start) for
+            -duration. Every message is expected by the room's members,
+            the sender included.
+  idle      -clients idle connections, each subscribed to its own channel
+            (or all to -idle-channel), held for -hold. Reports the time to
+            connect them and, with -pids (one server pid per node, in -url
+            order), VmRSS before, -settle after connecting and at the end of
+            the hold, and the growth in KiB per connection.
+  baseline  the fanout measurement against a bare coder/websocket broadcast
+            server inside this process (no Caddy, no broker; in a child
+            process when both ends of -subs connections exceed this process's
+            RLIMIT_NOFILE). With fanout in the same run, the table shows
+            fanout's deliveries/s relative to baseline's (meaningful when both
+            are saturated: -rate 0 or a high -rate).
+  fanout-history  the fanout measurement against -history-url, the same
+            nodes' route with history on; its vs_baseline column is
+            relative to fanout in the same run: the cost of keeping history.
+  baseline-rooms  the rooms measurement against the same bare server; with
+            rooms in the same run, the table shows rooms' deliveries/s
+            relative to it.
+` + abuseUsage + `
+Figures:
+  latency       receive time minus the send time the publisher put in the
+                payload (one machine, one clock); time a publisher waits for
+                room in its -inflight window is not included.
+  lost          expected minus distinct messages received; expected counts
+                every publish not answered with an error (unanswered ones
+                included) once per subscriber (per room member for rooms).
+  deliveries/s  delivery frames received by all subscribers over the time
+                from the first publish to the last delivery.
+  tool_cores    CPU used by this process (cores busy on average), srv_cores
+                that of the -pids processes: when they add up to the
+                machine's cores, the figures measure the machine.
+  srv_rss_MiB   VmRSS of the -pids processes together at the start of the
+                phase and the highest reading during it (sampled every
+                250 ms): whether memory stays bounded under load.
+For idle RSS figures start the nodes fresh: a Go process keeps memory it has
+freed, so a node that served an earlier run shows too little growth.
+The table goes to stdout, a progress line per second to stderr, and all
+results to the -out JSON file.
+
+Flags:
+`
+
+// config is every flag.
+type config struct {
+	urls               []string
+	historyURLs        []string // fanout-history: a route of the same nodes with history on
+	scenarios          []string
+	sources            int
+	connectConcurrency int
+	connectTimeout     time.Duration
+	timeout            time.Duration
+	out                string
+	quiet              bool
+	cpuProfile         string
+
+	// fanout and baseline
+	subs      int
+	messages  int
+	rate      float64
+	inflight  int
+	payload   int
+	stepRates []float64
+	maxP99    time.Duration
+	drain     time.Duration
+
+	// rooms and idle
+	clients    int
+	roomSize   int
+	clientRate float64
+	duration   time.Duration
+
+	// idle
+	hold        time.Duration
+	settle      time.Duration
+	idleChannel string
+	pids        []int
+
+	abuseConfig
+
+	runID    string
+	progress io.Writer // nil: no progress lines
+	settings map[string]string
+}
+
+func defaultConfig() *config {
+	return &config{
+		urls:               []string{"ws://127.0.0.1:8081/ws"},
+		scenarios:          []string{"fanout"},
+		sources:            8,
+		connectConcurrency: 200,
+		connectTimeout:     10 * time.Second,
+		timeout:            10 * time.Minute,
+		out:                "results.json",
+		subs:               2000,
+		messages:           200,
+		rate:               100,
+		inflight:           16,
+		payload:            100,
+		maxP99:             100 * time.Millisecond,
+		drain:              5 * time.Second,
+		clients:            2000,
+		roomSize:           10,
+		clientRate:         1,
+		duration:           20 * time.Second,
+		hold:               30 * time.Second,
+		settle:             5 * time.Second,
+		runID:              newRunID(),
+		abuseConfig:        defaultAbuseConfig(),
+	}
+}
+
+func parseFlags(args []string, stderr io.Writer) (*config, error) {
+	cfg := defaultConfig()
+	fs := flag.NewFlagSet("chatbench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(stderr, usageText)
+		fs.PrintDefaults()
+		fmt.Fprint(stderr, `
+Examples:
+  chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario fanout,baseline -subs 2000 -messages 200 -rate 200
+  chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario fanout,baseline -subs 2000 -step-rates 10,25,50,75,100 -max-p99 100ms
+  chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario rooms -clients 2000 -room-size 10 -client-rate 1 -duration 30s
+  chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario idle -clients 5000 -hold 30s -pids 1234,5678
+  chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario abuse -duration 20s -pids 1234,5678 \
+      -raw-url ws://127.0.0.1:8081/raw/abuse-raw,ws://127.0.0.1:8082/raw/abuse-raw -raw-channel room:abuse-raw \
+      -metrics-url http://127.0.0.1:2019/metrics,http://127.0.0.1:2020/metrics \
+      -publish-url http://127.0.0.1:8081/chat/publish -token "$(chattoken -sub mallory -publish 'room:**')"
+`)
+	}
+	urls := fs.String("url", strings.Join(cfg.urls, ","), "node WebSocket URLs, comma separated; clients are spread round-robin over them")
+	historyURLs := fs.String("history-url", "", "for fanout-history: the same nodes' URLs of a route that keeps history, comma separated")
+	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, baseline-rooms, fanout-history, abuse, or a comma list of them")
+	fs.IntVar(&cfg.sources, "sources", cfg.sources, "loopback source addresses 127.0.0.1..127.0.0.N to spread connections over (loopback nodes only)")
+	fs.IntVar(&cfg.connectConcurrency, "connect-concurrency", cfg.connectConcurrency, "WebSocket handshakes in flight at once")
+	fs.DurationVar(&cfg.connectTimeout, "connect-timeout", cfg.connectTimeout, "limit for one connection's handshake, welcome and subscribe")
+	fs.DurationVar(&cfg.timeout, "timeout", cfg.timeout, "limit for the whole run")
+	fs.StringVar(&cfg.out, "out", cfg.out, `JSON results file ("" for none)`)
+	fs.BoolVar(&cfg.quiet, "quiet", false, "no progress lines on stderr")
+	fs.StringVar(&cfg.cpuProfile, "cpuprofile", "", "write a CPU profile of this tool to the file")
+
+	fs.IntVar(&cfg.subs, "subs", cfg.subs, "fanout/baseline: subscribers of the channel")
+	fs.IntVar(&cfg.messages, "messages", cfg.messages, "fanout/baseline: messages published (per phase)")
+	fs.Float64Var(&cfg.rate, "rate", cfg.rate, "fanout/baseline: publishes per second (0: as fast as -inflight allows)")
+	fs.IntVar(&cfg.inflight, "inflight", cfg.inflight, "publishes a publisher may have unanswered")
+	fs.IntVar(&cfg.payload, "payload", cfg.payload, "approximate size of a message's data in bytes")
+	steps := fs.String("step-rates", "", "fanout/baseline: comma list of rates, one phase each, stopping once p99 exceeds -max-p99")
+	fs.DurationVar(&cfg.maxP99, "max-p99", cfg.maxP99, "fanout/baseline stepping: stop after a phase whose p99 latency is above this")
+	fs.DurationVar(&cfg.drain, "drain", cfg.drain, "after publishing, wait this long without progress for missing deliveries and replies")
+
+	fs.IntVar(&cfg.clients, "clients", cfg.clients, "rooms/idle: connections")
+	fs.IntVar(&cfg.roomSize, "room-size", cfg.roomSize, "rooms: clients per room")
+	fs.Float64Var(&cfg.clientRate, "client-rate", cfg.clientRate, "rooms: publishes per second of each client")
+	fs.DurationVar(&cfg.duration, "duration", cfg.duration, "rooms: how long clients publish; abuse: how long the attacks run")
+
+	fs.DurationVar(&cfg.hold, "hold", cfg.hold, "idle: how long the connections are held")
+	fs.DurationVar(&cfg.settle, "settle", cfg.settle, "idle: wait after connecting before the second RSS reading")
+	fs.StringVar(&cfg.idleChannel, "idle-channel", "", "idle: one channel for all connections (default: one channel each)")
+	pids := fs.String("pids", "", "server pids, one per -url in the same order: idle and abuse report their VmRSS, fanout and rooms their CPU use")
+
+	checkAbuse := addAbuseFlags(fs, cfg)
+
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	cfg.urls = splitList(*urls)
+	cfg.historyURLs = splitList(*historyURLs)
+	cfg.scenarios = splitList(*scen)
+	for _, s := range cfg.scenarios {
+		switch s {
+		case "fanout", "rooms", "idle", "baseline", "baseline-rooms":
+		case "abuse":
+			if err := checkAbuse(); err != nil {
+				return nil, err
+			}
+		case "fanout-history":
+			if len(cfg.historyURLs) == 0 {
+				return nil, errors.New("-scenario fanout-history needs -history-url")
+			}
+		default:
+			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline, baseline-rooms, fanout-history, abuse)", s)
+		}
+	}
+	if len(cfg.scenarios) == 0 {
+		return nil, errors.New("-scenario: none given")
+	}
+	for _, s := range splitList(*steps) {
+		r, err := strconv.ParseFloat(s, 64)
+		if err != nil || r <= 0 {
+			return nil, fmt.Errorf("-step-rates: bad rate %q", s)
+		}
+		cfg.stepRates = append(cfg.stepRates, r)
+	}
+	for _, s := range splitList(*pids) {
+		p, err := strconv.Atoi(s)
+		if err != nil || p <= 0 {
+			return nil, fmt.Errorf("-pids: bad pid %q", s)
+		}
+		cfg.pids = append(cfg.pids, p)
+	}
+	if len(cfg.pids) > 0 && len(cfg.pids) != len(cfg.urls) {
+		return nil, fmt.Errorf("-pids: %d pids for %d node URLs; give one per node, in -url order", len(cfg.pids), len(cfg.urls))
+	}
+	switch {
+	case cfg.subs < 1, cfg.clients < 1, cfg.messages < 1:
+		return nil, errors.New("-subs, -clients and -messages must be at least 1")
+	case cfg.roomSize < 1:
+		return nil, errors.New("-room-size must be at least 1")
+	case cfg.rate < 0 || cfg.clientRate <= 0:
+		return nil, errors.New("-rate must be >= 0 and -client-rate > 0")
+	}
+	cfg.settings = map[string]string{}
+	fs.VisitAll(func(f *flag.Flag) { cfg.settings[f.Name] = f.Value.String() })
+	return cfg, nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func newRunID() string {
+	b := make([]byte, 4)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
