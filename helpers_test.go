@@ -158,6 +158,7 @@ type caddyNode struct {
 	logPath   string
 	tls       bool // overTLS
 	httpPort  int  // with tls: the http_port Caddy binds besides addr
+	debug     bool // log at debug level
 	cmd       *exec.Cmd
 	exited    chan struct{}
 	stopOnce  sync.Once
@@ -170,6 +171,9 @@ type caddyOption func(*caddyNode)
 // from Caddy's local CA (`tls internal`), kept in the node's storage dir and
 // never installed into the machine's trust stores (see localCA).
 func overTLS() caddyOption { return func(n *caddyNode) { n.tls = true } }
+
+// debugLog runs the node with Caddy's debug option: every log level.
+func debugLog() caddyOption { return func(n *caddyNode) { n.debug = true } }
 
 // startCaddy writes a Caddyfile with routes as the site body and runs it.
 func startCaddy(t testing.TB, name, routes string, opts ...caddyOption) *caddyNode {
@@ -193,7 +197,7 @@ func startCaddy(t testing.TB, name, routes string, opts ...caddyOption) *caddyNo
 func (n *caddyNode) writeCaddyfile(t testing.TB, routes string) {
 	t.Helper()
 	var debugOpt string
-	if os.Getenv("CADDYCHAT_E2E_DEBUG") == "1" {
+	if n.debug || os.Getenv("CADDYCHAT_E2E_DEBUG") == "1" {
 		debugOpt = "\tdebug\n"
 	}
 	_, port, _ := net.SplitHostPort(n.addr)

@@ -169,6 +169,7 @@ func newHub(cfg hubConfig) (*hub, error) {
 		h.live()
 		return h, nil
 	}
+	useRedisLogger()
 	client, sharded, err := newRedisClient(cfg, "caddychat-"+node)
 	if err != nil {
 		return nil, err
