@@ -105,6 +105,7 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 //		ui               on|off
 //		presence         on|off
 //		presence_ttl     <duration>
+//		guest_names      on|off
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive's name (the matcher, if any, was taken already)
@@ -159,6 +160,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "redis_tls":
 			if err := h.unmarshalRedisTLS(d); err != nil {
 				return err
+			}
+			continue
+		case "guest_names":
+			// Self-contained (guest.go): guest_names on|off.
+			if args := d.RemainingArgs(); len(args) != 1 || (args[0] != "on" && args[0] != "off") {
+				return d.Errf("guest_names takes on or off")
+			} else {
+				h.GuestNames = args[0] == "on"
 			}
 			continue
 		case "history_new_channels":

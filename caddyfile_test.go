@@ -40,6 +40,9 @@ func TestCaddyfileAdapt(t *testing.T) {
 func TestCaddyfileErrorsNameTheOption(t *testing.T) {
 	cases := []struct{ input, want string }{
 		{"chat {\n bogus 1\n}", `unknown chat option "bogus"`},
+		{"chat {\n guest_names maybe\n}", "guest_names takes on or off"},
+		{"chat {\n guest_names\n}", "guest_names takes on or off"},
+		{"chat {\n guest_names on off\n}", "guest_names takes on or off"},
 		{"chat {\n redis\n}", "redis needs exactly one value"},
 		{"chat {\n redis a b\n}", "redis takes one value"},
 		{"chat {\n max_message_size lots\n}", "max_message_size"},

@@ -55,10 +55,40 @@ type presenceEntry struct {
 	mu sync.Mutex
 }
 
-// presenceUser is one line of a presence reply.
+// presenceUser is one line of a presence reply: a user, or a guest
+// (guest_names on; guest.go) with "user":"" and "anonymous":true.
 type presenceUser struct {
 	User        string `json:"user"`
+	Anonymous   bool   `json:"anonymous,omitempty"`
+	Guest       string `json:"guest,omitempty"`
+	Name        string `json:"name,omitempty"`
 	Connections int    `json:"connections"`
+}
+
+// newPresenceUser is the reply line of a presence key (a user id or a
+// guest's key) with n connections.
+func newPresenceUser(key string, n int) presenceUser {
+	if guest, name, ok := parseGuestKey(key); ok {
+		return presenceUser{Anonymous: true, Guest: guest, Name: name, Connections: n}
+	}
+	return presenceUser{User: key, Connections: n}
+}
+
+// comparePresenceUsers sorts a reply: users by id, then guests by name and id.
+func comparePresenceUsers(a, b presenceUser) int {
+	if a.Anonymous != b.Anonymous {
+		if a.Anonymous {
+			return 1
+		}
+		return -1
+	}
+	if c := strings.Compare(a.User, b.User); c != 0 {
+		return c
+	}
+	if c := strings.Compare(a.Name, b.Name); c != 0 {
+		return c
+	}
+	return strings.Compare(a.Guest, b.Guest)
 }
 
 type presenceReply struct {
@@ -384,9 +414,13 @@ func (p *presence) close() {
 	p.leaveEntries(presenceCloseTimeout, entries)
 }
 
-// presenceEvent encodes a join or leave event as the Redis scripts do.
+// presenceEvent encodes a join or leave event as the Redis scripts do; user
+// is a presence key (a user id, or a guest's key: guest.go).
 func presenceEvent(kind, channel, user string) []byte {
 	u, _ := json.Marshal(user)
+	if guest, name, ok := parseGuestKey(user); ok {
+		u = guestPresenceFields(guest, name)
+	}
 	b := make([]byte, 0, 40+len(channel)+len(u))
 	b = append(b, `{"type":"`...)
 	b = append(b, kind...)
@@ -416,7 +450,29 @@ func isPresenceEvent(channel string, payload []byte) bool {
 		return false
 	}
 	name, ok := bytes.CutSuffix(rest, []byte("}"))
-	return ok && len(name) > 1 && name[0] == '"' && utf8.Valid(name) && json.Valid(name)
+	if !ok {
+		return false
+	}
+	// A guest: "","anonymous":true,"guest":"<16 hex>","name":<string>.
+	const guestHead, guestName = `"","anonymous":true,"guest":"`, `","name":`
+	if g, isGuest := bytes.CutPrefix(name, []byte(guestHead)); isGuest {
+		if len(g) < guestIDLen || !isLowerHex(g[:guestIDLen]) {
+			return false
+		}
+		if name, ok = bytes.CutPrefix(g[guestIDLen:], []byte(guestName)); !ok {
+			return false
+		}
+	}
+	return len(name) > 1 && name[0] == '"' && utf8.Valid(name) && json.Valid(name)
+}
+
+func isLowerHex(b []byte) bool {
+	for _, c := range b {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // memoryPresence is the in-process broker's store: one process sees every
@@ -496,9 +552,9 @@ func (s *memoryPresence) list(_ context.Context, channel string) ([]presenceUser
 	}
 	users := make([]presenceUser, 0, len(ch.users))
 	for u, n := range ch.users {
-		users = append(users, presenceUser{User: u, Connections: n})
+		users = append(users, newPresenceUser(u, n))
 	}
-	slices.SortFunc(users, func(a, b presenceUser) int { return strings.Compare(a.User, b.User) })
+	slices.SortFunc(users, comparePresenceUsers)
 	return users, nil
 }
 
@@ -532,7 +588,7 @@ func (s *redisPresence) expires() bool { return true }
 // the keys outlive this call. Time is Redis's, so nodes' clocks do not matter
 // (a script may read TIME and then write since Redis 5, which replicates
 // scripts by their effects).
-const presenceLua = `
+const presenceLua = guestPresenceLua + `
 local function now_ms()
 	local t = redis.call('TIME')
 	return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -543,7 +599,7 @@ local function user_of(m)
 	return string.match(m, '^(.*)%z[^%z]*%z[^%z]*$')
 end
 local function event(kind, user)
-	return ` + nodeStampLua + ` .. '{"type":"' .. kind .. '","channel":"' .. ARGV[2] .. '","user":' .. cjson.encode(user) .. '}'
+	return ` + nodeStampLua + ` .. '{"type":"' .. kind .. '","channel":"' .. ARGV[2] .. '","user":' .. user_json(user) .. '}'
 end
 local function sweep(now)
 	local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
@@ -675,9 +731,9 @@ func (s *redisPresence) list(ctx context.Context, channel string) ([]presenceUse
 		if err != nil || n <= 0 {
 			continue
 		}
-		users = append(users, presenceUser{User: flat[i], Connections: n})
+		users = append(users, newPresenceUser(flat[i], n))
 	}
-	slices.SortFunc(users, func(a, b presenceUser) int { return strings.Compare(a.User, b.User) })
+	slices.SortFunc(users, comparePresenceUsers)
 	return users, nil
 }
 

@@ -170,6 +170,9 @@ type welcome struct {
 	Conn string `json:"conn"`
 	Node string `json:"node"`
 	User string `json:"user"`
+	// Guest, Name: the connection's guest id and name (guest_names).
+	Guest string `json:"guest,omitempty"`
+	Name  string `json:"name,omitempty"`
 }
 
 // envelope is a published message as JSON-protocol clients receive it; it
@@ -192,6 +195,10 @@ type sender struct {
 	User      string `json:"from"`
 	Anonymous bool   `json:"anonymous,omitempty"`
 	Server    bool   `json:"server,omitempty"`
+	// Guest and Name: an anonymous client's guest id (made by its node) and
+	// the display name it picked, on routes with guest_names (guest.go).
+	Guest string `json:"guest,omitempty"`
+	Name  string `json:"name,omitempty"`
 }
 
 const envelopeType = "message"

@@ -48,6 +48,8 @@ type Publication struct {
 	From string
 	// Origin says whether From is a user, an anonymous client or a backend.
 	Origin origin
+	// Guest and Name: an anonymous publisher's guest id and name (guest.go).
+	Guest, Name string
 	// Data is the JSON value of a JSON-protocol publish.
 	Data json.RawMessage
 	// Raw, when set, is a raw-protocol text frame: it travels as an
@@ -83,7 +85,11 @@ func (msg Publication) payload(id string, now time.Time) ([]byte, error) {
 
 // sender is who msg's envelope names as its sender.
 func (msg Publication) sender() sender {
-	return sender{User: msg.From, Anonymous: msg.Origin == originAnonymous, Server: msg.Origin == originServer}
+	s := sender{User: msg.From, Anonymous: msg.Origin == originAnonymous, Server: msg.Origin == originServer}
+	if s.Anonymous {
+		s.Guest, s.Name = msg.Guest, msg.Name
+	}
+	return s
 }
 
 // memoryBroker serves a single node from process memory.
