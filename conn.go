@@ -181,7 +181,9 @@ func (c *conn) serve() {
 			c.fail(closeTryAgainLater, "broker unavailable")
 		}
 	} else {
-		c.offStack(func() { c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user, Guest: c.identity.guest, Name: c.identity.name}) })
+		c.offStack(func() {
+			c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user, Guest: c.identity.guest, Name: c.identity.name})
+		})
 	}
 	if c.ctx.Err() == nil {
 		c.protect("read", c.readLoop)

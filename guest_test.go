@@ -23,12 +23,12 @@ func TestValidateGuestName(t *testing.T) {
 	}
 	bad := []string{
 		"",
-		strings.Repeat("x", 25),  // over 24 characters
+		strings.Repeat("x", 25), // over 24 characters
 		strings.Repeat("李", 22), // 22 characters, but 66 bytes
 		" alice", "alice ", "al  ice", "\talice",
 		"ali\x00ce", "ali\x07ce", "alice\n", "ali\x1bce", "ali\u0085ce", // control characters
 		"ali\u202ece", "\u2066alice", "al\u200bice", "al\u200dice", "\ufeffalice", // bidi, zero-width, BOM
-		"\u0301alice",                     // a combining mark first
+		"\u0301alice",                    // a combining mark first
 		"<b>alice</b>", "alice\"", "a&b", // markup
 		"alice:bob", "a/b", "a@b", "a,b", "a;b", "{alice}",
 		"...", "-", "'", "_ _",
