@@ -134,6 +134,9 @@ const (
 type identity struct {
 	user      string // empty when anonymous
 	anonymous bool
+	// guest, name: an anonymous connection's guest id and chosen name on a
+	// route with guest_names (guest.go); never set for users.
+	guest, name string
 	// server: a backend holding the publish key; what it publishes is the
 	// server's own message.
 	server    bool

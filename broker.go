@@ -45,6 +45,8 @@ type Publication struct {
 	From string
 	// Origin says whether From is a user, an anonymous client or a backend.
 	Origin origin
+	// Guest and Name: an anonymous publisher's guest id and name (guest.go).
+	Guest, Name string
 	// Data is the JSON value of a JSON-protocol publish.
 	Data json.RawMessage
 	// Raw, when set, is a raw-protocol text frame: it travels as an

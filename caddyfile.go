@@ -141,6 +141,7 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 //		max_subscriptions        <n>
 //		presence                 on|off
 //		presence_ttl             <duration>
+//		guest_names              on|off
 //		history                  [<channel pattern>] <count> [<max age>]
 //		max_replay               <n>
 //		history_memory           <size>
@@ -234,6 +235,7 @@ var chatOptions = &optionTable[Handler]{options: []option[Handler]{
 	countOption("max_subscriptions", "100", func(h *Handler, n int) { h.MaxSubscriptions = n }),
 	onOffOption("presence", func(h *Handler, on bool) { h.Presence = on }),
 	durationOption("presence_ttl", "15s", func(h *Handler, d caddy.Duration) { h.PresenceTTL = d }),
+	onOffOption("guest_names", func(h *Handler, on bool) { h.GuestNames = on }),
 	{name: "history", min: 1, max: 3, syntax: "[<channel pattern>] <count> [<max age>]",
 		takes: "an optional channel pattern, a count and an optional max age", example: historyExample,
 		parse: parseHistoryRule},

@@ -140,7 +140,7 @@ func (c *conn) presenceInfo() (presenceInfo, bool) {
 	if !c.route.presence {
 		return presenceInfo{}, false
 	}
-	return presenceInfo{user: c.identity.user, conn: c.id, ttl: c.route.presenceTTL, timeout: c.route.publishTimeout}, true
+	return presenceInfo{user: c.identity.presenceKey(), conn: c.id, ttl: c.route.presenceTTL, timeout: c.route.publishTimeout}, true
 }
 
 var _ subscriber = (*conn)(nil)
@@ -181,7 +181,9 @@ func (c *conn) serve() {
 			c.fail(closeTryAgainLater, "broker unavailable")
 		}
 	} else {
-		c.offStack(func() { c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user}) })
+		c.offStack(func() {
+			c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user, Guest: c.identity.guest, Name: c.identity.name})
+		})
 	}
 	if c.ctx.Err() == nil {
 		c.protect("read", c.readLoop)

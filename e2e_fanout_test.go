@@ -65,6 +65,10 @@ func TestSingleNodeExample(t *testing.T) {
 		t.Errorf("welcome user: want \"\", got %s", c1.welcome)
 	}
 	c1.subscribe("room:lobby")
+	// The example has presence on: c1's own join (a guest's: guest_names on) comes first.
+	if j, err := c1.readMsg(5 * time.Second); err != nil || j.Type != "join" || !strings.Contains(j.raw, `"anonymous":true,"guest":"`) {
+		t.Fatalf("client1: want its own guest join on room:lobby, got %v %v", j, err)
+	}
 	ok := c2.mustPublish("room:lobby", map[string]any{"text": "hello lobby"})
 	m := c1.expectMessage("room:lobby", 5*time.Second)
 	if m.From == nil || *m.From != "" {

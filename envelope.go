@@ -66,6 +66,10 @@ type sender struct {
 	User      string `json:"from"`
 	Anonymous bool   `json:"anonymous,omitempty"`
 	Server    bool   `json:"server,omitempty"`
+	// Guest and Name: an anonymous client's guest id (made by its node) and
+	// the display name it picked, on routes with guest_names (guest.go).
+	Guest string `json:"guest,omitempty"`
+	Name  string `json:"name,omitempty"`
 }
 
 const envelopeType = "message"
@@ -124,7 +128,11 @@ func (msg Publication) payload(id string, now time.Time) ([]byte, error) {
 
 // sender is who msg's envelope names as its sender.
 func (msg Publication) sender() sender {
-	return sender{User: msg.From, Anonymous: msg.Origin == originAnonymous, Server: msg.Origin == originServer}
+	s := sender{User: msg.From, Anonymous: msg.Origin == originAnonymous, Server: msg.Origin == originServer}
+	if s.Anonymous {
+		s.Guest, s.Name = msg.Guest, msg.Name
+	}
+	return s
 }
 
 // Envelopes of kept messages are built from a head naming the channel, the
@@ -215,9 +223,13 @@ func messageID(channel string, payload []byte) (streamID, bool) {
 	return streamID{}, false
 }
 
-// presenceEvent encodes a join or leave event as the Redis scripts do.
+// presenceEvent encodes a join or leave event as the Redis scripts do; user
+// is a presence key (a user id, or a guest's key: guest.go).
 func presenceEvent(kind, channel, user string) []byte {
 	u, _ := json.Marshal(user)
+	if guest, name, ok := parseGuestKey(user); ok {
+		u = guestPresenceFields(guest, name)
+	}
 	b := make([]byte, 0, 40+len(channel)+len(u))
 	b = append(b, `{"type":"`...)
 	b = append(b, kind...)
@@ -247,7 +259,29 @@ func isPresenceEvent(channel string, payload []byte) bool {
 		return false
 	}
 	name, ok := bytes.CutSuffix(rest, []byte("}"))
-	return ok && len(name) > 1 && name[0] == '"' && utf8.Valid(name) && json.Valid(name)
+	if !ok {
+		return false
+	}
+	// A guest: "","anonymous":true,"guest":"<16 hex>","name":<string>.
+	const guestHead, guestName = `"","anonymous":true,"guest":"`, `","name":`
+	if g, isGuest := bytes.CutPrefix(name, []byte(guestHead)); isGuest {
+		if len(g) < guestIDLen || !isLowerHex(g[:guestIDLen]) {
+			return false
+		}
+		if name, ok = bytes.CutPrefix(g[guestIDLen:], []byte(guestName)); !ok {
+			return false
+		}
+	}
+	return len(name) > 1 && name[0] == '"' && utf8.Valid(name) && json.Valid(name)
+}
+
+func isLowerHex(b []byte) bool {
+	for _, c := range b {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // messageEpoch returns the epoch of a kept message's envelope (one whose id

@@ -67,6 +67,9 @@ func (h *Handler) admit(r *http.Request) (id *identity, rawChannel string, err e
 		h.logger.Debug("authentication failed", zap.String("reason", err.Error()), zap.String("remote", r.RemoteAddr))
 		return nil, "", caddyhttp.Error(http.StatusUnauthorized, fmt.Errorf("unauthorized: %w", err))
 	}
+	if id, err = h.guestIdentity(r, id); err != nil {
+		return nil, "", err
+	}
 	if h.Protocol != protocolRaw {
 		return id, "", nil
 	}

@@ -195,6 +195,12 @@ type Handler struct {
 	// <route path>/caddychat.js.
 	UI bool `json:"ui,omitempty"`
 
+	// Let connections without a token pick a display name (?name= on the
+	// upgrade URL) and give each a guest id: envelopes and presence carry
+	// both beside "anonymous":true, never as "from", so a guest cannot
+	// pass for a user. Presence lists guests. Off by default. See guest.go.
+	GuestNames bool `json:"guest_names,omitempty"`
+
 	// Most messages one resume replays and one history page holds. A resume
 	// that would replay more replays the newest max_replay and says it was
 	// limited. Default: 1000.
@@ -284,7 +290,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.PresenceTTL == 0 {
 		h.PresenceTTL = caddy.Duration(defaultPresenceTTL)
 	}
-	if h.Presence && h.JWT == nil {
+	if h.Presence && h.JWT == nil && !h.GuestNames {
 		h.logger.Warn("presence is on but the route has no jwt block: anonymous connections are never listed, so presence stays empty")
 	}
 	h.PublishKey = repl.ReplaceKnown(h.PublishKey, "")

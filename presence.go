@@ -50,10 +50,40 @@ type presenceEntry struct {
 	mu sync.Mutex
 }
 
-// presenceUser is one line of a presence reply.
+// presenceUser is one line of a presence reply: a user, or a guest
+// (guest_names on; guest.go) with "user":"" and "anonymous":true.
 type presenceUser struct {
 	User        string `json:"user"`
+	Anonymous   bool   `json:"anonymous,omitempty"`
+	Guest       string `json:"guest,omitempty"`
+	Name        string `json:"name,omitempty"`
 	Connections int    `json:"connections"`
+}
+
+// newPresenceUser is the reply line of a presence key (a user id or a
+// guest's key) with n connections.
+func newPresenceUser(key string, n int) presenceUser {
+	if guest, name, ok := parseGuestKey(key); ok {
+		return presenceUser{Anonymous: true, Guest: guest, Name: name, Connections: n}
+	}
+	return presenceUser{User: key, Connections: n}
+}
+
+// comparePresenceUsers sorts a reply: users by id, then guests by name and id.
+func comparePresenceUsers(a, b presenceUser) int {
+	if a.Anonymous != b.Anonymous {
+		if a.Anonymous {
+			return 1
+		}
+		return -1
+	}
+	if c := strings.Compare(a.User, b.User); c != 0 {
+		return c
+	}
+	if c := strings.Compare(a.Name, b.Name); c != 0 {
+		return c
+	}
+	return strings.Compare(a.Guest, b.Guest)
 }
 
 type presenceReply struct {
@@ -456,9 +486,9 @@ func (s *memoryPresence) list(_ context.Context, channel string) ([]presenceUser
 	}
 	users := make([]presenceUser, 0, len(ch.users))
 	for u, n := range ch.users {
-		users = append(users, presenceUser{User: u, Connections: n})
+		users = append(users, newPresenceUser(u, n))
 	}
-	slices.SortFunc(users, func(a, b presenceUser) int { return strings.Compare(a.User, b.User) })
+	slices.SortFunc(users, comparePresenceUsers)
 	return users, nil
 }
 

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -41,7 +40,7 @@ func (s *redisPresence) expires() bool { return true }
 // the keys outlive this call. Time is Redis's, so nodes' clocks do not matter
 // (a script may read TIME and then write since Redis 5, which replicates
 // scripts by their effects).
-const presenceLua = `
+const presenceLua = guestPresenceLua + `
 local function now_ms()
 	local t = redis.call('TIME')
 	return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -52,7 +51,7 @@ local function user_of(m)
 	return string.match(m, '^(.*)%z[^%z]*%z[^%z]*$')
 end
 local function event(kind, user)
-	return ` + nodeStampLua + ` .. '{"type":"' .. kind .. '","channel":"' .. ARGV[2] .. '","user":' .. cjson.encode(user) .. '}'
+	return ` + nodeStampLua + ` .. '{"type":"' .. kind .. '","channel":"' .. ARGV[2] .. '","user":' .. user_json(user) .. '}'
 end
 local function sweep(now)
 	local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
@@ -184,9 +183,9 @@ func (s *redisPresence) list(ctx context.Context, channel string) ([]presenceUse
 		if err != nil || n <= 0 {
 			continue
 		}
-		users = append(users, presenceUser{User: flat[i], Connections: n})
+		users = append(users, newPresenceUser(flat[i], n))
 	}
-	slices.SortFunc(users, func(a, b presenceUser) int { return strings.Compare(a.User, b.User) })
+	slices.SortFunc(users, comparePresenceUsers)
 	return users, nil
 }
 

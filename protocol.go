@@ -168,6 +168,9 @@ type welcome struct {
 	Conn string `json:"conn"`
 	Node string `json:"node"`
 	User string `json:"user"`
+	// Guest, Name: the connection's guest id and name (guest_names).
+	Guest string `json:"guest,omitempty"`
+	Name  string `json:"name,omitempty"`
 }
 
 // delivery is one message from the broker, shared by every local subscriber.

@@ -102,6 +102,10 @@ export interface Message<T = JSONValue> {
   anonymous?: true;
   /** Set (true) on a backend's messages (plain Redis PUBLISH, or the publish key); no client can produce it. */
   server?: true;
+  /** With anonymous, on routes with guest_names: the guest id the publisher's node gave it. */
+  guest?: string;
+  /** With anonymous, on routes with guest_names: the name the publisher picked, not verified. */
+  name?: string;
   /** Publish time, Unix ms. */
   ts: number;
   data: T;
@@ -149,8 +153,12 @@ export interface HistoryPage<T = JSONValue> {
   epoch: string | null;
 }
 
+/** A user, or (guest_names) a guest: user "", anonymous, its guest id and the name it picked. */
 export interface PresenceUser {
   user: string;
+  anonymous?: true;
+  guest?: string;
+  name?: string;
   connections: number;
 }
 
@@ -158,6 +166,9 @@ export interface PresenceEvent {
   type: "join" | "leave";
   channel: string;
   user: string;
+  anonymous?: true;
+  guest?: string;
+  name?: string;
 }
 
 export interface Welcome {
@@ -166,6 +177,9 @@ export interface Welcome {
   node: string;
   /** "" when anonymous. */
   user: string;
+  /** On routes with guest_names, for an anonymous connection: its guest id and the name it asked for (?name=). */
+  guest?: string;
+  name?: string;
 }
 
 export interface DisconnectEvent {
@@ -225,6 +239,25 @@ export function compareStreamIds(a: string, b: string): number;
 /** A sentence telling a user what a `gap` event means, in words true for its cause; null for a gap that needs no notice. */
 export function describeGap(gap: { reason: GapEvent["reason"]; reply: SubscribeReply | null; historyLost?: boolean | undefined }): string | null;
 export function backoffDelay(attempt: number, backoff?: Required<BackoffOptions>, random?: () => number): number;
+
+export interface OwnMessagesOptions {
+  /** Where the ids are kept across page loads, e.g. sessionStorage; none by default. */
+  storage?: Pick<Storage, "getItem" | "setItem"> | null | undefined;
+  /** The storage key; "caddychat.own" by default. */
+  key?: string | undefined;
+  /** Most message ids (and guest ids) kept; 500 by default. */
+  max?: number | undefined;
+}
+
+/** Which messages are this page's own, across reloads, from what the server said only. */
+export class OwnMessages {
+  constructor(options?: OwnMessagesOptions);
+  /** Notes a welcome frame: its user, or its guest id. */
+  welcome(welcome: Welcome): void;
+  /** Notes the message id a publish resolved with. */
+  published(id: string): void;
+  isOwn(msg: Message<unknown>): boolean;
+}
 
 export class CaddyChat {
   constructor(url: string, options?: CaddyChatOptions);

@@ -93,6 +93,81 @@ export function describeGap({ reason, reply, historyLost }) {
   return "Some messages sent while you were away could not be recovered: the room's history no longer holds them.";
 }
 
+/**
+ * Which messages are this page's own, across reloads: those a publish of
+ * this page resolved with (the ok's message_id), those the server says come
+ * from this page's signed-in user, and those from a guest id the server
+ * gave this page (routes with guest_names). Only what the server said
+ * counts, never a message's data: no one else's message can pass for
+ * one's own. `storage` (e.g. sessionStorage: this tab only) keeps the ids
+ * across page loads; without it they last as long as the object.
+ * Whatever the order of a message and its publish's ok, the message is
+ * its sender's once either arrived.
+ */
+export class OwnMessages {
+  #storage;
+  #key;
+  #max;
+  #ids;
+  #guests;
+  #user = "";
+
+  /** @param {{storage?: Storage | null, key?: string, max?: number}} [options] */
+  constructor({ storage = null, key = "caddychat.own", max = 500 } = {}) {
+    this.#storage = storage;
+    this.#key = key;
+    this.#max = max;
+    const saved = this.#load();
+    this.#ids = saved.ids;
+    this.#guests = saved.guests;
+  }
+
+  /** Notes a welcome frame: its signed-in user, or its guest id. */
+  welcome(w) {
+    this.#user = (w && typeof w.user === "string" && w.user) || "";
+    if (w && typeof w.guest === "string" && w.guest) this.#remember(this.#guests, w.guest);
+  }
+
+  /** Notes the message id a publish of this page resolved with. */
+  published(id) {
+    if (typeof id === "string" && id) this.#remember(this.#ids, id);
+  }
+
+  /** Whether msg (a delivery) is this page's own. */
+  isOwn(msg) {
+    if (!msg || typeof msg !== "object") return false;
+    if (typeof msg.id === "string" && this.#ids.has(msg.id)) return true;
+    if (msg.server) return false;
+    if (msg.anonymous) return typeof msg.guest === "string" && this.#guests.has(msg.guest);
+    return this.#user !== "" && msg.from === this.#user;
+  }
+
+  #remember(set, value) {
+    set.delete(value);
+    set.add(value); // most recent last
+    while (set.size > this.#max) set.delete(set.values().next().value);
+    this.#save();
+  }
+
+  #load() {
+    try {
+      const saved = JSON.parse(this.#storage?.getItem(this.#key) ?? "null");
+      const strings = (list) => new Set(Array.isArray(list) ? list.filter((v) => typeof v === "string").slice(-this.#max) : []);
+      return { ids: strings(saved?.ids), guests: strings(saved?.guests) };
+    } catch {
+      return { ids: new Set(), guests: new Set() };
+    }
+  }
+
+  #save() {
+    try {
+      this.#storage?.setItem(this.#key, JSON.stringify({ ids: [...this.#ids], guests: [...this.#guests] }));
+    } catch {
+      // Storage full or unavailable: kept for this page load only.
+    }
+  }
+}
+
 export class CaddyChat {
   #url;
   #token;

@@ -3,7 +3,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { CaddyChat, CaddyChatError, backoffDelay, compareStreamIds, describeGap, isStreamId } from "./caddychat.js";
+import { CaddyChat, CaddyChatError, OwnMessages, backoffDelay, compareStreamIds, describeGap, isStreamId } from "./caddychat.js";
 
 const flush = () => new Promise((resolve) => setImmediate(resolve));
 
@@ -781,4 +781,139 @@ test("a live message of a new epoch emits a history_lost gap once", async () => 
   assert.equal(gaps[0].reason, "history_lost");
   assert.match(describeGap(gaps[0]), /lost this room's earlier history/);
   assert.deepEqual(got, ["100-0", "200-0", "200-1"]);
+});
+
+// ---- OwnMessages: which messages are this page's own ----
+
+class MemoryStorage {
+  items = new Map();
+  getItem(key) {
+    return this.items.has(key) ? this.items.get(key) : null;
+  }
+  setItem(key, value) {
+    this.items.set(key, String(value));
+  }
+}
+
+// A page's view of a channel as the chat page keeps it: each message shown
+// once (by id), marked own when the page knows it is.
+function pageView(client, own, channel) {
+  const shown = new Map(); // id → {msg, own}
+  const mark = () => {
+    for (const entry of shown.values()) entry.own ||= own.isOwn(entry.msg);
+  };
+  client.subscribe(channel, (msg) => {
+    if (!shown.has(msg.id)) shown.set(msg.id, { msg, own: own.isOwn(msg) });
+  });
+  return {
+    shown,
+    publish: (data) => client.publish(channel, data).then((id) => {
+      own.published(id);
+      mark();
+      return id;
+    }),
+    rows: () => [...shown.values()].map((e) => `${e.msg.data}${e.own ? " (own)" : ""}`),
+  };
+}
+
+test("own messages: shown once and marked own whether the message or the ok comes first", async () => {
+  for (const order of ["message first", "ok first"]) {
+    const { client } = setup();
+    const own = new OwnMessages();
+    const ws = await connect();
+    own.welcome({ type: "welcome", conn: "c1", node: "n1", user: "" }); // an anonymous page, no guest id
+    const view = pageView(client, own, "room:a");
+    await flush();
+    ws.ok(ws.lastOp("subscribe"));
+    await flush();
+
+    const sent = view.publish("hello");
+    await flush();
+    const pub = ws.lastOp("publish");
+    const message = { type: "message", channel: "room:a", id: "1-n-1", from: "", anonymous: true, ts: 1, data: "hello" };
+    if (order === "message first") {
+      ws.receive(message);
+      assert.deepEqual(view.rows(), ["hello"], `${order}: shown before the ok, not yet known as own`);
+      ws.ok(pub, { message_id: "1-n-1" });
+    } else {
+      ws.ok(pub, { message_id: "1-n-1" });
+      await flush();
+      ws.receive(message);
+    }
+    assert.equal(await sent, "1-n-1");
+    ws.receive(message); // a repeat (e.g. a resume racing a live copy) is not shown twice
+    assert.deepEqual(view.rows(), ["hello (own)"], order);
+    client.close();
+  }
+});
+
+test("own messages: a guest's are its own at once, also before the ok, and after a reload", async () => {
+  const storage = new MemoryStorage();
+  const { client } = setup();
+  let own = new OwnMessages({ storage, key: "own" });
+  const ws = await connect();
+  own.welcome({ type: "welcome", conn: "c1", node: "n1", user: "", guest: "00000000000000aa", name: "alice" });
+  const view = pageView(client, own, "room:a");
+  await flush();
+  ws.ok(ws.lastOp("subscribe"));
+  await flush();
+  const sent = view.publish("mine");
+  await flush();
+  const mine = { type: "message", channel: "room:a", id: "2-n-1", from: "", anonymous: true, guest: "00000000000000aa", name: "alice", ts: 1, data: "mine" };
+  ws.receive(mine); // before its ok
+  assert.deepEqual(view.rows(), ["mine (own)"]);
+  ws.ok(ws.lastOp("publish"), { message_id: "2-n-1" });
+  await sent;
+  client.close();
+
+  // A reload: a new page, a new connection and a new guest id, the same tab storage.
+  own = new OwnMessages({ storage, key: "own" });
+  own.welcome({ type: "welcome", conn: "c2", node: "n1", user: "", guest: "00000000000000bb", name: "alice" });
+  assert.ok(own.isOwn(mine), "the earlier connection's message is still own");
+  assert.ok(own.isOwn({ ...mine, id: "3-n-1" }), "by its guest id too");
+  assert.ok(!new OwnMessages({ storage: new MemoryStorage(), key: "own" }).isOwn(mine), "another tab's storage knows nothing");
+});
+
+test("own messages: only what the server said counts, never another client's claim", () => {
+  const own = new OwnMessages();
+  own.welcome({ type: "welcome", conn: "c1", node: "n1", user: "", guest: "00000000000000aa", name: "alice" });
+  own.published("5-n-1");
+  const base = { type: "message", channel: "room:a", ts: 1 };
+  const cases = [
+    // Another guest who picked the same name.
+    [{ ...base, id: "6-n-1", from: "", anonymous: true, guest: "00000000000000cc", name: "alice", data: "x" }, false],
+    // A user named like this guest's name: a user is not a guest.
+    [{ ...base, id: "6-n-2", from: "alice", data: "x" }, false],
+    // A message whose data claims to be this page's.
+    [{ ...base, id: "6-n-3", from: "", anonymous: true, data: { guest: "00000000000000aa", id: "5-n-1", from: "alice" } }, false],
+    // A backend's message.
+    [{ ...base, id: "6-n-4", from: "", server: true, guest: "00000000000000aa", data: "x" }, false],
+    // A plain anonymous message.
+    [{ ...base, id: "6-n-5", from: "", anonymous: true, data: "x" }, false],
+    // This page's guest id, and the id of its publish.
+    [{ ...base, id: "6-n-6", from: "", anonymous: true, guest: "00000000000000aa", name: "alice", data: "x" }, true],
+    [{ ...base, id: "5-n-1", from: "", anonymous: true, data: "x" }, true],
+    [null, false],
+  ];
+  for (const [msg, want] of cases) assert.equal(own.isOwn(msg), want, JSON.stringify(msg));
+
+  // A signed-in page: its user's messages, not a guest named like it.
+  const signed = new OwnMessages();
+  signed.welcome({ type: "welcome", conn: "c1", node: "n1", user: "alice" });
+  assert.equal(signed.isOwn({ ...base, id: "7-n-1", from: "alice", data: "x" }), true);
+  assert.equal(signed.isOwn({ ...base, id: "7-n-2", from: "", anonymous: true, guest: "00000000000000dd", name: "alice", data: "x" }), false);
+  assert.equal(signed.isOwn({ ...base, id: "7-n-3", from: "bob", data: "x" }), false);
+});
+
+test("own messages: storage is bounded and may be broken", () => {
+  const storage = new MemoryStorage();
+  const own = new OwnMessages({ storage, key: "k", max: 3 });
+  for (let i = 1; i <= 5; i++) own.published(`${i}-n-1`);
+  assert.deepEqual(JSON.parse(storage.getItem("k")).ids, ["3-n-1", "4-n-1", "5-n-1"]);
+  storage.setItem("k", "{not json");
+  assert.equal(new OwnMessages({ storage, key: "k" }).isOwn({ id: "5-n-1" }), false, "unreadable storage: nothing is own");
+  const throwing = { getItem() { throw new Error("denied"); }, setItem() { throw new Error("denied"); } };
+  const own2 = new OwnMessages({ storage: throwing });
+  own2.published("1-n-1");
+  assert.equal(own2.isOwn({ id: "1-n-1" }), true, "kept for the page load");
 });

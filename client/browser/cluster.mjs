@@ -105,11 +105,11 @@ function tail(file, lines = 40) {
 
 /** A child process whose output goes to a log file in dir. */
 class Proc {
-  constructor(name, cmd, args, { dir, env }) {
+  constructor(name, cmd, args, { dir, env, cwd = dir }) {
     this.name = name;
     this.log = path.join(dir, `${name}.log`);
     const fd = openSync(this.log, "a");
-    this.child = spawn(cmd, args, { cwd: dir, env, stdio: ["ignore", fd, fd] });
+    this.child = spawn(cmd, args, { cwd, env, stdio: ["ignore", fd, fd] });
     closeSync(fd);
     children.add(this.child);
     this.exited = new Promise((resolve) => {
@@ -326,6 +326,44 @@ ${tls ? "\ttls internal\n" : ""}${site}}
   // The client library is served by the chat route: the node is up and the module loaded.
   await proc.ready(() => httpOK(`${url}/ws/caddychat.js`));
   return { name, port, url, proc, caddyfile: file };
+}
+
+/**
+ * Runs the repository's Caddyfile.example as the README's run command does
+ * (`caddy run --config Caddyfile.example`, from the repository root, so its
+ * relative paths hold), on a free loopback port (CHAT_ADDR) with its admin
+ * endpoint on another (CADDY_ADMIN). Returns {url, proc, stop}.
+ */
+export async function startExample() {
+  const bin = caddyBinary();
+  const dir = mkdtempSync(path.join(os.tmpdir(), "caddychat-example-"));
+  const home = path.join(dir, "home");
+  for (const d of [".config", ".local/share", ".cache"]) mkdirSync(path.join(home, d), { recursive: true });
+  const [port, admin] = [await freePort(), await freePort()];
+  const env = {
+    PATH: process.env.PATH ?? "/usr/bin:/bin",
+    HOME: home,
+    XDG_CONFIG_HOME: path.join(home, ".config"),
+    XDG_DATA_HOME: path.join(home, ".local/share"),
+    XDG_CACHE_HOME: path.join(home, ".cache"),
+    CHAT_ADDR: `127.0.0.1:${port}`,
+    CADDY_ADMIN: `127.0.0.1:${admin}`,
+  };
+  const root = new URL("../../", import.meta.url).pathname;
+  const proc = new Proc("caddy-example", bin, ["run", "--config", "Caddyfile.example", "--adapter", "caddyfile"], { dir, env, cwd: root });
+  const stop = async () => {
+    await proc.kill("SIGKILL");
+    if (process.env.CADDYCHAT_KEEP_TMP === "1") console.log(`# kept ${dir}`);
+    else rmSync(dir, { recursive: true, force: true });
+  };
+  const url = `http://127.0.0.1:${port}`;
+  try {
+    await proc.ready(() => httpOK(`${url}/ws/caddychat.js`));
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  return { url, proc, stop };
 }
 
 /**

@@ -7,13 +7,18 @@
 // the page with textContent, never parsed as HTML; the page's Content-Security-Policy
 // forbids inline code on top of that.
 
-import { CaddyChat, describeGap } from "./caddychat.js";
+import { CaddyChat, OwnMessages, describeGap } from "./caddychat.js";
 
 const HISTORY = 50; // messages shown on joining a room
 const MAX_SHOWN = 500; // messages kept in the page; older ones are dropped
 const MAX_ROOMS = 8; // recent rooms listed
 const TOKEN_KEY = "caddychat.token"; // sessionStorage: this tab only
 const ROOMS_KEY = "caddychat.rooms"; // localStorage
+const NAME_KEY = "caddychat.name"; // sessionStorage: a guest name per tab
+const OWN_KEY = "caddychat.own"; // sessionStorage: this tab's message and guest ids
+// A guest name as the server takes it (guest_names; guest.go): 1 to 24
+// letters, digits, marks (not first), single inner spaces and _ - . '.
+const GUEST_NAME = /^(?=.*[\p{L}\p{Nd}])[\p{L}\p{Nd}_.'-][\p{L}\p{Mn}\p{Mc}\p{Nd}_.'-]*(?: [\p{L}\p{Mn}\p{Mc}\p{Nd}_.'-]+)*$/u;
 // A channel name is at most 128 bytes of these characters (PROTOCOL.md); "room:" takes 5.
 const ROOM_NAME = /^[A-Za-z0-9_.:@/-]{1,123}$/;
 
@@ -35,6 +40,8 @@ const ui = {
   onlineCount: $("online-count"),
   presenceNote: $("presence-note"),
   auth: $("auth"),
+  nameForm: $("name-form"),
+  name: $("name"),
   whoami: $("whoami"),
   tokenForm: $("token-form"),
   token: $("token"),
@@ -51,9 +58,9 @@ let chat = null; // the current client; events of replaced ones are ignored
 let channel = null; // the room's channel, room:<name>
 let joinSeq = 0; // bumped on every join, so late answers for an earlier room are dropped
 let user = ""; // the authenticated user, "" when anonymous
+let guest = ""; // this connection's guest id (routes with guest_names), "" otherwise
 let presenceOn = null; // null until the route answered the presence op
-const present = new Map(); // user → connections on the current channel
-const mine = new Set(); // ids of the messages this page published
+const present = new Map(); // presence key ("u:<user>" or "g:<guest id>") → {user, guest, name}
 
 // ---- storage (may be unavailable: private modes, sandboxed frames) ----
 
@@ -75,6 +82,25 @@ function save(storage, key, value) {
 }
 
 const readToken = () => load("sessionStorage", TOKEN_KEY, "").trim();
+const readName = () => load("sessionStorage", NAME_KEY, "").trim();
+
+// Which messages are this tab's own, across reloads: kept in sessionStorage,
+// from what the server said only (the ok of a publish, the welcome).
+const own = new OwnMessages({
+  storage: { getItem: (key) => load("sessionStorage", key, null), setItem: (key, value) => save("sessionStorage", key, value) },
+  key: OWN_KEY,
+});
+
+function validGuestName(name) {
+  return [...name].length <= 24 && new TextEncoder().encode(name).length <= 64 && GUEST_NAME.test(name);
+}
+
+// The route's URL with the guest name, when this tab has one and no token
+// (a token's user wins; the server ignores the name then).
+function connectURL() {
+  const name = readName();
+  return name && !readToken() ? `${wsURL}?name=${encodeURIComponent(name)}` : wsURL;
+}
 
 function recentRooms() {
   try {
@@ -88,7 +114,7 @@ function recentRooms() {
 // ---- connection ----
 
 function connect() {
-  const client = new CaddyChat(wsURL, { token: () => readToken() || null });
+  const client = new CaddyChat(connectURL(), { token: () => readToken() || null });
   chat = client;
   const current = (fn) => (arg) => client === chat && fn(arg);
   client.on("state", current(showState));
@@ -109,10 +135,15 @@ function showState(state) {
 
 function onWelcome(w) {
   user = w.user || "";
+  guest = (!user && typeof w.guest === "string" && w.guest) || "";
+  own.welcome(w);
   ui.status.dataset.node = w.node || "";
   ui.status.title = w.node ? `node ${w.node}` : "";
-  ui.whoami.textContent = user ? `· ${user}` : "· anonymous";
-  markMineByUser();
+  ui.whoami.textContent = user ? `· ${user}` : guest && w.name ? `· ${w.name} (guest)` : "· anonymous";
+  // The route lets guests pick a name: offer it (a token's user needs none).
+  ui.nameForm.hidden = !guest;
+  if (guest && !w.name && document.activeElement !== ui.name) ui.name.placeholder = "pick a name";
+  markOwn();
 }
 
 function onDisconnect(d) {
@@ -122,6 +153,8 @@ function onDisconnect(d) {
     if (!d.wasOpen && chat.welcome === null) {
       const hint = readToken()
         ? "Cannot connect: the server refused the connection (is the token valid?) or cannot be reached. Still trying."
+        : readName()
+        ? "Cannot connect: the server refused the connection (does it take this name?) or cannot be reached. Still trying."
         : "Cannot connect: the server refused the connection or cannot be reached. If this route needs a token, enter one under Token. Still trying.";
       ui.status.title = hint;
       notice(hint);
@@ -160,6 +193,7 @@ function reconnect() {
   old?.close();
   channel = null;
   user = "";
+  guest = "";
   ui.whoami.textContent = "";
   delete ui.status.dataset.node;
   connect();
@@ -255,33 +289,69 @@ async function refreshPresence() {
   if (ch !== channel || client !== chat) return;
   presenceOn = true;
   present.clear();
-  for (const u of users) if (u && typeof u.user === "string") present.set(u.user, u.connections ?? 1);
-  setPresenceNote(user ? "" : "You are anonymous: only signed-in users are listed.");
+  for (const u of users) {
+    const entry = presenceEntry(u);
+    if (entry) present.set(entry.key, entry);
+  }
+  setPresenceNote(user || guest ? "" : "You are anonymous: only signed-in users and named guests are listed.");
   renderOnline();
+}
+
+// A user ({user}) or a guest ({anonymous, guest, name}) of a presence reply
+// or event, keyed so that a guest can never take a user's place.
+function presenceEntry(u) {
+  if (!u || typeof u.user !== "string") return null;
+  if (u.anonymous) {
+    if (typeof u.guest !== "string" || !u.guest) return null;
+    return { key: "g:" + u.guest, guest: u.guest, name: typeof u.name === "string" ? u.name : "" };
+  }
+  return { key: "u:" + u.user, user: u.user, name: u.user };
 }
 
 function onPresenceEvent(ev) {
-  if (ev.channel !== channel || presenceOn === false || typeof ev.user !== "string") return;
-  if (ev.type === "join") present.set(ev.user, present.get(ev.user) ?? 1);
-  else if (ev.type === "leave") present.delete(ev.user);
+  if (ev.channel !== channel || presenceOn === false) return;
+  const entry = presenceEntry(ev);
+  if (!entry) return;
+  if (ev.type === "join") present.set(entry.key, entry);
+  else if (ev.type === "leave") present.delete(entry.key);
   renderOnline();
 }
 
+// Users first, then guests, each by name.
+function comparePresent(a, b) {
+  if (!a.guest !== !b.guest) return a.guest ? 1 : -1;
+  return a.name < b.name ? -1 : a.name > b.name ? 1 : (a.guest ?? "") < (b.guest ?? "") ? -1 : 1;
+}
+
 function renderOnline() {
-  const names = [...present.keys()].sort();
+  const entries = [...present.values()].sort(comparePresent);
   ui.online.replaceChildren(
-    ...names.map((name) => {
+    ...entries.map((e) => {
       const li = document.createElement("li");
-      li.dataset.user = name;
-      li.textContent = name;
-      if (name === user) {
+      if (e.guest) {
+        li.dataset.guest = e.guest;
+        li.append(e.name || "anonymous", guestBadge());
+      } else {
+        li.dataset.user = e.user;
+        li.textContent = e.user;
+      }
+      if ((e.user && e.user === user) || (e.guest && e.guest === guest)) {
         li.classList.add("me");
         li.title = "you";
       }
       return li;
     }),
   );
-  ui.onlineCount.textContent = presenceOn ? String(names.length) : "";
+  ui.onlineCount.textContent = presenceOn ? String(entries.length) : "";
+}
+
+// The mark of a name a guest picked: the server never verified it.
+function guestBadge() {
+  const badge = document.createElement("span");
+  badge.className = "guest-badge";
+  badge.textContent = "guest";
+  badge.title = "a name this person picked, not verified by the server";
+  return badge;
 }
 
 function setPresenceNote(text) {
@@ -308,22 +378,33 @@ function formatTime(date) {
   return `${date.toLocaleDateString([], { month: "short", day: "numeric" })} ${time}`;
 }
 
+function shownMessage(id) {
+  return typeof id === "string" ? ui.messages.querySelector(`.message[data-id="${CSS.escape(id)}"]`) : null;
+}
+
 function showMessage(m) {
   if (m.channel !== channel) return;
+  // Each message once, whatever else brought it already.
+  if (shownMessage(m.id)) return;
   const stick = nearBottom();
 
   const el = document.createElement("article");
   el.className = "message";
   if (typeof m.id === "string") el.dataset.id = m.id;
-  if (mine.has(m.id) || (user && m.from === user)) el.classList.add("mine");
+  // Who sent it, as the server said, to tell later whether it is this tab's.
+  el.sender = { id: m.id, from: m.from, anonymous: m.anonymous, server: m.server, guest: m.guest };
+  if (own.isOwn(m)) el.classList.add("mine");
 
   const meta = document.createElement("div");
   meta.className = "meta";
   const from = document.createElement("span");
   from.className = "from";
-  // The server says who sent it: a user, an anonymous client, or a backend.
-  from.textContent = m.from || (m.server ? "server" : "anonymous");
-  if (!m.from) from.classList.add(m.server ? "server" : "anonymous");
+  // The server says who sent it: a user, a guest with the name it picked
+  // (marked: not verified), an anonymous client, or a backend.
+  const guestName = !m.from && m.anonymous && typeof m.name === "string" && m.name ? m.name : "";
+  from.textContent = m.from || guestName || (m.server ? "server" : "anonymous");
+  if (guestName) from.classList.add("guest");
+  else if (!m.from) from.classList.add(m.server ? "server" : "anonymous");
   const time = document.createElement("time");
   time.className = "time";
   const date = new Date(m.ts);
@@ -332,7 +413,9 @@ function showMessage(m) {
     time.title = date.toLocaleString();
     time.textContent = formatTime(date);
   }
-  meta.append(from, " ", time);
+  meta.append(from);
+  if (guestName) meta.append(guestBadge());
+  meta.append(" ", time);
 
   const text = document.createElement("div");
   text.className = "text";
@@ -364,16 +447,14 @@ function nearBottom() {
   return box.scrollHeight - box.scrollTop - box.clientHeight < 48;
 }
 
-function markMine(id) {
-  mine.add(id);
-  for (const el of ui.messages.querySelectorAll(".message")) if (el.dataset.id === id) el.classList.add("mine");
+// A publish's ok: its message is this tab's, shown already or not.
+function published(id) {
+  own.published(id);
+  shownMessage(id)?.classList.add("mine");
 }
 
-function markMineByUser() {
-  if (!user) return;
-  for (const el of ui.messages.querySelectorAll(".message")) {
-    if (el.querySelector(".from")?.textContent === user) el.classList.add("mine");
-  }
+function markOwn() {
+  for (const el of ui.messages.querySelectorAll(".message")) if (el.sender && own.isOwn(el.sender)) el.classList.add("mine");
 }
 
 function describe(err) {
@@ -425,7 +506,7 @@ ui.sendForm.addEventListener("submit", (e) => {
   if (!text.trim() || !channel) return;
   ui.text.value = "";
   if (chat.state !== "connected") notice("Not connected: your message will be sent once the connection is back.");
-  chat.publish(channel, { text }).then(markMine, (err) => notice(`Not sent: ${describe(err)}`));
+  chat.publish(channel, { text }).then(published, (err) => notice(`Not sent: ${describe(err)}`));
 });
 
 ui.tokenForm.addEventListener("submit", (e) => {
@@ -434,6 +515,20 @@ ui.tokenForm.addEventListener("submit", (e) => {
   reconnect();
 });
 
+ui.nameForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  const name = ui.name.value.trim();
+  if (name && !validGuestName(name)) {
+    ui.name.setCustomValidity("1 to 24 letters or digits, with single spaces and _ - . ' between them");
+    ui.name.reportValidity();
+    return;
+  }
+  if (name === readName()) return;
+  save("sessionStorage", NAME_KEY, name || null);
+  reconnect();
+});
+ui.name.addEventListener("input", () => ui.name.setCustomValidity(""));
+
 ui.tokenClear.addEventListener("click", () => {
   ui.token.value = "";
   save("sessionStorage", TOKEN_KEY, null);
@@ -441,6 +536,7 @@ ui.tokenClear.addEventListener("click", () => {
 });
 
 ui.token.value = readToken();
+ui.name.value = readName();
 renderRooms(recentRooms());
 connect();
 join(roomFromHash() ?? "lobby");
