@@ -1,4 +1,4 @@
-package caddychat_test
+package caddychat
 
 import (
 	"bufio"
