@@ -13,7 +13,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -179,16 +178,16 @@ func newAuthenticator(jwtCfg *JWTConfig, anon *Permissions, rules Permissions, l
 	if jwtCfg == nil {
 		return a, nil
 	}
+	if err := jwtSourcesError(jwtCfg); err != nil {
+		return nil, err
+	}
 	var methods []string
-	sources := 0
 	if jwtCfg.Secret != "" {
-		sources++
 		secret := []byte(jwtCfg.Secret)
 		methods = []string{"HS256", "HS384", "HS512"}
 		a.keyfunc = func(*jwt.Token) (any, error) { return secret, nil }
 	}
 	if jwtCfg.PublicKey != "" {
-		sources++
 		key, algs, err := loadPublicKey(jwtCfg.PublicKey)
 		if err != nil {
 			return nil, fmt.Errorf("jwt public_key: %w", err)
@@ -197,9 +196,8 @@ func newAuthenticator(jwtCfg *JWTConfig, anon *Permissions, rules Permissions, l
 		a.keyfunc = func(*jwt.Token) (any, error) { return key, nil }
 	}
 	if jwtCfg.JWKS != "" {
-		sources++
-		if u, err := url.Parse(jwtCfg.JWKS); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-			return nil, fmt.Errorf("jwt jwks %q: want an http(s) URL", jwtCfg.JWKS)
+		if err := checkJWKSURL(jwtCfg.JWKS); err != nil {
+			return nil, err
 		}
 		ctx, cancel := context.WithCancel(context.Background())
 		kf, err := keyfunc.NewDefaultOverrideCtx(ctx, []string{jwtCfg.JWKS}, keyfunc.Override{
@@ -224,9 +222,6 @@ func newAuthenticator(jwtCfg *JWTConfig, anon *Permissions, rules Permissions, l
 		a.keyfunc = kf.Keyfunc
 		// Asymmetric only: a JWKS "oct" key must never make HMAC acceptable.
 		methods = []string{"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
-	}
-	if sources != 1 {
-		return nil, errors.New("jwt needs exactly one of secret, public_key and jwks")
 	}
 	opts := []jwt.ParserOption{
 		jwt.WithValidMethods(methods),

@@ -2,6 +2,7 @@ package caddychat
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -156,10 +157,22 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 // TestCaddyfileSyntaxComment keeps this comment in step with them.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive's name (the matcher, if any, was taken already)
+	directive := d.Token()
 	if d.NextArg() {
 		return d.Errf("chat: unexpected argument %q: chat takes a matcher and a block of options, e.g. chat /ws { redis redis://127.0.0.1:6379/0 }", d.Val())
 	}
-	return chatOptions.parse(d, h)
+	read := optionTokens{}
+	d.SetContext(optionTokensKey, read)
+	if err := chatOptions.parse(d, h); err != nil {
+		return err
+	}
+	// What the whole block shows without the network, placeholders aside,
+	// fails here (caddy adapt) rather than at caddy run.
+	errs := h.checkConfig(true)
+	for i, err := range errs {
+		errs[i] = read.locate(err, directive)
+	}
+	return errors.Join(errs...)
 }
 
 // chatOptions are the options of the chat block, in the order of the syntax

@@ -94,7 +94,11 @@ func (tbl *optionTable[T]) parse(d *caddyfile.Dispenser, t *T) error {
 		if o == nil {
 			return caddyfileError{d.Errf("chat: %s", tbl.unknown(name))}
 		}
+		tok := d.Token()
 		args := d.RemainingArgs()
+		if ot, ok := d.GetContext(optionTokensKey).(optionTokens); ok {
+			ot.add(strings.TrimPrefix(tbl.block+" "+name, " "), tok, args)
+		}
 		if len(args) < o.min || (o.max >= 0 && len(args) > o.max) {
 			return caddyfileError{d.Errf("%s%s takes %s, e.g. %s; got %s", prefix, name, o.takes, o.example, valueCount(len(args)))}
 		}

@@ -285,7 +285,7 @@ func TestValidateRejectsBadValues(t *testing.T) {
 		{Handler{History: []HistoryRule{{Channels: "user:{user}", Count: 5}}}, "{user} is not allowed in history patterns"},
 		{Handler{History: []HistoryRule{{Count: 5, MaxAge: caddy.Duration(time.Millisecond)}}}, "history max age 1ms"},
 		{Handler{MaxReplay: -1}, "max_replay -1"},
-		{Handler{HistoryMemory: 1000}, "history_memory 1000: must be between 1MiB and 1TiB"},
+		{Handler{HistoryMemory: 1000}, "history_memory 1000 bytes: must be between 1MiB and 1TiB"},
 		{Handler{HistoryNewChannels: &NewChannelLimit{Count: 0, Per: caddy.Duration(time.Minute)}}, "history_new_channels 0: must be between 1 and 100000 channels, or off"},
 		{Handler{HistoryNewChannels: &NewChannelLimit{Count: 5, Per: caddy.Duration(time.Millisecond)}}, "history_new_channels period 1ms: must be between 1s and 24h"},
 	}
@@ -341,7 +341,7 @@ func TestProvisionRejectsBadRedisURL(t *testing.T) {
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
 	defer cancel()
 	err := h.Provision(ctx)
-	if err == nil || !strings.Contains(err.Error(), "chat: redis:") {
+	if err == nil || !strings.Contains(err.Error(), `chat: redis "http://127.0.0.1:6379": invalid URL scheme`) {
 		t.Fatalf("Provision error = %v, want one naming the redis option", err)
 	}
 	if h.Cleanup() != nil || h.hubKey != "" {

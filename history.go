@@ -2,7 +2,6 @@ package caddychat
 
 import (
 	"context"
-	"fmt"
 	"strconv"
 	"strings"
 	"time"
@@ -86,18 +85,22 @@ func (ch *compiledHistory) policyFor(channel string) *historyPolicy {
 func validateHistoryRules(rules []HistoryRule) []error {
 	var errs []error
 	for _, r := range rules {
+		at := r.Channels
+		if at == "" {
+			at = strconv.Itoa(r.Count)
+		}
 		if r.Channels != "" {
 			if strings.Contains(r.Channels, "{user}") {
-				errs = append(errs, fmt.Errorf("chat: history %s: {user} is not allowed in history patterns (history is shared by the channel's subscribers)", r.Channels))
+				errs = append(errs, optionErr("history", at, "chat: history %s: {user} is not allowed in history patterns (history is shared by the channel's subscribers)", r.Channels))
 			} else if err := validatePattern(r.Channels); err != nil {
-				errs = append(errs, fmt.Errorf("chat: history %s: %v", r.Channels, err))
+				errs = append(errs, optionErr("history", at, "chat: history %s: %v", r.Channels, err))
 			}
 		}
 		if r.Count < 1 || r.Count > maxHistoryCount {
-			errs = append(errs, fmt.Errorf("chat: history count %d: must be between 1 and %d", r.Count, maxHistoryCount))
+			errs = append(errs, optionErr("history", at, "chat: history count %d: must be between 1 and %d", r.Count, maxHistoryCount))
 		}
 		if r.MaxAge < 0 || (r.MaxAge != 0 && time.Duration(r.MaxAge) < time.Second) || time.Duration(r.MaxAge) > 365*24*time.Hour {
-			errs = append(errs, fmt.Errorf("chat: history max age %v: must be between 1s and 365 days", time.Duration(r.MaxAge)))
+			errs = append(errs, optionErr("history", at, "chat: history max age %s: must be between 1s and 365 days (8760h)", formatDuration(time.Duration(r.MaxAge))))
 		}
 	}
 	return errs

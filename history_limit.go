@@ -158,10 +158,11 @@ func validateNewChannelLimit(l *NewChannelLimit) []error {
 	}
 	var errs []error
 	if l.Count < 1 || l.Count > maxNewChannels {
-		errs = append(errs, fmt.Errorf("chat: history_new_channels %d: must be between 1 and %d channels, or off", l.Count, maxNewChannels))
+		errs = append(errs, optionErr("history_new_channels", "", "chat: history_new_channels %d: must be between 1 and %d channels, or off", l.Count, maxNewChannels))
 	}
-	if per := time.Duration(l.Per); per < time.Second || per > 24*time.Hour {
-		errs = append(errs, fmt.Errorf("chat: history_new_channels period %v: must be between 1s and 24h", per))
+	// A zero period is the default (applied by Provision).
+	if per := time.Duration(l.Per); per != 0 && (per < time.Second || per > 24*time.Hour) {
+		errs = append(errs, optionErr("history_new_channels", "", "chat: history_new_channels period %s: must be between 1s and 24h", formatDuration(per)))
 	}
 	return errs
 }

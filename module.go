@@ -13,7 +13,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/coder/websocket"
-	"github.com/dustin/go-humanize"
 	"go.uber.org/zap"
 )
 
@@ -234,7 +233,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("chat: registering metrics: %w", err)
 	}
 	repl := caddy.NewReplacer()
+	rawRedis := h.Redis
 	h.Redis = strings.TrimSpace(repl.ReplaceKnown(h.Redis, ""))
+	if err := emptyExpansion("redis URL", rawRedis, h.Redis); err != nil {
+		return err
+	}
 	if h.ChannelPrefix == nil {
 		prefix := defaultChannelPrefix
 		h.ChannelPrefix = &prefix
@@ -262,6 +265,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	for i, o := range h.Origins {
 		h.Origins[i] = repl.ReplaceKnown(o, "")
+		if err := emptyExpansion("origins pattern", o, h.Origins[i]); err != nil {
+			return err
+		}
 		if h.Origins[i] == "*" {
 			h.acceptOptions.InsecureSkipVerify = true
 		}
@@ -293,7 +299,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.Presence && h.JWT == nil && !h.GuestNames {
 		h.logger.Warn("presence is on but the route has no jwt block: anonymous connections are never listed, so presence stays empty")
 	}
+	rawKey := h.PublishKey
 	h.PublishKey = repl.ReplaceKnown(h.PublishKey, "")
+	if err := emptyExpansion("publish_key", rawKey, h.PublishKey); err != nil {
+		return err
+	}
 	if h.DrainPeriod == 0 {
 		h.DrainPeriod = caddy.Duration(defaultDrainPeriod)
 	}
@@ -346,70 +356,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// Validate rejects option values that cannot work, naming the option.
+// Validate rejects option values that cannot work, naming the option. Its
+// checks are those the Caddyfile adapter runs (config_check.go), on the
+// values Provision expanded.
 func (h *Handler) Validate() error {
-	var errs []error
-	switch h.Protocol {
-	case protocolJSON:
-		if h.Channel != "" {
-			errs = append(errs, errors.New("chat: channel applies to protocol raw only (JSON clients choose channels themselves)"))
-		}
-	case protocolRaw:
-		if h.Channel == "" {
-			errs = append(errs, errors.New("chat: protocol raw needs a channel, e.g. channel room:{http.request.uri.path.1}"))
-		} else if !strings.Contains(h.Channel, "{") {
-			if err := validateChannel(h.Channel); err != nil {
-				errs = append(errs, fmt.Errorf("chat: channel %q: %v", h.Channel, err))
-			}
-		}
-	default:
-		errs = append(errs, fmt.Errorf("chat: protocol %q: must be json or raw", h.Protocol))
-	}
-	if p := *h.ChannelPrefix; len(p) > 64 || strings.ContainsAny(p, " \t\r\n*?[]") {
-		errs = append(errs, fmt.Errorf("chat: channel_prefix %q: at most 64 bytes, no white space or * ? [ ]", p))
-	}
-	if h.MaxMessageSize < 1 || h.MaxMessageSize > 16<<20 {
-		errs = append(errs, fmt.Errorf("chat: max_message_size %d: must be between 1 byte and 16MiB", h.MaxMessageSize))
-	}
-	if h.SendQueue < minSendQueue || h.SendQueue > maxSendQueue {
-		errs = append(errs, fmt.Errorf("chat: send_queue %s: must be a size between %s and %s (bytes that may wait for one client, e.g. 1MiB)",
-			humanize.IBytes(uint64(max(h.SendQueue, 0))), humanize.IBytes(minSendQueue), humanize.IBytes(maxSendQueue)))
-	}
-	for _, d := range []struct {
-		name string
-		v    caddy.Duration
-		min  time.Duration
-	}{
-		{"ping_interval", h.PingInterval, 100 * time.Millisecond},
-		{"write_timeout", h.WriteTimeout, 10 * time.Millisecond},
-		{"publish_timeout", h.PublishTimeout, 10 * time.Millisecond},
-		{"drain_period", h.DrainPeriod, time.Millisecond},
-	} {
-		if time.Duration(d.v) < d.min || time.Duration(d.v) > time.Hour {
-			errs = append(errs, fmt.Errorf("chat: %s %v: must be between %v and 1h", d.name, time.Duration(d.v), d.min))
-		}
-	}
-	for _, o := range h.Origins {
-		if o == "" {
-			errs = append(errs, errors.New("chat: origins: empty pattern"))
-		}
-	}
-	if ttl := time.Duration(h.PresenceTTL); ttl < minPresenceTTL || ttl > time.Hour {
-		errs = append(errs, fmt.Errorf("chat: presence_ttl %v: must be between %v and 1h", ttl, minPresenceTTL))
-	}
-	if p := *h.ChannelPrefix; h.Presence && strings.ContainsAny(p, "{}") {
-		errs = append(errs, fmt.Errorf("chat: channel_prefix %q: no { or } with presence on (presence keys use {<prefix><channel>} as their Redis Cluster hash tag)", p))
-	}
-	errs = append(errs, h.validateSecurity()...)
-	errs = append(errs, validateHistoryRules(h.History)...)
-	if h.HistoryMemory < minHistoryMemory || h.HistoryMemory > maxHistoryMemory {
-		errs = append(errs, fmt.Errorf("chat: history_memory %d: must be between 1MiB and 1TiB", h.HistoryMemory))
-	}
-	errs = append(errs, validateNewChannelLimit(h.HistoryNewChannels)...)
-	if h.MaxReplay < 1 || h.MaxReplay > 100000 {
-		errs = append(errs, fmt.Errorf("chat: max_replay %d: must be between 1 and 100000", h.MaxReplay))
-	}
-	return errors.Join(errs...)
+	return errors.Join(h.checkOptions(false)...)
 }
 
 // provisionAuth applies the authentication defaults and loads key material.
@@ -421,9 +372,18 @@ func (h *Handler) provisionAuth(repl *caddy.Replacer) error {
 		}
 	} else {
 		j := h.JWT
-		j.Secret = repl.ReplaceKnown(j.Secret, "")
-		j.PublicKey = repl.ReplaceKnown(j.PublicKey, "")
-		j.JWKS = repl.ReplaceKnown(j.JWKS, "")
+		var errs []error
+		for _, v := range []struct {
+			option string
+			value  *string
+		}{{"jwt secret", &j.Secret}, {"jwt public_key", &j.PublicKey}, {"jwt jwks", &j.JWKS}} {
+			raw := *v.value
+			*v.value = repl.ReplaceKnown(raw, "")
+			errs = append(errs, emptyExpansion(v.option, raw, *v.value))
+		}
+		if err := errors.Join(errs...); err != nil {
+			return err
+		}
 		j.Issuer = repl.ReplaceKnown(j.Issuer, "")
 		j.Audience = repl.ReplaceKnown(j.Audience, "")
 		if j.UserClaim == "" {
@@ -474,56 +434,3 @@ var (
 	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )
-
-// validateSecurity checks the authentication, authorization and limit options.
-func (h *Handler) validateSecurity() []error {
-	var errs []error
-	patterns := func(option string, list []string) {
-		for _, p := range list {
-			if err := validatePattern(p); err != nil {
-				errs = append(errs, fmt.Errorf("chat: %s: %v", option, err))
-			}
-		}
-	}
-	patterns("subscribe", h.Subscribe)
-	patterns("publish", h.Publish)
-	if h.Anonymous != nil {
-		patterns("anonymous subscribe", h.Anonymous.Subscribe)
-		patterns("anonymous publish", h.Anonymous.Publish)
-	}
-	if j := h.JWT; j != nil {
-		if j.Leeway < 0 || time.Duration(j.Leeway) > 5*time.Minute {
-			errs = append(errs, fmt.Errorf("chat: jwt leeway %v: must be between 0 and 5m", time.Duration(j.Leeway)))
-		}
-		if j.MaxTokenSize < 256 || j.MaxTokenSize > 64<<10 {
-			errs = append(errs, fmt.Errorf("chat: jwt max_token_size %d: must be between 256 and 65536 bytes", j.MaxTokenSize))
-		}
-		if j.Secret != "" && len(j.Secret) < 32 {
-			errs = append(errs, errors.New("chat: jwt secret: must be at least 32 bytes (HS256 keys shorter than the hash are guessable)"))
-		}
-	} else if len(h.Subscribe) > 0 || len(h.Publish) > 0 {
-		errs = append(errs, errors.New("chat: subscribe and publish rules apply to authenticated users and need a jwt block; use anonymous { ... } for a route without tokens"))
-	}
-	if rl := h.RateLimit; rl.PerSecond > 0 && (rl.Burst < 1 || rl.Burst > 100000) {
-		errs = append(errs, fmt.Errorf("chat: rate_limit burst %d: must be between 1 and 100000", rl.Burst))
-	}
-	if h.MaxConnections < 1 {
-		errs = append(errs, fmt.Errorf("chat: max_connections %d: must be at least 1", h.MaxConnections))
-	}
-	if h.MaxConnectionsPerUser < 1 {
-		errs = append(errs, fmt.Errorf("chat: max_connections_per_user %d: must be at least 1", h.MaxConnectionsPerUser))
-	}
-	if h.MaxSubscriptions < 1 {
-		errs = append(errs, fmt.Errorf("chat: max_subscriptions %d: must be at least 1", h.MaxSubscriptions))
-	}
-	if h.PublishEndpoint != "" && !strings.HasPrefix(h.PublishEndpoint, "/") {
-		errs = append(errs, fmt.Errorf("chat: publish_endpoint %q: must be a path starting with /", h.PublishEndpoint))
-	}
-	if h.PublishEndpoint != "" && h.PublishKey == "" && h.JWT == nil {
-		errs = append(errs, errors.New("chat: publish_endpoint needs publish_key or a jwt block to authenticate backends"))
-	}
-	if h.PublishKey != "" && len(h.PublishKey) < 16 {
-		errs = append(errs, errors.New("chat: publish_key: must be at least 16 bytes"))
-	}
-	return errs
-}

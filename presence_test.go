@@ -498,7 +498,7 @@ func TestPresenceConfigErrors(t *testing.T) {
 		want string
 	}{
 		{Handler{Presence: true, PresenceTTL: caddy.Duration(time.Second)}, "presence_ttl 1s: must be between 3s and 1h"},
-		{Handler{PresenceTTL: caddy.Duration(2 * time.Hour)}, "presence_ttl 2h0m0s"},
+		{Handler{PresenceTTL: caddy.Duration(2 * time.Hour)}, "presence_ttl 2h: must be between 3s and 1h"},
 		{Handler{Presence: true, ChannelPrefix: ptr("{chat}:")}, `channel_prefix "{chat}:": no { or } with presence on`},
 	} {
 		h := tc.h

@@ -53,39 +53,14 @@ type RedisTLS struct {
 	digest string      // of the files' contents and ServerName, for the hub's key
 }
 
-// provisionRedisTLS expands placeholders in the redis_tls block, checks it
-// and loads its files. It runs before the hub is made, so a hub is never
-// built from TLS settings that cannot work.
-func (h *Handler) provisionRedisTLS(expand func(string) string) error {
-	t := h.RedisTLS
-	if t == nil {
+// provisionRedisTLS loads the files of the redis_tls block, which
+// provisionRedisTopology expanded and checked. It runs before the hub is
+// made, so a hub is never built from TLS settings that cannot work.
+func (h *Handler) provisionRedisTLS() error {
+	if h.RedisTLS == nil {
 		return nil
 	}
-	t.CA, t.Cert, t.Key, t.ServerName = expand(t.CA), expand(t.Cert), expand(t.Key), expand(t.ServerName)
-	var errs []error
-	switch {
-	case h.Redis == "" && h.RedisSentinel == nil && h.RedisCluster == nil:
-		errs = append(errs, errors.New("chat: redis_tls applies to redis (rediss://), redis_sentinel or redis_cluster, and none is set"))
-	case h.Redis != "" && !strings.HasPrefix(strings.ToLower(h.Redis), "rediss://"):
-		errs = append(errs, errors.New("chat: redis_tls needs a rediss:// URL in redis (redis:// is plaintext)"))
-	}
-	errs = append(errs, t.validate()...)
-	if len(errs) > 0 {
-		return errors.Join(errs...)
-	}
-	return t.load()
-}
-
-// validate checks the block's shape, before any file is read.
-func (t *RedisTLS) validate() []error {
-	var errs []error
-	if (t.Cert == "") != (t.Key == "") {
-		errs = append(errs, fmt.Errorf("chat: redis_tls: cert and key go together (cert %q, key %q): the client certificate needs its private key", t.Cert, t.Key))
-	}
-	if strings.ContainsAny(t.ServerName, " \t/:") {
-		errs = append(errs, fmt.Errorf("chat: redis_tls server_name %q: want a host name or IP address, without port", t.ServerName))
-	}
-	return errs
+	return h.RedisTLS.load()
 }
 
 // load reads the CA and the client key pair and builds the tls.Config.

@@ -80,10 +80,9 @@ func TestRedisTLSHubKey(t *testing.T) {
 	dir := t.TempDir()
 	ca := filepath.Join(dir, "ca.pem")
 	copyFile(t, pki.CA, ca)
-	env := func(path string) string { return path }
 	key := func(h *Handler) string {
 		t.Helper()
-		if err := h.provisionRedisTLS(env); err != nil {
+		if err := h.provisionRedisTLS(); err != nil {
 			t.Fatal(err)
 		}
 		return hubConfig{redisURL: h.Redis, redisTLS: h.RedisTLS}.key()

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net"
 	"net/url"
-	"strconv"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
@@ -61,64 +60,43 @@ type RedisCluster struct {
 }
 
 // provisionRedisTopology expands placeholders in the Redis options and
-// rejects combinations and values that cannot work, naming the option.
+// rejects combinations and values that cannot work, naming the option
+// (checkBroker, the checks `caddy adapt` runs too), before any hub is built.
 func (h *Handler) provisionRedisTopology(repl *caddy.Replacer) error {
 	expand := func(s string) string { return strings.TrimSpace(repl.ReplaceKnown(s, "")) }
-	var set []string
-	if h.Redis != "" {
-		set = append(set, "redis")
-	}
 	var errs []error
+	required := func(option string, v *string) {
+		raw := *v
+		*v = expand(raw)
+		errs = append(errs, emptyExpansion(option, raw, *v))
+	}
 	if s := h.RedisSentinel; s != nil {
-		set = append(set, "redis_sentinel")
 		s.Master = expand(s.Master)
 		s.Username, s.Password = expand(s.Username), expand(s.Password)
 		s.SentinelUsername, s.SentinelPassword = expand(s.SentinelUsername), expand(s.SentinelPassword)
-		if s.Master == "" {
-			errs = append(errs, errors.New("chat: redis_sentinel: needs the name the sentinels monitor the master under"))
+		for i := range s.Addrs {
+			required("redis_sentinel address", &s.Addrs[i])
 		}
-		if s.DB < 0 {
-			errs = append(errs, fmt.Errorf("chat: redis_sentinel db %d: must be 0 or more", s.DB))
-		}
-		errs = append(errs, expandAddrs("redis_sentinel", s.Addrs, expand)...)
 	}
 	if c := h.RedisCluster; c != nil {
-		set = append(set, "redis_cluster")
 		c.Username, c.Password = expand(c.Username), expand(c.Password)
-		errs = append(errs, expandAddrs("redis_cluster", c.Addrs, expand)...)
-		if p := *h.ChannelPrefix; strings.ContainsAny(p, "{}") {
-			errs = append(errs, fmt.Errorf("chat: channel_prefix %q: no { or } with redis_cluster (history and presence keys use {<prefix><channel>} as their hash tag, which must hash to the slot of the channel)", p))
+		for i := range c.Addrs {
+			required("redis_cluster address", &c.Addrs[i])
 		}
 	}
-	if len(set) > 1 {
-		errs = append(errs, fmt.Errorf("chat: %s are alternatives, set one of them (standalone Redis, Sentinel or Cluster)", strings.Join(set, " and ")))
+	if t := h.RedisTLS; t != nil {
+		required("redis_tls ca", &t.CA)
+		required("redis_tls cert", &t.Cert)
+		required("redis_tls key", &t.Key)
+		t.ServerName = expand(t.ServerName)
 	}
-	if h.Redis != "" {
-		if _, err := redis.ParseURL(h.Redis); err != nil {
-			errs = append(errs, fmt.Errorf("chat: redis: %v (want redis://[user:password@]host:port/db or rediss://...)", err))
-		}
+	if err := errors.Join(errs...); err != nil {
+		return err
 	}
-	if len(errs) > 0 {
+	if errs := h.checkBroker(false); len(errs) > 0 {
 		return errors.Join(errs...)
 	}
-	return h.provisionRedisTLS(expand)
-}
-
-// expandAddrs expands placeholders in addrs in place and checks that each
-// is host:port.
-func expandAddrs(option string, addrs []string, expand func(string) string) []error {
-	if len(addrs) == 0 {
-		return []error{fmt.Errorf("chat: %s: needs at least one address, host:port", option)}
-	}
-	var errs []error
-	for i, a := range addrs {
-		addrs[i] = expand(a)
-		host, port, err := net.SplitHostPort(addrs[i])
-		if n, perr := strconv.Atoi(port); err != nil || host == "" || perr != nil || n < 1 || n > 65535 {
-			errs = append(errs, fmt.Errorf("chat: %s address %q: want host:port", option, addrs[i]))
-		}
-	}
-	return errs
+	return h.provisionRedisTLS()
 }
 
 // servers identifies the Redis deployment of c, credentials included (as a

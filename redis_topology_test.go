@@ -52,7 +52,7 @@ func TestProvisionRejectsBadRedisTopology(t *testing.T) {
 		{Handler{RedisCluster: &RedisCluster{}}, "chat: redis_cluster: needs at least one address"},
 		{Handler{RedisCluster: &RedisCluster{Addrs: []string{"127.0.0.1:99999"}}}, `chat: redis_cluster address "127.0.0.1:99999"`},
 		{Handler{RedisCluster: &RedisCluster{Addrs: []string{"h:1"}}, ChannelPrefix: ptr("{app}:")}, `chat: channel_prefix "{app}:": no { or } with redis_cluster`},
-		{Handler{Redis: "http://127.0.0.1:6379"}, "chat: redis:"},
+		{Handler{Redis: "http://127.0.0.1:6379"}, `chat: redis "http://127.0.0.1:6379": invalid URL scheme: http`},
 	}
 	for _, tc := range cases {
 		h := tc.h
