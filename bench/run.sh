@@ -17,13 +17,16 @@ results=bench/results.md
 if [ -n "${ONLY:-}${CADDY_BIN:-}${QUICK:-}" ]; then results=$out/results.md; fi
 
 echo "building caddy and chatbench" >&2
+# caddy-cli is this tree's build, for `caddy chat token`: another build of
+# the nodes (CADDY_BIN) may predate the command.
 if [ -n "${CADDY_BIN:-}" ]; then
 	cp "$CADDY_BIN" "$out/caddy"
+	go build -o "$out/caddy-cli" ./cmd/caddy
 else
 	go build -o "$out/caddy" ./cmd/caddy
+	ln -s caddy "$out/caddy-cli"
 fi
 go build -o "$out/chatbench" ./cmd/chatbench
-go build -o "$out/chattoken" ./cmd/chattoken
 
 # want PART: whether this run includes PART (all of them unless ONLY is set).
 want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
@@ -248,7 +251,7 @@ start B abuse_routes; url_b=$node_url pid_b=$node_pid port_b=$node_port admin_b=
 } >>"$out/tables.md"
 redis_mem() { redis-cli -p "$redis_port" info memory | tr -d '\r' | awk -F: '/^used_memory:/ {printf "%.1f MiB", $2/1048576}'; }
 redis_before="$(redis_mem), $(redis-cli -p "$redis_port" dbsize) keys"
-abuse_token=$(CHAT_JWT_SECRET=$abuse_secret "$out/chattoken" -sub mallory -publish 'room:**' -subscribe 'room:**')
+abuse_token=$(CHAT_JWT_SECRET=$abuse_secret "$out/caddy-cli" chat token --sub mallory --publish 'room:**' --subscribe 'room:**')
 # The token stays out of results.md: the command shown names it $TOKEN.
 TOKEN_SHOWN='$TOKEN' bench abuse -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario abuse -duration 20s -max-rss 2GiB \
 	-raw-url "ws://127.0.0.1:$port_a/raw/abuse-raw,ws://127.0.0.1:$port_b/raw/abuse-raw" -raw-channel room:abuse-raw \

@@ -90,7 +90,7 @@ func addAbuseFlags(fs *flag.FlagSet, cfg *config) (check func() error) {
 	metricsURLs := fs.String("metrics-url", "", "abuse: the nodes' Caddy admin /metrics URLs, one per -url in the same order")
 	attacks := fs.String("attacks", "all", "abuse: comma list of attacks by name or letter; all: every one whose flags are given (forge, impersonate need -raw-url; http needs -publish-url)")
 	fs.StringVar(&cfg.publishURL, "publish-url", "", "abuse: the HTTP publish endpoint, for the http attack")
-	fs.StringVar(&cfg.token, "token", "", "abuse: a JWT for the http attack (cmd/chattoken mints one)")
+	fs.StringVar(&cfg.token, "token", "", "abuse: a JWT for the http attack (`caddy chat token` mints one)")
 	fs.IntVar(&cfg.httpConcurrency, "http-concurrency", cfg.httpConcurrency, "abuse: requests in flight of the http attack")
 	fs.Float64Var(&cfg.attackRate, "attack-rate", cfg.attackRate, "abuse: frames/s of the resubscribe, history and create attacks (0: unpaced)")
 	fs.Float64Var(&cfg.honestRate, "honest-rate", cfg.honestRate, "abuse: publishes/s of each honest publisher")

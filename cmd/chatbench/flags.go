@@ -161,7 +161,7 @@ Examples:
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario abuse -duration 20s -pids 1234,5678 \
       -raw-url ws://127.0.0.1:8081/raw/abuse-raw,ws://127.0.0.1:8082/raw/abuse-raw -raw-channel room:abuse-raw \
       -metrics-url http://127.0.0.1:2019/metrics,http://127.0.0.1:2020/metrics \
-      -publish-url http://127.0.0.1:8081/chat/publish -token "$(chattoken -sub mallory -publish 'room:**')"
+      -publish-url http://127.0.0.1:8081/chat/publish -token "$(caddy chat token --sub mallory --publish 'room:**')"
 `)
 	}
 	urls := fs.String("url", strings.Join(cfg.urls, ","), "node WebSocket URLs, comma separated; clients are spread round-robin over them")
