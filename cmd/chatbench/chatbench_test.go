@@ -419,28 +419,37 @@ func TestParseFlags(t *testing.T) {
 	}
 }
 
-// TestFanoutHistoryComparedWithFanout: fanout-history runs against
-// -history-url and is reported relative to fanout from the same run.
-func TestFanoutHistoryComparedWithFanout(t *testing.T) {
+// TestFanoutVariantsComparedWithFanout: fanout-history and fanout-hook run
+// against -history-url and -hook-url and are reported relative to fanout
+// from the same run.
+func TestFanoutVariantsComparedWithFanout(t *testing.T) {
 	t.Parallel()
-	_, urls := startFake(t, 2, 0, 0)
-	_, historyURLs := startFake(t, 2, 0, 0)
-	cfg := testConfig(urls)
-	cfg.historyURLs = historyURLs
-	cfg.scenarios = []string{"fanout", "fanout-history"}
-	rep := run(context.Background(), cfg, []string{"-test"})
-	if rep.Error != "" {
-		t.Fatal(rep.Error)
-	}
-	h := rep.Scenarios[1]
-	if h.Scenario != "fanout-history" || fmt.Sprint(h.Targets) != fmt.Sprint(historyURLs) {
-		t.Fatalf("fanout-history ran against %v, want %v", h.Targets, historyURLs)
-	}
-	checkCounts(t, h.Phases[0], int64(cfg.subs*cfg.messages), 0, 0)
-	if r := h.Phases[0].BaselineRatio; r == nil || *r <= 0 {
-		t.Error("fanout-history has no ratio to fanout")
-	}
-	if _, err := parseFlags([]string{"-scenario", "fanout-history"}, io.Discard); err == nil {
-		t.Error("fanout-history without -history-url accepted")
+	for _, variant := range []struct {
+		scenario, flag string
+		set            func(*config, []string)
+	}{
+		{"fanout-history", "-history-url", func(c *config, u []string) { c.historyURLs = u }},
+		{"fanout-hook", "-hook-url", func(c *config, u []string) { c.hookURLs = u }},
+	} {
+		_, urls := startFake(t, 2, 0, 0)
+		_, variantURLs := startFake(t, 2, 0, 0)
+		cfg := testConfig(urls)
+		variant.set(cfg, variantURLs)
+		cfg.scenarios = []string{"fanout", variant.scenario}
+		rep := run(context.Background(), cfg, []string{"-test"})
+		if rep.Error != "" {
+			t.Fatal(rep.Error)
+		}
+		h := rep.Scenarios[1]
+		if h.Scenario != variant.scenario || fmt.Sprint(h.Targets) != fmt.Sprint(variantURLs) {
+			t.Fatalf("%s ran against %v, want %v", variant.scenario, h.Targets, variantURLs)
+		}
+		checkCounts(t, h.Phases[0], int64(cfg.subs*cfg.messages), 0, 0)
+		if r := h.Phases[0].BaselineRatio; r == nil || *r <= 0 {
+			t.Errorf("%s has no ratio to fanout", variant.scenario)
+		}
+		if _, err := parseFlags([]string{"-scenario", variant.scenario}, io.Discard); err == nil {
+			t.Errorf("%s without %s accepted", variant.scenario, variant.flag)
+		}
 	}
 }

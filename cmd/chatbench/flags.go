@@ -49,6 +49,9 @@ Scenarios (-scenario, a comma list runs several in order):
   fanout-history  the fanout measurement against -history-url, the same
             nodes' route with history on; its vs_baseline column is
             relative to fanout in the same run: the cost of keeping history.
+  fanout-hook  the fanout measurement against -hook-url, the same nodes'
+            route with a publish_hook; its vs_baseline column is relative
+            to fanout in the same run: the cost of asking the backend.
   baseline-rooms  the rooms measurement against the same bare server; with
             rooms in the same run, the table shows rooms' deliveries/s
             relative to it.
@@ -80,6 +83,7 @@ Flags:
 type config struct {
 	urls               []string
 	historyURLs        []string // fanout-history: a route of the same nodes with history on
+	hookURLs           []string // fanout-hook: a route of the same nodes with a publish_hook
 	scenarios          []string
 	sources            int
 	connectConcurrency int
@@ -166,7 +170,8 @@ Examples:
 	}
 	urls := fs.String("url", strings.Join(cfg.urls, ","), "node WebSocket URLs, comma separated; clients are spread round-robin over them")
 	historyURLs := fs.String("history-url", "", "for fanout-history: the same nodes' URLs of a route that keeps history, comma separated")
-	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, baseline-rooms, fanout-history, abuse, or a comma list of them")
+	hookURLs := fs.String("hook-url", "", "for fanout-hook: the same nodes' URLs of a route with a publish_hook, comma separated")
+	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, baseline-rooms, fanout-history, fanout-hook, abuse, or a comma list of them")
 	fs.IntVar(&cfg.sources, "sources", cfg.sources, "loopback source addresses 127.0.0.1..127.0.0.N to spread connections over (loopback nodes only)")
 	fs.IntVar(&cfg.connectConcurrency, "connect-concurrency", cfg.connectConcurrency, "WebSocket handshakes in flight at once")
 	fs.DurationVar(&cfg.connectTimeout, "connect-timeout", cfg.connectTimeout, "limit for one connection's handshake, welcome and subscribe")
@@ -204,6 +209,7 @@ Examples:
 	}
 	cfg.urls = splitList(*urls)
 	cfg.historyURLs = splitList(*historyURLs)
+	cfg.hookURLs = splitList(*hookURLs)
 	cfg.scenarios = splitList(*scen)
 	for _, s := range cfg.scenarios {
 		switch s {
@@ -216,8 +222,12 @@ Examples:
 			if len(cfg.historyURLs) == 0 {
 				return nil, errors.New("-scenario fanout-history needs -history-url")
 			}
+		case "fanout-hook":
+			if len(cfg.hookURLs) == 0 {
+				return nil, errors.New("-scenario fanout-hook needs -hook-url")
+			}
 		default:
-			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline, baseline-rooms, fanout-history, abuse)", s)
+			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline, baseline-rooms, fanout-history, fanout-hook, abuse)", s)
 		}
 	}
 	if len(cfg.scenarios) == 0 {

@@ -96,6 +96,8 @@ func run(ctx context.Context, cfg *config, args []string) *report {
 			res, err = runBaseline(ctx, cfg, s, cfg.clients, runRooms)
 		case "fanout-history":
 			res, err = runFanout(ctx, cfg, s, cfg.historyURLs, cfg.pids)
+		case "fanout-hook":
+			res, err = runFanout(ctx, cfg, s, cfg.hookURLs, cfg.pids)
 		case "idle":
 			res, err = runIdle(ctx, cfg)
 		case "abuse":
@@ -120,7 +122,7 @@ func maxConns(cfg *config) int {
 	n := 0
 	for _, s := range cfg.scenarios {
 		switch s {
-		case "fanout", "baseline", "fanout-history": // a baseline that does not fit runs its server in a child
+		case "fanout", "baseline", "fanout-history", "fanout-hook": // a baseline that does not fit runs its server in a child
 			n = max(n, cfg.subs+1)
 		case "rooms", "baseline-rooms", "idle":
 			n = max(n, cfg.clients)
@@ -132,10 +134,11 @@ func maxConns(cfg *config) int {
 }
 
 // addBaselineRatios sets fanout's deliveries/s relative to baseline's,
-// rooms' relative to baseline-rooms', and fanout-history's relative to
-// fanout's (the cost of keeping history), phase by phase.
+// rooms' relative to baseline-rooms', and fanout-history's and
+// fanout-hook's relative to fanout's (the cost of keeping history, of a
+// publish hook), phase by phase.
 func addBaselineRatios(rep *report) {
-	baseOf := map[string]string{"fanout": "baseline", "rooms": "baseline-rooms", "fanout-history": "fanout"}
+	baseOf := map[string]string{"fanout": "baseline", "rooms": "baseline-rooms", "fanout-history": "fanout", "fanout-hook": "fanout"}
 	bases := map[string]*scenarioResult{}
 	for _, s := range rep.Scenarios {
 		bases[s.Scenario] = s
