@@ -181,8 +181,9 @@ func (w *Webhook) mask() uint8 {
 
 // routeWebhooks are a route's webhooks: where its events go.
 type routeWebhooks struct {
-	hub   *hub
-	sinks []webhookSink
+	hub      *hub
+	sinks    []webhookSink // fixed once provisioned
+	released sync.Once
 }
 
 type webhookSink struct {
@@ -233,10 +234,11 @@ func (rw *routeWebhooks) release() {
 	if rw == nil {
 		return
 	}
-	for _, s := range rw.sinks {
-		rw.hub.webhooks.release(s.d)
-	}
-	rw.sinks = nil
+	rw.released.Do(func() {
+		for _, s := range rw.sinks {
+			rw.hub.webhooks.release(s.d)
+		}
+	})
 }
 
 // webhookRegistry is a hub's deliverers, shared by the routes with equal
