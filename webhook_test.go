@@ -39,14 +39,19 @@ type webhookBackend struct {
 func newWebhookBackend(t testing.TB, secret string) *webhookBackend {
 	b := &webhookBackend{secret: secret, byID: make(map[string]int), events: make(map[string]webhookEvent)}
 	b.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Read first: the request's context ends when its connection does
+		// only once the body is read.
+		body, _ := io.ReadAll(r.Body)
 		if d := b.slow.Load(); d > 0 {
 			time.Sleep(time.Duration(d))
+			if r.Context().Err() != nil {
+				return // the node is gone: nothing is taken (a SIGKILLed node's batch in flight)
+			}
 		}
 		if b.down.Load() {
 			http.Error(w, "down", http.StatusServiceUnavailable)
 			return
 		}
-		body, _ := io.ReadAll(r.Body)
 		var batch struct {
 			Events []webhookEvent `json:"events"`
 		}
