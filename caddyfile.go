@@ -287,7 +287,10 @@ var chatOptions = &optionTable[Handler]{options: []option[Handler]{
 var webhookOptions = &optionTable[Webhook]{block: "webhook", options: []option[Webhook]{
 	{name: "events", min: 1, max: -1, syntax: "<event...>",
 		takes: "one or more of connect, disconnect, subscribe, unsubscribe, publish, join, leave", example: "events publish join leave",
-		parse: func(w *Webhook, _ *caddyfile.Dispenser, args []string) error { w.Events = append(w.Events, args...); return nil }},
+		parse: func(w *Webhook, _ *caddyfile.Dispenser, args []string) error {
+			w.Events = append(w.Events, args...)
+			return nil
+		}},
 	stringOption("secret", "<secret>", "{env.CHAT_WEBHOOK_SECRET}", func(w *Webhook, v string) { w.Secret = v }),
 	countOption("batch", "100", func(w *Webhook, n int) { w.Batch = n }),
 	sizeOption("max_backlog", "16MiB", 1<<40, func(w *Webhook, n int64) { w.MaxBacklog = n }),

@@ -341,9 +341,9 @@ func (h *Handler) checkWebhooks(static bool) []error {
 			add("webhook", "", "chat: webhook: needs a URL, e.g. webhook https://app.internal/chat/events")
 		} else if literal(w.URL) {
 			if u, err := url.Parse(w.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-				add("webhook", w.URL, "chat: webhook %q: want an http:// or https:// URL, e.g. https://app.internal/chat/events", redactURL(w.URL))
+				add("webhook", w.URL, "chat: webhook %s: want an http:// or https:// URL, e.g. https://app.internal/chat/events", redactURL(w.URL))
 			} else if seen[w.URL] {
-				add("webhook", w.URL, "chat: webhook %q: named twice; list every event in one webhook block", redactURL(w.URL))
+				add("webhook", w.URL, "chat: webhook %s: named twice; list every event in one webhook block", redactURL(w.URL))
 			}
 			seen[w.URL] = true
 		}

@@ -209,7 +209,7 @@ type Handler struct {
 	// disconnect, subscribe, unsubscribe, publish, join, leave), each event
 	// delivered once per cluster, at least once, in signed batches. See
 	// webhook.go and the README's Webhooks section.
-	Webhooks []*Webhook `json:"webhooks,omitempty"`
+	Webhooks []*Webhook `json:"webhook,omitempty"`
 
 	hub           *hub
 	hubKey        string
