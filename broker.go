@@ -61,6 +61,9 @@ type Publication struct {
 	// newHistory, when set, says whether the publish may create the
 	// channel's history (history_new_channels; see history_limit.go).
 	newHistory *historyCreation
+	// conn is the publishing connection's id and path the request path of
+	// the connection or HTTP publish, for the webhook event only.
+	conn, path string
 }
 
 // origin is who a message comes from, as the node knows it.

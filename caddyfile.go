@@ -150,6 +150,15 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 //		publish_endpoint         <path>
 //		publish_key              <key>
 //		ui                       on|off
+//		webhook                  <url> [{
+//			events         <event...>
+//			secret         <secret>
+//			batch          <n>
+//			max_backlog    <size>
+//			timeout        <duration>
+//			claim_idle     <duration>
+//			stream_max_len <n>
+//		}]
 //	}
 //
 // The jwt block takes exactly one of secret, public_key and jwks. The
@@ -262,6 +271,32 @@ var chatOptions = &optionTable[Handler]{options: []option[Handler]{
 	{name: "publish_key", min: 1, max: 1, syntax: "<key>", takes: "one key", example: "publish_key {env.CHAT_PUBLISH_KEY}",
 		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error { h.PublishKey = args[0]; return nil }},
 	onOffOption("ui", func(h *Handler, on bool) { h.UI = on }),
+	{name: "webhook", min: 1, max: 1, syntax: "<url>", takes: "one URL", example: "webhook https://app.internal/chat/events { secret {env.CHAT_WEBHOOK_SECRET} }",
+		block: webhookOptions, blockOptional: true,
+		parse: func(h *Handler, d *caddyfile.Dispenser, args []string) error {
+			w := &Webhook{URL: args[0]}
+			if err := webhookOptions.parse(d, w); err != nil {
+				return err
+			}
+			h.Webhooks = append(h.Webhooks, w)
+			return nil
+		}},
+}}
+
+// webhookOptions are the options of a webhook block.
+var webhookOptions = &optionTable[Webhook]{block: "webhook", options: []option[Webhook]{
+	{name: "events", min: 1, max: -1, syntax: "<event...>",
+		takes: "one or more of connect, disconnect, subscribe, unsubscribe, publish, join, leave", example: "events publish join leave",
+		parse: func(w *Webhook, _ *caddyfile.Dispenser, args []string) error {
+			w.Events = append(w.Events, args...)
+			return nil
+		}},
+	stringOption("secret", "<secret>", "{env.CHAT_WEBHOOK_SECRET}", func(w *Webhook, v string) { w.Secret = v }),
+	countOption("batch", "100", func(w *Webhook, n int) { w.Batch = n }),
+	sizeOption("max_backlog", "16MiB", 1<<40, func(w *Webhook, n int64) { w.MaxBacklog = n }),
+	durationOption("timeout", "10s", func(w *Webhook, d caddy.Duration) { w.Timeout = d }),
+	durationOption("claim_idle", "30s", func(w *Webhook, d caddy.Duration) { w.ClaimIdle = d }),
+	countOption("stream_max_len", "100000", func(w *Webhook, n int) { w.StreamMaxLen = int64(n) }),
 }}
 
 // jwtOptions are the options of the jwt block.

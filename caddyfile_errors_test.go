@@ -16,6 +16,21 @@ import (
 // value, and the expected form, at the mistake's line. Each input is the
 // body of a site block ":8080 { … }", so the site's first line is line 1.
 var brokenCaddyfiles = []struct{ name, input, want string }{
+	{"webhook typo in block",
+		"chat /ws {\n\twebhook https://app.internal/e {\n\t\tsecert x\n\t}\n}",
+		`chat: unknown webhook option "secert" (did you mean "secret"?), at Caddyfile:4`},
+	{"webhook unknown event",
+		"chat /ws {\n\twebhook https://app.internal/e {\n\t\tevents publish joined\n\t}\n}",
+		`chat: webhook events "joined": want connect, disconnect, subscribe, unsubscribe, publish, join or leave, at Caddyfile:4`},
+	{"webhook not a URL",
+		"chat /ws {\n\twebhook app.internal/e\n}",
+		`chat: webhook "app.internal/e": want an http:// or https:// URL, e.g. https://app.internal/chat/events, at Caddyfile:3`},
+	{"webhook claim_idle under twice the timeout",
+		"chat /ws {\n\twebhook https://app.internal/e {\n\t\ttimeout 10s\n\t\tclaim_idle 5s\n\t}\n}",
+		`chat: webhook claim_idle 5s: must be at least twice the webhook timeout (10s), or events in flight would be claimed by another node, at Caddyfile:5`},
+	{"webhook max_backlog too small",
+		"chat /ws {\n\twebhook https://app.internal/e {\n\t\tmax_backlog 1KiB\n\t}\n}",
+		`chat: webhook max_backlog 1KiB: must be between 64KiB and 1GiB, at Caddyfile:4`},
 	{"typo top-level",
 		"chat /ws {\n\thistroy room:** 500\n}",
 		`chat: unknown option "histroy" (did you mean "history"?), at Caddyfile:3`},

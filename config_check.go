@@ -324,6 +324,52 @@ func (h *Handler) checkOptions(static bool) []error {
 	if n := h.MaxReplay; n != 0 && (n < 1 || n > 100000) {
 		add("max_replay", "", "chat: max_replay %d: must be between 1 and 100000", n)
 	}
+	errs = append(errs, h.checkWebhooks(static)...)
+	return errs
+}
+
+// checkWebhooks checks each webhook's URL, events and bounds.
+func (h *Handler) checkWebhooks(static bool) []error {
+	literal := func(s string) bool { return !static || !hasPlaceholder(s) }
+	var errs []error
+	add := func(option, value, format string, args ...any) {
+		errs = append(errs, optionErr(option, value, format, args...))
+	}
+	seen := make(map[string]bool)
+	for _, w := range h.Webhooks {
+		if w.URL == "" {
+			add("webhook", "", "chat: webhook: needs a URL, e.g. webhook https://app.internal/chat/events")
+		} else if literal(w.URL) {
+			if u, err := url.Parse(w.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+				add("webhook", w.URL, "chat: webhook %s: want an http:// or https:// URL, e.g. https://app.internal/chat/events", redactURL(w.URL))
+			} else if seen[w.URL] {
+				add("webhook", w.URL, "chat: webhook %s: named twice; list every event in one webhook block", redactURL(w.URL))
+			}
+			seen[w.URL] = true
+		}
+		for _, e := range w.Events {
+			if webhookEventBit(e) == 0 {
+				add("webhook events", e, "chat: webhook events %q: want connect, disconnect, subscribe, unsubscribe, publish, join or leave", e)
+			}
+		}
+		if n := w.Batch; n != 0 && (n < 1 || n > maxWebhookBatch) {
+			add("webhook batch", "", "chat: webhook batch %d: must be between 1 and %d", n, maxWebhookBatch)
+		}
+		if n := w.MaxBacklog; n != 0 && (n < 64<<10 || n > 1<<30) {
+			add("webhook max_backlog", "", "chat: webhook max_backlog %s: must be between 64KiB and 1GiB", formatSize(n))
+		}
+		if d := time.Duration(w.Timeout); d != 0 && (d < 10*time.Millisecond || d > 5*time.Minute) {
+			add("webhook timeout", "", "chat: webhook timeout %s: must be between 10ms and 5m", formatDuration(d))
+		}
+		if d := time.Duration(w.ClaimIdle); d != 0 && (d < time.Second || d > time.Hour) {
+			add("webhook claim_idle", "", "chat: webhook claim_idle %s: must be between 1s and 1h", formatDuration(d))
+		} else if d != 0 && w.Timeout != 0 && d < 2*time.Duration(w.Timeout) {
+			add("webhook claim_idle", "", "chat: webhook claim_idle %s: must be at least twice the webhook timeout (%s), or events in flight would be claimed by another node", formatDuration(d), formatDuration(time.Duration(w.Timeout)))
+		}
+		if n := w.StreamMaxLen; n != 0 && (n < 1000 || n > 100000000) {
+			add("webhook stream_max_len", "", "chat: webhook stream_max_len %d: must be between 1000 and 100000000", n)
+		}
+	}
 	return errs
 }
 

@@ -24,6 +24,7 @@ type conn struct {
 	hub        *hub
 	ws         *websocket.Conn
 	rawChannel string // the bridged channel in raw mode; empty in JSON mode
+	path       string // the upgrade request's path: a webhook event's "route"
 
 	// send is the queue of frames for the writer, bounded by send_queue bytes.
 	send sendQueue
@@ -145,6 +146,14 @@ func (c *conn) presenceInfo() (presenceInfo, bool) {
 
 var _ subscriber = (*conn)(nil)
 
+// recordEvent records a webhook event of the connection: the route's
+// webhooks that take kind get it.
+func (c *conn) recordEvent(kind, channel string) {
+	if c.route.webhooks.wants(kind) {
+		c.route.webhooks.record(webhookEvent{Type: kind, Route: c.path, User: c.identity.user, Conn: c.id, Channel: channel})
+	}
+}
+
 func (c *conn) serve() {
 	// No per-connection logger (With copies the encoder): fields per entry.
 	log := c.route.log
@@ -163,6 +172,7 @@ func (c *conn) serve() {
 		}
 	}()
 	log.Debug("connection opened", zap.String("conn", c.id), zap.String("user", c.identity.user))
+	c.recordEvent("connect", "")
 	pingTimer := time.AfterFunc(c.route.pingInterval, c.pingDue)
 	c.pingTimer.Store(pingTimer)
 	defer pingTimer.Stop()
@@ -195,6 +205,7 @@ func (c *conn) serve() {
 		channels = append(channels, ch)
 	}
 	c.hub.unregister(c, channels)
+	c.recordEvent("disconnect", "")
 	<-c.closed
 	log.Debug("connection closed", zap.String("conn", c.id), zap.Int("code", int(c.closeCode)), zap.String("reason", c.closeWhy))
 }

@@ -108,6 +108,7 @@ func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request, id *identity, 
 	ws.SetReadLimit(h.MaxMessageSize)
 	c := newConn(h.route, ws, rawChannel, id)
 	c.cork = cw.cork
+	c.path = r.URL.Path
 	go func() {
 		defer release()
 		c.serve()

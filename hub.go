@@ -63,6 +63,9 @@ type subscriber interface {
 	presenceInfo() (info presenceInfo, ok bool)
 	// queuedBytes is what waits to be sent to it.
 	queuedBytes() int64
+	// recordEvent records a webhook event of kind (subscribe, unsubscribe,
+	// join, leave) on channel for it, without blocking (webhook.go).
+	recordEvent(kind, channel string)
 }
 
 // hubConfig is what identifies a hub: handlers with equal hubConfigs share one.
@@ -123,6 +126,11 @@ type hub struct {
 	publishOutage atomic.Int64
 	// dropped counts deliveries not queued because a client's send queue was full.
 	dropped atomic.Uint64
+
+	// webhooks are the deliverers of the routes' webhooks (webhook.go), and
+	// webhookSeq numbers the node's webhook events.
+	webhooks   webhookRegistry
+	webhookSeq atomic.Uint64
 }
 
 // channelState is one channel with local subscribers (or joins in progress).
@@ -267,6 +275,7 @@ func (h *hub) unregister(s subscriber, channels []string) {
 	h.presence.leaveAll(s, channels)
 	for _, ch := range channels {
 		if cs := h.dropMember(s, ch); cs != nil {
+			s.recordEvent("unsubscribe", ch)
 			h.releaseIfIdle(ch, cs)
 		}
 	}
@@ -318,6 +327,7 @@ func (h *hub) subscribe(ctx context.Context, s subscriber, channel string) error
 		h.releaseIfIdle(channel, cs)
 		return err
 	}
+	s.recordEvent("subscribe", channel)
 	h.presence.join(ctx, s, channel)
 	return nil
 }
@@ -326,6 +336,7 @@ func (h *hub) subscribe(ctx context.Context, s subscriber, channel string) error
 // member leaving unsubscribes the node from the channel.
 func (h *hub) unsubscribe(s subscriber, channel string) {
 	if cs := h.dropMember(s, channel); cs != nil {
+		s.recordEvent("unsubscribe", channel)
 		h.presence.leave(s, channel)
 		h.releaseIfIdle(channel, cs)
 	}
@@ -541,6 +552,8 @@ func (h *hub) Destruct() error {
 		h.log.Warn("connections still closing at hub shutdown", zap.Int("connections", len(subs)))
 	}
 	h.presence.close()
+	// Before the Redis client closes: deliverers write what they hold.
+	h.webhooks.closeAll()
 
 	err := h.broker.Close()
 	if h.redis != nil {

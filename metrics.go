@@ -31,6 +31,9 @@ type chatMetrics struct {
 	queuedBytes       prometheus.GaugeFunc
 	panics            prometheus.Counter
 	historyBytes      prometheus.Gauge
+	webhookEvents     *prometheus.CounterVec
+	webhookSeconds    prometheus.Histogram
+	webhookBacklog    prometheus.GaugeFunc
 }
 
 var (
@@ -82,6 +85,19 @@ func moduleMetrics() *chatMetrics {
 			}, []string{"result"}),
 			historyBytes: gauge("history_bytes", "Bytes of history the in-process broker keeps (messages plus bookkeeping), at most history_memory per hub; 0 with Redis."),
 		}
+		metrics.webhookEvents = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "webhook_events_total",
+			Help: "Webhook events, by result: recorded (queued on this node), delivered (a 2xx took them), retried (in a batch whose POST failed, once per attempt), dropped (max_backlog full, or trimmed from the stream by stream_max_len).",
+		}, []string{"result"})
+		metrics.webhookSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: ns, Subsystem: sub, Name: "webhook_delivery_seconds",
+			Help:    "Time from an event's recording to the 2xx that delivered it (retries and backlog included).",
+			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300},
+		})
+		metrics.webhookBacklog = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "webhook_backlog_bytes",
+			Help: "Bytes of webhook events this node holds (with Redis: not yet written to the stream; in process: not yet delivered), at most max_backlog per webhook.",
+		}, webhookBacklogBytes)
 		metrics.queuedBytes = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "queued_bytes",
 			Help: "Bytes waiting to be sent to this node's clients (send queues and held resume messages; each frame counts 128 bytes of overhead). Each client's share is bounded by send_queue.",
@@ -104,6 +120,7 @@ func (m *chatMetrics) register(reg prometheus.Registerer) error {
 		m.queuedBytes,
 		m.panics,
 		m.historyBytes,
+		m.webhookEvents, m.webhookSeconds, m.webhookBacklog,
 	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError

@@ -205,6 +205,12 @@ type Handler struct {
 	// limited. Default: 1000.
 	MaxReplay int `json:"max_replay,omitempty"`
 
+	// Backends that get the route's events after the fact (connect,
+	// disconnect, subscribe, unsubscribe, publish, join, leave), each event
+	// delivered once per cluster, at least once, in signed batches. See
+	// webhook.go and the README's Webhooks section.
+	Webhooks []*Webhook `json:"webhook,omitempty"`
+
 	hub           *hub
 	hubKey        string
 	auth          *authenticator
@@ -212,6 +218,7 @@ type Handler struct {
 	logger        *zap.Logger
 	history       *compiledHistory
 	publishLimit  *userRateLimiter // token holders' HTTP publishes; nil: none
+	webhooks      *routeWebhooks   // nil: no webhook
 	newChannels   *creationLimiter
 	route         *route // what connections need, resolved from the above
 }
@@ -352,6 +359,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// The latest configuration's drain period applies when the hub closes.
 	h.hub.drainPeriod.Store(int64(h.DrainPeriod))
 	h.hub.holdHistoryMemory(h, setMemory)
+	if err := h.provisionWebhooks(repl); err != nil {
+		return err
+	}
 	h.route = h.resolveRoute()
 	return nil
 }
@@ -424,6 +434,10 @@ func (h *Handler) Cleanup() error {
 	h.hub.releaseHistoryMemory(h)
 	_, err := hubs.Delete(h.hubKey)
 	h.hubKey = ""
+	// After the hub may have closed (its connections' last events recorded):
+	// the last hold on a deliverer closes it, handing its backlog to the one
+	// a reload started for the same URL.
+	h.webhooks.release()
 	return err
 }
 

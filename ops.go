@@ -86,7 +86,7 @@ func (c *conn) opPublish(f clientFrame) {
 		return
 	}
 	ctx, cancel := c.brokerContext()
-	id, err := c.route.publish(ctx, c.publisher(), Publication{Channel: f.Channel, From: c.identity.user, Origin: originOf(c.identity), Guest: c.identity.guest, Name: c.identity.name, Data: f.Data})
+	id, err := c.route.publish(ctx, c.publisher(), Publication{Channel: f.Channel, From: c.identity.user, Origin: originOf(c.identity), Guest: c.identity.guest, Name: c.identity.name, Data: f.Data, conn: c.id, path: c.path})
 	cancel()
 	if errors.Is(err, errNewHistoryLimited) {
 		c.replyError(f.ID, errLimitExceeded, c.route.newChannelsRefusal(f.Channel))
@@ -218,7 +218,7 @@ func (c *conn) publishRaw(frame []byte) bool {
 	}
 	ctx, cancel := c.brokerContext()
 	defer cancel()
-	if _, err := c.route.publish(ctx, c.publisher(), Publication{Channel: c.rawChannel, From: c.identity.user, Origin: originOf(c.identity), Guest: c.identity.guest, Name: c.identity.name, Raw: frame}); err != nil {
+	if _, err := c.route.publish(ctx, c.publisher(), Publication{Channel: c.rawChannel, From: c.identity.user, Origin: originOf(c.identity), Guest: c.identity.guest, Name: c.identity.name, Raw: frame, conn: c.id, path: c.path}); err != nil {
 		if errors.Is(err, errNewHistoryLimited) {
 			c.fail(closeRateLimited, "creating history channels too fast")
 			return false

@@ -171,7 +171,7 @@ func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem
 	if id.user != "" {
 		key = &publisherKey{user: id.user}
 	}
-	msgID, err := h.route.publish(ctx, key, Publication{Channel: item.Channel, From: id.user, Origin: originOf(id), Data: item.Data})
+	msgID, err := h.route.publish(ctx, key, Publication{Channel: item.Channel, From: id.user, Origin: originOf(id), Data: item.Data, path: h.PublishEndpoint})
 	if errors.Is(err, errNewHistoryLimited) {
 		return fail(http.StatusTooManyRequests, errLimitExceeded, h.route.newChannelsRefusal(item.Channel))
 	}

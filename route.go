@@ -2,6 +2,7 @@ package caddychat
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"time"
 
@@ -40,6 +41,9 @@ type route struct {
 
 	history     *compiledHistory
 	newChannels *creationLimiter // nil: publishers may create history channels freely
+
+	// webhooks get the route's events (webhook.go); nil: none.
+	webhooks *routeWebhooks
 }
 
 // resolveRoute builds the route of a provisioned Handler.
@@ -60,6 +64,7 @@ func (h *Handler) resolveRoute() *route {
 		presenceTTL:      time.Duration(h.PresenceTTL),
 		history:          h.history,
 		newChannels:      h.newChannels,
+		webhooks:         h.webhooks,
 	}
 	if h.JWT != nil {
 		r.tokenLeeway = time.Duration(h.JWT.Leeway)
@@ -78,6 +83,20 @@ func (h *Handler) resolveRoute() *route {
 // (a map lookup; in Redis, in the publish script), so this costs no round
 // trip.
 func (r *route) publish(ctx context.Context, key *publisherKey, msg Publication) (string, error) {
+	id, err := r.publishMessage(ctx, key, msg)
+	if err == nil && r.webhooks.wants("publish") {
+		// The one place a publish event is recorded: the broker took it.
+		data := msg.Data
+		if msg.Raw != nil {
+			data, _ = json.Marshal(string(msg.Raw))
+		}
+		r.webhooks.record(webhookEvent{Type: "publish", Route: msg.path, User: msg.From, Conn: msg.conn,
+			Channel: msg.Channel, MessageID: id, Data: data})
+	}
+	return id, err
+}
+
+func (r *route) publishMessage(ctx context.Context, key *publisherKey, msg Publication) (string, error) {
 	msg.History = r.history.policyFor(msg.Channel)
 	if msg.History == nil || key == nil || r.newChannels == nil {
 		return r.hub.publish(ctx, msg)
