@@ -43,6 +43,11 @@ type presenceEntry struct {
 	user    string // empty: anonymous, the connection watches but is not listed
 	member  string // "<user>\x00<node>\x00<conn>"; empty when anonymous
 	ttl     time.Duration
+	// announced: the store's last join or leave of the entry published
+	// the user's join or leave event (its first connection on the
+	// channel, or its last), so it is the one the webhooks record.
+	// Written by the store under mu.
+	announced bool
 
 	// mu orders the entry's join and leave at the store: each waits for the
 	// store's answer while holding it, so a heartbeat's restore can never
@@ -103,9 +108,11 @@ type presenceBeat struct {
 // presenceStore keeps the entries of every node and publishes the join and
 // leave events on the channel, atomically with the change that causes them.
 type presenceStore interface {
-	// join adds e; the user's first entry on the channel publishes join.
+	// join adds e; the user's first entry on the channel publishes join
+	// (and sets e.announced).
 	join(ctx context.Context, e *presenceEntry) error
-	// leave removes entries; a user's last entry on a channel publishes leave.
+	// leave removes entries; a user's last entry on a channel publishes
+	// leave (and sets that entry's announced).
 	leave(ctx context.Context, entries []*presenceEntry) error
 	// list returns the channel's users, sorted, without expired entries.
 	list(ctx context.Context, channel string) ([]presenceUser, error)
@@ -211,6 +218,9 @@ func (p *presence) join(ctx context.Context, s subscriber, channel string) {
 	if err := p.store.join(ctx, e); err != nil {
 		p.failed("presence join", channel, err)
 	}
+	if e.announced {
+		s.recordEvent("join", channel)
+	}
 }
 
 // leave removes s's entry on channel, if it has one.
@@ -272,11 +282,15 @@ func (p *presence) leaveEntries(timeout time.Duration, entries []*presenceEntry)
 	}
 	for _, e := range entries {
 		e.mu.Lock()
+		e.announced = false
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	err := p.store.leave(ctx, entries)
 	cancel()
 	for _, e := range entries {
+		if e.announced {
+			e.sub.recordEvent("leave", e.channel)
+		}
 		e.mu.Unlock()
 	}
 	if err != nil {
@@ -376,8 +390,12 @@ func (p *presence) restore(ctx context.Context, e *presenceEntry) {
 	if !current {
 		return
 	}
+	e.announced = false
 	if err := p.store.join(ctx, e); err != nil {
 		p.failed("presence restore", e.channel, err)
+	}
+	if e.announced {
+		e.sub.recordEvent("join", e.channel)
 	}
 }
 
@@ -443,6 +461,7 @@ func (s *memoryPresence) join(ctx context.Context, e *presenceEntry) error {
 	}
 	ch.members[e.member] = e.user
 	if ch.users[e.user]++; ch.users[e.user] == 1 {
+		e.announced = true
 		return s.publish(ctx, "join", e.channel, e.user)
 	}
 	return nil
@@ -463,6 +482,7 @@ func (s *memoryPresence) leave(ctx context.Context, entries []*presenceEntry) er
 		delete(ch.members, e.member)
 		if ch.users[e.user]--; ch.users[e.user] <= 0 {
 			delete(ch.users, e.user)
+			e.announced = true
 			errs = append(errs, s.publish(ctx, "leave", e.channel, e.user))
 		}
 		if len(ch.members) == 0 {

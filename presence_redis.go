@@ -84,18 +84,21 @@ var (
 	presenceJoinScript = newPubSubScript(presenceLua + `
 local now = now_ms()
 local m = ARGV[5]
+local joined = 0
 if redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), m) == 1 then
 	local u = user_of(m)
 	if redis.call('HINCRBY', KEYS[2], u, 1) == 1 then
 		redis.call('PUBLISH', ARGV[1], event('join', u))
+		joined = 1
 	end
 end
 keep()
-return 1
+return joined
 `)
 
 	// ARGV[4...]: members.
 	presenceLeaveScript = newPubSubScript(presenceLua + `
+local left = {}
 for i = 4, #ARGV do
 	local m = ARGV[i]
 	if redis.call('ZREM', KEYS[1], m) == 1 then
@@ -103,10 +106,11 @@ for i = 4, #ARGV do
 		if redis.call('HINCRBY', KEYS[2], u, -1) <= 0 then
 			redis.call('HDEL', KEYS[2], u)
 			redis.call('PUBLISH', ARGV[1], event('leave', u))
+			left[#left + 1] = m
 		end
 	end
 end
-return 1
+return left
 `)
 
 	// ARGV[4...]: pairs of ttl (ms), member. Refreshes only members still
@@ -148,9 +152,11 @@ func (s *redisPresence) args(channel string, keep time.Duration, n int) []any {
 
 func (s *redisPresence) join(ctx context.Context, e *presenceEntry) error {
 	args := append(s.args(e.channel, presenceKeep*e.ttl, 2), e.ttl.Milliseconds(), e.member)
-	if err := presenceJoinScript.get(s.sharded).Run(ctx, s.client, s.keys(e.channel), args...).Err(); err != nil {
+	joined, err := presenceJoinScript.get(s.sharded).Run(ctx, s.client, s.keys(e.channel), args...).Int()
+	if err != nil {
 		return fmt.Errorf("redis presence join on %s: %w", s.prefix+e.channel, err)
 	}
+	e.announced = joined == 1
 	return nil
 }
 
@@ -168,7 +174,18 @@ func (s *redisPresence) leave(ctx context.Context, entries []*presenceEntry) err
 	for _, ch := range order {
 		calls = append(calls, scriptCall{script: presenceLeaveScript.get(s.sharded), keys: s.keys(ch), args: byChannel[ch]})
 	}
-	_, err := s.run(ctx, calls)
+	cmds, err := s.run(ctx, calls)
+	// The script answers the members whose leave it published.
+	announced := make(map[string]bool)
+	for i, cmd := range cmds {
+		members, _ := cmd.StringSlice()
+		for _, m := range members {
+			announced[order[i]+"\x00"+m] = true
+		}
+	}
+	for _, e := range entries {
+		e.announced = announced[e.channel+"\x00"+e.member]
+	}
 	return err
 }
 

@@ -350,3 +350,62 @@ func TestWebhookReload(t *testing.T) {
 		t.Errorf("%d duplicates across reloads", dups)
 	}
 }
+
+// TestWebhookPresenceJoinLeaveOncePerCluster: alice subscribes to one
+// channel from two connections on two nodes, bob from one; the backend
+// gets one join per user, and one leave per user once its last connection
+// is gone, whatever the node: the node whose presence call published the
+// event records it. On the in-process broker the same, within one node.
+func TestWebhookPresenceJoinLeaveOncePerCluster(t *testing.T) {
+	t.Parallel()
+	forEachBroker(t, func(t *testing.T, _ func() *Handler, rs *redistest.Server) {
+		redisURL := ""
+		if rs != nil {
+			redisURL = rs.URL()
+		}
+		b := newWebhookBackend(t, "webhook-test-secret")
+		routes := webhookRoutes(redisURL, uniquePrefix(), b.srv.URL, "events join leave")
+		routes = strings.Replace(routes, "rate_limit off", "rate_limit off\n\t\tpresence on\n\t\tsubscribe room:*\n\t\tjwt {\n\t\t\tsecret "+testSecret+"\n\t\t}", 1)
+		a := startCaddy(t, "A", routes)
+		second := a
+		if redisURL != "" {
+			second = startCaddy(t, "B", routes)
+		}
+		alice1 := dialUser(t, "alice@A", a.wsURL("/ws"), "alice")
+		alice2 := dialUser(t, "alice@B", second.wsURL("/ws"), "alice")
+		bob := dialUser(t, "bob@B", second.wsURL("/ws"), "bob")
+		for _, c := range []*wsClient{alice1, alice2, bob} {
+			c.subscribe("room:p")
+		}
+		eventually(t, 20*time.Second, "a join per user", func() (bool, string) {
+			d, dups := b.counts("join")
+			return d == 2 && dups == 0, fmt.Sprintf("%d joins, %d duplicates", d, dups)
+		})
+		alice1.closeNormal()
+		time.Sleep(time.Second) // alice still has a connection: no leave
+		if d, _ := b.counts("leave"); d != 0 {
+			t.Fatalf("%d leave events while alice and bob are still on the channel", d)
+		}
+		alice2.closeNormal()
+		bob.closeNormal()
+		eventually(t, 20*time.Second, "a leave per user", func() (bool, string) {
+			d, dups := b.counts("leave")
+			return d == 2 && dups == 0, fmt.Sprintf("%d leaves, %d duplicates", d, dups)
+		})
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		users := map[string]int{}
+		for _, e := range b.events {
+			if e.Channel != "room:p" || e.Route != "/ws" {
+				t.Errorf("event %+v: want channel room:p on route /ws", e)
+			}
+			users[e.Type+" "+e.User]++
+		}
+		if fmt.Sprint(users) != "map[join alice:1 join bob:1 leave alice:1 leave bob:1]" {
+			t.Errorf("events by user: %v", users)
+		}
+		if b.badSig != 0 {
+			t.Errorf("%d requests with a wrong signature", b.badSig)
+		}
+	})
+}
