@@ -31,6 +31,8 @@ type chatMetrics struct {
 	queuedBytes       prometheus.GaugeFunc
 	panics            prometheus.Counter
 	historyBytes      prometheus.Gauge
+	hookSeconds       *prometheus.HistogramVec
+	hookOutcomes      *prometheus.CounterVec
 }
 
 var (
@@ -80,6 +82,15 @@ func moduleMetrics() *chatMetrics {
 				Namespace: ns, Subsystem: sub, Name: "http_publishes_total",
 				Help: "Messages published through the HTTP publish endpoint, by result.",
 			}, []string{"result"}),
+			hookSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+				Namespace: ns, Subsystem: sub, Name: "hook_seconds",
+				Help:    "Time a connect, subscribe or publish hook call takes, by hook and outcome (allow, deny, error, timeout, overloaded, fail_open).",
+				Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+			}, []string{"hook", "outcome"}),
+			hookOutcomes: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Namespace: ns, Subsystem: sub, Name: "hook_outcomes_total",
+				Help: "Hook calls by hook and outcome: allow, deny, error (unreachable, bad status or bad answer), timeout, overloaded (over max_concurrent), fail_open (a failure let through).",
+			}, []string{"hook", "outcome"}),
 			historyBytes: gauge("history_bytes", "Bytes of history the in-process broker keeps (messages plus bookkeeping), at most history_memory per hub; 0 with Redis."),
 		}
 		metrics.queuedBytes = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -104,6 +115,7 @@ func (m *chatMetrics) register(reg prometheus.Registerer) error {
 		m.queuedBytes,
 		m.panics,
 		m.historyBytes,
+		m.hookSeconds, m.hookOutcomes,
 	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
@@ -140,6 +152,8 @@ func closeReason(code websocket.StatusCode) string {
 		return "broker_unavailable"
 	case closeInternal:
 		return "internal"
+	case closeRefused:
+		return "refused"
 	}
 	return "other"
 }

@@ -3,6 +3,7 @@ package caddychat
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"time"
 
 	"go.uber.org/zap"
@@ -40,6 +41,16 @@ type route struct {
 
 	history     *compiledHistory
 	newChannels *creationLimiter // nil: publishers may create history channels freely
+
+	maxMessageSize int64
+	// The synchronous hooks (hook.go), nil when not configured;
+	// connectHeaders are the request headers the connect hook gets, and
+	// hookCache the subscribe hook's decisions (nil: no cache).
+	connectHook    *hookClient
+	subscribeHook  *hookClient
+	publishHook    *hookClient
+	connectHeaders []string
+	hookCache      *hookCache
 }
 
 // resolveRoute builds the route of a provisioned Handler.
@@ -60,6 +71,20 @@ func (h *Handler) resolveRoute() *route {
 		presenceTTL:      time.Duration(h.PresenceTTL),
 		history:          h.history,
 		newChannels:      h.newChannels,
+		maxMessageSize:   h.MaxMessageSize,
+	}
+	if c := h.ConnectHook; c != nil {
+		r.connectHook = newHookClient("connect", c, h.logger)
+		for _, name := range c.Headers {
+			r.connectHeaders = append(r.connectHeaders, http.CanonicalHeaderKey(name))
+		}
+	}
+	if c := h.SubscribeHook; c != nil {
+		r.subscribeHook = newHookClient("subscribe", c, h.logger)
+		r.hookCache = newHookCache(time.Duration(c.Cache))
+	}
+	if c := h.PublishHook; c != nil {
+		r.publishHook = newHookClient("publish", c, h.logger)
 	}
 	if h.JWT != nil {
 		r.tokenLeeway = time.Duration(h.JWT.Leeway)
@@ -89,6 +114,13 @@ func (r *route) publish(ctx context.Context, key *publisherKey, msg Publication)
 		r.newChannels.charge(*key, time.Now())
 	}
 	return id, err
+}
+
+// close lets go of what the route holds: the hooks' idle connections.
+func (r *route) close() {
+	r.connectHook.close()
+	r.subscribeHook.close()
+	r.publishHook.close()
 }
 
 // newChannelsRefusal is the error message of a publish refused by
