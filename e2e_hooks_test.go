@@ -107,7 +107,7 @@ func TestHookConnectByCookie(t *testing.T) {
 		case strings.Contains(cookie, "session=alice"):
 			hookAnswerJSON(w, map[string]any{"result": "allow", "user": "alice",
 				"subscribe": []string{"room:*", "user:alice"}, "publish": []string{"room:*"},
-				"info": map[string]any{"name": "Alice", "avatar": "https://example.com/a.png"},
+				"info":     map[string]any{"name": "Alice", "avatar": "https://example.com/a.png"},
 				"channels": []string{"user:alice", "other:x"}, "expires_in": "1h"})
 		case strings.Contains(cookie, "session=long"):
 			hookAnswerJSON(w, map[string]any{"result": "deny", "reason": longReason})
