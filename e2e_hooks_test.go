@@ -287,6 +287,7 @@ func TestHookChannelsTwoNodes(t *testing.T) {
 		}
 		subscribe room:*
 		publish room:*
+		publish_endpoint /chat/publish
 		subscribe_hook %s room:* {
 			secret %s
 			cache 1m
@@ -368,6 +369,18 @@ func TestHookChannelsTwoNodes(t *testing.T) {
 	}
 	if len(raw) != 2 || !strings.Contains(raw[0], "replaced") {
 		t.Fatalf("Redis saw %d messages, want the replaced one and the marker:\n%s", len(raw), strings.Join(raw, "\n"))
+	}
+
+	// The HTTP publish endpoint: a token holder's messages go by the hook.
+	token := newToken(t, "carol").sign()
+	if status, body := httpPublish(t, b.httpURL("/chat/publish"), token, `{"channel":"room:a","data":{"text":"badword"}}`); status != http.StatusForbidden || !strings.Contains(body, `"code":"rejected"`) || !strings.Contains(body, "no bad words") {
+		t.Fatalf("HTTP publish of a rejected message: HTTP %d %s", status, body)
+	}
+	if status, body := httpPublish(t, b.httpURL("/chat/publish"), token, `{"channel":"room:a","data":{"text":"replace me"}}`); status != http.StatusOK {
+		t.Fatalf("HTTP publish: HTTP %d %s", status, body)
+	}
+	if m := sub.expectMessage("room:a", 5*time.Second); string(m.Data) != `{"id":42,"text":"replaced"}` || *m.From != "carol" {
+		t.Fatalf("HTTP publish: want carol's replaced message next (the rejected one never comes), got %s", m.raw)
 	}
 }
 

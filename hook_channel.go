@@ -1,6 +1,7 @@
 package caddychat
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"sync"
@@ -106,12 +107,21 @@ const (
 // checkPublish asks the publish hook, if it applies to channel, about a
 // message: data is what goes out (the backend's replacement, if any).
 func (c *conn) checkPublish(channel string, data json.RawMessage) (out json.RawMessage, verdict publishVerdict, reason string) {
-	hook := c.route.publishHook
-	if !hook.applies(channel) {
+	if !c.route.publishHook.applies(channel) {
 		return data, publishAllowed, ""
 	}
-	most := c.route.maxMessageSize
-	ans, err := hook.decide(c.ctx, c.channelHookRequest("publish", channel, data), func(a *hookAnswer) error {
+	return c.route.checkPublish(c.ctx, c.channelHookRequest("publish", channel, data))
+}
+
+// checkPublish asks the publish hook about the message of req (a
+// connection's, or a token holder's on the HTTP publish endpoint).
+func (r *route) checkPublish(ctx context.Context, req channelHookRequest) (out json.RawMessage, verdict publishVerdict, reason string) {
+	hook, data := r.publishHook, req.Data
+	if !hook.applies(req.Channel) {
+		return data, publishAllowed, ""
+	}
+	most := r.maxMessageSize
+	ans, err := hook.decide(ctx, req, func(a *hookAnswer) error {
 		if len(a.Data) == 0 {
 			return nil
 		}
