@@ -388,7 +388,8 @@ func TestHookChannelsTwoNodes(t *testing.T) {
 // crashes nor admits: garbage, a 10 MiB body, a body that trickles past
 // the timeout, invalid patterns, an oversized info, a wrong status, an
 // unknown result are each refused with 1013 (fail closed), and logged at
-// warn with the hook's name.
+// warn with the hook's name. The body over 64 KiB is refused as too large
+// without being read to its end.
 func TestHookBadAnswers(t *testing.T) {
 	t.Parallel()
 	backend := hookBackend(t, func(w http.ResponseWriter, req map[string]any) {
@@ -397,9 +398,11 @@ func TestHookBadAnswers(t *testing.T) {
 		case "[garbage]":
 			_, _ = w.Write([]byte("<html>oops</html>"))
 		case "[huge]":
+			// 10 MiB and on (up to 1 GiB): only a node that stops reading
+			// at 64 KiB refuses it as too large rather than at the timeout.
 			chunk := strings.Repeat("x", 1<<20)
 			_, _ = w.Write([]byte(`{"result":"allow","user":"`))
-			for i := 0; i < 10; i++ {
+			for i := 0; i < 1024; i++ {
 				if _, err := w.Write([]byte(chunk)); err != nil {
 					return
 				}
@@ -471,6 +474,11 @@ func TestHookBadAnswers(t *testing.T) {
 func TestHookOverloaded(t *testing.T) {
 	t.Parallel()
 	release := make(chan struct{})
+	var releaseOnce sync.Once
+	unblock := func() { releaseOnce.Do(func() { close(release) }) }
+	// Registered after the backend's own cleanup, so it runs first: a
+	// failing test never leaves the backend's handler waiting.
+	defer unblock()
 	var first atomic.Bool
 	entered := make(chan struct{})
 	backend := hookBackend(t, func(w http.ResponseWriter, req map[string]any) {
@@ -506,7 +514,7 @@ func TestHookOverloaded(t *testing.T) {
 	if d := time.Since(start); d > 2*time.Second {
 		t.Fatalf("the overloaded call waited %v; it must fail at once", d)
 	}
-	close(release)
+	unblock()
 	if fc := <-firstDone; fc == nil {
 		t.Fatal("first connection failed")
 	} else if w, err := fc.readMsg(5 * time.Second); err != nil || w.Type != "welcome" {
