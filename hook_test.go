@@ -28,7 +28,7 @@ func TestHookCacheBounded(t *testing.T) {
 	if _, ok := c.get("k", now.Add(61*time.Second)); ok {
 		t.Fatal("a decision past its ttl is still used")
 	}
-	var off *hookCache = newHookCache(0)
+	off := newHookCache(0)
 	off.put("k", hookDecision{allow: true}, now)
 	if _, ok := off.get("k", now); ok {
 		t.Fatal("cache 0 stored a decision")
