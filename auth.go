@@ -142,6 +142,14 @@ type identity struct {
 	subscribe channelACL
 	publish   channelACL
 	expires   time.Time // zero: never
+	// info: the connect hook's object about the user (name, avatar...),
+	// at most maxHookInfo bytes; nil without one.
+	info json.RawMessage
+	// hooked: the connect hook admitted the connection (its answer, not a
+	// token alone, made this identity).
+	hooked bool
+	// channels: the connect hook's channels to subscribe to at once.
+	channels []string
 }
 
 // authError is a refused authentication, with a reason short enough for an
@@ -386,22 +394,29 @@ func (a *authenticator) anonymousIdentity() *identity {
 
 // verify checks a token and derives the user and the channels it may use.
 func (a *authenticator) verify(token string) (*identity, error) {
+	id, _, err := a.verifyClaims(token)
+	return id, err
+}
+
+// verifyClaims is verify, also returning the token's claims (for the
+// connect hook).
+func (a *authenticator) verifyClaims(token string) (*identity, jwt.MapClaims, error) {
 	if a.cfg == nil {
-		return nil, authErr("this route does not take tokens")
+		return nil, nil, authErr("this route does not take tokens")
 	}
 	if len(token) > a.cfg.MaxTokenSize {
-		return nil, authErr("token too large")
+		return nil, nil, authErr("token too large")
 	}
 	claims := jwt.MapClaims{}
 	if _, err := a.parser.ParseWithClaims(token, claims, a.keyfunc); err != nil {
-		return nil, authErr(jwtFailureReason(err))
+		return nil, nil, authErr(jwtFailureReason(err))
 	}
 	user, _ := lookupClaim(claims, a.cfg.UserClaim).(string)
 	if user == "" {
-		return nil, authErr("token has no " + a.cfg.UserClaim + " claim")
+		return nil, nil, authErr("token has no " + a.cfg.UserClaim + " claim")
 	}
 	if len(user) > 256 {
-		return nil, authErr("user id too long")
+		return nil, nil, authErr("user id too long")
 	}
 	id := &identity{user: user}
 	if exp, err := claims.GetExpirationTime(); err == nil && exp != nil {
@@ -411,7 +426,7 @@ func (a *authenticator) verify(token string) (*identity, error) {
 	publish := append(claimPatterns(claims, a.cfg.PublishClaim), a.rules.Publish...)
 	id.subscribe = compileACL(subscribe, user)
 	id.publish = compileACL(publish, user)
-	return id, nil
+	return id, claims, nil
 }
 
 // jwtFailureReason names why golang-jwt refused a token, without its content.

@@ -47,6 +47,9 @@ type Publication struct {
 	Origin origin
 	// Guest and Name: an anonymous publisher's guest id and name (guest.go).
 	Guest, Name string
+	// Info is what the connect hook said of the sender (a small JSON
+	// object), carried by the envelope.
+	Info json.RawMessage
 	// Data is the JSON value of a JSON-protocol publish.
 	Data json.RawMessage
 	// Raw, when set, is a raw-protocol text frame: it travels as an

@@ -150,6 +150,26 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 //		publish_endpoint         <path>
 //		publish_key              <key>
 //		ui                       on|off
+//		connect_hook             <url> [{
+//			timeout        <duration>
+//			max_concurrent <n>
+//			secret         <secret>
+//			headers        <name...>
+//			fail_open
+//		}]
+//		subscribe_hook           <url> [<pattern...>] [{
+//			timeout        <duration>
+//			max_concurrent <n>
+//			secret         <secret>
+//			cache          <duration>
+//			fail_open
+//		}]
+//		publish_hook             <url> [<pattern...>] [{
+//			timeout        <duration>
+//			max_concurrent <n>
+//			secret         <secret>
+//			fail_open
+//		}]
 //		webhook                  <url> [{
 //			events         <event...>
 //			secret         <secret>
@@ -271,6 +291,38 @@ var chatOptions = &optionTable[Handler]{options: []option[Handler]{
 	{name: "publish_key", min: 1, max: 1, syntax: "<key>", takes: "one key", example: "publish_key {env.CHAT_PUBLISH_KEY}",
 		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error { h.PublishKey = args[0]; return nil }},
 	onOffOption("ui", func(h *Handler, on bool) { h.UI = on }),
+	{name: "connect_hook", min: 1, max: 1, syntax: "<url>", takes: "one URL", example: "connect_hook http://127.0.0.1:3000/chat/connect",
+		block: connectHookOptions, blockOptional: true,
+		parse: func(h *Handler, d *caddyfile.Dispenser, args []string) error {
+			c := &HookConfig{URL: args[0]}
+			if err := connectHookOptions.parse(d, c); err != nil {
+				return err
+			}
+			h.ConnectHook = c
+			return nil
+		}},
+	{name: "subscribe_hook", min: 1, max: -1, syntax: "<url> [<pattern...>]", takes: "one URL and optional channel patterns",
+		example: "subscribe_hook http://127.0.0.1:3000/chat/subscribe room:*",
+		block:   subscribeHookOptions, blockOptional: true,
+		parse: func(h *Handler, d *caddyfile.Dispenser, args []string) error {
+			c := &HookConfig{URL: args[0], Channels: args[1:]}
+			if err := subscribeHookOptions.parse(d, c); err != nil {
+				return err
+			}
+			h.SubscribeHook = c
+			return nil
+		}},
+	{name: "publish_hook", min: 1, max: -1, syntax: "<url> [<pattern...>]", takes: "one URL and optional channel patterns",
+		example: "publish_hook http://127.0.0.1:3000/chat/publish room:*",
+		block:   publishHookOptions, blockOptional: true,
+		parse: func(h *Handler, d *caddyfile.Dispenser, args []string) error {
+			c := &HookConfig{URL: args[0], Channels: args[1:]}
+			if err := publishHookOptions.parse(d, c); err != nil {
+				return err
+			}
+			h.PublishHook = c
+			return nil
+		}},
 	{name: "webhook", min: 1, max: 1, syntax: "<url>", takes: "one URL", example: "webhook https://app.internal/chat/events { secret {env.CHAT_WEBHOOK_SECRET} }",
 		block: webhookOptions, blockOptional: true,
 		parse: func(h *Handler, d *caddyfile.Dispenser, args []string) error {
@@ -298,6 +350,42 @@ var webhookOptions = &optionTable[Webhook]{block: "webhook", options: []option[W
 	durationOption("claim_idle", "30s", func(w *Webhook, d caddy.Duration) { w.ClaimIdle = d }),
 	countOption("stream_max_len", "100000", func(w *Webhook, n int) { w.StreamMaxLen = int64(n) }),
 }}
+
+// The options of the connect_hook, subscribe_hook and publish_hook blocks:
+// the same, but for headers (connect only) and cache (subscribe only).
+var (
+	connectHookOptions   = hookOptions("connect_hook", optionHeaders)
+	subscribeHookOptions = hookOptions("subscribe_hook", optionCache)
+	publishHookOptions   = hookOptions("publish_hook", "")
+)
+
+const (
+	optionHeaders = "headers"
+	optionCache   = "cache"
+)
+
+// hookOptions is the option table of a hook's block, with extra (headers
+// or cache) if set.
+func hookOptions(block, extra string) *optionTable[HookConfig] {
+	opts := []option[HookConfig]{
+		durationOption("timeout", "2s", func(c *HookConfig, d caddy.Duration) { c.Timeout = d }),
+		countOption("max_concurrent", "64", func(c *HookConfig, n int) { c.MaxConcurrent = n }),
+		stringOption("secret", "<secret>", "{env.CHAT_HOOK_SECRET}", func(c *HookConfig, v string) { c.Secret = v }),
+	}
+	switch extra {
+	case optionHeaders:
+		opts = append(opts, option[HookConfig]{name: "headers", min: 1, max: -1, syntax: "<name...>",
+			takes: "one or more header names", example: "headers Cookie",
+			parse: func(c *HookConfig, _ *caddyfile.Dispenser, args []string) error {
+				c.Headers = append(c.Headers, args...)
+				return nil
+			}})
+	case optionCache:
+		opts = append(opts, durationOption("cache", "10s", func(c *HookConfig, d caddy.Duration) { c.Cache = d }))
+	}
+	opts = append(opts, flagOption("fail_open", func(c *HookConfig) { c.FailOpen = true }))
+	return &optionTable[HookConfig]{block: block, options: opts}
+}
 
 // jwtOptions are the options of the jwt block.
 var jwtOptions = &optionTable[JWTConfig]{block: "jwt", options: []option[JWTConfig]{

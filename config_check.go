@@ -316,6 +316,7 @@ func (h *Handler) checkOptions(static bool) []error {
 		}
 	}
 	errs = append(errs, h.checkAccess(static)...)
+	errs = append(errs, h.checkHooks(static)...)
 	errs = append(errs, validateHistoryRules(h.History)...)
 	if n := h.HistoryMemory; n != 0 && (n < minHistoryMemory || n > maxHistoryMemory) {
 		add("history_memory", "", "chat: history_memory %s: must be between 1MiB and 1TiB", formatSize(n))
@@ -403,12 +404,12 @@ func (h *Handler) checkAccess(static bool) []error {
 		if j.Secret != "" && literal(j.Secret) && len(j.Secret) < 32 {
 			add("jwt secret", "", "chat: jwt secret: must be at least 32 bytes, got %d (HS256 keys shorter than the hash are guessable; e.g. openssl rand -base64 48)", len(j.Secret))
 		}
-	} else if len(h.Subscribe) > 0 || len(h.Publish) > 0 {
+	} else if h.ConnectHook == nil && (len(h.Subscribe) > 0 || len(h.Publish) > 0) {
 		option := "subscribe"
 		if len(h.Subscribe) == 0 {
 			option = "publish"
 		}
-		add(option, "", "chat: subscribe and publish rules apply to authenticated users and need a jwt block; use anonymous { ... } for a route without tokens")
+		add(option, "", "chat: subscribe and publish rules apply to authenticated users and need a jwt block or a connect_hook; use anonymous { ... } for a route without tokens")
 	}
 	if rl := h.RateLimit; rl != nil && rl.PerSecond > 0 && rl.Burst != 0 && (rl.Burst < 1 || rl.Burst > 100000) {
 		add("rate_limit", "", "chat: rate_limit burst %d: must be between 1 and 100000", rl.Burst)
@@ -429,6 +430,66 @@ func (h *Handler) checkAccess(static bool) []error {
 	}
 	if h.PublishKey != "" && literal(h.PublishKey) && len(h.PublishKey) < 16 {
 		add("publish_key", "", "chat: publish_key: must be at least 16 bytes, got %d (e.g. openssl rand -base64 32)", len(h.PublishKey))
+	}
+	return errs
+}
+
+// checkHooks checks the connect, subscribe and publish hooks.
+func (h *Handler) checkHooks(static bool) []error {
+	literal := func(s string) bool { return !static || !hasPlaceholder(s) }
+	var errs []error
+	add := func(option, value, format string, args ...any) {
+		errs = append(errs, optionErr(option, value, format, args...))
+	}
+	for _, hk := range []struct {
+		name string
+		cfg  *HookConfig
+	}{{"connect_hook", h.ConnectHook}, {"subscribe_hook", h.SubscribeHook}, {"publish_hook", h.PublishHook}} {
+		c, name := hk.cfg, hk.name
+		if c == nil {
+			continue
+		}
+		if c.URL == "" {
+			add(name, "", "chat: %s: needs the URL of the backend, e.g. http://127.0.0.1:3000/chat/%s", name, strings.TrimSuffix(name, "_hook"))
+		} else if literal(c.URL) {
+			if u, err := url.Parse(c.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+				add(name, c.URL, "chat: %s %s: want an http:// or https:// URL, e.g. http://127.0.0.1:3000/chat/%s", name, redactURL(c.URL), strings.TrimSuffix(name, "_hook"))
+			}
+		}
+		if d := time.Duration(c.Timeout); d != 0 && (d < time.Millisecond || d > time.Minute) {
+			add(name+" timeout", "", "chat: %s timeout %s: must be between 1ms and 1m", name, formatDuration(d))
+		}
+		if n := c.MaxConcurrent; n < 0 || n > 100000 {
+			add(name+" max_concurrent", "", "chat: %s max_concurrent %d: must be between 1 and 100000", name, n)
+		}
+		if d := time.Duration(c.Cache); d != 0 {
+			if name != "subscribe_hook" {
+				add(name, "", "chat: %s: cache applies to subscribe_hook only", name)
+			} else if d < 0 || d > time.Hour {
+				add(name+" cache", "", "chat: %s cache %s: must be between 0 and 1h", name, formatDuration(d))
+			}
+		}
+		if len(c.Headers) > 0 && name != "connect_hook" {
+			add(name, "", "chat: %s: headers applies to connect_hook only", name)
+		}
+		for _, hd := range c.Headers {
+			if hd == "" || strings.ContainsFunc(hd, func(r rune) bool { return r <= ' ' || r >= 0x7f || strings.ContainsRune("()<>@,;:\\\"/[]?={}", r) }) {
+				add(name+" headers", hd, "chat: %s headers %q: want a header name such as Cookie", name, hd)
+			}
+		}
+		if len(c.Channels) > 0 && name == "connect_hook" {
+			add(name, "", "chat: connect_hook takes no channel patterns (it is asked about every connection)")
+		}
+		for _, p := range c.Channels {
+			if strings.Contains(p, "{user}") {
+				add(name, p, "chat: %s: pattern %q: {user} has no meaning here (the hook is asked for every user; it decides per user)", name, p)
+			} else if err := validatePattern(p); err != nil {
+				add(name, p, "chat: %s: %v", name, err)
+			}
+		}
+	}
+	if h.SubscribeHook != nil && h.Protocol == protocolRaw {
+		add("subscribe_hook", "", "chat: subscribe_hook applies to protocol json (a raw route's channel is set by the route; use connect_hook to decide who may open it)")
 	}
 	return errs
 }

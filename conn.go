@@ -24,7 +24,7 @@ type conn struct {
 	hub        *hub
 	ws         *websocket.Conn
 	rawChannel string // the bridged channel in raw mode; empty in JSON mode
-	path       string // the upgrade request's path: a webhook event's "route"
+	path       string // the upgrade request's path: hook requests and webhook events name it
 
 	// send is the queue of frames for the writer, bounded by send_queue bytes.
 	send sendQueue
@@ -192,7 +192,8 @@ func (c *conn) serve() {
 		}
 	} else {
 		c.offStack(func() {
-			c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user, Guest: c.identity.guest, Name: c.identity.name})
+			c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user, Guest: c.identity.guest, Name: c.identity.name, Info: c.identity.info})
+			c.joinInitial()
 		})
 	}
 	if c.ctx.Err() == nil {

@@ -70,6 +70,8 @@ type sender struct {
 	// the display name it picked, on routes with guest_names (guest.go).
 	Guest string `json:"guest,omitempty"`
 	Name  string `json:"name,omitempty"`
+	// Info: what the connect hook said of the sender (name, avatar...).
+	Info json.RawMessage `json:"info,omitempty"`
 }
 
 const envelopeType = "message"
@@ -131,6 +133,9 @@ func (msg Publication) sender() sender {
 	s := sender{User: msg.From, Anonymous: msg.Origin == originAnonymous, Server: msg.Origin == originServer}
 	if s.Anonymous {
 		s.Guest, s.Name = msg.Guest, msg.Name
+	}
+	if msg.Origin != originServer {
+		s.Info = msg.Info
 	}
 	return s
 }

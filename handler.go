@@ -36,6 +36,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return h.serveBrowser(w, r)
 	}
 	id, rawChannel, err := h.admit(r)
+	if refusal := (*connectRefusal)(nil); errors.As(err, &refusal) {
+		h.refuseInBand(w, r, refusal)
+		return nil
+	}
 	if err != nil {
 		return refuse(w, r, err)
 	}
@@ -61,7 +65,14 @@ func (h *Handler) admit(r *http.Request) (id *identity, rawChannel string, err e
 	if _, ok := subprotocolToken(r.Header); ok && !offersAppSubprotocol(r.Header) {
 		return nil, "", refused(http.StatusBadRequest, "a bearer.<token> subprotocol must come with the "+appSubprotocol+" subprotocol")
 	}
-	id, err = h.auth.authenticate(r)
+	if h.route.connectHook != nil {
+		id, err = h.hookIdentity(r)
+		if errors.As(err, new(*connectRefusal)) {
+			return nil, "", err
+		}
+	} else {
+		id, err = h.auth.authenticate(r)
+	}
 	if err != nil {
 		moduleMetrics().authFailures.WithLabelValues(authFailureLabel(err)).Inc()
 		h.logger.Debug("authentication failed", zap.String("reason", err.Error()), zap.String("remote", r.RemoteAddr))
@@ -107,6 +118,7 @@ func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request, id *identity, 
 	// two small goroutine stacks, not a large one.
 	ws.SetReadLimit(h.MaxMessageSize)
 	c := newConn(h.route, ws, rawChannel, id)
+	c.path = r.URL.Path
 	c.cork = cw.cork
 	c.path = r.URL.Path
 	go func() {

@@ -34,6 +34,8 @@ type chatMetrics struct {
 	webhookEvents     *prometheus.CounterVec
 	webhookSeconds    prometheus.Histogram
 	webhookBacklog    prometheus.GaugeFunc
+	hookSeconds       *prometheus.HistogramVec
+	hookOutcomes      *prometheus.CounterVec
 }
 
 var (
@@ -83,6 +85,15 @@ func moduleMetrics() *chatMetrics {
 				Namespace: ns, Subsystem: sub, Name: "http_publishes_total",
 				Help: "Messages published through the HTTP publish endpoint, by result.",
 			}, []string{"result"}),
+			hookSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+				Namespace: ns, Subsystem: sub, Name: "hook_seconds",
+				Help:    "Time a connect, subscribe or publish hook call takes, by hook and outcome (allow, deny, error, timeout, overloaded, fail_open).",
+				Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+			}, []string{"hook", "outcome"}),
+			hookOutcomes: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Namespace: ns, Subsystem: sub, Name: "hook_outcomes_total",
+				Help: "Hook calls by hook and outcome: allow, deny, error (unreachable, bad status or bad answer), timeout, overloaded (over max_concurrent), fail_open (a failure let through).",
+			}, []string{"hook", "outcome"}),
 			historyBytes: gauge("history_bytes", "Bytes of history the in-process broker keeps (messages plus bookkeeping), at most history_memory per hub; 0 with Redis."),
 		}
 		metrics.webhookEvents = prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -121,6 +132,7 @@ func (m *chatMetrics) register(reg prometheus.Registerer) error {
 		m.panics,
 		m.historyBytes,
 		m.webhookEvents, m.webhookSeconds, m.webhookBacklog,
+		m.hookSeconds, m.hookOutcomes,
 	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
@@ -157,6 +169,8 @@ func closeReason(code websocket.StatusCode) string {
 		return "broker_unavailable"
 	case closeInternal:
 		return "internal"
+	case closeRefused:
+		return "refused"
 	}
 	return "other"
 }

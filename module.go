@@ -205,6 +205,22 @@ type Handler struct {
 	// limited. Default: 1000.
 	MaxReplay int `json:"max_replay,omitempty"`
 
+	// Ask the application's backend at the handshake who the connection
+	// is and what it may do (with or instead of a JWT); it may refuse, with
+	// a reason the client reads in the close frame (4004). See hook.go,
+	// hook_connect.go and PROTOCOL.md's Hooks.
+	ConnectHook *HookConfig `json:"connect_hook,omitempty"`
+
+	// Ask the backend whether a connection may subscribe to a channel (of
+	// the hook's channels): a denied subscribe gets forbidden with the
+	// backend's reason. See hook_channel.go.
+	SubscribeHook *HookConfig `json:"subscribe_hook,omitempty"`
+
+	// Ask the backend before a message (of the hook's channels) is fanned
+	// out: it may let it through, reject it (the client gets rejected with
+	// the reason; the message never reaches the broker) or replace its data.
+	PublishHook *HookConfig `json:"publish_hook,omitempty"`
+
 	// Backends that get the route's events after the fact (connect,
 	// disconnect, subscribe, unsubscribe, publish, join, leave), each event
 	// delivered once per cluster, at least once, in signed batches. See
@@ -331,6 +347,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.HistoryNewChannels.Per = caddy.Duration(defaultNewChannelsPer)
 	}
 	h.newChannels = newCreationLimiter(h.HistoryNewChannels)
+	if err := h.provisionHooks(repl); err != nil {
+		return err
+	}
 	if err := h.provisionAuth(repl); err != nil {
 		return err
 	}
@@ -371,6 +390,34 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 // values Provision expanded.
 func (h *Handler) Validate() error {
 	return errors.Join(h.checkOptions(false)...)
+}
+
+// provisionHooks expands the hooks' URLs and secrets and applies their
+// defaults.
+func (h *Handler) provisionHooks(repl *caddy.Replacer) error {
+	var errs []error
+	for _, hk := range []struct {
+		name string
+		cfg  *HookConfig
+	}{{"connect_hook", h.ConnectHook}, {"subscribe_hook", h.SubscribeHook}, {"publish_hook", h.PublishHook}} {
+		c := hk.cfg
+		if c == nil {
+			continue
+		}
+		raw := c.URL
+		c.URL = strings.TrimSpace(repl.ReplaceKnown(raw, ""))
+		errs = append(errs, emptyExpansion(hk.name, raw, c.URL))
+		raw = c.Secret
+		c.Secret = repl.ReplaceKnown(raw, "")
+		errs = append(errs, emptyExpansion(hk.name+" secret", raw, c.Secret))
+		if c.Timeout == 0 {
+			c.Timeout = caddy.Duration(defaultHookTimeout)
+		}
+		if c.MaxConcurrent == 0 {
+			c.MaxConcurrent = defaultHookMaxConcurrent
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // provisionAuth applies the authentication defaults and loads key material.
@@ -427,6 +474,9 @@ func (h *Handler) provisionAuth(repl *caddy.Replacer) error {
 func (h *Handler) Cleanup() error {
 	if h.auth != nil {
 		h.auth.close()
+	}
+	if h.route != nil {
+		h.route.close()
 	}
 	if h.hubKey == "" {
 		return nil

@@ -53,11 +53,15 @@ func (c *conn) handleFrame(frame []byte) {
 
 func (c *conn) opSubscribe(f clientFrame) {
 	if !c.identity.subscribe.allows(f.Channel) {
-		c.replyError(f.ID, errForbidden, "may not subscribe to "+f.Channel)
+		c.subscribeError(f, errForbidden, "may not subscribe to "+f.Channel)
 		return
 	}
-	if _, ok := c.subscribed[f.Channel]; !ok && len(c.subscribed) >= c.route.maxSubscriptions {
-		c.replyError(f.ID, errLimitExceeded, fmt.Sprintf("at most %d subscriptions per connection", c.route.maxSubscriptions))
+	_, already := c.subscribed[f.Channel]
+	if !already && len(c.subscribed) >= c.route.maxSubscriptions {
+		c.subscribeError(f, errLimitExceeded, fmt.Sprintf("at most %d subscriptions per connection", c.route.maxSubscriptions))
+		return
+	}
+	if !already && !c.subscribeAllowed(f) {
 		return
 	}
 	if f.Since != "" || f.History != 0 {
@@ -85,8 +89,17 @@ func (c *conn) opPublish(f clientFrame) {
 		c.replyError(f.ID, errForbidden, "may not publish on "+f.Channel)
 		return
 	}
+	data, verdict, reason := c.checkPublish(f.Channel, f.Data)
+	switch verdict {
+	case publishRejected:
+		c.replyError(f.ID, errRejected, reason)
+		return
+	case publishFailed:
+		c.replyError(f.ID, errUnavailable, reason)
+		return
+	}
 	ctx, cancel := c.brokerContext()
-	id, err := c.route.publish(ctx, c.publisher(), Publication{Channel: f.Channel, From: c.identity.user, Origin: originOf(c.identity), Guest: c.identity.guest, Name: c.identity.name, Data: f.Data, conn: c.id, path: c.path})
+	id, err := c.route.publish(ctx, c.publisher(), Publication{Channel: f.Channel, From: c.identity.user, Origin: originOf(c.identity), Guest: c.identity.guest, Name: c.identity.name, Info: c.identity.info, Data: data, conn: c.id, path: c.path})
 	cancel()
 	if errors.Is(err, errNewHistoryLimited) {
 		c.replyError(f.ID, errLimitExceeded, c.route.newChannelsRefusal(f.Channel))
@@ -105,6 +118,9 @@ func (c *conn) opPublish(f clientFrame) {
 func (c *conn) opHistory(f clientFrame) {
 	if !c.identity.subscribe.allows(f.Channel) {
 		c.replyError(f.ID, errForbidden, "may not read the history of "+f.Channel)
+		return
+	}
+	if _, ok := c.subscribed[f.Channel]; !ok && !c.subscribeAllowed(f) {
 		return
 	}
 	policy := c.route.history.policyFor(f.Channel)
@@ -161,6 +177,9 @@ func (c *conn) opPresence(f clientFrame) {
 		c.replyError(f.ID, errForbidden, "may not see presence on "+f.Channel+" (needs permission to subscribe to it)")
 		return
 	}
+	if _, ok := c.subscribed[f.Channel]; !ok && !c.subscribeAllowed(f) {
+		return
+	}
 	ctx, cancel := c.brokerContext()
 	users, err := c.hub.presence.list(ctx, f.Channel)
 	cancel()
@@ -181,6 +200,10 @@ func (c *conn) opPresence(f clientFrame) {
 func (c *conn) opRefresh(f clientFrame) {
 	if !c.route.usesTokens {
 		c.replyError(f.ID, errBadRequest, "this route does not use tokens")
+		return
+	}
+	if c.identity.hooked {
+		c.replyError(f.ID, errBadRequest, "this connection was admitted by the connect hook, which set its permissions and expiry; reconnect to renew it")
 		return
 	}
 	if f.Token == "" {
@@ -216,9 +239,28 @@ func (c *conn) publishRaw(frame []byte) bool {
 		c.fail(closePolicyViolation, "may not publish on "+c.rawChannel)
 		return false
 	}
+	if c.route.publishHook.applies(c.rawChannel) {
+		text, _ := json.Marshal(string(frame))
+		data, verdict, reason := c.checkPublish(c.rawChannel, text)
+		switch verdict {
+		case publishRejected:
+			c.fail(closeRefused, closeReasonText(reason))
+			return false
+		case publishFailed:
+			c.fail(closeTryAgainLater, "publish hook unavailable")
+			return false
+		}
+		// The replacement's text: a JSON string's content, else the JSON.
+		var s string
+		if json.Unmarshal(data, &s) == nil {
+			frame = []byte(s)
+		} else {
+			frame = data
+		}
+	}
 	ctx, cancel := c.brokerContext()
 	defer cancel()
-	if _, err := c.route.publish(ctx, c.publisher(), Publication{Channel: c.rawChannel, From: c.identity.user, Origin: originOf(c.identity), Guest: c.identity.guest, Name: c.identity.name, Raw: frame, conn: c.id, path: c.path}); err != nil {
+	if _, err := c.route.publish(ctx, c.publisher(), Publication{Channel: c.rawChannel, From: c.identity.user, Origin: originOf(c.identity), Guest: c.identity.guest, Name: c.identity.name, Info: c.identity.info, Raw: frame, conn: c.id, path: c.path}); err != nil {
 		if errors.Is(err, errNewHistoryLimited) {
 			c.fail(closeRateLimited, "creating history channels too fast")
 			return false

@@ -30,6 +30,10 @@ const (
 	closeTokenExpired websocket.StatusCode = 4002
 	// closeRateLimited: the client kept sending over its rate limit.
 	closeRateLimited websocket.StatusCode = 4003
+	// closeRefused: the application's backend refused the connection
+	// (connect_hook) or, on a raw route, a message (publish_hook); the
+	// close reason is the backend's reason.
+	closeRefused websocket.StatusCode = 4004
 	// closePolicyViolation: a raw client published where it may not.
 	closePolicyViolation = websocket.StatusPolicyViolation
 )
@@ -46,6 +50,9 @@ const (
 	errUnauthorized = "unauthorized"
 	// errLimitExceeded: a per-connection limit (subscriptions) was reached.
 	errLimitExceeded = "limit_exceeded"
+	// errRejected: the publish hook rejected the message; the message is
+	// the backend's reason.
+	errRejected = "rejected"
 )
 
 // maxChannelLen bounds channel names so that a name can never grow a Redis key
@@ -101,6 +108,10 @@ type clientFrame struct {
 	// The history op: Limit messages older than Before (default: newest).
 	Limit  int    `json:"limit,omitempty"`
 	Before string `json:"before,omitempty"`
+
+	// initial: not the client's frame; the node subscribes to a channel
+	// the connect hook named (its replies carry the channel, not an id).
+	initial bool
 }
 
 // decodeClientFrame parses a text frame. The returned id is echoed in the reply
@@ -171,6 +182,8 @@ type welcome struct {
 	// Guest, Name: the connection's guest id and name (guest_names).
 	Guest string `json:"guest,omitempty"`
 	Name  string `json:"name,omitempty"`
+	// Info: what the connect hook said of the user (name, avatar...).
+	Info json.RawMessage `json:"info,omitempty"`
 }
 
 // delivery is one message from the broker, shared by every local subscriber.

@@ -165,13 +165,27 @@ func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem
 	if !id.publish.allows(item.Channel) {
 		return fail(http.StatusForbidden, errForbidden, "may not publish on "+item.Channel)
 	}
+	data := item.Data
+	if !id.server && h.route.publishHook.applies(item.Channel) {
+		// A token holder's message goes by the publish hook as a client's
+		// does; the publish key is the backend's own and does not.
+		var verdict publishVerdict
+		var reason string
+		data, verdict, reason = h.route.checkPublish(ctx, channelHookRequest{Type: "publish", Route: h.PublishEndpoint, User: id.user, Channel: item.Channel, Data: item.Data})
+		switch verdict {
+		case publishRejected:
+			return fail(http.StatusForbidden, errRejected, reason)
+		case publishFailed:
+			return fail(http.StatusServiceUnavailable, errUnavailable, reason)
+		}
+	}
 	ctx, cancel := context.WithTimeout(ctx, time.Duration(h.PublishTimeout))
 	defer cancel()
 	var key *publisherKey // the publish key is not limited
 	if id.user != "" {
 		key = &publisherKey{user: id.user}
 	}
-	msgID, err := h.route.publish(ctx, key, Publication{Channel: item.Channel, From: id.user, Origin: originOf(id), Data: item.Data, path: h.PublishEndpoint})
+	msgID, err := h.route.publish(ctx, key, Publication{Channel: item.Channel, From: id.user, Origin: originOf(id), Data: data, path: h.PublishEndpoint})
 	if errors.Is(err, errNewHistoryLimited) {
 		return fail(http.StatusTooManyRequests, errLimitExceeded, h.route.newChannelsRefusal(item.Channel))
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"time"
 
 	"go.uber.org/zap"
@@ -43,7 +44,16 @@ type route struct {
 	newChannels *creationLimiter // nil: publishers may create history channels freely
 
 	// webhooks get the route's events (webhook.go); nil: none.
-	webhooks *routeWebhooks
+	webhooks       *routeWebhooks
+	maxMessageSize int64
+	// The synchronous hooks (hook.go), nil when not configured;
+	// connectHeaders are the request headers the connect hook gets, and
+	// hookCache the subscribe hook's decisions (nil: no cache).
+	connectHook    *hookClient
+	subscribeHook  *hookClient
+	publishHook    *hookClient
+	connectHeaders []string
+	hookCache      *hookCache
 }
 
 // resolveRoute builds the route of a provisioned Handler.
@@ -65,6 +75,20 @@ func (h *Handler) resolveRoute() *route {
 		history:          h.history,
 		newChannels:      h.newChannels,
 		webhooks:         h.webhooks,
+		maxMessageSize:   h.MaxMessageSize,
+	}
+	if c := h.ConnectHook; c != nil {
+		r.connectHook = newHookClient("connect", c, h.logger)
+		for _, name := range c.Headers {
+			r.connectHeaders = append(r.connectHeaders, http.CanonicalHeaderKey(name))
+		}
+	}
+	if c := h.SubscribeHook; c != nil {
+		r.subscribeHook = newHookClient("subscribe", c, h.logger)
+		r.hookCache = newHookCache(time.Duration(c.Cache))
+	}
+	if c := h.PublishHook; c != nil {
+		r.publishHook = newHookClient("publish", c, h.logger)
 	}
 	if h.JWT != nil {
 		r.tokenLeeway = time.Duration(h.JWT.Leeway)
@@ -108,6 +132,13 @@ func (r *route) publishMessage(ctx context.Context, key *publisherKey, msg Publi
 		r.newChannels.charge(*key, time.Now())
 	}
 	return id, err
+}
+
+// close lets go of what the route holds: the hooks' idle connections.
+func (r *route) close() {
+	r.connectHook.close()
+	r.subscribeHook.close()
+	r.publishHook.close()
 }
 
 // newChannelsRefusal is the error message of a publish refused by
