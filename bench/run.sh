@@ -4,7 +4,7 @@
 #
 #   bash bench/run.sh            # the full run (about 5 minutes on 2 cores)
 #   QUICK=1 bash bench/run.sh    # smaller sizes, for a smoke test
-#   ONLY="fanout rooms" bash bench/run.sh   # some parts only: idle idle3 fanout history rooms abuse
+#   ONLY="fanout rooms" bash bench/run.sh   # some parts only: idle idle3 fanout history hook rooms abuse
 #   CADDY_BIN=/tmp/caddy-old ONLY=rooms bash bench/run.sh
 #                                # another build of the nodes (e.g. an older
 #                                # commit's), to compare two builds on one machine
@@ -107,7 +107,20 @@ bench_routes() {
 		rate_limit off
 		history 1000 1h
 	}
+	# The same, asking a backend before each message: the cost of a
+	# publish hook (the backend is a Caddy that allows everything).
+	chat /wsk {
+		redis redis://127.0.0.1:$redis_port/0
+		rate_limit off
+		publish_hook http://127.0.0.1:${hook_port:-1}/hook
+	}
 ROUTES
+}
+
+# hook_routes: the publish hook's backend, answering allow at once, so that
+# what the hook part measures is the node's side of a hook call.
+hook_routes() {
+	printf '\trespond `{"result":"allow"}` 200\n'
 }
 
 # start_node NAME [ROUTES]: a Caddy node sharing the Redis, with the chat
@@ -212,7 +225,8 @@ for g in "${gens[@]}"; do wait "$g" || true; done
 stop_nodes
 fi
 
-if want fanout || want history || want rooms; then
+if want fanout || want history || want hook || want rooms; then
+if want hook; then start_node hook hook_routes; hook_port=$node_port; fi
 start A; url_a=$node_url pid_a=$node_pid
 start B; url_b=$node_url pid_b=$node_pid
 if want fanout; then
@@ -226,6 +240,10 @@ fi
 # not fan-out, is what limits the rate.
 want history && bench history-cost -url "$url_a,$url_b" -history-url "${url_a}h,${url_b}h" -pids "$pid_a,$pid_b" \
 	-scenario fanout,fanout-history -subs 2 -rate 0 -messages "$history_msgs" -inflight 64
+# The same with a publish hook on every message: a keep-alive HTTP call to
+# a backend per publish, before the message reaches Redis.
+want hook && bench hook-cost -url "$url_a,$url_b" -hook-url "${url_a}k,${url_b}k" -pids "$pid_a,$pid_b" \
+	-scenario fanout,fanout-hook -subs 2 -rate 0 -messages "$history_msgs" -inflight 64
 if want rooms; then
 bench rooms-$((rooms / 2)) -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline-rooms,rooms -clients "$((rooms / 2))" -room-size 10 \
 	-client-rate 1 -duration 20s
