@@ -253,16 +253,25 @@ func (a *authenticator) close() {
 	}
 }
 
-// loadPublicKey reads a PEM public key (or certificate) and returns it with
-// the algorithms its type allows.
-func loadPublicKey(path string) (any, []string, error) {
+// readPEMBlock reads the first PEM block of the file at path.
+func readPEMBlock(path string) (*pem.Block, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	block, _ := pem.Decode(data)
 	if block == nil {
-		return nil, nil, fmt.Errorf("%s holds no PEM block", path)
+		return nil, fmt.Errorf("%s holds no PEM block", path)
+	}
+	return block, nil
+}
+
+// loadPublicKey reads a PEM public key (or certificate) and returns it with
+// the algorithms its type allows.
+func loadPublicKey(path string) (any, []string, error) {
+	block, err := readPEMBlock(path)
+	if err != nil {
+		return nil, nil, err
 	}
 	var key any
 	switch block.Type {
@@ -493,109 +502,6 @@ func claimPatterns(claims map[string]any, name string) []string {
 			}
 		}
 		return out
-	}
-	return nil
-}
-
-// channelACL is a compiled list of channel patterns for one user.
-type channelACL []channelPattern
-
-// channelPattern is a pattern split into ':'-separated segments, with {user}
-// already replaced. A segment that contained {user} is compared literally,
-// even if the user id itself contains ':' or '*'.
-type channelPattern struct {
-	segments []patternSegment
-}
-
-type patternSegment struct {
-	literal string
-	any     bool // "*": exactly one segment
-	rest    bool // final "**": one or more segments
-}
-
-// compileACL compiles patterns for user. Patterns with {user} are dropped
-// for anonymous users (user == "").
-func compileACL(patterns []string, user string) channelACL {
-	acl := make(channelACL, 0, len(patterns))
-	for _, p := range patterns {
-		if strings.Contains(p, "{user}") && user == "" {
-			continue
-		}
-		parts := strings.Split(p, ":")
-		pat := channelPattern{segments: make([]patternSegment, 0, len(parts))}
-		for i, s := range parts {
-			switch {
-			case s == "**" && i == len(parts)-1:
-				pat.segments = append(pat.segments, patternSegment{rest: true})
-			case s == "*":
-				pat.segments = append(pat.segments, patternSegment{any: true})
-			default:
-				pat.segments = append(pat.segments, patternSegment{literal: strings.ReplaceAll(s, "{user}", user)})
-			}
-		}
-		acl = append(acl, pat)
-	}
-	return acl
-}
-
-// allows reports whether any pattern matches channel.
-func (acl channelACL) allows(channel string) bool {
-	for _, p := range acl {
-		if p.matches(channel) {
-			return true
-		}
-	}
-	return false
-}
-
-func (p channelPattern) matches(channel string) bool {
-	rest := channel
-	for i, seg := range p.segments {
-		if i > 0 {
-			if !strings.HasPrefix(rest, ":") {
-				return false
-			}
-			rest = rest[1:]
-		}
-		switch {
-		case seg.rest:
-			return rest != ""
-		case seg.any:
-			end := strings.IndexByte(rest, ':')
-			if end < 0 {
-				end = len(rest)
-			}
-			if end == 0 {
-				return false
-			}
-			rest = rest[end:]
-		default:
-			if !strings.HasPrefix(rest, seg.literal) {
-				return false
-			}
-			rest = rest[len(seg.literal):]
-		}
-	}
-	return rest == ""
-}
-
-// validatePattern checks a configured channel pattern.
-func validatePattern(p string) error {
-	if p == "" {
-		return errors.New("empty pattern")
-	}
-	check := strings.ReplaceAll(p, "{user}", "u")
-	parts := strings.Split(check, ":")
-	for i, s := range parts {
-		if s == "*" || (s == "**" && i == len(parts)-1) {
-			continue
-		}
-		if s == "" {
-			return fmt.Errorf("pattern %q has an empty segment", p)
-		}
-		if err := validateChannel(s); err != nil {
-			return fmt.Errorf("pattern %q: %v (a wildcard is a whole segment: * or a final **)", p, err)
-		}
 	}
 	return nil
 }

@@ -12,7 +12,6 @@ import (
 	"crypto/ed25519"
 	"crypto/rsa"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
@@ -187,13 +186,9 @@ func splitPatternList(s string) []string {
 // loadSigningKey reads a PEM private key and the signing method its type
 // (and, for ECDSA, its curve) implies.
 func loadSigningKey(path string) (any, jwt.SigningMethod, error) {
-	data, err := os.ReadFile(path)
+	block, err := readPEMBlock(path)
 	if err != nil {
 		return nil, nil, err
-	}
-	block, _ := pem.Decode(data)
-	if block == nil {
-		return nil, nil, fmt.Errorf("%s holds no PEM block", path)
 	}
 	var key any
 	switch block.Type {
