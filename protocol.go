@@ -155,9 +155,9 @@ type reply struct {
 	MessageID string          `json:"message_id,omitempty"`
 	// Duplicate: a publish whose idempotency key was already used; nothing
 	// was delivered, MessageID is the first publish's.
-	Duplicate bool `json:"duplicate,omitempty"`
-	Code      string          `json:"code,omitempty"`
-	Message   string          `json:"message,omitempty"`
+	Duplicate bool   `json:"duplicate,omitempty"`
+	Code      string `json:"code,omitempty"`
+	Message   string `json:"message,omitempty"`
 
 	// A subscribe with since or history: whether every message after since
 	// was replayed (only with since), the channel's history epoch, how many

@@ -32,9 +32,9 @@ type route struct {
 	publishTimeout   time.Duration
 	// idemWindow: how long idempotency keys are remembered; 0: keys are
 	// ignored.
-	idemWindow time.Duration
-	writeTimeout     time.Duration
-	pingInterval     time.Duration
+	idemWindow   time.Duration
+	writeTimeout time.Duration
+	pingInterval time.Duration
 	// rate is the frames per second one connection may send, 0 for no
 	// limit; rateBurst the bucket's size.
 	rate      float64
