@@ -64,6 +64,10 @@ type Publication struct {
 	// newHistory, when set, says whether the publish may create the
 	// channel's history (history_new_channels; see history_limit.go).
 	newHistory *historyCreation
+	// idem, when set, makes the publish idempotent (idempotency.go): a
+	// repeat within its window delivers nothing, returns the first id and
+	// sets idem.duplicate.
+	idem *idempotency
 	// conn is the publishing connection's id and path the request path of
 	// the connection or HTTP publish, for the webhook event only.
 	conn, path string

@@ -21,6 +21,7 @@ type memoryBroker struct {
 	subscribed map[string]bool
 	closed     bool
 	lastSweep  time.Time
+	idem       idemMemory
 
 	memoryHistory
 }
@@ -47,6 +48,13 @@ func (b *memoryBroker) Publish(_ context.Context, msg Publication) (string, erro
 	if b.closed {
 		return "", errBrokerClosed
 	}
+	if i := msg.idem; i != nil {
+		if first, ok := b.idem.seen(msg.Channel, i, now); ok {
+			i.duplicate = true
+			return first, nil
+		}
+		b.idem.record(msg.Channel, i, id, now)
+	}
 	if b.subscribed[msg.Channel] {
 		b.deliver(msg.Channel, payload)
 	}
@@ -69,6 +77,12 @@ func (b *memoryBroker) publishKept(msg Publication, now time.Time) (string, erro
 	if b.closed {
 		return "", errBrokerClosed
 	}
+	if i := msg.idem; i != nil {
+		if first, ok := b.idem.seen(msg.Channel, i, now); ok {
+			i.duplicate = true
+			return first, nil
+		}
+	}
 	if now.Sub(b.lastSweep) > historySweepEvery {
 		b.memoryHistory.sweep(now)
 		b.lastSweep = now
@@ -76,6 +90,9 @@ func (b *memoryBroker) publishKept(msg Publication, now time.Time) (string, erro
 	id, payload, err := b.memoryHistory.append(msg.Channel, msg.History, now, tail, msg.newHistory)
 	if err != nil {
 		return "", err
+	}
+	if msg.idem != nil {
+		b.idem.record(msg.Channel, msg.idem, id.String(), now)
 	}
 	if b.subscribed[msg.Channel] {
 		b.deliver(msg.Channel, stamped(payload))
@@ -105,5 +122,6 @@ func (b *memoryBroker) Close() error {
 	defer b.mu.Unlock()
 	b.closed = true
 	b.memoryHistory.clear()
+	b.idem.clear()
 	return nil
 }

@@ -94,10 +94,43 @@ func (b *redisBroker) Publish(ctx context.Context, msg Publication) (string, err
 	if b.sharded {
 		command = "spublish"
 	}
+	if msg.idem != nil {
+		return b.publishOnce(ctx, name, payload, id, msg.idem)
+	}
 	if err := b.run(ctx, redis.NewIntCmd(ctx, command, name, payload)); err != nil {
 		return "", fmt.Errorf("redis %s %s: %w", strings.ToUpper(command), name, err)
 	}
 	return id, nil
+}
+
+// publishOnceScript publishes a message unless its idempotency key was
+// seen within its window, and records the key with the message id; a
+// repeat gets the first id back and "1". KEYS: the idempotency key. ARGV:
+// pub/sub name, payload, message id, window in ms.
+var publishOnceScript = newPubSubScript(`
+local first = redis.call('GET', KEYS[1])
+if first then
+	return {first, '1'}
+end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return {ARGV[3], '0'}
+`)
+
+// publishOnce is Publish with an idempotency key: one script instead of
+// PUBLISH, so that the check, the record and the publish are atomic.
+func (b *redisBroker) publishOnce(ctx context.Context, name string, payload []byte, id string, i *idempotency) (string, error) {
+	cmd, err := b.runScript(ctx, publishOnceScript.get(b.sharded), []string{i.redisKey(name)},
+		name, payload, id, max(i.window.Milliseconds(), 1))
+	if err != nil {
+		return "", fmt.Errorf("redis idempotent PUBLISH %s: %w", name, err)
+	}
+	res, err := cmd.StringSlice()
+	if err != nil || len(res) != 2 {
+		return "", fmt.Errorf("redis idempotent PUBLISH %s: unexpected reply %v (%v)", name, cmd.Val(), err)
+	}
+	i.duplicate = res[1] == "1"
+	return res[0], nil
 }
 
 func newPublishPipeline(client redis.UniversalClient) (*redis.AutoPipeliner, error) {

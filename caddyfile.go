@@ -116,6 +116,7 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 //		write_timeout            <duration>
 //		publish_timeout          <duration>
 //		drain_period             <duration>
+//		idempotency_window       <duration> | off
 //		jwt {
 //			secret          <secret>
 //			public_key      <PEM file>
@@ -247,6 +248,20 @@ var chatOptions = &optionTable[Handler]{options: []option[Handler]{
 	durationOption("write_timeout", "10s", func(h *Handler, d caddy.Duration) { h.WriteTimeout = d }),
 	durationOption("publish_timeout", "2s", func(h *Handler, d caddy.Duration) { h.PublishTimeout = d }),
 	durationOption("drain_period", "10s", func(h *Handler, d caddy.Duration) { h.DrainPeriod = d }),
+	{name: "idempotency_window", min: 1, max: 1, syntax: "<duration> | off",
+		takes: "one duration, or off", example: "idempotency_window 5m",
+		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error {
+			var window caddy.Duration
+			if args[0] != "off" {
+				d, err := caddy.ParseDuration(args[0])
+				if err != nil || d <= 0 {
+					return fmt.Errorf("idempotency_window %q: want a positive duration such as 5m, or off", args[0])
+				}
+				window = caddy.Duration(d)
+			}
+			h.IdempotencyWindow = &window
+			return nil
+		}},
 	{name: "jwt", takes: "no values, only a block", example: "jwt { secret {env.CHAT_JWT_SECRET} }",
 		block: jwtOptions,
 		parse: func(h *Handler, d *caddyfile.Dispenser, _ []string) error {

@@ -310,6 +310,9 @@ func (h *Handler) checkOptions(static bool) []error {
 			add(d.name, "", "chat: %s %s: must be between %v and 1h", d.name, formatDuration(d.v), d.min)
 		}
 	}
+	if w := h.IdempotencyWindow; w != nil && (*w < 0 || time.Duration(*w) > maxIdempotencyWindow || (*w > 0 && time.Duration(*w) < time.Second)) {
+		add("idempotency_window", "", "chat: idempotency_window %s: must be off (0) or between 1s and 24h", formatDuration(time.Duration(*w)))
+	}
 	for _, o := range h.Origins {
 		if o == "" {
 			add("origins", "", "chat: origins: empty pattern")

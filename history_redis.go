@@ -34,7 +34,17 @@ func historyEpochKey(pubsubName string) string  { return "{" + pubsubName + "}:e
 // publish, and both keys expire after the TTL without a publish. On a
 // cluster it runs with SPUBLISH: the keys' hash tag is the channel, so they
 // share its slot.
+//
+// With an idempotency key (KEYS[3], ARGV[8] its window in ms) a key seen
+// within its window returns {first id, "", "d"} and does nothing else;
+// otherwise the key is recorded with the new entry's id.
 var publishWithHistory = newPubSubScript(`
+if ARGV[8] then
+	local first = redis.call('GET', KEYS[3])
+	if first then
+		return {first, '', 'd'}
+	end
+end
 local epoch
 local created = '0'
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -54,6 +64,9 @@ end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 't', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if ARGV[8] then
+	redis.call('SET', KEYS[3], id, 'PX', ARGV[8])
+end
 redis.call('PUBLISH', ARGV[1], ARGV[5] .. id .. '","epoch":"' .. epoch .. '",' .. ARGV[6])
 return {id, epoch, created}
 `)
@@ -73,9 +86,13 @@ func (b *redisBroker) publishKept(ctx context.Context, msg Publication, now time
 	if msg.newHistory != nil && !msg.newHistory.allowed {
 		mayCreate = "0"
 	}
-	cmd, err := b.runScript(ctx, publishWithHistory.get(b.sharded),
-		[]string{historyStreamKey(name), historyEpochKey(name)},
-		name, msg.History.count, ttl, newEpoch(), nodeStamp+envelopeHead(msg.Channel), tail, mayCreate)
+	keys := []string{historyStreamKey(name), historyEpochKey(name)}
+	args := []any{name, msg.History.count, ttl, newEpoch(), nodeStamp + envelopeHead(msg.Channel), tail, mayCreate}
+	if msg.idem != nil {
+		keys = append(keys, msg.idem.redisKey(name))
+		args = append(args, max(msg.idem.window.Milliseconds(), 1))
+	}
+	cmd, err := b.runScript(ctx, publishWithHistory.get(b.sharded), keys, args...)
 	if err != nil {
 		return "", fmt.Errorf("redis XADD+PUBLISH %s: %w", name, err)
 	}
@@ -88,6 +105,10 @@ func (b *redisBroker) publishKept(ctx context.Context, msg Publication, now time
 	}
 	if len(res) != 3 {
 		return "", fmt.Errorf("redis XADD+PUBLISH %s: unexpected reply %q", name, res)
+	}
+	if res[2] == "d" {
+		msg.idem.duplicate = true
+		return res[0], nil
 	}
 	if res[2] == "1" && msg.newHistory != nil {
 		msg.newHistory.created = true

@@ -109,6 +109,13 @@ type Handler struct {
 	// told "unavailable". Default: 2s.
 	PublishTimeout caddy.Duration `json:"publish_timeout,omitempty"`
 
+	// How long a publish's idempotency_key is remembered: a publish with
+	// the same key, by the same publisher, on the same channel within it
+	// delivers nothing and is answered with the first message id, on every
+	// node. Default (unset): 5m; 0 turns idempotency keys off (they are
+	// then ignored). At most 24h.
+	IdempotencyWindow *caddy.Duration `json:"idempotency_window,omitempty"`
+
 	// JWT authentication before the upgrade. Without it the route has no
 	// authentication: every connection is anonymous, with the permissions of
 	// Anonymous (default: every channel).

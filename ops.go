@@ -85,6 +85,14 @@ func (c *conn) opPublish(f clientFrame) {
 		c.replyError(f.ID, errBadRequest, `publish needs "data"`)
 		return
 	}
+	var idemKey string
+	if f.IdempotencyKey != nil {
+		if err := validateIdempotencyKey(*f.IdempotencyKey); err != nil {
+			c.replyError(f.ID, errBadRequest, err.Error())
+			return
+		}
+		idemKey = *f.IdempotencyKey
+	}
 	if !c.identity.publish.allows(f.Channel) {
 		c.replyError(f.ID, errForbidden, "may not publish on "+f.Channel)
 		return
@@ -99,7 +107,8 @@ func (c *conn) opPublish(f clientFrame) {
 		return
 	}
 	ctx, cancel := c.brokerContext()
-	id, err := c.route.publish(ctx, c.publisher(), Publication{Channel: f.Channel, From: c.identity.user, Origin: originOf(c.identity), Guest: c.identity.guest, Name: c.identity.name, Info: c.identity.info, Data: data, conn: c.id, path: c.path})
+	idem := c.route.idempotent(idemScope(c.identity, c.id), idemKey)
+	id, err := c.route.publish(ctx, c.publisher(), Publication{Channel: f.Channel, From: c.identity.user, Origin: originOf(c.identity), Guest: c.identity.guest, Name: c.identity.name, Info: c.identity.info, Data: data, conn: c.id, path: c.path, idem: idem})
 	cancel()
 	if errors.Is(err, errNewHistoryLimited) {
 		c.replyError(f.ID, errLimitExceeded, c.route.newChannelsRefusal(f.Channel))
@@ -110,7 +119,7 @@ func (c *conn) opPublish(f clientFrame) {
 		c.replyError(f.ID, errUnavailable, "message not published: the broker did not accept it within publish_timeout (down or overloaded); retry later")
 		return
 	}
-	c.sendOwn(reply{Type: "ok", ID: f.ID, Channel: f.Channel, MessageID: id})
+	c.sendOwn(reply{Type: "ok", ID: f.ID, Channel: f.Channel, MessageID: id, Duplicate: idem != nil && idem.duplicate})
 }
 
 // opHistory serves the history op: a page of kept messages older than

@@ -98,6 +98,8 @@ type clientFrame struct {
 	ID      json.RawMessage `json:"id,omitempty"`
 	Data    json.RawMessage `json:"data,omitempty"`
 	Token   string          `json:"token,omitempty"`
+	// IdempotencyKey makes a publish idempotent (idempotency.go).
+	IdempotencyKey *string `json:"idempotency_key,omitempty"`
 
 	// Subscribe with history: Since resumes after the last message id the
 	// client saw (with the Epoch that message carried); History starts
@@ -151,8 +153,11 @@ type reply struct {
 	ID        json.RawMessage `json:"id,omitempty"`
 	Channel   string          `json:"channel,omitempty"`
 	MessageID string          `json:"message_id,omitempty"`
-	Code      string          `json:"code,omitempty"`
-	Message   string          `json:"message,omitempty"`
+	// Duplicate: a publish whose idempotency key was already used; nothing
+	// was delivered, MessageID is the first publish's.
+	Duplicate bool   `json:"duplicate,omitempty"`
+	Code      string `json:"code,omitempty"`
+	Message   string `json:"message,omitempty"`
 
 	// A subscribe with since or history: whether every message after since
 	// was replayed (only with since), the channel's history epoch, how many

@@ -21,20 +21,23 @@ const maxPublishBatch = 100
 // publishRequest is one message of an HTTP publish: the body itself, or an
 // element of its "messages" list for a batch.
 type publishRequest struct {
-	Channel  string          `json:"channel"`
-	Data     json.RawMessage `json:"data"`
-	Messages []publishItem   `json:"messages"`
+	Channel        string          `json:"channel"`
+	Data           json.RawMessage `json:"data"`
+	IdempotencyKey *string         `json:"idempotency_key"`
+	Messages       []publishItem   `json:"messages"`
 }
 
 type publishItem struct {
-	Channel string          `json:"channel"`
-	Data    json.RawMessage `json:"data"`
+	Channel        string          `json:"channel"`
+	Data           json.RawMessage `json:"data"`
+	IdempotencyKey *string         `json:"idempotency_key"`
 }
 
 type publishResult struct {
-	Channel string        `json:"channel"`
-	ID      string        `json:"id,omitempty"`
-	Error   *publishError `json:"error,omitempty"`
+	Channel   string        `json:"channel"`
+	ID        string        `json:"id,omitempty"`
+	Duplicate bool          `json:"duplicate,omitempty"`
+	Error     *publishError `json:"error,omitempty"`
 }
 
 type publishError struct {
@@ -86,14 +89,14 @@ func (h *Handler) servePublish(w http.ResponseWriter, r *http.Request) {
 	}
 
 	if req.Messages == nil {
-		if req.Channel == "" && len(req.Data) == 0 {
+		if req.Channel == "" && len(req.Data) == 0 && req.IdempotencyKey == nil {
 			writePublishError(w, http.StatusBadRequest, errBadRequest, `body needs "channel" and "data", or "messages"`)
 			return
 		}
 		if !h.allowPublish(w, id, 1) {
 			return
 		}
-		res, status := h.publishOne(r.Context(), id, publishItem{Channel: req.Channel, Data: req.Data})
+		res, status := h.publishOne(r.Context(), id, publishItem{Channel: req.Channel, Data: req.Data, IdempotencyKey: req.IdempotencyKey})
 		if res.Error != nil {
 			writePublishError(w, status, res.Error.Code, res.Error.Message)
 			return
@@ -101,7 +104,7 @@ func (h *Handler) servePublish(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, res)
 		return
 	}
-	if req.Channel != "" || len(req.Data) > 0 {
+	if req.Channel != "" || len(req.Data) > 0 || req.IdempotencyKey != nil {
 		writePublishError(w, http.StatusBadRequest, errBadRequest, `use either "channel" and "data", or "messages"`)
 		return
 	}
@@ -159,6 +162,13 @@ func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem
 	if len(item.Data) == 0 {
 		return fail(http.StatusBadRequest, errBadRequest, `message needs "data"`)
 	}
+	var idemKey string
+	if item.IdempotencyKey != nil {
+		if err := validateIdempotencyKey(*item.IdempotencyKey); err != nil {
+			return fail(http.StatusBadRequest, errBadRequest, err.Error())
+		}
+		idemKey = *item.IdempotencyKey
+	}
 	if int64(len(item.Data)) > h.MaxMessageSize {
 		return fail(http.StatusRequestEntityTooLarge, errTooLarge, fmt.Sprintf("data larger than max_message_size (%d bytes)", h.MaxMessageSize))
 	}
@@ -185,7 +195,10 @@ func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem
 	if id.user != "" {
 		key = &publisherKey{user: id.user}
 	}
-	msgID, err := h.route.publish(ctx, key, Publication{Channel: item.Channel, From: id.user, Origin: originOf(id), Data: data, path: h.PublishEndpoint})
+	// The HTTP endpoint has no connection: a token holder's keys are its
+	// user's, the publish key's are the backend's.
+	idem := h.route.idempotent(idemScope(id, ""), idemKey)
+	msgID, err := h.route.publish(ctx, key, Publication{Channel: item.Channel, From: id.user, Origin: originOf(id), Data: data, path: h.PublishEndpoint, idem: idem})
 	if errors.Is(err, errNewHistoryLimited) {
 		return fail(http.StatusTooManyRequests, errLimitExceeded, h.route.newChannelsRefusal(item.Channel))
 	}
@@ -194,6 +207,7 @@ func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem
 		return fail(http.StatusServiceUnavailable, errUnavailable, "message not published: the broker did not accept it within publish_timeout (down or overloaded); retry later")
 	}
 	res.ID = msgID
+	res.Duplicate = idem != nil && idem.duplicate
 	moduleMetrics().httpPublishes.WithLabelValues("ok").Inc()
 	return res, http.StatusOK
 }

@@ -30,8 +30,11 @@ type route struct {
 	maxSubscriptions int
 	maxReplay        int
 	publishTimeout   time.Duration
-	writeTimeout     time.Duration
-	pingInterval     time.Duration
+	// idemWindow: how long idempotency keys are remembered; 0: keys are
+	// ignored.
+	idemWindow   time.Duration
+	writeTimeout time.Duration
+	pingInterval time.Duration
 	// rate is the frames per second one connection may send, 0 for no
 	// limit; rateBurst the bucket's size.
 	rate      float64
@@ -90,6 +93,10 @@ func (h *Handler) resolveRoute() *route {
 	if c := h.PublishHook; c != nil {
 		r.publishHook = newHookClient("publish", c, h.logger)
 	}
+	r.idemWindow = defaultIdempotencyWindow
+	if w := h.IdempotencyWindow; w != nil {
+		r.idemWindow = time.Duration(*w)
+	}
 	if h.JWT != nil {
 		r.tokenLeeway = time.Duration(h.JWT.Leeway)
 	}
@@ -108,6 +115,9 @@ func (h *Handler) resolveRoute() *route {
 // trip.
 func (r *route) publish(ctx context.Context, key *publisherKey, msg Publication) (string, error) {
 	id, err := r.publishMessage(ctx, key, msg)
+	if err == nil && msg.idem != nil && msg.idem.duplicate {
+		return id, nil // the first publish was recorded; nothing new happened
+	}
 	if err == nil && r.webhooks.wants("publish") {
 		// The one place a publish event is recorded: the broker took it.
 		data := msg.Data
@@ -132,6 +142,15 @@ func (r *route) publishMessage(ctx context.Context, key *publisherKey, msg Publi
 		r.newChannels.charge(*key, time.Now())
 	}
 	return id, err
+}
+
+// idempotent is the idempotency of a publish with key by scope: nil when
+// no key was sent or the route has idempotency_window 0.
+func (r *route) idempotent(scope, key string) *idempotency {
+	if key == "" || r.idemWindow <= 0 {
+		return nil
+	}
+	return &idempotency{scope: scope, key: key, window: r.idemWindow}
 }
 
 // close lets go of what the route holds: the hooks' idle connections.

@@ -69,6 +69,7 @@ export type ErrorCode =
   | "limit_exceeded"
   | "too_large"
   | "rate_limited"
+  | "rejected"
   | "unavailable"
   | "internal"
   | "timeout"
@@ -259,6 +260,14 @@ export class OwnMessages {
   isOwn(msg: Message<unknown>): boolean;
 }
 
+export interface PublishOptions {
+  /** The publish's idempotency key: 1 to 128 bytes of visible ASCII. Default: a fresh random UUID. */
+  idempotencyKey?: string;
+}
+
+/** A fresh idempotency key: a random UUID (or 128 random bits in hex). */
+export function newIdempotencyKey(): string;
+
 export class CaddyChat {
   constructor(url: string, options?: CaddyChatOptions);
   readonly url: string;
@@ -275,8 +284,13 @@ export class CaddyChat {
   /** Where a reconnect would resume the channel, or null. */
   position(channel: string): { since: string; epoch: string | null } | null;
 
-  /** Resolves with the message id. */
-  publish(channel: string, data: JSONValue): Promise<string>;
+  /**
+   * Resolves with the message id. Each publish carries an idempotency key
+   * (fresh, or options.idempotencyKey); an authenticated client sends a
+   * publish whose reply a dropped connection lost again, with the same key,
+   * after reconnecting, and the server delivers it once.
+   */
+  publish(channel: string, data: JSONValue, options?: PublishOptions): Promise<string>;
   history<T = JSONValue>(channel: string, options?: HistoryOptions): Promise<HistoryPage<T>>;
   presence(channel: string): Promise<PresenceUser[]>;
   /** Moves the open connection to a new token; null when disconnected. */

@@ -7,6 +7,16 @@
 // request/reply matching with timeouts; a bounded queue of publishes made
 // while disconnected.
 
+/** A fresh idempotency key: a random UUID (or 128 random bits in hex). */
+export function newIdempotencyKey() {
+  const c = globalThis.crypto;
+  if (c?.randomUUID) return c.randomUUID();
+  const bytes = new Uint8Array(16);
+  if (c?.getRandomValues) c.getRandomValues(bytes);
+  else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 /** Close codes after which reconnecting cannot help: the client must change. */
 export const PERMANENT_CLOSE_CODES = Object.freeze([1003, 1007, 1008, 1009]);
 
@@ -194,6 +204,7 @@ export class CaddyChat {
   #nextId = 0;
   #pending = new Map(); // correlation id → request in flight
   #outbox = []; // requests waiting for a ready connection
+  #requestSeq = 0; // orders requests, so resent publishes keep their order
   #channels = new Map(); // channel → subscription entry, in subscribe order
   #listeners = new Map(); // event → Set of functions
   #welcome = null;
@@ -322,10 +333,21 @@ export class CaddyChat {
     return entry && isStreamId(entry.streamId) ? { since: entry.streamId, epoch: entry.epoch } : null;
   }
 
-  /** Publishes `data` (any JSON value). Resolves with the message id. */
-  publish(channel, data) {
+  /**
+   * Publishes `data` (any JSON value). Resolves with the message id.
+   *
+   * Every publish carries an idempotency key (a fresh random one, or
+   * `options.idempotencyKey`): when the connection drops before the reply,
+   * an authenticated client sends the same publish again, with the same key,
+   * once it has reconnected, and the server answers a repeat with the first
+   * message id without delivering it twice. An anonymous client's keys end
+   * with its connection, so it rejects with `disconnected` instead, as
+   * before.
+   */
+  publish(channel, data, options = {}) {
     if (data === undefined) return Promise.reject(new CaddyChatError("bad_request", "publish needs data (any JSON value but undefined)"));
-    return this.#request({ op: "publish", channel, data }).then((reply) => reply.message_id);
+    const key = options.idempotencyKey ?? newIdempotencyKey();
+    return this.#request({ op: "publish", channel, data, idempotency_key: key }, { resend: true }).then((reply) => reply.message_id);
   }
 
   /** A page of kept messages older than `before` (the newest without it), oldest first. */
@@ -428,19 +450,28 @@ export class CaddyChat {
   #onClose(code, reason) {
     const wasOpen = this.#open;
     this.#detach();
-    // Nobody knows whether these reached the broker: reject rather than
-    // resend, so a publish is never made twice behind the app's back.
-    // Subscribes are the exception; the next connection resends them.
+    // Nobody knows whether these reached the broker. A publish carries an
+    // idempotency key, which the server keeps per user: an authenticated
+    // client sends it again, first thing on the next connection, and the
+    // server delivers it at most once. Anything else rejects rather than
+    // resend, so nothing is done twice behind the app's back. Subscribes
+    // are the exception; the next connection resends them.
     const inFlight = [...this.#pending.values()];
     this.#pending.clear();
+    const keysSurvive = Boolean(this.#welcome?.user);
+    const resend = [];
     for (const req of inFlight) {
       this.#clearTimer(req.timer);
       if (req.onDrop) req.onDrop();
+      else if (req.resend && keysSurvive) resend.push(req);
       else req.reject(new CaddyChatError("disconnected", `the connection closed (${code}) before the reply; the ${req.frame.op} may or may not have taken effect`));
     }
     // A fixed token that expired would only be refused (401) on every retry.
     const permanent =
       PERMANENT_CLOSE_CODES.includes(code) || (code === TOKEN_EXPIRED && typeof this.#token !== "function");
+    // In the order they were sent, ahead of what was queued meanwhile.
+    resend.sort((x, y) => x.seq - y.seq);
+    this.#outbox.unshift(...resend);
     const delay = permanent ? null : this.#nextDelay();
     this.#emit("disconnect", { code, reason, wasOpen, willReconnect: delay !== null, delay });
     if (permanent) {
@@ -621,7 +652,7 @@ export class CaddyChat {
 
   // ---- frames ----
 
-  #request(frame) {
+  #request(frame, { resend = false } = {}) {
     if (this.#closed) return Promise.reject(closedError());
     let text;
     try {
@@ -636,7 +667,7 @@ export class CaddyChat {
       return Promise.reject(new CaddyChatError("too_large", `the ${frame.op} frame is over maxFrameSize (${this.#maxFrameSize} bytes)`));
     }
     return new Promise((resolve, reject) => {
-      const req = { frame, resolve, reject };
+      const req = { frame, resolve, reject, resend, seq: ++this.#requestSeq };
       if (this.#ready) this.#transmit(req);
       else if (this.#outbox.length >= this.#maxQueued) reject(new CaddyChatError("queue_full", `${this.#maxQueued} requests already wait for a connection`));
       else this.#outbox.push(req);

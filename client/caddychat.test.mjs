@@ -610,9 +610,47 @@ test("the queue rejects with queue_full beyond maxQueued", async () => {
   await Promise.all([p1, p2]);
 });
 
-test("a publish in flight when the connection drops rejects with disconnected and is not resent", async () => {
+test("every publish carries a fresh idempotency key, or the app's", async () => {
+  const { client } = setup();
+  const ws = await connect();
+  client.publish("room:a", 1);
+  client.publish("room:a", 2);
+  client.publish("room:a", 3, { idempotencyKey: "mine-1" });
+  const keys = ws.ops("publish").map((f) => f.idempotency_key);
+  assert.equal(keys.length, 3);
+  assert.match(keys[0], /^[\x21-\x7e]{16,128}$/);
+  assert.notEqual(keys[0], keys[1]);
+  assert.equal(keys[2], "mine-1");
+});
+
+test("a publish in flight when the connection drops is sent again after the reconnect, with the same key", async () => {
   const { clock, client } = setup();
   let ws = await connect();
+  const p1 = client.publish("room:a", 1);
+  const p2 = client.publish("room:a", 2);
+  const [first1, first2] = ws.ops("publish");
+  ws = await dropAndWait(clock, ws);
+  const p3 = client.publish("room:a", 3); // queued while disconnected: after the resent ones
+  ws.open();
+  const again = ws.ops("publish");
+  assert.deepEqual(again.map((f) => f.data), [1, 2, 3]);
+  assert.equal(again[0].idempotency_key, first1.idempotency_key);
+  assert.equal(again[1].idempotency_key, first2.idempotency_key);
+  assert.notEqual(again[2].idempotency_key, first1.idempotency_key);
+  ws.receive({ type: "ok", id: again[0].id, message_id: "m1", duplicate: true });
+  ws.receive({ type: "ok", id: again[1].id, message_id: "m2" });
+  ws.receive({ type: "ok", id: again[2].id, message_id: "m3" });
+  assert.deepEqual(await Promise.all([p1, p2, p3]), ["m1", "m2", "m3"]);
+});
+
+test("an anonymous client's publish in flight when the connection drops rejects with disconnected and is not resent", async () => {
+  const { clock, client } = setup();
+  await flush();
+  let ws = FakeWebSocket.last;
+  ws.readyState = 1;
+  ws.onopen?.({});
+  ws.receive({ type: "welcome", conn: "c1", node: "n1", user: "", anonymous: true });
+  await flush();
   const p = assert.rejects(client.publish("room:a", 1), { code: "disconnected" });
   ws = await dropAndWait(clock, ws);
   await p;
