@@ -48,12 +48,11 @@ func (b *memoryBroker) Publish(_ context.Context, msg Publication) (string, erro
 	if b.closed {
 		return "", errBrokerClosed
 	}
-	if i := msg.idem; i != nil {
-		if first, ok := b.idem.seen(msg.Channel, i, now); ok {
-			i.duplicate = true
-			return first, nil
-		}
-		b.idem.record(msg.Channel, i, id, now)
+	if first, ok := b.repeated(msg, now); ok {
+		return first, nil
+	}
+	if msg.idem != nil {
+		b.idem.record(msg.Channel, msg.idem, id, now)
 	}
 	if b.subscribed[msg.Channel] {
 		b.deliver(msg.Channel, payload)
@@ -77,11 +76,8 @@ func (b *memoryBroker) publishKept(msg Publication, now time.Time) (string, erro
 	if b.closed {
 		return "", errBrokerClosed
 	}
-	if i := msg.idem; i != nil {
-		if first, ok := b.idem.seen(msg.Channel, i, now); ok {
-			i.duplicate = true
-			return first, nil
-		}
+	if first, ok := b.repeated(msg, now); ok {
+		return first, nil
 	}
 	if now.Sub(b.lastSweep) > historySweepEvery {
 		b.memoryHistory.sweep(now)
@@ -98,6 +94,20 @@ func (b *memoryBroker) publishKept(msg Publication, now time.Time) (string, erro
 		b.deliver(msg.Channel, stamped(payload))
 	}
 	return id.String(), nil
+}
+
+// repeated reports whether msg repeats an idempotent publish still in its
+// window, with the first publish's id (and marks msg a duplicate); b.mu is
+// held.
+func (b *memoryBroker) repeated(msg Publication, now time.Time) (string, bool) {
+	if msg.idem == nil {
+		return "", false
+	}
+	first, ok := b.idem.seen(msg.Channel, msg.idem, now)
+	if ok {
+		msg.idem.duplicate = true
+	}
+	return first, ok
 }
 
 func (b *memoryBroker) Subscribe(_ context.Context, channel string) error {

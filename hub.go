@@ -160,11 +160,12 @@ func newHub(cfg hubConfig) (*hub, error) {
 	if err != nil {
 		return nil, err
 	}
+	brokerName := cfg.brokerName()
 	h := &hub{
 		node:        node,
 		ids:         &idGenerator{node: node},
-		log:         caddy.Log().Named("http.handlers.chat").With(zap.String("node", node), zap.String("broker", cfg.brokerName())),
-		brokerName:  cfg.brokerName(),
+		log:         caddy.Log().Named("http.handlers.chat").With(zap.String("node", node), zap.String("broker", brokerName)),
+		brokerName:  brokerName,
 		prefix:      cfg.channelPrefix,
 		channels:    make(map[string]*channelState),
 		subscribers: make(map[subscriber]struct{}),

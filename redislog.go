@@ -8,7 +8,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/redis/go-redis/v9"
-	"go.uber.org/zap"
 )
 
 // go-redis writes its own notes (a discarded pub/sub connection, a
@@ -38,7 +37,5 @@ func (redisLogger) Printf(_ context.Context, format string, v ...any) {
 		log.Error(msg)
 		return
 	}
-	if ce := log.Check(zap.DebugLevel, msg); ce != nil {
-		ce.Write()
-	}
+	log.Debug(msg)
 }
