@@ -6,6 +6,9 @@ package caddychat
 //
 //	caddy chat token   mints a JWT for testing a route (this file)
 //	caddy chat ping    the smoke test of a running route (command_ping.go)
+//	caddy chat stats, channels, presence, history, history-remove, publish,
+//	  broadcast, disconnect, unsubscribe, subscribe, revoke, revocations:
+//	  clients of the server API on Caddy's admin endpoint (command_admin.go)
 
 import (
 	"crypto/ecdsa"
@@ -26,8 +29,8 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "chat",
-		Usage: "<token|ping> [flags]",
-		Short: "Mints test tokens for caddychat routes and smoke-tests a running chat route",
+		Usage: "<token|ping|stats|channels|presence|history|history-remove|publish|broadcast|disconnect|unsubscribe|subscribe|revoke|revocations> [flags]",
+		Short: "Mints test tokens, smoke-tests a chat route and runs the chat's server API (stats, disconnect, revoke…)",
 		Long: `
 Commands of the caddychat module (http.handlers.chat):
 
@@ -37,6 +40,24 @@ Commands of the caddychat module (http.handlers.chat):
   caddy chat ping [--token <jwt>] <ws-or-http-url>
       connects to a chat route, subscribes, publishes and receives, printing
       each step's latency: the smoke test after a deployment
+
+  The server API, through Caddy's admin endpoint (--admin, default
+  $CADDY_ADMIN, else localhost:2019; --prefix <channel prefix> when the node
+  runs several chats) or a site's publish endpoint (--url <publish endpoint>
+  --key <publish key>); --json prints the server's answer as it is:
+
+  caddy chat stats                        connections, users, channels per node
+  caddy chat channels [--pattern p]       channels with subscribers
+  caddy chat presence <channel>           who is on a channel
+  caddy chat history <channel> [--limit n] [--before id]
+  caddy chat history-remove <channel>     deletes a channel's history
+  caddy chat publish <channel> <json>     publishes as the server
+  caddy chat broadcast <json> <channel>...
+  caddy chat disconnect <user> [--code n --reason s]   (or --conn <id>)
+  caddy chat unsubscribe <user> <channel>
+  caddy chat subscribe <user> <channel>
+  caddy chat revoke --jti <id> | --user <user> [--issued-before t] [--until t]
+  caddy chat revocations                  the revocations in force
 
 Run 'caddy chat <command> --help' for the flags of each.
 `,
@@ -48,6 +69,9 @@ Run 'caddy chat <command> --help' for the flags of each.
 func chatCommand(cmd *cobra.Command) {
 	cmd.Args = cobra.NoArgs
 	cmd.AddCommand(tokenCommand(), pingCommand())
+	for _, c := range adminCommands() {
+		cmd.AddCommand(newAdminCommand(c))
+	}
 }
 
 // tokenCommand is `caddy chat token`.

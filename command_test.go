@@ -58,8 +58,9 @@ func TestChatCommandRegistered(t *testing.T) {
 	for _, c := range cmd.Commands() {
 		names = append(names, c.Name())
 	}
-	if strings.Join(names, ",") != "ping,token" {
-		t.Errorf("chat subcommands = %v, want ping and token", names)
+	want := "broadcast,channels,disconnect,history,history-remove,ping,presence,publish,revocations,revoke,stats,subscribe,token,unsubscribe"
+	if strings.Join(names, ",") != want {
+		t.Errorf("chat subcommands = %v, want %s", names, want)
 	}
 }
 
