@@ -234,7 +234,12 @@ export interface CaddyChatEvents {
 }
 
 export const PERMANENT_CLOSE_CODES: readonly number[];
+/** The token's exp passed without a refresh: reconnects only with a token function. */
 export const TOKEN_EXPIRED: 4002;
+/** The server API disconnected this client (the reason is the API caller's): no reconnect. */
+export const DISCONNECTED_BY_SERVER: 4005;
+/** The token was revoked (server API revoke): reconnects only with a token function, as after 4002. */
+export const TOKEN_REVOKED: 4006;
 export function isStreamId(id: unknown): id is string;
 export function compareStreamIds(a: string, b: string): number;
 /** A sentence telling a user what a `gap` event means, in words true for its cause; null for a gap that needs no notice. */

@@ -23,6 +23,20 @@ export const PERMANENT_CLOSE_CODES = Object.freeze([1003, 1007, 1008, 1009]);
 /** Close code the server uses when the token's exp passed without a refresh. */
 export const TOKEN_EXPIRED = 4002;
 
+/**
+ * Close code of the server API's disconnect (its default code): the server
+ * (a backend, an operator) wants this client gone, so it does not come back
+ * by itself. The close reason is the API caller's.
+ */
+export const DISCONNECTED_BY_SERVER = 4005;
+
+/**
+ * Close code the server uses when the connection's token was revoked (server
+ * API revoke). As after TOKEN_EXPIRED, only a token function can help: it may
+ * fetch a token the revocation does not cover.
+ */
+export const TOKEN_REVOKED = 4006;
+
 const DEFAULT_BACKOFF = Object.freeze({ initial: 1000, max: 30000, factor: 2 });
 
 /** An Error with a machine-readable `code` (the server's error code or one of the client's own). */
@@ -466,9 +480,14 @@ export class CaddyChat {
       else if (req.resend && keysSurvive) resend.push(req);
       else req.reject(new CaddyChatError("disconnected", `the connection closed (${code}) before the reply; the ${req.frame.op} may or may not have taken effect`));
     }
-    // A fixed token that expired would only be refused (401) on every retry.
+    // A fixed token that expired or was revoked would only be refused (401)
+    // on every retry. A server API disconnect is the server's decision: not
+    // undone behind its back (the app may reconnect with a new client).
+    const tokenRefused = code === TOKEN_EXPIRED || code === TOKEN_REVOKED;
     const permanent =
-      PERMANENT_CLOSE_CODES.includes(code) || (code === TOKEN_EXPIRED && typeof this.#token !== "function");
+      PERMANENT_CLOSE_CODES.includes(code) ||
+      code === DISCONNECTED_BY_SERVER ||
+      (tokenRefused && typeof this.#token !== "function");
     // In the order they were sent, ahead of what was queued meanwhile.
     resend.sort((x, y) => x.seq - y.seq);
     this.#outbox.unshift(...resend);

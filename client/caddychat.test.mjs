@@ -3,7 +3,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { CaddyChat, CaddyChatError, OwnMessages, backoffDelay, compareStreamIds, describeGap, isStreamId } from "./caddychat.js";
+import { CaddyChat, CaddyChatError, DISCONNECTED_BY_SERVER, OwnMessages, TOKEN_REVOKED, backoffDelay, compareStreamIds, describeGap, isStreamId } from "./caddychat.js";
 
 const flush = () => new Promise((resolve) => setImmediate(resolve));
 
@@ -309,6 +309,53 @@ test("4002 token expired: a fixed token string does not reconnect", async () => 
   assert.equal(client.state, "closed");
   assert.equal(FakeWebSocket.instances.length, 1);
 });
+
+test("the close code constants are the server's", () => {
+  assert.equal(DISCONNECTED_BY_SERVER, 4005);
+  assert.equal(TOKEN_REVOKED, 4006);
+});
+
+test("4005 disconnected by the server: no reconnect, even with a token function; the code and reason are surfaced", async () => {
+  let n = 0;
+  const { clock, client, events } = setup({ token: () => `t${++n}` });
+  const ws = await connect();
+  const inFlight = client.publish("room:a", 1);
+  ws.drop(4005, "kicked by a moderator");
+  assert.equal(client.state, "closed");
+  const d = events.find(([e]) => e === "disconnect")[1];
+  assert.deepEqual(d, { code: 4005, reason: "kicked by a moderator", wasOpen: true, willReconnect: false, delay: null });
+  await assert.rejects(inFlight, (err) => err.code === "closed" && err.closeCode === 4005 && /kicked by a moderator/.test(err.message));
+  await clock.advance(10 * 60 * 1000);
+  assert.equal(FakeWebSocket.instances.length, 1);
+  assert.equal(n, 1, "no new token asked for");
+  assert.equal(clock.timers.size, 0);
+});
+
+test("4006 token revoked: reconnects with a fresh token from a token function", async () => {
+  let n = 0;
+  const { clock, client, events } = setup({ token: () => `t${++n}` });
+  const ws = await connect();
+  const next = await dropAndWait(clock, ws, 4006);
+  assert.deepEqual(next.protocols, ["caddychat", "bearer.t2"]);
+  assert.equal(events.find(([e]) => e === "disconnect")[1].willReconnect, true);
+  next.open();
+  assert.equal(client.state, "connected");
+});
+
+for (const [what, token] of [["a fixed token string", "fixed"], ["no token (cookie auth)", undefined]]) {
+  test(`4006 token revoked: ${what} does not reconnect`, async () => {
+    const { clock, client, events } = setup({ token });
+    const ws = await connect();
+    ws.drop(4006, "token revoked");
+    await clock.advance(60000);
+    assert.equal(client.state, "closed");
+    assert.equal(FakeWebSocket.instances.length, 1);
+    const d = events.find(([e]) => e === "disconnect")[1];
+    assert.equal(d.code, 4006);
+    assert.equal(d.reason, "token revoked");
+    assert.equal(d.willReconnect, false);
+  });
+}
 
 test("a failing token function is reported and retried with backoff", async () => {
   let calls = 0;

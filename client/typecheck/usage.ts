@@ -10,8 +10,10 @@
 import {
   CaddyChat,
   CaddyChatError,
+  DISCONNECTED_BY_SERVER,
   PERMANENT_CLOSE_CODES,
   TOKEN_EXPIRED,
+  TOKEN_REVOKED,
   backoffDelay,
   compareStreamIds,
   describeGap,
@@ -238,7 +240,10 @@ chat.on("disconnect", (d: DisconnectEvent) => {
   const willReconnect: boolean = d.willReconnect;
   const delay: number | null = d.delay;
   const permanent: boolean = PERMANENT_CLOSE_CODES.includes(code) || code === TOKEN_EXPIRED;
-  void [reason, wasOpen, willReconnect, delay, permanent];
+  // The server API's disconnect and revoke: tell the user why (the reason is the server's).
+  const byServer: boolean = code === DISCONNECTED_BY_SERVER && !willReconnect;
+  const revoked: boolean = code === TOKEN_REVOKED;
+  void [reason, wasOpen, willReconnect, delay, permanent, byServer, revoked];
 });
 chat.on("error", (err: Error) => {
   if (err instanceof CaddyChatError) {
@@ -302,5 +307,9 @@ backoffDelay(3, backoff as Required<BackoffOptions>, Math.random);
 backoffDelay(3, { initial: 1000 });
 const codes: readonly number[] = PERMANENT_CLOSE_CODES;
 const expired: 4002 = TOKEN_EXPIRED;
+const kicked: 4005 = DISCONNECTED_BY_SERVER;
+const revokedCode: 4006 = TOKEN_REVOKED;
+// @ts-expect-error the constants are their literal codes
+const wrongCode: 4002 = TOKEN_REVOKED;
 
-void [browser, ctor, url, channels, subscribing, requests, errors, isId, order, delay, codes, expired];
+void [browser, ctor, url, channels, subscribing, requests, errors, isId, order, delay, codes, expired, kicked, revokedCode, wrongCode];
