@@ -222,11 +222,31 @@ export interface GapEvent {
   historyLost?: boolean;
 }
 
+/**
+ * The server API subscribed this connection to `channel`; its messages follow,
+ * to the `message` event (and to the listeners of an app that subscribe()s to
+ * it, which adopts it). Not resubscribed after a reconnect unless adopted.
+ */
+export interface SubscribedEvent {
+  channel: string;
+}
+
+/**
+ * The server API unsubscribed this connection from `channel`. A channel the app
+ * subscribed itself is dropped too: not resubscribed after a reconnect.
+ */
+export interface UnsubscribedEvent {
+  channel: string;
+}
+
 export interface CaddyChatEvents {
   state: ConnectionState;
   welcome: Welcome;
+  /** Every delivery: of the channels the client keeps, and of those only the server subscribed. */
   message: Message;
   presence: PresenceEvent;
+  subscribed: SubscribedEvent;
+  unsubscribed: UnsubscribedEvent;
   resubscribed: ResubscribedEvent;
   gap: GapEvent;
   disconnect: DisconnectEvent;
@@ -280,13 +300,20 @@ export class CaddyChat {
   readonly welcome: Welcome | null;
   /** Channels kept subscribed across reconnects. */
   readonly channels: string[];
+  /** Channels the server subscribed this connection to and the client does not keep: lost on a reconnect. */
+  readonly serverChannels: string[];
 
   on<K extends keyof CaddyChatEvents>(event: K, fn: (arg: CaddyChatEvents[K]) => void): () => void;
   off<K extends keyof CaddyChatEvents>(event: K, fn: (arg: CaddyChatEvents[K]) => void): void;
 
+  /**
+   * Resolves once the server confirmed. A channel in serverChannels is adopted at
+   * once, without a frame or a replay (reply {type: "ok", channel}), and kept from then on.
+   */
   subscribe<T = JSONValue>(channel: string, onMessage?: (msg: Message<T>) => void, options?: SubscribeOptions): Promise<Subscription>;
+  /** Leaves the channel: one the app subscribed, or one the server did. */
   unsubscribe(channel: string): Promise<void>;
-  /** Where a reconnect would resume the channel, or null. */
+  /** Where a reconnect would resume the channel (or the app, one the server subscribed), or null. */
   position(channel: string): { since: string; epoch: string | null } | null;
 
   /**
