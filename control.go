@@ -84,6 +84,27 @@ type control struct {
 
 	mu      sync.Mutex
 	pending map[string]*pendingCall
+
+	// drops counts requests dropped since the last warning, and
+	// lastDropWarning (Unix ns) is when it was given: a flood makes one
+	// warning per dropWarningEvery, not one per request.
+	drops           atomic.Int64
+	lastDropWarning atomic.Int64
+}
+
+const dropWarningEvery = 10 * time.Second
+
+// dropped notes a request the full queue refused.
+func (c *control) dropped(req controlRequest) {
+	n := c.drops.Add(1)
+	last := c.lastDropWarning.Load()
+	now := time.Now().UnixNano()
+	if now-last < int64(dropWarningEvery) || !c.lastDropWarning.CompareAndSwap(last, now) {
+		return
+	}
+	c.drops.Add(-n)
+	c.hub.log.Warn("control requests arrive faster than this node acts on them; dropped",
+		zap.Int64("dropped", n), zap.String("op", req.Op), zap.String("from", truncate(req.From, 64)))
 }
 
 // pendingCall collects the answers to one request.
@@ -173,7 +194,7 @@ func (c *control) receive(channel string, payload []byte) {
 		select {
 		case c.queue <- req:
 		default:
-			c.hub.log.Warn("control requests arrive faster than this node acts on them; dropped", zap.String("op", req.Op), zap.String("from", req.From))
+			c.dropped(req)
 		}
 		return
 	}

@@ -157,13 +157,17 @@ func (h *hub) clusterStats(ctx context.Context) (chatStats, error) {
 		}
 		oldest := time.Now().Add(-statsKeep).UnixMilli()
 		var stale []string
+		// This node's own figures are read now rather than from its report.
+		nodes = append(nodes, h.localStats())
 		for node, raw := range all {
 			var n nodeStats
 			if json.Unmarshal([]byte(raw), &n) != nil || n.ReportedAt < oldest {
 				stale = append(stale, node)
 				continue
 			}
-			nodes = append(nodes, n)
+			if node != h.node {
+				nodes = append(nodes, n)
+			}
 		}
 		if len(stale) > 0 {
 			_ = h.redis.HDel(ctx, h.statsKey(), stale...).Err()
