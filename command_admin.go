@@ -365,7 +365,7 @@ func newAdminCommand(c adminCommand) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:                   c.use + " [--admin <host:port> | --url <publish endpoint>] [--json]",
 		Short:                 c.short,
-		Long:                  "\n" + c.long + "\n" + adminTargetHelp,
+		Long:                  "\n" + c.long + "\n" + cliTargetHelp,
 		Args:                  c.args,
 		DisableFlagsInUseLine: true,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -386,7 +386,7 @@ func newAdminCommand(c adminCommand) *cobra.Command {
 			return err
 		},
 	}
-	addAdminTargetFlags(cmd.Flags())
+	addCLITargetFlags(cmd.Flags())
 	if c.flags != nil {
 		c.flags(cmd.Flags())
 	}
@@ -394,8 +394,8 @@ func newAdminCommand(c adminCommand) *cobra.Command {
 }
 
 // prepareAdmin reads the command line of c: where to send and what.
-func prepareAdmin(c adminCommand, f *pflag.FlagSet, args []string, in io.Reader, getenv func(string) string, now time.Time) (adminTarget, adminRequest, error) {
-	t, err := adminTargetFromFlags(f, getenv)
+func prepareAdmin(c adminCommand, f *pflag.FlagSet, args []string, in io.Reader, getenv func(string) string, now time.Time) (cliTarget, adminRequest, error) {
+	t, err := cliTargetFromFlags(f, getenv)
 	if err != nil {
 		return t, adminRequest{}, err
 	}
@@ -403,8 +403,8 @@ func prepareAdmin(c adminCommand, f *pflag.FlagSet, args []string, in io.Reader,
 	return t, req, err
 }
 
-// adminTargetHelp ends every admin subcommand's help: where it sends.
-const adminTargetHelp = `
+// cliTargetHelp ends every admin subcommand's help: where it sends.
+const cliTargetHelp = `
 It sends the request to Caddy's admin endpoint, http://<--admin>/chat/<op>
 (default: $CADDY_ADMIN, else localhost:2019; a "unix//path" socket works
 too); --prefix <channel prefix> names the chat when the node runs several
@@ -420,9 +420,9 @@ says the op did not fully happen (a node did not answer, a connection or a
 channel was refused).
 `
 
-// adminTarget is where the requests go: Caddy's admin endpoint, or a site's
+// cliTarget is where the requests go: Caddy's admin endpoint, or a site's
 // publish endpoint with its key.
-type adminTarget struct {
+type cliTarget struct {
 	admin   string // the admin address, when url is ""
 	prefix  string // the chat's channel_prefix (admin endpoint only)
 	url     string // the site's publish endpoint, without a final /
@@ -430,8 +430,8 @@ type adminTarget struct {
 	timeout time.Duration
 }
 
-// addAdminTargetFlags adds the flags every admin subcommand takes.
-func addAdminTargetFlags(f *pflag.FlagSet) {
+// addCLITargetFlags adds the flags every admin subcommand takes.
+func addCLITargetFlags(f *pflag.FlagSet) {
 	f.String("admin", "", "Caddy's admin address, host:port or unix//path (default $CADDY_ADMIN, else localhost:2019)")
 	f.String("prefix", "", "the channel_prefix of the chat, when the node runs several")
 	f.String("url", "", "a site's publish endpoint URL to send to instead (e.g. https://chat.example.com/chat/publish)")
@@ -443,10 +443,10 @@ func addAdminTargetFlags(f *pflag.FlagSet) {
 // defaultAdminAddress is Caddy's own default admin address.
 const defaultAdminAddress = "localhost:2019"
 
-// adminTargetFromFlags reads the target flags, with the environment's
+// cliTargetFromFlags reads the target flags, with the environment's
 // defaults (getenv is os.Getenv, a parameter for the tests).
-func adminTargetFromFlags(f *pflag.FlagSet, getenv func(string) string) (adminTarget, error) {
-	var t adminTarget
+func cliTargetFromFlags(f *pflag.FlagSet, getenv func(string) string) (cliTarget, error) {
+	var t cliTarget
 	t.admin, _ = f.GetString("admin")
 	t.prefix, _ = f.GetString("prefix")
 	t.url, _ = f.GetString("url")
@@ -495,7 +495,7 @@ func adminTargetFromFlags(f *pflag.FlagSet, getenv func(string) string) (adminTa
 // runAdmin sends req to t and prints the answer to out: as it is (asJSON)
 // or summarized. It fails when the request does and when the answer says the
 // op did not fully happen.
-func runAdmin(ctx context.Context, t adminTarget, c adminCommand, req adminRequest, asJSON bool, out io.Writer, now time.Time) error {
+func runAdmin(ctx context.Context, t cliTarget, c adminCommand, req adminRequest, asJSON bool, out io.Writer, now time.Time) error {
 	body, err := t.send(ctx, req)
 	if err != nil {
 		return err

@@ -26,7 +26,7 @@ import (
 const maxAdminAnswer = 256 << 20
 
 // endpoint is the URL of req at t, and the HTTP client that reaches it.
-func (t adminTarget) endpoint(req adminRequest) (string, *http.Client, error) {
+func (t cliTarget) endpoint(req adminRequest) (string, *http.Client, error) {
 	q := url.Values{}
 	for k, v := range req.query {
 		q.Set(k, fmt.Sprint(v))
@@ -69,7 +69,7 @@ func (t adminTarget) endpoint(req adminRequest) (string, *http.Client, error) {
 }
 
 // send makes the request and returns the body of a 2xx answer.
-func (t adminTarget) send(ctx context.Context, req adminRequest) ([]byte, error) {
+func (t cliTarget) send(ctx context.Context, req adminRequest) ([]byte, error) {
 	if ctx == nil {
 		ctx = context.Background()
 	}
@@ -117,7 +117,7 @@ func (t adminTarget) send(ctx context.Context, req adminRequest) ([]byte, error)
 }
 
 // unreachable explains a request that got no answer.
-func (t adminTarget) unreachable(ctx context.Context, what string, err error) error {
+func (t cliTarget) unreachable(ctx context.Context, what string, err error) error {
 	if ctx.Err() == context.DeadlineExceeded {
 		return fmt.Errorf("%s: no answer within --timeout %v", what, t.timeout)
 	}
@@ -140,7 +140,7 @@ func (t adminTarget) unreachable(ctx context.Context, what string, err error) er
 // httpError names the request, the status and the server's reason: the
 // spec's {"error":{"code","message"}}, Caddy's own {"error":"…"} (its admin
 // endpoint's refusals), or the first line of any other body.
-func (t adminTarget) httpError(what string, resp *http.Response, body []byte) error {
+func (t cliTarget) httpError(what string, resp *http.Response, body []byte) error {
 	reason := strings.TrimSpace(string(body))
 	var ours struct {
 		Error struct {

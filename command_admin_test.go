@@ -23,7 +23,7 @@ var adminNow = time.Unix(1767225600, 0) // 2026-01-01T00:00:00Z
 // adminCommandLine reads a command line of an admin subcommand as the
 // command does (cobra's flag parsing and argument checks, then
 // prepareAdmin), without sending: the URL, the request and the target.
-func adminCommandLine(env map[string]string, stdin string, args ...string) (string, adminRequest, adminTarget, error) {
+func adminCommandLine(env map[string]string, stdin string, args ...string) (string, adminRequest, cliTarget, error) {
 	var c *adminCommand
 	for _, ac := range adminCommands() {
 		if ac.name == args[0] {
@@ -31,15 +31,15 @@ func adminCommandLine(env map[string]string, stdin string, args ...string) (stri
 		}
 	}
 	if c == nil {
-		return "", adminRequest{}, adminTarget{}, fmt.Errorf("no admin command %q", args[0])
+		return "", adminRequest{}, cliTarget{}, fmt.Errorf("no admin command %q", args[0])
 	}
 	cmd := newAdminCommand(*c)
 	if err := cmd.ParseFlags(args[1:]); err != nil {
-		return "", adminRequest{}, adminTarget{}, err
+		return "", adminRequest{}, cliTarget{}, err
 	}
 	pos := cmd.Flags().Args()
 	if err := cmd.ValidateArgs(pos); err != nil {
-		return "", adminRequest{}, adminTarget{}, err
+		return "", adminRequest{}, cliTarget{}, err
 	}
 	getenv := func(k string) string { return env[k] }
 	t, req, err := prepareAdmin(*c, cmd.Flags(), pos, strings.NewReader(stdin), getenv, adminNow)

@@ -203,6 +203,8 @@ func authFailureLabel(err error) string {
 		return "bad_header"
 	case reason == "wrong publish key" || strings.HasPrefix(reason, "missing Authorization"):
 		return "publish_key"
+	case reason == "token revoked":
+		return "revoked"
 	}
 	return "invalid"
 }
