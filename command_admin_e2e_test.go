@@ -21,23 +21,26 @@ import (
 // adminPublishKey is the publish key of the node of TestAdminCommandAgainstANode.
 const adminPublishKey = "admin-cli-publish-key-0123456789"
 
-// adminCommandRoutes: an anonymous route with history and the publish
-// endpoint, and a jwt route with presence (anonymous connections are never
-// listed); they share one chat (the memory broker, the default channel
+// adminCommandRoutes: an anonymous route with history, and a jwt route with
+// presence (anonymous connections are never listed) and the publish
+// endpoint (where a token holder, unlike the publish key, may only
+// publish); they share one chat (the memory broker, the default channel
 // prefix).
 const adminCommandRoutes = `	chat /ws {
+		name ws
 		history room:** 50 1h
 		rate_limit off
-		publish_endpoint /chat/publish
-		publish_key ` + adminPublishKey + `
 	}
 	chat /jwt {
+		name jwt
 		jwt {
 			secret ` + testSecret + `
 		}
 		subscribe room:**
 		publish room:**
 		presence on
+		publish_endpoint /chat/publish
+		publish_key ` + adminPublishKey + `
 	}`
 
 // dialToken connects to a JSON route with a bearer token and reads the
@@ -149,8 +152,8 @@ func TestAdminCommandAgainstANode(t *testing.T) {
 	wantLines("stats", out,
 		"node "+bob.welcome.Node+": 3 connections, 1 user, 1 anonymous, 1 channel, 3 subscriptions",
 		"total (1 node): 3 connections, 1 user, 1 anonymous, 1 channel, 3 subscriptions",
-		"route /ws: 1 connection, 0 users, 1 anonymous, 1 subscription",
-		"route /jwt: 2 connections, 1 user, 0 anonymous, 2 subscriptions")
+		"route ws: 1 connection, 0 users, 1 anonymous, 1 subscription",
+		"route jwt: 2 connections, 1 user, 0 anonymous, 2 subscriptions")
 	out, stderr, code := runCaddyCLI(t, []string{"CADDY_ADMIN=" + node.admin, "CHAT_PUBLISH_KEY="}, "chat", "stats", "--json")
 	var stats struct {
 		Nodes       []struct{ Node string } `json:"nodes"`
@@ -206,7 +209,13 @@ func TestAdminCommandAgainstANode(t *testing.T) {
 	// revoke --jti: the connection holding it closed with 4006, the token
 	// refused from then on, alice's other token still good.
 	alice3 := dialToken(t, "alice3", node.wsURL("/jwt"), tokenA1)
-	wantLines("revoke --jti", chat("revoke", "--jti", "a-1", "--until", "2h"), "revoked the token a-1 until ")
+	out = chat("revoke", "--jti", "a-1", "--until", "2h")
+	wantLines("revoke --jti", out, "revoked the token a-1 until ")
+	// The until the node keeps is the one --until 2h asked for.
+	until, _, _ := strings.Cut(strings.TrimPrefix(out, "revoked the token a-1 until "), ";")
+	if u, err := time.Parse(time.RFC3339, until); err != nil || u.Sub(time.Now().Add(2*time.Hour)).Abs() > time.Minute {
+		t.Errorf("revoke --until 2h: the answer says until %q (%v)", until, err)
+	}
 	expectClose(t, alice3, 4006, "")
 	if status, msg := dialStatus(t, node.wsURL("/jwt"), tokenA1); status != http.StatusUnauthorized {
 		t.Errorf("a revoked token: HTTP %d %s, want 401", status, msg)
