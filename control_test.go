@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddychat/caddychat/internal/redistest"
+	"github.com/caddyserver/caddy/v2"
 	"github.com/coder/websocket"
 )
 
@@ -250,4 +251,64 @@ func TestAdminAPIChoosesTheChat(t *testing.T) {
 	if code, out := adminCall(t, "nosuch:", "GET", "stats", ""); code != 404 {
 		t.Fatalf("stats of an unknown prefix: %d %v", code, out)
 	}
+}
+
+// apiCall runs one server API request on node n's chat, as its admin
+// endpoint or publish endpoint would.
+func apiCall(t testing.TB, n *testNode, method, op, body string) (int, map[string]any) {
+	t.Helper()
+	r := httptest.NewRequest(method, "/chat/"+op, strings.NewReader(body))
+	w := httptest.NewRecorder()
+	serveAPI(w, r, apiTarget{hub: n.h.hub, routes: []*route{n.h.route}, path: "test"}, op)
+	var out map[string]any
+	if err := json.Unmarshal(w.Body.Bytes(), &out); err != nil {
+		t.Fatalf("%s %s: answer is not JSON: %q", method, op, w.Body.String())
+	}
+	return w.Code, out
+}
+
+// TestServerAPIOnRedisCluster: the control channel travels with sharded
+// pub/sub; two nodes (hubs of different publish_timeout, so two in one
+// process) of one chat act on each other's connections.
+func TestServerAPIOnRedisCluster(t *testing.T) {
+	cluster := redistest.StartCluster(t, 3, 0)
+	prefix := uniquePrefix()
+	newNode := func(timeout time.Duration) *testNode {
+		return startNode(t, &Handler{RedisCluster: &RedisCluster{Addrs: cluster.Addrs()}, ChannelPrefix: ptr(prefix),
+			PublishTimeout: caddy.Duration(timeout), JWT: &JWTConfig{Secret: testSecret}, Subscribe: []string{"**"}})
+	}
+	a, b := newNode(2*time.Second), newNode(3*time.Second)
+	bearer := func(user string) *websocket.DialOptions {
+		return &websocket.DialOptions{HTTPHeader: http.Header{"Authorization": {"Bearer " + newToken(t, user).sign()}}}
+	}
+	onA, onB, bob := dial(t, a.url("/"), bearer("alice")), dial(t, b.url("/"), bearer("alice")), dial(t, b.url("/"), bearer("bob"))
+	for _, c := range []*testClient{onA, onB, bob} {
+		c.next("welcome")
+	}
+	eventually(t, 10*time.Second, "both nodes on the control channel", func() (bool, string) {
+		_, out := apiCall(t, a, "GET", "channels", "")
+		return out["nodes"] == float64(2), fmt.Sprint(out)
+	})
+	if code, out := apiCall(t, b, "POST", "subscribe", `{"user":"alice","channel":"room:7"}`); code != 200 || out["subscribed"] != float64(2) {
+		t.Fatalf("subscribe: %d %v", code, out)
+	}
+	onA.next("subscribed")
+	onB.next("subscribed")
+	if code, out := apiCall(t, a, "POST", "publish", `{"channel":"room:7","data":"hello"}`); code != 200 {
+		t.Fatalf("publish: %d %v", code, out)
+	}
+	for _, c := range []*testClient{onA, onB} {
+		if m := c.next("message"); m["data"] != "hello" || m["server"] != true {
+			t.Fatalf("message: %v", m)
+		}
+	}
+	if code, out := apiCall(t, a, "POST", "disconnect", `{"user":"alice"}`); code != 200 || out["disconnected"] != float64(2) || out["nodes"] != float64(2) {
+		t.Fatalf("disconnect: %d %v", code, out)
+	}
+	for _, c := range []*testClient{onA, onB} {
+		if got := c.closeCode(); got != closeDisconnected {
+			t.Fatalf("closed with %d, want 4005", got)
+		}
+	}
+	bob.subscribe("room:8", 1)
 }
