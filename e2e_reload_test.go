@@ -79,9 +79,13 @@ func TestReloadNoLeak(t *testing.T) {
 			t.Fatalf("%s: after a reload with a new channel_prefix: close code %d, want 1012 (service restart); read error: %v", c.name, code, c.readErr)
 		}
 	}
-	// The old hub's pub/sub connection is gone; the new hub opens its own
-	// with its first subscription.
-	eventually(t, 10*time.Second, "old pub/sub connection closed after the prefix change", pubsubIs(0))
+	// The old hub's pub/sub connection is gone; the new hub has its own,
+	// subscribed to its control channels from the start.
+	eventually(t, 10*time.Second, "old pub/sub connection closed after the prefix change", func() (bool, string) {
+		got, list := pubsubClients(t, rs)
+		old, fresh := numSub(t, rs, "chat:"+controlChannel), numSub(t, rs, "chat2:"+controlChannel)
+		return got == 1 && old == 0 && fresh == 1, fmt.Sprintf("%d pub/sub connections, control channel subscribers: old prefix %d, new %d:\n%s", got, old, fresh, list)
+	})
 	eventually(t, 10*time.Second, "old-prefix subscription dropped", func() (bool, string) {
 		got := numSub(t, rs, "chat:room:all")
 		return got == 0, fmt.Sprintf("NUMSUB chat:room:all = %d", got)
