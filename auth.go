@@ -150,6 +150,9 @@ type identity struct {
 	hooked bool
 	// channels: the connect hook's channels to subscribe to at once.
 	channels []string
+	// token: the id and issue time of the token that made this identity,
+	// which revocations match (revoke.go); nil without a token.
+	token *credential
 }
 
 // authError is a refused authentication, with a reason short enough for an
@@ -170,6 +173,9 @@ type authenticator struct {
 
 	// Caddyfile rules granted to every authenticated user.
 	rules Permissions
+	// revocations refuse revoked tokens (revoke.go); set once the hub is
+	// known, nil before (and a nil set revokes nothing).
+	revocations *revocations
 }
 
 // newAuthenticator resolves the key material once. jwtCfg nil means the route
@@ -427,9 +433,12 @@ func (a *authenticator) verifyClaims(token string) (*identity, jwt.MapClaims, er
 	if len(user) > 256 {
 		return nil, nil, authErr("user id too long")
 	}
-	id := &identity{user: user}
+	id := &identity{user: user, token: tokenCredential(claims)}
 	if exp, err := claims.GetExpirationTime(); err == nil && exp != nil {
 		id.expires = exp.Time
+	}
+	if a.revocations.revoked(user, *id.token, time.Now()) {
+		return nil, nil, authErr("token revoked")
 	}
 	subscribe := append(claimPatterns(claims, a.cfg.SubscribeClaim), a.rules.Subscribe...)
 	publish := append(claimPatterns(claims, a.cfg.PublishClaim), a.rules.Publish...)

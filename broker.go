@@ -30,6 +30,9 @@ type Broker interface {
 	Unsubscribe(ctx context.Context, channel string) error
 	// Close releases the broker's connections and stops its goroutines.
 	Close() error
+	// signal publishes payload as it is on channel, one of the node's
+	// control channels (control.go), and reports how many nodes got it.
+	signal(ctx context.Context, channel string, payload []byte) (receivers int64, err error)
 
 	historyStore
 }

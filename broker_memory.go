@@ -110,6 +110,20 @@ func (b *memoryBroker) repeated(msg Publication, now time.Time) (string, bool) {
 	return first, ok
 }
 
+// signal delivers a control message to this node, the only one there is.
+func (b *memoryBroker) signal(_ context.Context, channel string, payload []byte) (int64, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return 0, errBrokerClosed
+	}
+	if !b.subscribed[channel] {
+		return 0, nil
+	}
+	b.deliver(channel, payload)
+	return 1, nil
+}
+
 func (b *memoryBroker) Subscribe(_ context.Context, channel string) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()

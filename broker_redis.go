@@ -103,6 +103,20 @@ func (b *redisBroker) Publish(ctx context.Context, msg Publication) (string, err
 	return id, nil
 }
 
+// signal publishes a control message (control.go) as it is; Redis answers
+// with the number of nodes subscribed to it.
+func (b *redisBroker) signal(ctx context.Context, channel string, payload []byte) (int64, error) {
+	name, command := b.prefix+channel, "publish"
+	if b.sharded {
+		command = "spublish"
+	}
+	cmd := redis.NewIntCmd(ctx, command, name, payload)
+	if err := b.run(ctx, cmd); err != nil {
+		return 0, fmt.Errorf("redis %s %s: %w", strings.ToUpper(command), name, err)
+	}
+	return cmd.Val(), nil
+}
+
 // publishOnceScript publishes a message unless its idempotency key was
 // seen within its window, and records the key with the message id; a
 // repeat gets the first id back and "1". KEYS: the idempotency key. ARGV:

@@ -43,7 +43,8 @@ func parseChatDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, er
 	}
 	var extra []string
 	if handler.PublishEndpoint != "" {
-		extra = append(extra, handler.PublishEndpoint)
+		// The server API lives below it (api.go).
+		extra = append(extra, handler.PublishEndpoint, strings.TrimSuffix(handler.PublishEndpoint, "/")+"/*")
 	}
 	extra = append(extra, browserAssetPaths(matcherSet)...)
 	if len(extra) == 0 {
@@ -150,6 +151,7 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 //		history_new_channels     <n> [<per duration>] | off
 //		publish_endpoint         <path>
 //		publish_key              <key>
+//		name                     <name>
 //		ui                       on|off
 //		connect_hook             <url> [{
 //			timeout        <duration>
@@ -305,6 +307,8 @@ var chatOptions = &optionTable[Handler]{options: []option[Handler]{
 		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error { h.PublishEndpoint = args[0]; return nil }},
 	{name: "publish_key", min: 1, max: 1, syntax: "<key>", takes: "one key", example: "publish_key {env.CHAT_PUBLISH_KEY}",
 		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error { h.PublishKey = args[0]; return nil }},
+	{name: "name", min: 1, max: 1, syntax: "<name>", takes: "one name", example: "name support-chat",
+		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error { h.Name = args[0]; return nil }},
 	onOffOption("ui", func(h *Handler, on bool) { h.UI = on }),
 	{name: "connect_hook", min: 1, max: 1, syntax: "<url>", takes: "one URL", example: "connect_hook http://127.0.0.1:3000/chat/connect",
 		block: connectHookOptions, blockOptional: true,

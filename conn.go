@@ -48,12 +48,20 @@ type conn struct {
 	pingTimer atomic.Pointer[time.Timer]
 	pinging   atomic.Bool
 
-	// Only touched by the reading goroutine: subscriptions, the identity
-	// (replaced by a refresh) and the rate limiter's state.
+	// subscribed are the connection's channels. The reading goroutine and
+	// the server API (conn_server.go) change them, under subMu; subsEnded
+	// is set when the closing connection lists them for the last time.
+	subMu      sync.Mutex
 	subscribed map[string]struct{}
-	identity   *identity
-	expiry     *time.Timer
-	limiter    *rate.Limiter // nil: no rate limit
+	subsEnded  bool
+	// sess is who the connection is, for the server API.
+	sess atomic.Pointer[session]
+
+	// Only touched by the reading goroutine: the identity (replaced by a
+	// refresh) and the rate limiter's state.
+	identity *identity
+	expiry   *time.Timer
+	limiter  *rate.Limiter // nil: no rate limit
 	// overLimit grows by one per frame refused by the limiter and shrinks by
 	// one per frame let through: a client that keeps sending faster than
 	// allowed reaches the close threshold, a brief burst does not.
@@ -89,6 +97,7 @@ func newConn(rt *route, ws *websocket.Conn, rawChannel string, id *identity) *co
 	}
 	c.writeTimer = time.AfterFunc(time.Hour, c.writeTimedOut)
 	c.writeTimer.Stop()
+	c.setSession(time.Now())
 	return c
 }
 
@@ -201,11 +210,7 @@ func (c *conn) serve() {
 	}
 	c.fail(closeNormal, "")
 
-	channels := make([]string, 0, len(c.subscribed))
-	for ch := range c.subscribed {
-		channels = append(channels, ch)
-	}
-	c.hub.unregister(c, channels)
+	c.hub.unregister(c, c.endSubscriptions())
 	c.recordEvent("disconnect", "")
 	<-c.closed
 	log.Debug("connection closed", zap.String("conn", c.id), zap.Int("code", int(c.closeCode)), zap.String("reason", c.closeWhy))

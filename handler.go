@@ -28,7 +28,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		defer func() { h.logRedactedUpgrade(r, status) }()
 		w = &statusRecorder{ResponseWriter: w, status: &status}
 	}
-	if h.PublishEndpoint != "" && r.URL.Path == h.PublishEndpoint {
+	if h.PublishEndpoint != "" && (r.URL.Path == h.PublishEndpoint || strings.HasPrefix(r.URL.Path, h.PublishEndpoint+"/")) {
 		h.servePublish(w, r)
 		return nil
 	}

@@ -162,4 +162,7 @@ type historyStore interface {
 	// entries when before is nil), oldest first, with more set when older
 	// ones remain.
 	readBefore(ctx context.Context, channel string, before *streamID, limit int) (historyPage, error)
+	// removeHistory deletes the channel's history (the server API); the
+	// next message kept starts a new epoch. false: it had none.
+	removeHistory(ctx context.Context, channel string) (bool, error)
 }

@@ -253,6 +253,17 @@ func (m *memoryHistory) sweep(now time.Time) {
 	}
 }
 
+func (m *memoryHistory) removeHistory(_ context.Context, channel string) (bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	r := m.channels[channel]
+	if r == nil {
+		return false, nil
+	}
+	m.remove(r)
+	return true, nil
+}
+
 func (m *memoryHistory) ring(channel string) *memoryRing {
 	r := m.channels[channel]
 	if r == nil || time.Now().After(r.expires) {

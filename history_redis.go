@@ -116,6 +116,16 @@ func (b *redisBroker) publishKept(ctx context.Context, msg Publication, now time
 	return res[0], nil
 }
 
+func (b *redisBroker) removeHistory(ctx context.Context, channel string) (bool, error) {
+	name := b.prefix + channel
+	// One slot (the keys' hash tag), so one DEL serves a cluster too.
+	n, err := b.client.Del(ctx, historyStreamKey(name), historyEpochKey(name)).Result()
+	if err != nil {
+		return false, fmt.Errorf("redis DEL %s: %w", historyStreamKey(name), err)
+	}
+	return n > 0, nil
+}
+
 func (b *redisBroker) readSince(ctx context.Context, channel string, since streamID, limit int) (historyPage, error) {
 	name := b.prefix + channel
 	stream := historyStreamKey(name)

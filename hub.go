@@ -131,6 +131,14 @@ type hub struct {
 	// webhookSeq numbers the node's webhook events.
 	webhooks   webhookRegistry
 	webhookSeq atomic.Uint64
+
+	// control carries the server API's requests to every node (control.go);
+	// revocations are the tokens it revoked (revoke.go); routes are the
+	// routes using the hub, which the admin API acts for (api.go).
+	control     *control
+	revocations *revocations
+	routesMu    sync.Mutex
+	routes      []*route
 }
 
 // channelState is one channel with local subscribers (or joins in progress).
@@ -172,9 +180,11 @@ func newHub(cfg hubConfig) (*hub, error) {
 
 		brokerTimeout: cfg.brokerTimeouts,
 	}
+	h.control = newControl(h)
 	if !cfg.usesRedis() {
 		h.broker = newMemoryBroker(h.ids, h.deliverRecovering)
 		h.presence = newPresence(newMemoryPresence(h.broker), node, h.log)
+		h.revocations = newRevocations(nil, cfg.channelPrefix, h.log)
 		h.live()
 		return h, nil
 	}
@@ -196,6 +206,7 @@ func newHub(cfg hubConfig) (*hub, error) {
 	}
 	h.broker = broker
 	h.presence = newPresence(newRedisPresence(client, cfg.channelPrefix, sharded), node, h.log)
+	h.revocations = newRevocations(client, cfg.channelPrefix, h.log)
 	h.live()
 	return h, nil
 }
@@ -391,6 +402,10 @@ func (h *hub) releaseIfIdle(channel string, cs *channelState) {
 // the broker's deliverFunc: it never blocks, and a member whose queue is full
 // is disconnected as a slow consumer rather than waited for.
 func (h *hub) deliver(channel string, payload []byte) {
+	if channel != "" && channel[0] == '#' {
+		h.control.receive(channel, payload)
+		return
+	}
 	body, stamped := unstamp(payload)
 	h.deliverBody(channel, body, stamped)
 }
@@ -486,6 +501,7 @@ func (h *hub) Destruct() error {
 		h.log.Warn("connections still closing at hub shutdown", zap.Int("connections", len(subs)))
 	}
 	h.presence.close()
+	h.control.close()
 	// Before the Redis client closes: deliverers write what they hold.
 	h.webhooks.closeAll()
 

@@ -28,6 +28,7 @@ const (
 // Defaults of the handler's options.
 const (
 	defaultChannelPrefix  = "chat:"
+	defaultRouteName      = "chat"
 	defaultMaxMessageSize = 64 << 10
 	defaultSendQueue      = 1 << 20 // bytes
 	defaultPingInterval   = 25 * time.Second
@@ -162,6 +163,11 @@ type Handler struct {
 	// "/chat/publish". The Caddyfile adds it to the directive's matcher.
 	PublishEndpoint string `json:"publish_endpoint,omitempty"`
 
+	// Name of the route in the server API's stats (the admin API's
+	// /chat/stats), which counts each route's connections apart.
+	// Default: "chat".
+	Name string `json:"name,omitempty"`
+
 	// API key that authorizes HTTP publishes to any channel, sent as
 	// "Authorization: Bearer <key>". A JWT with publish rights works too.
 	PublishKey string `json:"publish_key,omitempty"`
@@ -278,6 +284,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.Protocol == "" {
 		h.Protocol = protocolJSON
 	}
+	if h.Name == "" {
+		h.Name = defaultRouteName
+	}
 	if h.MaxMessageSize == 0 {
 		h.MaxMessageSize = defaultMaxMessageSize
 	}
@@ -381,7 +390,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.hub, h.hubKey = value.(*hub), key
 	if !loaded {
 		h.hub.checkRedisAtStart(cfg.brokerTimeouts)
+		h.hub.startControl()
 	}
+	h.auth.revocations = h.hub.revocations
 	// The latest configuration's drain period applies when the hub closes.
 	h.hub.drainPeriod.Store(int64(h.DrainPeriod))
 	h.hub.holdHistoryMemory(h, setMemory)
@@ -389,6 +400,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.route = h.resolveRoute()
+	h.hub.addRoute(h.route)
 	return nil
 }
 
@@ -488,6 +500,7 @@ func (h *Handler) Cleanup() error {
 	if h.hubKey == "" {
 		return nil
 	}
+	h.hub.removeRoute(h.route)
 	h.hub.releaseHistoryMemory(h)
 	_, err := hubs.Delete(h.hubKey)
 	h.hubKey = ""

@@ -1,6 +1,7 @@
 package caddychat
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -56,8 +57,8 @@ func (c *conn) opSubscribe(f clientFrame) {
 		c.subscribeError(f, errForbidden, "may not subscribe to "+f.Channel)
 		return
 	}
-	_, already := c.subscribed[f.Channel]
-	if !already && len(c.subscribed) >= c.route.maxSubscriptions {
+	already := c.isSubscribed(f.Channel)
+	if !already && c.subscriptions() >= c.route.maxSubscriptions {
 		c.subscribeError(f, errLimitExceeded, fmt.Sprintf("at most %d subscriptions per connection", c.route.maxSubscriptions))
 		return
 	}
@@ -129,7 +130,7 @@ func (c *conn) opHistory(f clientFrame) {
 		c.replyError(f.ID, errForbidden, "may not read the history of "+f.Channel)
 		return
 	}
-	if _, ok := c.subscribed[f.Channel]; !ok && !c.subscribeAllowed(f) {
+	if !c.isSubscribed(f.Channel) && !c.subscribeAllowed(f) {
 		return
 	}
 	policy := c.route.history.policyFor(f.Channel)
@@ -186,7 +187,7 @@ func (c *conn) opPresence(f clientFrame) {
 		c.replyError(f.ID, errForbidden, "may not see presence on "+f.Channel+" (needs permission to subscribe to it)")
 		return
 	}
-	if _, ok := c.subscribed[f.Channel]; !ok && !c.subscribeAllowed(f) {
+	if !c.isSubscribed(f.Channel) && !c.subscribeAllowed(f) {
 		return
 	}
 	ctx, cancel := c.brokerContext()
@@ -233,8 +234,9 @@ func (c *conn) opRefresh(f clientFrame) {
 		return
 	}
 	c.identity = id
+	c.setSession(time.Now())
 	c.armExpiry()
-	for ch := range c.subscribed {
+	for _, ch := range c.subscribedChannels() {
 		if !id.subscribe.allows(ch) {
 			c.leave(ch) // ends a catch-up on ch too
 		}
@@ -285,17 +287,37 @@ func (c *conn) publishRaw(frame []byte) bool {
 func (c *conn) join(channel string) error {
 	ctx, cancel := c.brokerContext()
 	defer cancel()
+	return c.joinWithin(ctx, channel)
+}
+
+// joinWithin is join within ctx. The server API's subscribe calls it too
+// (conn_server.go), and may end after the connection listed its channels
+// for the last time: then it undoes itself, or the hub would keep the
+// closed connection as a member.
+func (c *conn) joinWithin(ctx context.Context, channel string) error {
 	if err := c.hub.subscribe(ctx, c, channel); err != nil {
 		return err
 	}
-	c.subscribed[channel] = struct{}{}
+	c.subMu.Lock()
+	ended := c.subsEnded
+	if !ended {
+		c.subscribed[channel] = struct{}{}
+	}
+	c.subMu.Unlock()
+	if ended {
+		c.hub.unsubscribe(c, channel)
+		return errConnClosing
+	}
 	return nil
 }
 
 // leave unsubscribes the connection from channel.
 func (c *conn) leave(channel string) {
-	if _, ok := c.subscribed[channel]; ok {
-		delete(c.subscribed, channel)
+	c.subMu.Lock()
+	_, ok := c.subscribed[channel]
+	delete(c.subscribed, channel)
+	c.subMu.Unlock()
+	if ok {
 		c.hub.unsubscribe(c, channel)
 	}
 	// Only now: until the hub stopped delivering, a catch-up must keep

@@ -53,6 +53,8 @@ const (
 	// errRejected: the publish hook rejected the message; the message is
 	// the backend's reason.
 	errRejected = "rejected"
+	// errNotFound: the server API has no such op, or no such chat.
+	errNotFound = "not_found"
 )
 
 // maxChannelLen bounds channel names so that a name can never grow a Redis key

@@ -10,7 +10,6 @@ import (
 	"mime"
 	"net/http"
 	"strings"
-	"time"
 
 	"go.uber.org/zap"
 )
@@ -48,7 +47,14 @@ type publishError struct {
 // servePublish is the HTTP publish endpoint for backends: POST a JSON
 // {"channel","data"} (or {"messages":[...]}) with the publish key or a JWT
 // with publish rights as a Bearer token; the answer carries the message ids.
+// Below it (<publish_endpoint>/<op>) is the server API, for the publish key
+// (api.go).
 func (h *Handler) servePublish(w http.ResponseWriter, r *http.Request) {
+	op, below := strings.CutPrefix(r.URL.Path, h.PublishEndpoint+"/")
+	if below && op != "publish" {
+		h.serveSiteAPI(w, r, op)
+		return
+	}
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
 		writePublishError(w, http.StatusMethodNotAllowed, errBadRequest, "use POST")
@@ -56,47 +62,50 @@ func (h *Handler) servePublish(w http.ResponseWriter, r *http.Request) {
 	}
 	id, err := h.publisherIdentity(r)
 	if err != nil {
-		moduleMetrics().authFailures.WithLabelValues(authFailureLabel(err)).Inc()
-		h.logger.Debug("publish endpoint: authentication failed", zap.String("reason", err.Error()), zap.String("remote", r.RemoteAddr))
-		w.Header().Set("WWW-Authenticate", `Bearer realm="chat publish"`)
-		writePublishError(w, http.StatusUnauthorized, errUnauthorized, err.Error())
+		h.refusePublisher(w, r, err)
 		return
 	}
-	if ct := r.Header.Get("Content-Type"); ct != "" {
-		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
-			writePublishError(w, http.StatusUnsupportedMediaType, errBadRequest, "Content-Type must be application/json")
-			return
-		}
-	}
-	limit := min(int64(maxPublishBatch)*h.MaxMessageSize, 16<<20)
-	body := http.MaxBytesReader(w, r.Body, limit)
-	var req publishRequest
-	dec := json.NewDecoder(body)
-	if err := dec.Decode(&req); err != nil {
-		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
-			writePublishError(w, http.StatusRequestEntityTooLarge, errTooLarge, fmt.Sprintf("body larger than %d bytes", limit))
-			return
-		}
-		writePublishError(w, http.StatusBadRequest, errBadRequest, "body must be a JSON object: "+err.Error())
-		return
-	}
-	// Only white space may follow the object. (dec.More would miss a stray
-	// closing ']' or '}'.)
-	if _, err := dec.Token(); err != io.EOF {
-		writePublishError(w, http.StatusBadRequest, errBadRequest, "body must hold one JSON object")
-		return
-	}
+	p := publisher{id: id, path: h.PublishEndpoint, routeFor: func(string) *route { return h.route },
+		allow: func(w http.ResponseWriter, n int) bool { return h.allowPublish(w, id, n) }}
+	p.serve(w, r, min(int64(maxPublishBatch)*h.MaxMessageSize, 16<<20))
+}
 
+// refusePublisher answers a request whose publish key or token was refused.
+func (h *Handler) refusePublisher(w http.ResponseWriter, r *http.Request, err error) {
+	moduleMetrics().authFailures.WithLabelValues(authFailureLabel(err)).Inc()
+	h.logger.Debug("publish endpoint: authentication failed", zap.String("reason", err.Error()), zap.String("remote", r.RemoteAddr))
+	w.Header().Set("WWW-Authenticate", `Bearer realm="chat publish"`)
+	writePublishError(w, http.StatusUnauthorized, errUnauthorized, err.Error())
+}
+
+// publisher is who publishes through HTTP (the publish endpoint, the
+// server API) and with which route's rules.
+type publisher struct {
+	id   *identity
+	path string // named in webhook events and hook requests
+	// routeFor is the route whose rules (history, limits, hooks) a
+	// message on channel follows.
+	routeFor func(channel string) *route
+	// allow spends the rate limit of n messages, or answers 429.
+	allow func(w http.ResponseWriter, n int) bool
+}
+
+// serve reads a publish request's body (at most limit bytes) and publishes
+// its message or messages.
+func (p publisher) serve(w http.ResponseWriter, r *http.Request, limit int64) {
+	var req publishRequest
+	if !decodeBody(w, r, limit, &req, false) {
+		return
+	}
 	if req.Messages == nil {
 		if req.Channel == "" && len(req.Data) == 0 && req.IdempotencyKey == nil {
 			writePublishError(w, http.StatusBadRequest, errBadRequest, `body needs "channel" and "data", or "messages"`)
 			return
 		}
-		if !h.allowPublish(w, id, 1) {
+		if !p.allow(w, 1) {
 			return
 		}
-		res, status := h.publishOne(r.Context(), id, publishItem{Channel: req.Channel, Data: req.Data, IdempotencyKey: req.IdempotencyKey})
+		res, status := p.publishOne(r.Context(), publishItem{Channel: req.Channel, Data: req.Data, IdempotencyKey: req.IdempotencyKey})
 		if res.Error != nil {
 			writePublishError(w, status, res.Error.Code, res.Error.Message)
 			return
@@ -112,22 +121,59 @@ func (h *Handler) servePublish(w http.ResponseWriter, r *http.Request) {
 		writePublishError(w, http.StatusBadRequest, errBadRequest, fmt.Sprintf(`"messages" must hold 1 to %d messages`, maxPublishBatch))
 		return
 	}
-	if !h.allowPublish(w, id, len(req.Messages)) {
+	if !p.allow(w, len(req.Messages)) {
 		return
 	}
-	results := make([]publishResult, len(req.Messages))
+	writeJSON(w, http.StatusOK, map[string]any{"results": p.publishAll(r.Context(), req.Messages)})
+}
+
+// publishAll publishes items in order; one broker outage fails the rest at
+// once, so a batch never waits publish_timeout once per message.
+func (p publisher) publishAll(ctx context.Context, items []publishItem) []publishResult {
+	results := make([]publishResult, len(items))
 	brokerDown := false
-	for i, item := range req.Messages {
+	for i, item := range items {
 		if brokerDown {
-			// One outage fails the rest at once: a batch never waits
-			// publish_timeout once per message.
 			results[i] = publishResult{Channel: item.Channel, Error: &publishError{Code: errUnavailable, Message: "message not published: the broker did not accept it within publish_timeout (down or overloaded); retry later"}}
 			continue
 		}
-		results[i], _ = h.publishOne(r.Context(), id, item)
+		results[i], _ = p.publishOne(ctx, item)
 		brokerDown = results[i].Error != nil && results[i].Error.Code == errUnavailable
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"results": results})
+	return results
+}
+
+// decodeBody reads one JSON object of at most limit bytes into v,
+// answering the client itself when it cannot (false). strict refuses
+// unknown fields.
+func decodeBody(w http.ResponseWriter, r *http.Request, limit int64, v any, strict bool) bool {
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
+			writePublishError(w, http.StatusUnsupportedMediaType, errBadRequest, "Content-Type must be application/json")
+			return false
+		}
+	}
+	body := http.MaxBytesReader(w, r.Body, limit)
+	dec := json.NewDecoder(body)
+	if strict {
+		dec.DisallowUnknownFields()
+	}
+	if err := dec.Decode(v); err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			writePublishError(w, http.StatusRequestEntityTooLarge, errTooLarge, fmt.Sprintf("body larger than %d bytes", limit))
+			return false
+		}
+		writePublishError(w, http.StatusBadRequest, errBadRequest, "body must be a JSON object: "+err.Error())
+		return false
+	}
+	// Only white space may follow the object. (dec.More would miss a stray
+	// closing ']' or '}'.)
+	if _, err := dec.Token(); err != io.EOF {
+		writePublishError(w, http.StatusBadRequest, errBadRequest, "body must hold one JSON object")
+		return false
+	}
+	return true
 }
 
 // publisherIdentity authenticates a backend: the publish key grants every
@@ -139,7 +185,7 @@ func (h *Handler) publisherIdentity(r *http.Request) (*identity, error) {
 		return nil, authErr("missing Authorization: Bearer <publish key or token>")
 	}
 	if h.PublishKey != "" && subtle.ConstantTimeCompare([]byte(token), []byte(h.PublishKey)) == 1 {
-		return &identity{server: true, publish: compileACL([]string{"**"}, "")}, nil
+		return serverIdentity(), nil
 	}
 	if h.JWT == nil {
 		return nil, authErr("wrong publish key")
@@ -149,7 +195,8 @@ func (h *Handler) publisherIdentity(r *http.Request) (*identity, error) {
 
 // publishOne validates and publishes one message, returning its result and
 // the HTTP status a single-message request answers with.
-func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem) (publishResult, int) {
+func (p publisher) publishOne(ctx context.Context, item publishItem) (publishResult, int) {
+	id := p.id
 	res := publishResult{Channel: item.Channel}
 	fail := func(status int, code, message string) (publishResult, int) {
 		moduleMetrics().httpPublishes.WithLabelValues(code).Inc()
@@ -169,19 +216,20 @@ func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem
 		}
 		idemKey = *item.IdempotencyKey
 	}
-	if int64(len(item.Data)) > h.MaxMessageSize {
-		return fail(http.StatusRequestEntityTooLarge, errTooLarge, fmt.Sprintf("data larger than max_message_size (%d bytes)", h.MaxMessageSize))
+	rt := p.routeFor(item.Channel)
+	if int64(len(item.Data)) > rt.maxMessageSize {
+		return fail(http.StatusRequestEntityTooLarge, errTooLarge, fmt.Sprintf("data larger than max_message_size (%d bytes)", rt.maxMessageSize))
 	}
 	if !id.publish.allows(item.Channel) {
 		return fail(http.StatusForbidden, errForbidden, "may not publish on "+item.Channel)
 	}
 	data := item.Data
-	if !id.server && h.route.publishHook.applies(item.Channel) {
+	if !id.server && rt.publishHook.applies(item.Channel) {
 		// A token holder's message goes by the publish hook as a client's
 		// does; the publish key is the backend's own and does not.
 		var verdict publishVerdict
 		var reason string
-		data, verdict, reason = h.route.checkPublish(ctx, channelHookRequest{Type: "publish", Route: h.PublishEndpoint, User: id.user, Channel: item.Channel, Data: item.Data})
+		data, verdict, reason = rt.checkPublish(ctx, channelHookRequest{Type: "publish", Route: p.path, User: id.user, Channel: item.Channel, Data: item.Data})
 		switch verdict {
 		case publishRejected:
 			return fail(http.StatusForbidden, errRejected, reason)
@@ -189,7 +237,7 @@ func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem
 			return fail(http.StatusServiceUnavailable, errUnavailable, reason)
 		}
 	}
-	ctx, cancel := context.WithTimeout(ctx, time.Duration(h.PublishTimeout))
+	ctx, cancel := context.WithTimeout(ctx, rt.publishTimeout)
 	defer cancel()
 	var key *publisherKey // the publish key is not limited
 	if id.user != "" {
@@ -197,19 +245,25 @@ func (h *Handler) publishOne(ctx context.Context, id *identity, item publishItem
 	}
 	// The HTTP endpoint has no connection: a token holder's keys are its
 	// user's, the publish key's are the backend's.
-	idem := h.route.idempotent(idemScope(id, ""), idemKey)
-	msgID, err := h.route.publish(ctx, key, Publication{Channel: item.Channel, From: id.user, Origin: originOf(id), Data: data, path: h.PublishEndpoint, idem: idem})
+	idem := rt.idempotent(idemScope(id, ""), idemKey)
+	msgID, err := rt.publish(ctx, key, Publication{Channel: item.Channel, From: id.user, Origin: originOf(id), Data: data, path: p.path, idem: idem})
 	if errors.Is(err, errNewHistoryLimited) {
-		return fail(http.StatusTooManyRequests, errLimitExceeded, h.route.newChannelsRefusal(item.Channel))
+		return fail(http.StatusTooManyRequests, errLimitExceeded, rt.newChannelsRefusal(item.Channel))
 	}
 	if err != nil {
-		h.logger.Debug("publish endpoint: publish failed", zap.String("channel", item.Channel), zap.Error(err))
+		rt.log.Debug("publish endpoint: publish failed", zap.String("channel", item.Channel), zap.Error(err))
 		return fail(http.StatusServiceUnavailable, errUnavailable, "message not published: the broker did not accept it within publish_timeout (down or overloaded); retry later")
 	}
 	res.ID = msgID
 	res.Duplicate = idem != nil && idem.duplicate
 	moduleMetrics().httpPublishes.WithLabelValues("ok").Inc()
 	return res, http.StatusOK
+}
+
+// serverIdentity is the backend's: what it publishes is the server's own
+// message, on any channel.
+func serverIdentity() *identity {
+	return &identity{server: true, publish: compileACL([]string{"**"}, "")}
 }
 
 func writePublishError(w http.ResponseWriter, status int, code, message string) {

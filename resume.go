@@ -194,7 +194,7 @@ func (c *conn) subscribeWithHistory(f clientFrame) {
 	}
 	// One catch-up per channel and connection: a channel already held
 	// streams live, and replaying again would only queue duplicates.
-	if _, held := c.subscribed[f.Channel]; held {
+	if c.isSubscribed(f.Channel) {
 		c.replyError(f.ID, errBadRequest, "already subscribed to "+f.Channel+": its messages arrive live; unsubscribe first to resume again, or page back with the history op")
 		return
 	}

@@ -15,6 +15,8 @@ import (
 // never the Handler: the operator's config stays the Handler's business,
 // and a connection sees only the values it acts on.
 type route struct {
+	// name labels the route's figures in the server API's stats.
+	name string
 	hub  *hub
 	log  *zap.Logger
 	auth *authenticator
@@ -62,6 +64,7 @@ type route struct {
 // resolveRoute builds the route of a provisioned Handler.
 func (h *Handler) resolveRoute() *route {
 	r := &route{
+		name:             h.Name,
 		hub:              h.hub,
 		log:              h.logger,
 		auth:             h.auth,

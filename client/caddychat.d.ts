@@ -222,11 +222,31 @@ export interface GapEvent {
   historyLost?: boolean;
 }
 
+/**
+ * The server API subscribed this connection to `channel`; its messages follow,
+ * to the `message` event (and to the listeners of an app that subscribe()s to
+ * it, which adopts it). Not resubscribed after a reconnect unless adopted.
+ */
+export interface SubscribedEvent {
+  channel: string;
+}
+
+/**
+ * The server API unsubscribed this connection from `channel`. A channel the app
+ * subscribed itself is dropped too: not resubscribed after a reconnect.
+ */
+export interface UnsubscribedEvent {
+  channel: string;
+}
+
 export interface CaddyChatEvents {
   state: ConnectionState;
   welcome: Welcome;
+  /** Every delivery: of the channels the client keeps, and of those only the server subscribed. */
   message: Message;
   presence: PresenceEvent;
+  subscribed: SubscribedEvent;
+  unsubscribed: UnsubscribedEvent;
   resubscribed: ResubscribedEvent;
   gap: GapEvent;
   disconnect: DisconnectEvent;
@@ -234,7 +254,12 @@ export interface CaddyChatEvents {
 }
 
 export const PERMANENT_CLOSE_CODES: readonly number[];
+/** The token's exp passed without a refresh: reconnects only with a token function. */
 export const TOKEN_EXPIRED: 4002;
+/** The server API disconnected this client (the reason is the API caller's): no reconnect. */
+export const DISCONNECTED_BY_SERVER: 4005;
+/** The token was revoked (server API revoke): reconnects only with a token function, as after 4002. */
+export const TOKEN_REVOKED: 4006;
 export function isStreamId(id: unknown): id is string;
 export function compareStreamIds(a: string, b: string): number;
 /** A sentence telling a user what a `gap` event means, in words true for its cause; null for a gap that needs no notice. */
@@ -275,13 +300,20 @@ export class CaddyChat {
   readonly welcome: Welcome | null;
   /** Channels kept subscribed across reconnects. */
   readonly channels: string[];
+  /** Channels the server subscribed this connection to and the client does not keep: lost on a reconnect. */
+  readonly serverChannels: string[];
 
   on<K extends keyof CaddyChatEvents>(event: K, fn: (arg: CaddyChatEvents[K]) => void): () => void;
   off<K extends keyof CaddyChatEvents>(event: K, fn: (arg: CaddyChatEvents[K]) => void): void;
 
+  /**
+   * Resolves once the server confirmed. A channel in serverChannels is adopted at
+   * once, without a frame or a replay (reply {type: "ok", channel}), and kept from then on.
+   */
   subscribe<T = JSONValue>(channel: string, onMessage?: (msg: Message<T>) => void, options?: SubscribeOptions): Promise<Subscription>;
+  /** Leaves the channel: one the app subscribed, or one the server did. */
   unsubscribe(channel: string): Promise<void>;
-  /** Where a reconnect would resume the channel, or null. */
+  /** Where a reconnect would resume the channel (or the app, one the server subscribed), or null. */
   position(channel: string): { since: string; epoch: string | null } | null;
 
   /**

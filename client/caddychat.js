@@ -2,10 +2,21 @@
 // A dependency-free ES module: no build step; modern browsers and Node 20+.
 //
 // What it adds over a bare WebSocket: reconnects with capped, fully jittered
-// exponential backoff; resubscribes every channel after a reconnect, resuming
+// exponential backoff; resubscribes the app's channels after a reconnect, resuming
 // history channels from the last message the app saw (no gap, no duplicate);
 // request/reply matching with timeouts; a bounded queue of publishes made
 // while disconnected.
+//
+// Channels the server subscribes the connection to (the server API's
+// subscribe: a `subscribed` frame) are the server's, not the app's: the
+// server does not subscribe a new connection again, and neither does the
+// client (it would undo the server's decision, and its own subscribe may not
+// even be allowed: the server skipped the ACL and hooks). Their messages go
+// to the `message` event, and to the listeners of an app that subscribe()s
+// to such a channel: that adopts it, without a frame (the connection holds
+// it already), and from then on the client keeps it like any other. An
+// `unsubscribed` frame drops the channel, the app's own ones included: the
+// server took it away, and a reconnect must not bring it back.
 
 /** A fresh idempotency key: a random UUID (or 128 random bits in hex). */
 export function newIdempotencyKey() {
@@ -22,6 +33,20 @@ export const PERMANENT_CLOSE_CODES = Object.freeze([1003, 1007, 1008, 1009]);
 
 /** Close code the server uses when the token's exp passed without a refresh. */
 export const TOKEN_EXPIRED = 4002;
+
+/**
+ * Close code of the server API's disconnect (its default code): the server
+ * (a backend, an operator) wants this client gone, so it does not come back
+ * by itself. The close reason is the API caller's.
+ */
+export const DISCONNECTED_BY_SERVER = 4005;
+
+/**
+ * Close code the server uses when the connection's token was revoked (server
+ * API revoke). As after TOKEN_EXPIRED, only a token function can help: it may
+ * fetch a token the revocation does not cover.
+ */
+export const TOKEN_REVOKED = 4006;
 
 const DEFAULT_BACKOFF = Object.freeze({ initial: 1000, max: 30000, factor: 2 });
 
@@ -206,6 +231,9 @@ export class CaddyChat {
   #outbox = []; // requests waiting for a ready connection
   #requestSeq = 0; // orders requests, so resent publishes keep their order
   #channels = new Map(); // channel → subscription entry, in subscribe order
+  // channel → {streamId, epoch} of its last delivery: what the server
+  // subscribed this connection to (`subscribed`). Lost with the connection.
+  #serverChannels = new Map();
   #listeners = new Map(); // event → Set of functions
   #welcome = null;
 
@@ -254,8 +282,17 @@ export class CaddyChat {
   }
 
   /**
-   * Listen to `state`, `welcome`, `message`, `presence`, `resubscribed`, `gap`,
-   * `disconnect` or `error`. Returns a function that removes the listener.
+   * Names of the channels the server subscribed this connection to that the
+   * client does not keep (not resubscribed after a reconnect; subscribe() adopts one).
+   */
+  get serverChannels() {
+    return [...this.#serverChannels.keys()].filter((ch) => !this.#channels.has(ch));
+  }
+
+  /**
+   * Listen to `state`, `welcome`, `message`, `presence`, `subscribed`,
+   * `unsubscribed`, `resubscribed`, `gap`, `disconnect` or `error`. Returns a
+   * function that removes the listener.
    */
   on(event, fn) {
     let set = this.#listeners.get(event);
@@ -272,27 +309,42 @@ export class CaddyChat {
    * Subscribes to `channel`; `onMessage` gets each delivery. Resolves with
    * {channel, reply, unsubscribe} once the server confirmed the first subscribe.
    * Subscribing again to a channel adds a listener (options of later calls are ignored).
+   * A channel the server subscribed this connection to is adopted at once, without a
+   * frame and so without a replay, and kept from then on.
    */
   subscribe(channel, onMessage, options = {}) {
     if (this.#closed) return Promise.reject(closedError());
     let entry = this.#channels.get(channel);
     if (!entry) {
+      const held = this.#serverChannels.get(channel);
+      // Where the app is: the last delivery of a channel the server
+      // subscribed, else a position it stored (e.g. across page loads).
+      const at = held?.streamId ? held : { streamId: options.since ?? null, epoch: options.epoch ?? null };
       entry = {
         channel,
         listeners: new Set(),
         history: options.history ?? 0,
-        // An app may resume from a position it stored (e.g. across page loads).
-        streamId: options.since ?? null,
-        epoch: options.epoch ?? null,
+        streamId: at.streamId,
+        epoch: at.epoch,
         reply: null,
         confirmed: false,
         waiters: [],
         retryTimer: null,
         retries: 0,
+        inFlight: 0, // subscribe frames without a reply yet
       };
       this.#channels.set(channel, entry);
+      if (held) {
+        // The connection holds it already: a subscribe frame would be
+        // refused with history or since ("already subscribed"), and may not
+        // pass the ACL the server skipped. The next connection resubscribes.
+        this.#serverChannels.delete(channel);
+        entry.confirmed = true;
+        entry.reply = { type: "ok", channel };
+      } else if (this.#open) {
+        this.#sendSubscribe(entry);
+      }
       // Not open: the subscribe goes out with the next connection's resubscriptions.
-      if (this.#open) this.#sendSubscribe(entry);
     }
     const registration = { fn: onMessage };
     entry.listeners.add(registration);
@@ -313,24 +365,35 @@ export class CaddyChat {
     });
   }
 
-  /** Leaves `channel` (every listener of it). Resolves when the server confirmed, at once when disconnected. */
+  /**
+   * Leaves `channel` (every listener of it), also one the server subscribed.
+   * Resolves when the server confirmed, at once when disconnected.
+   */
   unsubscribe(channel) {
     const entry = this.#channels.get(channel);
-    if (!entry) return Promise.resolve();
-    this.#channels.delete(channel);
-    this.#clearTimer(entry.retryTimer);
-    this.#settleWaiters(entry, null, new CaddyChatError("unsubscribed", `unsubscribed from ${channel} before the server confirmed`));
+    const held = this.#serverChannels.delete(channel);
+    if (!entry && !held) return Promise.resolve();
+    if (entry) {
+      this.#channels.delete(channel);
+      this.#clearTimer(entry.retryTimer);
+      this.#settleWaiters(entry, null, new CaddyChatError("unsubscribed", `unsubscribed from ${channel} before the server confirmed`));
+    }
     // A closed socket holds no subscription; the next one will not be told about this channel.
     if (!this.#open) return Promise.resolve();
     return new Promise((resolve, reject) => {
-      this.#transmit({ frame: { op: "unsubscribe", channel }, resolve: () => resolve(), reject, onDrop: () => resolve() });
+      const left = () => {
+        // A `subscribed` that came before this reply was undone by it.
+        this.#serverChannels.delete(channel);
+        resolve();
+      };
+      this.#transmit({ frame: { op: "unsubscribe", channel }, resolve: left, reject, onDrop: () => resolve() });
     });
   }
 
   /** The position to resume `channel` from: {since, epoch}, or null when it has none (see README). */
   position(channel) {
-    const entry = this.#channels.get(channel);
-    return entry && isStreamId(entry.streamId) ? { since: entry.streamId, epoch: entry.epoch } : null;
+    const at = this.#channels.get(channel) ?? this.#serverChannels.get(channel);
+    return at && isStreamId(at.streamId) ? { since: at.streamId, epoch: at.epoch } : null;
   }
 
   /**
@@ -466,9 +529,14 @@ export class CaddyChat {
       else if (req.resend && keysSurvive) resend.push(req);
       else req.reject(new CaddyChatError("disconnected", `the connection closed (${code}) before the reply; the ${req.frame.op} may or may not have taken effect`));
     }
-    // A fixed token that expired would only be refused (401) on every retry.
+    // A fixed token that expired or was revoked would only be refused (401)
+    // on every retry. A server API disconnect is the server's decision: not
+    // undone behind its back (the app may reconnect with a new client).
+    const tokenRefused = code === TOKEN_EXPIRED || code === TOKEN_REVOKED;
     const permanent =
-      PERMANENT_CLOSE_CODES.includes(code) || (code === TOKEN_EXPIRED && typeof this.#token !== "function");
+      PERMANENT_CLOSE_CODES.includes(code) ||
+      code === DISCONNECTED_BY_SERVER ||
+      (tokenRefused && typeof this.#token !== "function");
     // In the order they were sent, ahead of what was queued meanwhile.
     resend.sort((x, y) => x.seq - y.seq);
     this.#outbox.unshift(...resend);
@@ -514,6 +582,8 @@ export class CaddyChat {
       this.#clearTimer(entry.retryTimer);
       entry.retryTimer = null;
     }
+    // The server does not subscribe the next connection again, nor does the client.
+    this.#serverChannels.clear();
   }
 
   #shutdown(err) {
@@ -533,6 +603,7 @@ export class CaddyChat {
     for (const req of queued) req.reject(err);
     for (const entry of this.#channels.values()) this.#settleWaiters(entry, null, err);
     this.#channels.clear();
+    this.#serverChannels.clear();
     this.#setState("closed");
   }
 
@@ -571,18 +642,23 @@ export class CaddyChat {
       frame.history = entry.history;
     }
     const wasConfirmed = entry.confirmed;
+    entry.inFlight++;
     this.#transmit({
       frame,
       resolve: (reply) => {
+        entry.inFlight--;
         if (this.#channels.get(entry.channel) === entry) this.#subscribed(entry, reply, resumed, wasConfirmed);
         answered();
       },
       reject: (err) => {
+        entry.inFlight--;
         if (this.#channels.get(entry.channel) === entry) this.#subscribeFailed(entry, err);
         answered();
       },
       // The next connection resubscribes; the app's promise stays pending.
-      onDrop: () => {},
+      onDrop: () => {
+        entry.inFlight--;
+      },
     });
   }
 
@@ -619,6 +695,7 @@ export class CaddyChat {
       this.#settleWaiters(entry, null, err);
       // A late ok would leave the server subscribed to a channel we forgot.
       if (err.code === "timeout" && this.#open) {
+        this.#serverChannels.delete(entry.channel);
         this.#transmit({ frame: { op: "unsubscribe", channel: entry.channel }, resolve() {}, reject() {}, onDrop() {} });
       }
       return;
@@ -708,6 +785,12 @@ export class CaddyChat {
       case "welcome":
         this.#welcome = frame;
         return this.#emit("welcome", frame);
+      case "subscribed":
+        if (typeof frame.channel === "string") this.#onServerSubscribed(frame.channel);
+        return;
+      case "unsubscribed":
+        if (typeof frame.channel === "string") this.#onServerUnsubscribed(frame.channel);
+        return;
     }
     // Everything else answers a request (ok, error, presence, history);
     // unknown types from newer servers are ignored.
@@ -722,9 +805,49 @@ export class CaddyChat {
     else req.resolve(frame);
   }
 
+  // The server API subscribed this connection to `channel`; its messages
+  // follow. Remembered for this connection only (see the top of the file).
+  #onServerSubscribed(channel) {
+    if (!this.#serverChannels.has(channel)) this.#serverChannels.set(channel, { streamId: null, epoch: null });
+    this.#emit("subscribed", { channel });
+  }
+
+  // The server API unsubscribed this connection from `channel`.
+  #onServerUnsubscribed(channel) {
+    const held = this.#serverChannels.delete(channel);
+    const entry = this.#channels.get(channel);
+    if (entry && entry.inFlight > 0) {
+      // The app's subscribe went out before this frame came and is answered
+      // after it: the server subscribes the connection again (or refuses,
+      // and the reply says so). The client keeps the channel.
+      return;
+    }
+    if (entry) {
+      // The server took it away: not resubscribed after a reconnect either.
+      this.#channels.delete(channel);
+      this.#clearTimer(entry.retryTimer);
+      entry.retryTimer = null;
+      this.#settleWaiters(entry, null, new CaddyChatError("unsubscribed", `the server unsubscribed this connection from ${channel}`));
+    } else if (!held) {
+      return; // neither the app's nor the server's (e.g. its unsubscribe is in flight)
+    }
+    this.#emit("unsubscribed", { channel });
+  }
+
   #onDelivery(msg) {
     const entry = this.#channels.get(msg.channel);
-    if (!entry) return; // unsubscribed, or its unsubscribe is in flight
+    if (!entry) {
+      // A channel only the server subscribed: the app's message event, and
+      // where it is, should the app adopt it (subscribe) or store it.
+      const held = this.#serverChannels.get(msg.channel);
+      if (!held) return; // unsubscribed, or its unsubscribe is in flight
+      if (isStreamId(msg.id)) {
+        held.streamId = msg.id;
+        if (msg.epoch) held.epoch = msg.epoch;
+      }
+      this.#emit("message", msg);
+      return;
+    }
     if (isStreamId(msg.id)) {
       // The server already drops replayed duplicates; this guards the app
       // against any that slip through (e.g. a resume racing a late live copy).

@@ -3,7 +3,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { CaddyChat, CaddyChatError, OwnMessages, backoffDelay, compareStreamIds, describeGap, isStreamId } from "./caddychat.js";
+import { CaddyChat, CaddyChatError, DISCONNECTED_BY_SERVER, OwnMessages, TOKEN_REVOKED, backoffDelay, compareStreamIds, describeGap, isStreamId } from "./caddychat.js";
 
 const flush = () => new Promise((resolve) => setImmediate(resolve));
 
@@ -115,7 +115,7 @@ function setup(options = {}) {
     ...options,
   });
   const events = [];
-  for (const name of ["state", "disconnect", "resubscribed", "gap", "error", "presence", "welcome"]) {
+  for (const name of ["state", "disconnect", "resubscribed", "gap", "error", "presence", "welcome", "subscribed", "unsubscribed"]) {
     client.on(name, (arg) => events.push([name, arg]));
   }
   return { clock, client, events };
@@ -309,6 +309,53 @@ test("4002 token expired: a fixed token string does not reconnect", async () => 
   assert.equal(client.state, "closed");
   assert.equal(FakeWebSocket.instances.length, 1);
 });
+
+test("the close code constants are the server's", () => {
+  assert.equal(DISCONNECTED_BY_SERVER, 4005);
+  assert.equal(TOKEN_REVOKED, 4006);
+});
+
+test("4005 disconnected by the server: no reconnect, even with a token function; the code and reason are surfaced", async () => {
+  let n = 0;
+  const { clock, client, events } = setup({ token: () => `t${++n}` });
+  const ws = await connect();
+  const inFlight = client.publish("room:a", 1);
+  ws.drop(4005, "kicked by a moderator");
+  assert.equal(client.state, "closed");
+  const d = events.find(([e]) => e === "disconnect")[1];
+  assert.deepEqual(d, { code: 4005, reason: "kicked by a moderator", wasOpen: true, willReconnect: false, delay: null });
+  await assert.rejects(inFlight, (err) => err.code === "closed" && err.closeCode === 4005 && /kicked by a moderator/.test(err.message));
+  await clock.advance(10 * 60 * 1000);
+  assert.equal(FakeWebSocket.instances.length, 1);
+  assert.equal(n, 1, "no new token asked for");
+  assert.equal(clock.timers.size, 0);
+});
+
+test("4006 token revoked: reconnects with a fresh token from a token function", async () => {
+  let n = 0;
+  const { clock, client, events } = setup({ token: () => `t${++n}` });
+  const ws = await connect();
+  const next = await dropAndWait(clock, ws, 4006);
+  assert.deepEqual(next.protocols, ["caddychat", "bearer.t2"]);
+  assert.equal(events.find(([e]) => e === "disconnect")[1].willReconnect, true);
+  next.open();
+  assert.equal(client.state, "connected");
+});
+
+for (const [what, token] of [["a fixed token string", "fixed"], ["no token (cookie auth)", undefined]]) {
+  test(`4006 token revoked: ${what} does not reconnect`, async () => {
+    const { clock, client, events } = setup({ token });
+    const ws = await connect();
+    ws.drop(4006, "token revoked");
+    await clock.advance(60000);
+    assert.equal(client.state, "closed");
+    assert.equal(FakeWebSocket.instances.length, 1);
+    const d = events.find(([e]) => e === "disconnect")[1];
+    assert.equal(d.code, 4006);
+    assert.equal(d.reason, "token revoked");
+    assert.equal(d.willReconnect, false);
+  });
+}
 
 test("a failing token function is reported and retried with backoff", async () => {
   let calls = 0;
@@ -537,6 +584,150 @@ test("unsubscribe sends the op and stops delivery; the handle removes one listen
   ws.receive(msg("room:a", "2-0"));
   assert.deepEqual(a, []);
   assert.deepEqual(b, ["1-0"]);
+});
+
+// ---- subscriptions made and ended by the server (the server API) ----
+
+function named(events, name) {
+  return events.filter(([n]) => n === name).map(([, e]) => e);
+}
+
+test("subscribed: the event, then the channel's messages reach the message event; not resubscribed after a reconnect", async () => {
+  const { clock, client, events } = setup();
+  let ws = await connect();
+  const got = [];
+  client.on("message", (m) => got.push(`${m.channel} ${m.id}`));
+  ws.receive(msg("room:1", "1-0", "e1")); // before the server subscribed: not this connection's
+  ws.receive({ type: "subscribed", channel: "room:1" });
+  assert.deepEqual(named(events, "subscribed"), [{ channel: "room:1" }]);
+  assert.deepEqual(client.serverChannels, ["room:1"]);
+  assert.deepEqual(client.channels, [], "not the app's: not kept");
+  ws.receive(msg("room:1", "2-0", "e1"));
+  ws.receive(msg("room:1", "3-0", "e1"));
+  assert.deepEqual(got, ["room:1 2-0", "room:1 3-0"]);
+  assert.deepEqual(client.position("room:1"), { since: "3-0", epoch: "e1" }, "where the app is, should it store it");
+  assert.equal(ws.ops("subscribe").length, 0, "the client sent nothing");
+
+  ws = await dropAndWait(clock, ws);
+  ws.open();
+  assert.equal(ws.ops("subscribe").length, 0, "the server does not subscribe a new connection again, nor does the client");
+  assert.deepEqual(client.serverChannels, []);
+  ws.receive(msg("room:1", "4-0", "e1"));
+  assert.deepEqual(got, ["room:1 2-0", "room:1 3-0"]);
+});
+
+test("subscribed: subscribe() adopts the channel without a frame; its listener gets the messages and a reconnect resumes it", async () => {
+  const { clock, client } = setup();
+  let ws = await connect();
+  ws.receive({ type: "subscribed", channel: "room:1" });
+  ws.receive(msg("room:1", "5-0", "e1"));
+  const mine = [];
+  const sub = await client.subscribe("room:1", (m) => mine.push(m.id), { history: 50 });
+  assert.deepEqual(sub.reply, { type: "ok", channel: "room:1" });
+  assert.equal(ws.ops("subscribe").length, 0, "the connection holds it: a subscribe with history would be refused");
+  assert.deepEqual(client.channels, ["room:1"]);
+  assert.deepEqual(client.serverChannels, [], "the app's now");
+  assert.deepEqual(client.position("room:1"), { since: "5-0", epoch: "e1" }, "from the last message the app got, through the message event");
+  ws.receive(msg("room:1", "5-0", "e1")); // a duplicate of what the app got is dropped
+  ws.receive(msg("room:1", "6-0", "e1"));
+  assert.deepEqual(mine, ["6-0"]);
+
+  ws = await dropAndWait(clock, ws);
+  ws.open();
+  const f = ws.lastOp("subscribe");
+  assert.equal(f.channel, "room:1");
+  assert.equal(f.since, "6-0");
+  assert.equal(f.epoch, "e1");
+});
+
+test("subscribed for a channel the app subscribed itself changes nothing but the event", async () => {
+  const { clock, client, events } = setup();
+  let ws = await connect();
+  const mine = [];
+  const got = [];
+  client.on("message", (m) => got.push(m.id));
+  client.subscribe("room:1", (m) => mine.push(m.id));
+  ws.ok(ws.lastOp("subscribe"));
+  ws.receive({ type: "subscribed", channel: "room:1" });
+  ws.receive(msg("room:1", "1-0", "e1"));
+  assert.deepEqual([mine, got], [["1-0"], ["1-0"]], "delivered once");
+  assert.equal(named(events, "subscribed").length, 1);
+  assert.deepEqual(client.serverChannels, []);
+  ws = await dropAndWait(clock, ws);
+  ws.open();
+  assert.equal(ws.lastOp("subscribe").since, "1-0", "still resubscribed");
+});
+
+test("unsubscribed: a channel the app subscribed is dropped, the app told, and not resubscribed after a reconnect", async () => {
+  const { clock, client, events } = setup();
+  let ws = await connect();
+  const mine = [];
+  client.subscribe("room:1", (m) => mine.push(m.id));
+  client.subscribe("room:2", () => {});
+  for (const f of ws.ops("subscribe")) ws.ok(f);
+  ws.receive(msg("room:1", "1-0", "e1"));
+  ws.receive({ type: "unsubscribed", channel: "room:1" });
+  assert.deepEqual(named(events, "unsubscribed"), [{ channel: "room:1" }]);
+  assert.deepEqual(client.channels, ["room:2"]);
+  assert.equal(client.position("room:1"), null);
+  ws.receive(msg("room:1", "2-0", "e1"));
+  assert.deepEqual(mine, ["1-0"]);
+  assert.equal(ws.ops("unsubscribe").length, 0, "the server did it already");
+
+  ws = await dropAndWait(clock, ws);
+  ws.open();
+  assert.deepEqual(ws.ops("subscribe").map((f) => f.channel), ["room:2"]);
+});
+
+test("unsubscribed: a channel only the server subscribed stops reaching the message event", async () => {
+  const { client, events } = setup();
+  const ws = await connect();
+  const got = [];
+  client.on("message", (m) => got.push(m.id));
+  ws.receive({ type: "subscribed", channel: "room:1" });
+  ws.receive(msg("room:1", "1-0"));
+  ws.receive({ type: "unsubscribed", channel: "room:1" });
+  ws.receive(msg("room:1", "2-0"));
+  ws.receive({ type: "unsubscribed", channel: "room:9" }); // neither the app's nor the server's: no event
+  assert.deepEqual(got, ["1-0"]);
+  assert.deepEqual(client.serverChannels, []);
+  assert.deepEqual(named(events, "unsubscribed"), [{ channel: "room:1" }]);
+});
+
+test("unsubscribed before the reply of the app's own subscribe: the reply decides, the channel is kept", async () => {
+  const { clock, client, events } = setup();
+  let ws = await connect();
+  const p = client.subscribe("room:1", () => {});
+  const f = ws.lastOp("subscribe");
+  // The server API subscribes and unsubscribes the connection before the
+  // server reads the app's subscribe, which then subscribes it again.
+  ws.receive({ type: "subscribed", channel: "room:1" });
+  ws.receive({ type: "unsubscribed", channel: "room:1" });
+  ws.ok(f);
+  await p;
+  assert.deepEqual(client.channels, ["room:1"]);
+  assert.deepEqual(named(events, "unsubscribed"), [], "the client did not lose it");
+  ws = await dropAndWait(clock, ws);
+  ws.open();
+  assert.equal(ws.lastOp("subscribe").channel, "room:1");
+});
+
+test("unsubscribe() leaves a channel the server subscribed; a subscribed frame before its ok is undone by it", async () => {
+  const { client } = setup();
+  const ws = await connect();
+  const got = [];
+  client.on("message", (m) => got.push(m.id));
+  ws.receive({ type: "subscribed", channel: "room:1" });
+  const done = client.unsubscribe("room:1");
+  const u = ws.lastOp("unsubscribe");
+  assert.equal(u.channel, "room:1");
+  ws.receive(msg("room:1", "1-0")); // sent before the server read the unsubscribe
+  ws.receive({ type: "subscribed", channel: "room:1" }); // the API, before the unsubscribe was read
+  ws.ok(u);
+  await done;
+  assert.deepEqual(client.serverChannels, []);
+  ws.receive(msg("room:1", "2-0"));
+  assert.deepEqual(got, []);
 });
 
 test("presence events are emitted", async () => {

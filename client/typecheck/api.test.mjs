@@ -144,7 +144,10 @@ test("exported functions take as many parameters as declared", () => {
 });
 
 test("exported constants have the declared values", () => {
-  assert.equal(declaration("TOKEN_EXPIRED").declarationList.declarations[0].type.literal.text, String(lib.TOKEN_EXPIRED));
+  for (const name of ["TOKEN_EXPIRED", "DISCONNECTED_BY_SERVER", "TOKEN_REVOKED"]) {
+    assert.equal(typeof lib[name], "number", `${name} is a number`);
+    assert.equal(declaration(name).declarationList.declarations[0].type.literal.text, String(lib[name]), `${name}'s value`);
+  }
   assert.ok(Object.isFrozen(lib.PERMANENT_CLOSE_CODES), "PERMANENT_CLOSE_CODES is declared readonly");
 });
 

@@ -10,8 +10,10 @@
 import {
   CaddyChat,
   CaddyChatError,
+  DISCONNECTED_BY_SERVER,
   PERMANENT_CLOSE_CODES,
   TOKEN_EXPIRED,
+  TOKEN_REVOKED,
   backoffDelay,
   compareStreamIds,
   describeGap,
@@ -33,8 +35,10 @@ import type {
   ResubscribedEvent,
   SubscribeOptions,
   SubscribeReply,
+  SubscribedEvent,
   Subscription,
   TokenSource,
+  UnsubscribedEvent,
   Welcome,
   WebSocketConstructor,
   WebSocketLike,
@@ -110,6 +114,7 @@ const url: string = chat.url;
 const state: ConnectionState = chat.state;
 const welcome: Welcome | null = chat.welcome;
 const channels: readonly string[] = chat.channels;
+const serverChannels: readonly string[] = chat.serverChannels;
 expectType<Equal<typeof state, "connecting" | "connected" | "reconnecting" | "closed">>();
 if (welcome) {
   const { conn, node, user }: { conn: string; node: string; user: string } = welcome;
@@ -117,6 +122,8 @@ if (welcome) {
 }
 // @ts-expect-error read-only
 chat.state = "closed";
+// @ts-expect-error read-only
+chat.serverChannels = [];
 
 // ---- subscribe / unsubscribe / position ----
 
@@ -218,6 +225,20 @@ chat.on("presence", (e: PresenceEvent) => {
   const kind: "join" | "leave" = e.type;
   show(e.user, `${kind} ${e.channel}`);
 });
+// The server API subscribed this connection: adopt the channel with a
+// listener (kept from then on), as the README shows.
+chat.on("subscribed", async ({ channel }: SubscribedEvent) => {
+  const sub: Subscription = await chat.subscribe(channel, (m) => show(m.from, String(m.data)));
+  const reply: SubscribeReply = sub.reply;
+  void reply;
+});
+chat.on("unsubscribed", (e: UnsubscribedEvent) => {
+  const ch: string = e.channel;
+  const kept: boolean = chat.channels.includes(ch);
+  show("", `removed from ${ch} (${kept})`);
+});
+// @ts-expect-error the event is {channel}, not a Message
+chat.on("subscribed", (m: Message) => void m);
 chat.on("resubscribed", ({ channel, reply, resumed }: ResubscribedEvent) => {
   const r: SubscribeReply = reply;
   const b: boolean = resumed;
@@ -238,7 +259,10 @@ chat.on("disconnect", (d: DisconnectEvent) => {
   const willReconnect: boolean = d.willReconnect;
   const delay: number | null = d.delay;
   const permanent: boolean = PERMANENT_CLOSE_CODES.includes(code) || code === TOKEN_EXPIRED;
-  void [reason, wasOpen, willReconnect, delay, permanent];
+  // The server API's disconnect and revoke: tell the user why (the reason is the server's).
+  const byServer: boolean = code === DISCONNECTED_BY_SERVER && !willReconnect;
+  const revoked: boolean = code === TOKEN_REVOKED;
+  void [reason, wasOpen, willReconnect, delay, permanent, byServer, revoked];
 });
 chat.on("error", (err: Error) => {
   if (err instanceof CaddyChatError) {
@@ -302,5 +326,9 @@ backoffDelay(3, backoff as Required<BackoffOptions>, Math.random);
 backoffDelay(3, { initial: 1000 });
 const codes: readonly number[] = PERMANENT_CLOSE_CODES;
 const expired: 4002 = TOKEN_EXPIRED;
+const kicked: 4005 = DISCONNECTED_BY_SERVER;
+const revokedCode: 4006 = TOKEN_REVOKED;
+// @ts-expect-error the constants are their literal codes
+const wrongCode: 4002 = TOKEN_REVOKED;
 
-void [browser, ctor, url, channels, subscribing, requests, errors, isId, order, delay, codes, expired];
+void [browser, ctor, url, channels, serverChannels, subscribing, requests, errors, isId, order, delay, codes, expired, kicked, revokedCode, wrongCode];

@@ -7,7 +7,7 @@
 // the page with textContent, never parsed as HTML; the page's Content-Security-Policy
 // forbids inline code on top of that.
 
-import { CaddyChat, OwnMessages, describeGap } from "./caddychat.js";
+import { CaddyChat, DISCONNECTED_BY_SERVER, OwnMessages, TOKEN_REVOKED, describeGap } from "./caddychat.js";
 
 const HISTORY = 50; // messages shown on joining a room
 const MAX_SHOWN = 500; // messages kept in the page; older ones are dropped
@@ -57,6 +57,7 @@ const wsURL = (location.protocol === "https:" ? "wss://" : "ws://") + location.h
 let chat = null; // the current client; events of replaced ones are ignored
 let channel = null; // the room's channel, room:<name>
 let joinSeq = 0; // bumped on every join, so late answers for an earlier room are dropped
+let removed = false; // the server unsubscribed this page from the room: joining it again is allowed
 let user = ""; // the authenticated user, "" when anonymous
 let guest = ""; // this connection's guest id (routes with guest_names), "" otherwise
 let presenceOn = null; // null until the route answered the presence op
@@ -124,6 +125,8 @@ function connect() {
   // Join and leave events missed while away: ask again.
   client.on("resubscribed", current(({ channel: ch }) => ch === channel && refreshPresence()));
   client.on("gap", current(onGap));
+  client.on("subscribed", current(onServerSubscribed));
+  client.on("unsubscribed", current(onServerUnsubscribed));
   client.on("error", current(onError));
   showState(client.state);
 }
@@ -147,6 +150,16 @@ function onWelcome(w) {
 }
 
 function onDisconnect(d) {
+  const why = d.reason ? `: ${d.reason}` : "";
+  if (d.code === TOKEN_REVOKED) {
+    // With a token in this tab, the same token is refused again: say so.
+    const more = d.reason && d.reason !== "token revoked" ? `: ${d.reason}` : "";
+    if (readToken()) ui.auth.open = true;
+    return notice(readToken() ? `Your token was revoked${more}. Enter a new one under Token.` : `Your session was revoked${more}.${d.willReconnect ? " Reconnecting…" : ""}`);
+  }
+  if (d.code === DISCONNECTED_BY_SERVER && !d.willReconnect) {
+    return notice(`The server disconnected you${why}. Press Reconnect under Token, or reload the page, to come back.`);
+  }
   if (d.willReconnect) {
     // Browsers hide why an upgrade was refused (bad token, other origin,
     // node full): say what can help, once the first try failed.
@@ -185,6 +198,24 @@ function onGap({ channel: ch, reason, reply, historyLost }) {
   }
 }
 
+// The server API subscribed this page to a channel: list it if it is a room
+// (joining it then shows it; the current one changes nothing).
+function onServerSubscribed({ channel: ch }) {
+  const name = ch.startsWith("room:") ? ch.slice("room:".length) : "";
+  if (ch === channel || !ROOM_NAME.test(name)) return;
+  rememberRoom(name);
+  notice(`The server added you to #${name}.`);
+}
+
+// The server API unsubscribed this page from a channel: the client dropped it.
+function onServerUnsubscribed({ channel: ch }) {
+  if (ch !== channel) return;
+  removed = true;
+  present.clear();
+  renderOnline();
+  notice(`The server removed you from #${ch.slice("room:".length)}: its new messages are not shown. Join it again to come back, if you may.`);
+}
+
 // Replaces the client, e.g. with a new token (maybe another user).
 function reconnect() {
   const room = channel ? channel.slice("room:".length) : "lobby";
@@ -213,11 +244,12 @@ function roomFromHash() {
 
 async function join(name) {
   const next = "room:" + name;
-  if (next === channel) return;
+  if (next === channel && !removed) return;
   const previous = channel;
   const client = chat;
   const seq = ++joinSeq;
   channel = next;
+  removed = false;
 
   history.replaceState(null, "", "#" + encodeURIComponent(name).replace(/%3A/g, ":").replace(/%40/g, "@").replace(/%2F/g, "/"));
   document.title = `#${name} · caddychat`;
@@ -230,7 +262,9 @@ async function join(name) {
   renderOnline();
   rememberRoom(name);
 
-  if (previous) client.unsubscribe(previous).catch(() => {});
+  if (previous && previous !== next) client.unsubscribe(previous).catch(() => {});
+  // A room the server subscribed this page to is adopted without a replay.
+  const adopted = client.serverChannels.includes(next);
   try {
     await client.subscribe(next, (m) => seq === joinSeq && showMessage(m), { history: HISTORY });
   } catch (err) {
@@ -239,7 +273,21 @@ async function join(name) {
     notice(`Could not join ${name}: ${describe(err)}`);
     return;
   }
-  if (seq === joinSeq) refreshPresence();
+  if (seq !== joinSeq) return;
+  refreshPresence();
+  if (adopted) showEarlier(client, next, seq);
+}
+
+// The room's last messages, above those that came live meanwhile.
+async function showEarlier(client, ch, seq) {
+  let page;
+  try {
+    page = await client.history(ch, { limit: HISTORY });
+  } catch {
+    return; // a room without history, or gone: only what comes next is shown
+  }
+  if (seq !== joinSeq || client !== chat) return;
+  for (const m of [...page.messages].reverse()) showMessage(m, true);
 }
 
 function rememberRoom(name) {
@@ -382,7 +430,7 @@ function shownMessage(id) {
   return typeof id === "string" ? ui.messages.querySelector(`.message[data-id="${CSS.escape(id)}"]`) : null;
 }
 
-function showMessage(m) {
+function showMessage(m, older = false) {
   if (m.channel !== channel) return;
   // Each message once, whatever else brought it already.
   if (shownMessage(m.id)) return;
@@ -422,7 +470,8 @@ function showMessage(m) {
   text.textContent = messageText(m.data);
 
   el.append(meta, text);
-  append(el, stick);
+  if (older) ui.messages.prepend(el);
+  else append(el, stick);
 }
 
 function notice(text) {
