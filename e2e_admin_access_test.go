@@ -13,6 +13,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -27,7 +28,7 @@ func TestAdminAPIHistory(t *testing.T) {
 		node := func(i int) *caddyNode { return nodes[i%len(nodes)] }
 		var ids []string
 		for i := range 3 {
-			ids = append(ids, apiPublish(t, adminOf(node(i)), "hist:1", map[string]int{"n": i}))
+			ids = append(ids, publishVia(t, adminOf(node(i)), "hist:1", map[string]int{"n": i}))
 		}
 		type page struct {
 			Channel, Epoch string
@@ -80,7 +81,7 @@ func TestAdminAPIHistory(t *testing.T) {
 				t.Fatalf("%s: history after the remove: %+v", n.name, p)
 			}
 		}
-		apiPublish(t, adminOf(node(0)), "hist:1", "new epoch")
+		publishVia(t, adminOf(node(0)), "hist:1", "new epoch")
 		if m := resume("after-remove"); *m.Recovered || m.Epoch == epoch {
 			t.Fatalf("resume from an old id after the remove: %s, want recovered false in a new epoch", m)
 		}
@@ -136,7 +137,7 @@ func TestAdminAPISiteEndpoint(t *testing.T) {
 		for _, c := range alice {
 			closed(t, c, 2*time.Second, 4005, "site kick")
 		}
-		id := apiPublish(t, siteOf(node(1)), "room:1", "after")
+		id := publishVia(t, siteOf(node(1)), "room:1", "after")
 		receives(t, "room:1", id, bob)
 	})
 }
@@ -182,9 +183,10 @@ func TestAdminAPIBadRequests(t *testing.T) {
 		{"POST", "unsubscribe", `{"user":"alice","channel":"room:1","x":true}`, 400, "bad_request"},
 		{"POST", "unsubscribe", `{"user":"alice"}`, 400, "bad_request"},
 		{"POST", "subscribe", `{"user":"alice","channel":""}`, 400, "bad_request"},
-		{"POST", "publish", `{"channel":"room:1","data":1,"extra":2}`, 400, "bad_request"},
-		{"POST", "publish", `{"channel":"room:1","data":`, 400, "bad_request"},
+		{"POST", "publish", `{"channel":"room:9","data":1,"extra":2}`, 400, "bad_request"},
+		{"POST", "publish", `{"channel":"room:9","data":`, 400, "bad_request"},
 		{"POST", "broadcast", `{"channels":[],"data":1}`, 400, "bad_request"},
+		{"POST", "broadcast", `{"channels":["room:9"],"data":1,"extra":2}`, 400, "bad_request"},
 		{"POST", "history/remove", `{"channel":"room:1"` + pad + `}`, 413, "too_large"},
 		{"GET", "channels?limit=0", "", 400, "bad_request"},
 		{"GET", "channels?limit=10001", "", 400, "bad_request"},
@@ -213,7 +215,7 @@ func TestAdminAPIBadRequests(t *testing.T) {
 		}
 	}
 	// None of this reached alice: her next frame is this message.
-	id := apiPublish(t, adminOf(a), "room:1", "after the attacks")
+	id := publishVia(t, adminOf(a), "room:1", "after the attacks")
 	receives(t, "room:1", id, alice)
 }
 
@@ -228,7 +230,7 @@ func TestAdminAPIAdminOff(t *testing.T) {
 	}
 	alice := dialAs(t, "alice", n, newToken(t, "alice").sign())
 	alice.subscribe("room:1")
-	id := apiPublish(t, siteOf(n), "room:1", "chat works")
+	id := publishVia(t, siteOf(n), "room:1", "chat works")
 	receives(t, "room:1", id, alice)
 
 	for _, addr := range []string{wouldBe, "localhost:2019"} {
@@ -256,6 +258,81 @@ func TestAdminAPIAdminOff(t *testing.T) {
 			t.Fatalf("the site answers the admin API's path: HTTP %d %s", r.status, r.body)
 		}
 	}
-	id = apiPublish(t, siteOf(n), "room:1", "still connected")
+	id = publishVia(t, siteOf(n), "room:1", "still connected")
 	receives(t, "room:1", id, alice)
+}
+
+// TestAdminAPIPrefix: a node with two chats (channel prefixes a: and b:,
+// the first with two routes) is asked with ?prefix; without it, or with a
+// prefix it has not, the API says so; a node without chat has no API.
+func TestAdminAPIPrefix(t *testing.T) {
+	t.Parallel()
+	route := func(path, prefix string) string {
+		return fmt.Sprintf("\tchat %s {\n\t\tchannel_prefix %s\n\t\trate_limit off\n\t}\n", path, prefix)
+	}
+	n := startCaddy(t, "A", route("/a", "a:")+route("/a2", "a:")+route("/b", "b:"))
+	none := startCaddy(t, "none", "\trespond \"no chat here\"")
+	dialJSON(t, "a", n.wsURL("/a"))
+	dialJSON(t, "a2", n.wsURL("/a2"))
+	b := dialJSON(t, "b", n.wsURL("/b"))
+
+	expectAPIError(t, "two chats, no ?prefix", adminOf(n).do(t, http.MethodGet, "stats", ""), 400, "bad_request")
+	expectAPIError(t, "a prefix the node has not", adminOf(n).do(t, http.MethodGet, "stats?prefix=zz:", ""), 404, "not_found")
+	expectAPIError(t, "a node without chat", adminOf(none).do(t, http.MethodGet, "stats", ""), 404, "not_found")
+	for prefix, want := range map[string]string{
+		"a:": `{2 0 2 [{/a 1 0 1} {/a2 1 0 1}]}`,
+		"b:": `{1 0 1 [{/b 1 0 1}]}`,
+	} {
+		var s statsAnswer
+		adminOf(n).get(t, "stats?prefix="+prefix, &s)
+		var routes []string
+		for _, r := range s.Routes {
+			routes = append(routes, fmt.Sprintf("{%s %d %d %d}", r.Route, r.Connections, r.Users, r.Anonymous))
+		}
+		if got := fmt.Sprintf("{%d %d %d [%s]}", s.Connections, s.Users, s.Anonymous, strings.Join(routes, " ")); got != want {
+			t.Errorf("stats?prefix=%s: connections, users, anonymous, routes %s, want %s", prefix, got, want)
+		}
+	}
+	var got cluster
+	adminOf(n).post(t, "disconnect?prefix=a:", map[string]any{"conn": b.welcome.Conn}, &got)
+	checkCluster(t, "disconnect b's conn in chat a:", got, got.Disconnected, 0, 1)
+	adminOf(n).post(t, "disconnect?prefix=b:", map[string]any{"conn": b.welcome.Conn}, &got)
+	checkCluster(t, "disconnect b's conn in chat b:", got, got.Disconnected, 1, 1)
+	closed(t, b, 2*time.Second, 4005, "disconnected by the server")
+}
+
+// TestAdminAPIMissingNode: a node that does not answer (stopped with
+// SIGSTOP, still subscribed at Redis) is left out after publish_timeout and
+// counted in missing_nodes; the op is done on the others.
+func TestAdminAPIMissingNode(t *testing.T) {
+	t.Parallel()
+	rs := redistest.Start(t)
+	a := startCaddy(t, "A", apiRoutes(rs.URL()))
+	b := startCaddy(t, "B", apiRoutes(rs.URL()))
+	waitNodes(t, adminOf(a), 2)
+	alice := dialAs(t, "alice", a, newToken(t, "alice").sign())
+	if err := b.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	resumed := false
+	resume := func() {
+		if !resumed {
+			resumed = true
+			_ = b.cmd.Process.Signal(syscall.SIGCONT)
+		}
+	}
+	t.Cleanup(resume)
+	start := time.Now()
+	var got cluster
+	adminOf(a).post(t, "disconnect", map[string]any{"user": "alice"}, &got)
+	took := time.Since(start)
+	resume()
+	if got.Disconnected == nil || *got.Disconnected != 1 || got.Nodes != 1 || got.MissingNodes != 1 {
+		t.Fatalf("disconnect with node B stopped: %+v, want disconnected 1, nodes 1, missing_nodes 1", got)
+	}
+	if took > 5*time.Second {
+		t.Fatalf("disconnect with node B stopped took %v, want about publish_timeout (2s)", took)
+	}
+	closed(t, alice, 2*time.Second, 4005, "disconnected by the server")
+	waitNodes(t, adminOf(b), 2) // B works again
 }

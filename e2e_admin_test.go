@@ -221,8 +221,8 @@ func expectFrame(t testing.TB, c *wsClient, typ, channel string) *serverMsg {
 	return m
 }
 
-// apiPublish publishes data on channel through api and returns the id.
-func apiPublish(t testing.TB, api chatAPI, channel string, data any) string {
+// publishVia publishes data on channel through api and returns the id.
+func publishVia(t testing.TB, api chatAPI, channel string, data any) string {
 	t.Helper()
 	var r struct{ Channel, ID string }
 	api.post(t, "publish", map[string]any{"channel": channel, "data": data}, &r)
@@ -293,7 +293,7 @@ func TestAdminAPIDisconnect(t *testing.T) {
 			t.Fatalf("alice's other connection after a disconnect by conn: %v %v", r, err)
 		}
 		// Bob was never touched: his next frames are this message.
-		id := apiPublish(t, adminOf(node(1)), "room:1", "still here")
+		id := publishVia(t, adminOf(node(1)), "room:1", "still here")
 		receives(t, "room:1", id, bob)
 	})
 }
@@ -323,9 +323,9 @@ func TestAdminAPIUnsubscribe(t *testing.T) {
 		}
 		// A room:1 message reaches bob on every node; a marker published
 		// after it is alice's next frame: she got no room:1 message.
-		id := apiPublish(t, adminOf(node(0)), "room:1", "after")
+		id := publishVia(t, adminOf(node(0)), "room:1", "after")
 		receives(t, "room:1", id, bob...)
-		mark := apiPublish(t, adminOf(node(0)), "hist:mark", "marker")
+		mark := publishVia(t, adminOf(node(0)), "hist:mark", "marker")
 		receives(t, "hist:mark", mark, alice...)
 		for _, n := range nodes {
 			var p struct {
@@ -365,7 +365,7 @@ func TestAdminAPISubscribe(t *testing.T) {
 		for _, c := range alice {
 			expectFrame(t, c, "subscribed", "room:2")
 		}
-		id := apiPublish(t, adminOf(node(0)), "room:2", "for alice")
+		id := publishVia(t, adminOf(node(0)), "room:2", "for alice")
 		receives(t, "room:2", id, alice...)
 		var p struct{ Users []struct{ User string } }
 		adminOf(node(0)).get(t, "presence?channel=room:2", &p)
@@ -408,7 +408,7 @@ func TestAdminAPIIdempotentPublish(t *testing.T) {
 			}
 		}
 		receives(t, "room:1", first, subs...)
-		mark := apiPublish(t, adminOf(node(0)), "room:1", "marker")
+		mark := publishVia(t, adminOf(node(0)), "room:1", "marker")
 		receives(t, "room:1", mark, subs...)
 
 		// A broadcast repeated with its key: the same ids, delivered once.
@@ -428,7 +428,7 @@ func TestAdminAPIIdempotentPublish(t *testing.T) {
 			}
 		}
 		receives(t, "room:1", one.Results[0].ID, subs...)
-		mark = apiPublish(t, adminOf(node(0)), "room:1", "marker")
+		mark = publishVia(t, adminOf(node(0)), "room:1", "marker")
 		receives(t, "room:1", mark, subs...)
 	})
 }
@@ -462,11 +462,12 @@ func TestAdminAPIStatsAndPresence(t *testing.T) {
 		total := figures{Connections: 3, Channels: 1, Subscriptions: 3}
 		for _, f := range want {
 			total.Users += f.Users
-			f.Routes = []figures{{Route: "/ws", Connections: f.Connections, Users: f.Users, Subscriptions: f.Subscriptions}}
+			f.Routes = []figures{{Route: wantRouteName, Connections: f.Connections, Users: f.Users, Subscriptions: f.Subscriptions}}
 		}
-		total.Routes = []figures{{Route: "/ws", Connections: 3, Users: total.Users, Subscriptions: 3}}
+		total.Routes = []figures{{Route: wantRouteName, Connections: 3, Users: total.Users, Subscriptions: 3}}
+		wantJSON, _ := json.Marshal(map[string]any{"totals": total, "nodes": want})
 		for _, n := range nodes {
-			eventually(t, 15*time.Second, n.name+": stats", func() (bool, string) {
+			eventually(t, 15*time.Second, fmt.Sprintf("%s: stats %s", n.name, wantJSON), func() (bool, string) {
 				var s statsAnswer
 				body := adminOf(n).get(t, "stats", &s)
 				if len(s.Nodes) != len(want) || !figuresEqual(s.figures, total) {
@@ -511,6 +512,10 @@ func TestAdminAPIStatsAndPresence(t *testing.T) {
 		}
 	})
 }
+
+// wantRouteName is the name stats give the route `chat /ws { … }` without a
+// name option: the spec says the directive's first path matcher.
+const wantRouteName = "/ws"
 
 func figuresEqual(a, b figures) bool {
 	eq := func(x, y figures) bool {

@@ -67,7 +67,7 @@ func closedRevoked(t testing.TB, c *wsClient, answered time.Time) {
 // (c is subscribed) is its next message.
 func stillServed(t testing.TB, api chatAPI, cs ...*wsClient) {
 	t.Helper()
-	id := apiPublish(t, api, "room:1", "still served")
+	id := publishVia(t, api, "room:1", "still served")
 	receives(t, "room:1", id, cs...)
 }
 
