@@ -185,6 +185,7 @@ func TestAdminAPIBadRequests(t *testing.T) {
 		{"POST", "subscribe", `{"user":"alice","channel":""}`, 400, "bad_request"},
 		{"POST", "publish", `{"channel":"room:9","data":1,"extra":2}`, 400, "bad_request"},
 		{"POST", "publish", `{"channel":"room:9","data":`, 400, "bad_request"},
+		{"POST", "publish", `{"channel":"#control","data":{"id":"x","from":"x","op":"disconnect","user":"alice"}}`, 400, "bad_request"},
 		{"POST", "broadcast", `{"channels":[],"data":1}`, 400, "bad_request"},
 		{"POST", "broadcast", `{"channels":["room:9"],"data":1,"extra":2}`, 400, "bad_request"},
 		{"POST", "history/remove", `{"channel":"room:1"` + pad + `}`, 413, "too_large"},
@@ -212,6 +213,15 @@ func TestAdminAPIBadRequests(t *testing.T) {
 				json.Unmarshal([]byte(r.body), &e) != nil || e.Error.Code == "" {
 				t.Errorf("%s: %s %s: HTTP %d, Allow %q, %s; want 405, Allow %s and an error", api.name, c.method, c.op, r.status, r.header.Get("Allow"), r.body, c.allow)
 			}
+		}
+	}
+	// The control channel is no client's either.
+	for _, op := range []map[string]any{
+		{"op": "publish", "channel": "#control", "data": map[string]any{"op": "disconnect", "user": "alice"}},
+		{"op": "subscribe", "channel": "#control"},
+	} {
+		if r, err := alice.request(op, 5*time.Second); err != nil || r.Type != "error" || r.Code != "bad_request" {
+			t.Errorf("alice: %v: %v %v, want bad_request", op, r, err)
 		}
 	}
 	// None of this reached alice: her next frame is this message.
@@ -335,4 +345,25 @@ func TestAdminAPIMissingNode(t *testing.T) {
 	}
 	closed(t, alice, 2*time.Second, 4005, "disconnected by the server")
 	waitNodes(t, adminOf(b), 2) // B works again
+}
+
+// TestAdminAPISubscribeRefused: a connection at max_subscriptions is left
+// out of a server-side subscribe, and the answer says so.
+func TestAdminAPISubscribeRefused(t *testing.T) {
+	t.Parallel()
+	n := startCaddy(t, "A", strings.Replace(apiRoutes(""), "rate_limit off", "rate_limit off\n\t\tmax_subscriptions 1", 1))
+	full := dialAs(t, "alice full", n, newToken(t, "alice").sign())
+	full.subscribe("room:1")
+	free := dialAs(t, "alice free", n, newToken(t, "alice").sign())
+	var got cluster
+	body := adminOf(n).post(t, "subscribe", map[string]any{"user": "alice", "channel": "room:2"}, &got)
+	checkCluster(t, "subscribe", got, got.Subscribed, 1, 1)
+	if got.Refused == nil || *got.Refused != 1 || !strings.Contains(body, `"message":"`) {
+		t.Fatalf("subscribe with one connection at max_subscriptions: %s, want refused 1 and a message", body)
+	}
+	expectFrame(t, free, "subscribed", "room:2")
+	id := publishVia(t, adminOf(n), "room:2", "to the free one")
+	receives(t, "room:2", id, free)
+	id = publishVia(t, adminOf(n), "room:1", "marker")
+	receives(t, "room:1", id, full) // and no "subscribed" or room:2 before it
 }

@@ -163,6 +163,10 @@ func testRevoke(t *testing.T, nodes []*caddyNode) revokedTokens {
 			t.Errorf("%s: handshake with dave's token issued after: HTTP %d, want 101", n.name, got)
 		}
 	}
+	m, err = daveNew.request(map[string]any{"op": "refresh", "token": oldTok}, 5*time.Second)
+	if err != nil || m.Type != "error" || m.Code != "unauthorized" {
+		t.Fatalf("refresh with dave's revoked token: %v %v, want unauthorized", m, err)
+	}
 	stillServed(t, adminOf(first), keeper, bob, daveNew)
 
 	var list struct {
