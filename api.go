@@ -313,7 +313,7 @@ func (t apiTarget) serverPublisher() publisher {
 }
 
 func apiPublish(t apiTarget, w http.ResponseWriter, r *http.Request) {
-	t.serverPublisher().serve(w, r, maxAPIPublishBody)
+	t.serverPublisher().serve(w, r, maxAPIPublishBody, true)
 }
 
 func apiBroadcast(t apiTarget, w http.ResponseWriter, r *http.Request) {

@@ -37,6 +37,11 @@ func parseChatDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, er
 	if err := handler.UnmarshalCaddyfile(h.Dispenser); err != nil {
 		return nil, err
 	}
+	if handler.Name == "" {
+		// The server API's stats tell routes apart by name: by default the
+		// path the operator wrote.
+		handler.Name = firstPath(matcherSet)
+	}
 	values := h.NewRoute(matcherSet, handler)
 	if matcherSet == nil {
 		return values, nil
@@ -60,6 +65,15 @@ func parseChatDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, er
 		values[i].Value = route
 	}
 	return values, nil
+}
+
+// firstPath is the first path of the directive's path matcher, "" without one.
+func firstPath(matcherSet caddy.ModuleMap) string {
+	var paths []string
+	if raw, ok := matcherSet["path"]; ok && json.Unmarshal(raw, &paths) == nil && len(paths) > 0 {
+		return paths[0]
+	}
+	return ""
 }
 
 // browserAssetPaths are the client library's paths under the directive's

@@ -164,8 +164,9 @@ type Handler struct {
 	PublishEndpoint string `json:"publish_endpoint,omitempty"`
 
 	// Name of the route in the server API's stats (the admin API's
-	// /chat/stats), which counts each route's connections apart.
-	// Default: "chat".
+	// /chat/stats), which counts each route's connections apart. The
+	// Caddyfile's default is the directive's first path (chat /ws: "/ws");
+	// otherwise "chat".
 	Name string `json:"name,omitempty"`
 
 	// API key that authorizes HTTP publishes to any channel, sent as

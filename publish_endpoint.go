@@ -67,7 +67,9 @@ func (h *Handler) servePublish(w http.ResponseWriter, r *http.Request) {
 	}
 	p := publisher{id: id, path: h.PublishEndpoint, routeFor: func(string) *route { return h.route },
 		allow: func(w http.ResponseWriter, n int) bool { return h.allowPublish(w, id, n) }}
-	p.serve(w, r, min(int64(maxPublishBatch)*h.MaxMessageSize, 16<<20))
+	// The endpoint's own publish ignores unknown fields, as it always has;
+	// the API's ops (<publish_endpoint>/publish too) refuse them.
+	p.serve(w, r, min(int64(maxPublishBatch)*h.MaxMessageSize, 16<<20), below)
 }
 
 // refusePublisher answers a request whose publish key or token was refused.
@@ -90,11 +92,11 @@ type publisher struct {
 	allow func(w http.ResponseWriter, n int) bool
 }
 
-// serve reads a publish request's body (at most limit bytes) and publishes
-// its message or messages.
-func (p publisher) serve(w http.ResponseWriter, r *http.Request, limit int64) {
+// serve reads a publish request's body (at most limit bytes; strict:
+// without unknown fields) and publishes its message or messages.
+func (p publisher) serve(w http.ResponseWriter, r *http.Request, limit int64, strict bool) {
 	var req publishRequest
-	if !decodeBody(w, r, limit, &req, false) {
+	if !decodeBody(w, r, limit, &req, strict) {
 		return
 	}
 	if req.Messages == nil {
