@@ -62,6 +62,9 @@ type Publication struct {
 	// History, when set, keeps the message in the channel's history, and
 	// its id is the history's.
 	History *historyPolicy
+	// Ephemeral: delivered to the current subscribers but the publishing
+	// connection (conn), never kept (ephemeral.go). History and idem are nil.
+	Ephemeral bool
 	// event marks Raw as the node's own presence event, published as it is.
 	event bool
 	// newHistory, when set, says whether the publish may create the
@@ -72,7 +75,8 @@ type Publication struct {
 	// sets idem.duplicate.
 	idem *idempotency
 	// conn is the publishing connection's id and path the request path of
-	// the connection or HTTP publish, for the webhook event only.
+	// the connection or HTTP publish, for the webhook event (and conn for
+	// skipping the sender of an ephemeral publish).
 	conn, path string
 }
 

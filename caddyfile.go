@@ -153,6 +153,7 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 //			publish   <pattern...>
 //		}]
 //		rate_limit               <per second> [<burst>] | off
+//		ephemeral_rate           <per second> [<burst>] | off
 //		max_connections          <n>
 //		max_connections_per_user <n>
 //		max_subscriptions        <n>
@@ -302,7 +303,10 @@ var chatOptions = &optionTable[Handler]{options: []option[Handler]{
 		}},
 	{name: "rate_limit", min: 1, max: 2, syntax: "<per second> [<burst>] | off",
 		takes: "a number of frames per second and an optional burst, or off", example: "rate_limit 50 100",
-		parse: parseRateLimit},
+		parse: rateParser("rate_limit", "frames", func(h *Handler, rl *RateLimit) { h.RateLimit = rl })},
+	{name: "ephemeral_rate", min: 1, max: 2, syntax: "<per second> [<burst>] | off",
+		takes: "a number of ephemeral publishes per second and an optional burst, or off", example: "ephemeral_rate 10 20",
+		parse: rateParser("ephemeral_rate", "ephemeral publishes", func(h *Handler, rl *RateLimit) { h.EphemeralRate = rl })},
 	countOption("max_connections", "100000", func(h *Handler, n int) { h.MaxConnections = n }),
 	countOption("max_connections_per_user", "100", func(h *Handler, n int) { h.MaxConnectionsPerUser = n }),
 	countOption("max_subscriptions", "100", func(h *Handler, n int) { h.MaxSubscriptions = n }),
@@ -550,26 +554,29 @@ func parseNewChannelLimit(h *Handler, _ *caddyfile.Dispenser, args []string) err
 	return nil
 }
 
-// parseRateLimit parses rate_limit <per second> [<burst>] or rate_limit off.
-func parseRateLimit(h *Handler, _ *caddyfile.Dispenser, args []string) error {
-	if len(args) == 1 && args[0] == "off" {
-		h.RateLimit = &RateLimit{PerSecond: -1}
+// rateParser parses <name> <per second> [<burst>] or <name> off (a
+// negative rate), counting units, into set.
+func rateParser(name, units string, set func(*Handler, *RateLimit)) func(*Handler, *caddyfile.Dispenser, []string) error {
+	return func(h *Handler, _ *caddyfile.Dispenser, args []string) error {
+		if len(args) == 1 && args[0] == "off" {
+			set(h, &RateLimit{PerSecond: -1})
+			return nil
+		}
+		perSecond, err := strconv.ParseFloat(args[0], 64)
+		if err != nil || perSecond <= 0 || perSecond > 1e6 {
+			return fmt.Errorf("%s %q: want a positive number of %s per second, or off", name, args[0], units)
+		}
+		rl := &RateLimit{PerSecond: perSecond}
+		if len(args) == 2 {
+			burst, err := strconv.Atoi(args[1])
+			if err != nil || burst < 1 {
+				return fmt.Errorf("%s burst %q: want a positive number of %s", name, args[1], units)
+			}
+			rl.Burst = burst
+		}
+		set(h, rl)
 		return nil
 	}
-	perSecond, err := strconv.ParseFloat(args[0], 64)
-	if err != nil || perSecond <= 0 || perSecond > 1e6 {
-		return fmt.Errorf("rate_limit %q: want a positive number of frames per second, or off", args[0])
-	}
-	rl := &RateLimit{PerSecond: perSecond}
-	if len(args) == 2 {
-		burst, err := strconv.Atoi(args[1])
-		if err != nil || burst < 1 {
-			return fmt.Errorf("rate_limit burst %q: want a positive number of frames", args[1])
-		}
-		rl.Burst = burst
-	}
-	h.RateLimit = rl
-	return nil
 }
 
 var _ caddyfile.Unmarshaler = (*Handler)(nil)

@@ -276,6 +276,7 @@ func TestValidateRejectsBadValues(t *testing.T) {
 		{Handler{JWT: &JWTConfig{Secret: testSecret, Leeway: caddy.Duration(time.Hour)}}, "jwt leeway"},
 		{Handler{JWT: &JWTConfig{Secret: testSecret}, Publish: []string{"a::b"}}, "publish: pattern"},
 		{Handler{RateLimit: &RateLimit{PerSecond: 5, Burst: -2}}, "rate_limit burst"},
+		{Handler{EphemeralRate: &RateLimit{PerSecond: 5, Burst: 200000}}, "ephemeral_rate burst"},
 		{Handler{PublishEndpoint: "chat/publish", PublishKey: "0123456789abcdef"}, `publish_endpoint "chat/publish"`},
 		{Handler{PublishEndpoint: "/chat/publish"}, "publish_endpoint needs publish_key or a jwt block"},
 		{Handler{PublishEndpoint: "/p", PublishKey: "short"}, "publish_key: must be at least 16 bytes"},

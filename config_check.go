@@ -417,6 +417,9 @@ func (h *Handler) checkAccess(static bool) []error {
 	if rl := h.RateLimit; rl != nil && rl.PerSecond > 0 && rl.Burst != 0 && (rl.Burst < 1 || rl.Burst > 100000) {
 		add("rate_limit", "", "chat: rate_limit burst %d: must be between 1 and 100000", rl.Burst)
 	}
+	if rl := h.EphemeralRate; rl != nil && rl.PerSecond > 0 && rl.Burst != 0 && (rl.Burst < 1 || rl.Burst > 100000) {
+		add("ephemeral_rate", "", "chat: ephemeral_rate burst %d: must be between 1 and 100000", rl.Burst)
+	}
 	for _, c := range []struct {
 		name string
 		n    int

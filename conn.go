@@ -66,6 +66,9 @@ type conn struct {
 	// one per frame let through: a client that keeps sending faster than
 	// allowed reaches the close threshold, a brief burst does not.
 	overLimit int
+	// ephemeralLimiter bounds ephemeral publishes (ephemeral.go); nil
+	// until the first one.
+	ephemeralLimiter *rate.Limiter
 
 	// catchingUp counts channels whose history is being read (resume.go);
 	// while it is zero, deliveries skip catchMu altogether.

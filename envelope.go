@@ -117,6 +117,9 @@ func (msg Publication) payload(id string, now time.Time) ([]byte, error) {
 	if msg.event {
 		return stamped(msg.Raw), nil
 	}
+	if msg.Ephemeral {
+		return msg.ephemeralPayload(now)
+	}
 	data, err := msg.historyData()
 	if err != nil {
 		return nil, err

@@ -58,6 +58,9 @@ type subscriber interface {
 	fail(code websocket.StatusCode, reason string)
 	// wantsPresence reports whether join and leave events are delivered to it.
 	wantsPresence() bool
+	// wantsEphemeral reports whether an ephemeral message sent by the
+	// connection with id from is delivered to it (ephemeral.go).
+	wantsEphemeral(from string) bool
 	// presenceInfo is how it is listed in presence; ok is false on a route
 	// without presence.
 	presenceInfo() (info presenceInfo, ok bool)
@@ -413,6 +416,10 @@ func (h *hub) deliver(channel string, payload []byte) {
 // deliverBody delivers a payload whose stamp was checked (and cut off): only
 // a stamped one is read for an id or a presence event (envelope.go).
 func (h *hub) deliverBody(channel string, body []byte, stamped bool) {
+	if stamped && len(body) > 0 && body[0] == ephemeralMark {
+		h.deliverEphemeral(channel, body)
+		return
+	}
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	cs := h.channels[channel]

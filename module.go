@@ -136,6 +136,13 @@ type Handler struct {
 	// keeps going is closed with 4003. Default: 50/s, burst 100.
 	RateLimit *RateLimit `json:"rate_limit,omitempty"`
 
+	// Ephemeral publishes one connection may send per second (typing
+	// indicators: never kept, not echoed to the sender). Over it, the
+	// publish gets a rate_limited error; the frame limit applies as well.
+	// A negative rate (Caddyfile: off) refuses ephemeral publishes.
+	// Default: 10/s, burst 20.
+	EphemeralRate *RateLimit `json:"ephemeral_rate,omitempty"`
+
 	// Connections this node accepts on the route's hub; more get 503.
 	// Default: 100000.
 	MaxConnections int `json:"max_connections,omitempty"`
@@ -320,6 +327,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.RateLimit.Burst == 0 && h.RateLimit.PerSecond > 0 {
 		h.RateLimit.Burst = max(1, int(2*h.RateLimit.PerSecond))
+	}
+	if h.EphemeralRate == nil {
+		h.EphemeralRate = &RateLimit{PerSecond: defaultEphemeralPerSecond, Burst: defaultEphemeralBurst}
+	}
+	if h.EphemeralRate.Burst == 0 && h.EphemeralRate.PerSecond > 0 {
+		h.EphemeralRate.Burst = max(1, int(2*h.EphemeralRate.PerSecond))
 	}
 	if h.PublishEndpoint != "" && h.JWT != nil {
 		h.publishLimit = newUserRateLimiter(h.RateLimit, maxRateLimitedUsers)

@@ -86,6 +86,10 @@ func (c *conn) opPublish(f clientFrame) {
 		c.replyError(f.ID, errBadRequest, `publish needs "data"`)
 		return
 	}
+	if f.Ephemeral {
+		c.opPublishEphemeral(f)
+		return
+	}
 	var idemKey string
 	if f.IdempotencyKey != nil {
 		if err := validateIdempotencyKey(*f.IdempotencyKey); err != nil {

@@ -102,6 +102,9 @@ type clientFrame struct {
 	Token   string          `json:"token,omitempty"`
 	// IdempotencyKey makes a publish idempotent (idempotency.go).
 	IdempotencyKey *string `json:"idempotency_key,omitempty"`
+	// Ephemeral: a publish for the current subscribers only (typing
+	// indicators), never kept nor echoed to the sender (ephemeral.go).
+	Ephemeral bool `json:"ephemeral,omitempty"`
 
 	// Subscribe with history: Since resumes after the last message id the
 	// client saw (with the Epoch that message carried); History starts

@@ -41,6 +41,11 @@ type route struct {
 	// limit; rateBurst the bucket's size.
 	rate      float64
 	rateBurst int
+	// ephemeralRate is the ephemeral publishes per second one connection
+	// may send, not positive when they are off; ephemeralBurst the
+	// bucket's size.
+	ephemeralRate  float64
+	ephemeralBurst int
 
 	presence    bool
 	presenceTTL time.Duration
@@ -105,6 +110,9 @@ func (h *Handler) resolveRoute() *route {
 	}
 	if h.RateLimit != nil && h.RateLimit.PerSecond > 0 {
 		r.rate, r.rateBurst = h.RateLimit.PerSecond, h.RateLimit.Burst
+	}
+	if h.EphemeralRate != nil {
+		r.ephemeralRate, r.ephemeralBurst = h.EphemeralRate.PerSecond, h.EphemeralRate.Burst
 	}
 	return r
 }

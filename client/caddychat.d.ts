@@ -91,12 +91,17 @@ export class CaddyChatError extends Error {
   closeCode?: number;
 }
 
-/** A delivery. On channels with history, `id` is a stream id (`<ms>-<seq>`) and `epoch` is set. */
+/**
+ * A delivery. On channels with history, `id` is a stream id (`<ms>-<seq>`) and `epoch` is set.
+ * An ephemeral message (`ephemeral: true`) has neither: test `ephemeral` before using `id`.
+ */
 export interface Message<T = JSONValue> {
   type: "message";
   channel: string;
   id: string;
   epoch?: string;
+  /** Set (true) on an ephemeral publish's delivery: never kept, no id. */
+  ephemeral?: true;
   /** The publisher's authenticated user, "" for an anonymous client or a backend. */
   from: string;
   /** Set (true) on messages of a client without a token. */
@@ -290,6 +295,11 @@ export interface PublishOptions {
   idempotencyKey?: string;
 }
 
+/** An ephemeral publish: to the current subscribers only, never kept, not echoed to this connection. */
+export interface EphemeralPublishOptions {
+  ephemeral: true;
+}
+
 /** A fresh idempotency key: a random UUID (or 128 random bits in hex). */
 export function newIdempotencyKey(): string;
 
@@ -322,6 +332,8 @@ export class CaddyChat {
    * publish whose reply a dropped connection lost again, with the same key,
    * after reconnecting, and the server delivers it once.
    */
+  /** An ephemeral publish (typing indicators): resolves with undefined once the broker took it. */
+  publish(channel: string, data: JSONValue, options: EphemeralPublishOptions): Promise<void>;
   publish(channel: string, data: JSONValue, options?: PublishOptions): Promise<string>;
   history<T = JSONValue>(channel: string, options?: HistoryOptions): Promise<HistoryPage<T>>;
   presence(channel: string): Promise<PresenceUser[]>;

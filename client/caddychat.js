@@ -398,6 +398,8 @@ export class CaddyChat {
 
   /**
    * Publishes `data` (any JSON value). Resolves with the message id.
+   * With `options.ephemeral`, for the current subscribers only (not this
+   * connection): never kept, no id (resolves with undefined), no key.
    *
    * Every publish carries an idempotency key (a fresh random one, or
    * `options.idempotencyKey`): when the connection drops before the reply,
@@ -409,6 +411,11 @@ export class CaddyChat {
    */
   publish(channel, data, options = {}) {
     if (data === undefined) return Promise.reject(new CaddyChatError("bad_request", "publish needs data (any JSON value but undefined)"));
+    if (options.ephemeral) {
+      // For the current subscribers only (typing...): never kept, so no id
+      // and no key, and not resent after a reconnect, when it would be late.
+      return this.#request({ op: "publish", channel, data, ephemeral: true }).then(() => undefined);
+    }
     const key = options.idempotencyKey ?? newIdempotencyKey();
     return this.#request({ op: "publish", channel, data, idempotency_key: key }, { resend: true }).then((reply) => reply.message_id);
   }

@@ -180,6 +180,8 @@ function onMessage(m: Message): void {
 async function requests(): Promise<void> {
   const id: string = await chat.publish("room:eng", { text: "hi" });
   await chat.publish("room:eng", "plain text");
+  const typing: void = await chat.publish("room:eng", { typing: true }, { ephemeral: true });
+  void typing;
   await chat.publish("room:eng", [1, true, null, { nested: ["x"] }]);
   void id;
   // @ts-expect-error data is a JSON value: not undefined (the client rejects it with bad_request)
