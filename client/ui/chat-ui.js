@@ -14,6 +14,8 @@ const MAX_SHOWN = 500; // messages kept in the page; older ones are dropped
 const MAX_ROOMS = 8; // recent rooms listed
 const TOKEN_KEY = "caddychat.token"; // sessionStorage: this tab only
 const ROOMS_KEY = "caddychat.rooms"; // localStorage
+const TYPING_EVERY = 2000; // ms between this page's typing events
+const TYPING_SHOWN = 4000; // ms another user stays "typing" after its last event
 const NAME_KEY = "caddychat.name"; // sessionStorage: a guest name per tab
 const OWN_KEY = "caddychat.own"; // sessionStorage: this tab's message and guest ids
 // A guest name as the server takes it (guest_names; guest.go): 1 to 24
@@ -49,6 +51,7 @@ const ui = {
   messages: $("messages"),
   sendForm: $("send-form"),
   text: $("text"),
+  typing: $("typing"),
 };
 
 const base = document.querySelector('meta[name="caddychat-base"]')?.content ?? "";
@@ -62,6 +65,8 @@ let user = ""; // the authenticated user, "" when anonymous
 let guest = ""; // this connection's guest id (routes with guest_names), "" otherwise
 let presenceOn = null; // null until the route answered the presence op
 const present = new Map(); // presence key ("u:<user>" or "g:<guest id>") → {user, guest, name}
+const typers = new Map(); // presence key → {name, until}: who is typing in the room
+let typingSent = 0; // when this page last said it was typing
 
 // ---- storage (may be unavailable: private modes, sandboxed frames) ----
 
@@ -256,6 +261,8 @@ async function join(name) {
   ui.roomTitle.textContent = "#" + name;
   ui.room.value = name;
   ui.messages.replaceChildren();
+  typers.clear();
+  renderTyping();
   present.clear();
   presenceOn = null;
   setPresenceNote("");
@@ -266,7 +273,7 @@ async function join(name) {
   // A room the server subscribed this page to is adopted without a replay.
   const adopted = client.serverChannels.includes(next);
   try {
-    await client.subscribe(next, (m) => seq === joinSeq && showMessage(m), { history: HISTORY });
+    await client.subscribe(next, (m) => seq === joinSeq && (m.ephemeral ? onEphemeral(m) : showMessage(m)), { history: HISTORY });
   } catch (err) {
     if (seq !== joinSeq || client !== chat) return;
     if (err.code === "unsubscribed" || err.code === "closed") return;
@@ -353,7 +360,14 @@ function presenceEntry(u) {
     if (typeof u.guest !== "string" || !u.guest) return null;
     return { key: "g:" + u.guest, guest: u.guest, name: typeof u.name === "string" ? u.name : "" };
   }
-  return { key: "u:" + u.user, user: u.user, name: u.user };
+  return { key: "u:" + u.user, user: u.user, name: infoName(u.info) || u.user };
+}
+
+// The display name in a user's info (user_info_claim or the connect hook),
+// "" without one: the user id is shown then.
+function infoName(info) {
+  const name = info && typeof info === "object" ? info.name : undefined;
+  return typeof name === "string" ? name.trim().slice(0, 64) : "";
 }
 
 function onPresenceEvent(ev) {
@@ -381,7 +395,8 @@ function renderOnline() {
         li.append(e.name || "anonymous", guestBadge());
       } else {
         li.dataset.user = e.user;
-        li.textContent = e.user;
+        li.textContent = e.name;
+        if (e.name !== e.user) li.title = e.user;
       }
       if ((e.user && e.user === user) || (e.guest && e.guest === guest)) {
         li.classList.add("me");
@@ -450,7 +465,8 @@ function showMessage(m, older = false) {
   // The server says who sent it: a user, a guest with the name it picked
   // (marked: not verified), an anonymous client, or a backend.
   const guestName = !m.from && m.anonymous && typeof m.name === "string" && m.name ? m.name : "";
-  from.textContent = m.from || guestName || (m.server ? "server" : "anonymous");
+  from.textContent = (m.from && infoName(m.info)) || m.from || guestName || (m.server ? "server" : "anonymous");
+  if (m.from) from.title = m.from;
   if (guestName) from.classList.add("guest");
   else if (!m.from) from.classList.add(m.server ? "server" : "anonymous");
   const time = document.createElement("time");
@@ -472,6 +488,42 @@ function showMessage(m, older = false) {
   el.append(meta, text);
   if (older) ui.messages.prepend(el);
   else append(el, stick);
+  if (!older && typers.delete(senderKey(m))) renderTyping();
+}
+
+// ---- typing: ephemeral events, never kept, not echoed to the sender ----
+
+// Who sent m, keyed as presence entries are.
+function senderKey(m) {
+  if (m.from) return "u:" + m.from;
+  return m.anonymous && m.guest ? "g:" + m.guest : "";
+}
+
+function onEphemeral(m) {
+  if (m.channel !== channel || !m.data || m.data.typing !== true) return;
+  const key = senderKey(m);
+  // Another tab of this user, or a sender the page cannot name.
+  if (!key || (user && m.from === user) || (guest && m.guest === guest)) return;
+  const name = (m.from && infoName(m.info)) || m.from || (typeof m.name === "string" && m.name) || "a guest";
+  typers.set(key, { name, until: Date.now() + TYPING_SHOWN });
+  renderTyping();
+  setTimeout(renderTyping, TYPING_SHOWN + 50);
+}
+
+function renderTyping() {
+  const now = Date.now();
+  for (const [key, t] of typers) if (t.until <= now) typers.delete(key);
+  const names = [...typers.values()].map((t) => t.name).sort();
+  ui.typing.textContent =
+    names.length === 0 ? "" : names.length === 1 ? `${names[0]} is typing…` : names.length === 2 ? `${names[0]} and ${names[1]} are typing…` : `${names.length} people are typing…`;
+}
+
+// Tells the room this page is typing, at most once per TYPING_EVERY.
+function sendTyping() {
+  const now = Date.now();
+  if (!channel || !ui.text.value.trim() || chat.state !== "connected" || now - typingSent < TYPING_EVERY) return;
+  typingSent = now;
+  chat.publish(channel, { typing: true }, { ephemeral: true }).catch(() => {});
 }
 
 function notice(text) {
@@ -554,9 +606,12 @@ ui.sendForm.addEventListener("submit", (e) => {
   const text = ui.text.value;
   if (!text.trim() || !channel) return;
   ui.text.value = "";
+  typingSent = 0;
   if (chat.state !== "connected") notice("Not connected: your message will be sent once the connection is back.");
   chat.publish(channel, { text }).then(published, (err) => notice(`Not sent: ${describe(err)}`));
 });
+
+ui.text.addEventListener("input", sendTyping);
 
 ui.tokenForm.addEventListener("submit", (e) => {
   e.preventDefault();
