@@ -70,6 +70,12 @@ type JWTConfig struct {
 
 	// Tokens longer than this many bytes are refused unparsed. Default: 8192.
 	MaxTokenSize int `json:"max_token_size,omitempty"`
+
+	// Claims of the token that form the user's info (e.g. "name",
+	// "picture"), which travels on the user's messages, presence entries
+	// and join and leave events: at most 1 KiB of JSON (a larger one
+	// refuses the token). The connect hook's info wins over it.
+	UserInfoClaims []string `json:"user_info_claim,omitempty"`
 }
 
 // UnmarshalJSON decodes a jwt object as the default decoding would (unknown
@@ -444,6 +450,11 @@ func (a *authenticator) verifyClaims(token string) (*identity, jwt.MapClaims, er
 	publish := append(claimPatterns(claims, a.cfg.PublishClaim), a.rules.Publish...)
 	id.subscribe = compileACL(subscribe, user)
 	id.publish = compileACL(publish, user)
+	info, err := userInfo(claims, a.cfg.UserInfoClaims)
+	if err != nil {
+		return nil, nil, err
+	}
+	id.info = info
 	return id, claims, nil
 }
 

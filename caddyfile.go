@@ -145,6 +145,7 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 //			cookie          <name>
 //			query_token     [<param>]
 //			max_token_size  <size>
+//			user_info_claim <claim...>
 //		}
 //		subscribe                <pattern...>
 //		publish                  <pattern...>
@@ -459,6 +460,11 @@ var jwtOptions = &optionTable[JWTConfig]{block: "jwt", options: []option[JWTConf
 				return fmt.Errorf("max_token_size %q: want a size such as 8KiB", args[0])
 			}
 			j.MaxTokenSize = int(size)
+			return nil
+		}},
+	{name: "user_info_claim", min: 1, max: -1, syntax: "<claim...>", takes: "one or more claim names", example: "user_info_claim name picture",
+		parse: func(j *JWTConfig, _ *caddyfile.Dispenser, args []string) error {
+			j.UserInfoClaims = append(j.UserInfoClaims, args...)
 			return nil
 		}},
 }, meant: map[string]string{"query_param": "query_token"}}

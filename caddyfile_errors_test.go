@@ -54,7 +54,7 @@ var brokenCaddyfiles = []struct{ name, input, want string }{
 		`chat: unknown jwt option "query_param" (did you mean "query_token"?), at Caddyfile:4`},
 	{"unknown in jwt",
 		"chat /ws {\n\tjwt {\n\t\tbogus 1\n\t}\n}",
-		`chat: unknown jwt option "bogus" (want secret, public_key, jwks, issuer, audience, user_claim, subscribe_claim, publish_claim, leeway, cookie, query_token or max_token_size), at Caddyfile:4`},
+		`chat: unknown jwt option "bogus" (want secret, public_key, jwks, issuer, audience, user_claim, subscribe_claim, publish_claim, leeway, cookie, query_token, max_token_size or user_info_claim), at Caddyfile:4`},
 	{"typo in redis_sentinel",
 		"chat /ws {\n\tredis_sentinel m 127.0.0.1:26379 {\n\t\tpasword x\n\t}\n}",
 		`chat: unknown redis_sentinel option "pasword" (did you mean "password"?), at Caddyfile:4`},

@@ -118,6 +118,8 @@ func (h *Handler) hookedIdentity(ans *hookAnswer, tokenID *identity) *identity {
 	id := &identity{user: user, anonymous: user == "", hooked: true, channels: ans.Channels}
 	if len(ans.Info) > 0 {
 		id.info = ans.Info
+	} else if tokenID != nil && tokenID.user == user {
+		id.info = tokenID.info // user_info_claim's, about this same user
 	}
 	anon := h.auth.anonymousIdentity()
 	acl := func(answered []string, rules []string, fromToken, fromAnon channelACL) channelACL {
