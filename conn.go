@@ -153,7 +153,7 @@ func (c *conn) presenceInfo() (presenceInfo, bool) {
 	if !c.route.presence {
 		return presenceInfo{}, false
 	}
-	return presenceInfo{user: c.identity.presenceKey(), conn: c.id, ttl: c.route.presenceTTL, timeout: c.route.publishTimeout}, true
+	return presenceInfo{user: c.identity.presenceKey(), conn: c.id, info: c.identity.info, ttl: c.route.presenceTTL, timeout: c.route.publishTimeout}, true
 }
 
 var _ subscriber = (*conn)(nil)

@@ -232,19 +232,24 @@ func messageID(channel string, payload []byte) (streamID, bool) {
 }
 
 // presenceEvent encodes a join or leave event as the Redis scripts do; user
-// is a presence key (a user id, or a guest's key: guest.go).
-func presenceEvent(kind, channel, user string) []byte {
+// is a presence key (a user id, or a guest's key: guest.go), info the
+// user's info (a JSON object; userinfo.go) or nil.
+func presenceEvent(kind, channel, user string, info json.RawMessage) []byte {
 	u, _ := json.Marshal(user)
 	if guest, name, ok := parseGuestKey(user); ok {
 		u = guestPresenceFields(guest, name)
 	}
-	b := make([]byte, 0, 40+len(channel)+len(u))
+	b := make([]byte, 0, 50+len(channel)+len(u)+len(info))
 	b = append(b, `{"type":"`...)
 	b = append(b, kind...)
 	b = append(b, `","channel":"`...)
 	b = append(b, channel...)
 	b = append(b, `","user":`...)
 	b = append(b, u...)
+	if len(info) > 0 {
+		b = append(b, `,"info":`...)
+		b = append(b, info...)
+	}
 	return append(b, '}')
 }
 
@@ -269,6 +274,13 @@ func isPresenceEvent(channel string, payload []byte) bool {
 	name, ok := bytes.CutSuffix(rest, []byte("}"))
 	if !ok {
 		return false
+	}
+	// The user's info, if any, follows the name: `,"info":{...}`.
+	if i := bytes.Index(name, []byte(`,"info":{`)); i >= 0 {
+		if info := name[i+len(`,"info":`):]; !json.Valid(info) {
+			return false
+		}
+		name = name[:i]
 	}
 	// A guest: "","anonymous":true,"guest":"<16 hex>","name":<string>.
 	const guestHead, guestName = `"","anonymous":true,"guest":"`, `","name":`

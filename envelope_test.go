@@ -23,7 +23,7 @@ func TestOnlyStampedPayloadsAreReadForIDs(t *testing.T) {
 		t.Fatalf("a stamped envelope goes out as it is, got %s", own.jsonForm())
 	}
 
-	for _, forged := range [][]byte{env, presenceEvent("join", "room:a", "admin")} {
+	for _, forged := range [][]byte{env, presenceEvent("join", "room:a", "admin", nil)} {
 		d := newDelivery("room:a", forged, false, ids)
 		if d.kept {
 			t.Fatalf("id read from an unstamped payload %s", forged)
@@ -102,8 +102,8 @@ func TestIsPresenceEvent(t *testing.T) {
 		payload string
 		want    bool
 	}{
-		{string(presenceEvent("join", ch, "alice")), true},
-		{string(presenceEvent("leave", ch, `a"b\c/é<>`)), true},
+		{string(presenceEvent("join", ch, "alice", nil)), true},
+		{string(presenceEvent("leave", ch, `a"b\c/é<>`, nil)), true},
 		{`{"type":"join","channel":"room:a","user":"gh\"o\\st\/\u00e9"}`, true}, // Redis's cjson escapes /
 		{`{"type":"join","channel":"room:b","user":"alice"}`, false},
 		{`{"type":"join","channel":"room:ab","user":"alice"}`, false},
@@ -111,6 +111,12 @@ func TestIsPresenceEvent(t *testing.T) {
 		{`{"type":"join","channel":"room:a","user":"alice"`, false},
 		{`{"type":"join","channel":"room:a","user":"a","x":"y"}`, false},
 		{`{"type":"join","channel":"room:a","user":5}`, false},
+		{string(presenceEvent("join", ch, "alice", json.RawMessage(`{"name":"Al,\"info\":{ice"}`))), true},
+		{`{"type":"leave","channel":"room:a","user":"alice","info":{"name":"A"}}`, true},
+		{`{"type":"join","channel":"room:a","user":"alice","info":{"name":}}`, false},
+		{`{"type":"join","channel":"room:a","user":"alice","info":"A"}`, false},
+		{`{"type":"join","channel":"room:a","user":"alice","info":{}`, false},
+		{`{"type":"join","channel":"room:a","user":"a\",\"info\":{}}`, false},
 		{`{"type":"kick","channel":"room:a","user":"alice"}`, false},
 		{`{"type":"message","channel":"room:a","id":"1-a-1","from":"","ts":1,"data":1}`, false},
 		{`hello`, false},
@@ -121,7 +127,7 @@ func TestIsPresenceEvent(t *testing.T) {
 			t.Errorf("isPresenceEvent(%q) = %v, want %v", tc.payload, got, tc.want)
 		}
 	}
-	event, message := presenceEvent("join", ch, "alice"), []byte(`{"type":"message","channel":"room:a","id":"1-a-1","from":"","ts":1,"data":1}`)
+	event, message := presenceEvent("join", ch, "alice", nil), []byte(`{"type":"message","channel":"room:a","id":"1-a-1","from":"","ts":1,"data":1}`)
 	if n := testing.AllocsPerRun(100, func() {
 		isPresenceEvent(ch, event)
 		isPresenceEvent(ch, message)

@@ -67,8 +67,8 @@ func TestIsPresenceEventGuests(t *testing.T) {
 		payload string
 		want    bool
 	}{
-		{string(presenceEvent("join", ch, "\xff0123456789abcdefalice")), true},
-		{string(presenceEvent("leave", ch, "\xff0123456789abcdef")), true},
+		{string(presenceEvent("join", ch, "\xff0123456789abcdefalice", nil)), true},
+		{string(presenceEvent("leave", ch, "\xff0123456789abcdef", nil)), true},
 		{`{"type":"join","channel":"room:a","user":"","anonymous":true,"guest":"0123456789abcdef","name":"al\/ice"}`, true}, // cjson escapes /
 		{`{"type":"join","channel":"room:a","user":"","anonymous":true,"guest":"0123456789ABCDEF","name":"a"}`, false},
 		{`{"type":"join","channel":"room:a","user":"","anonymous":true,"guest":"0123456789abcde","name":"a"}`, false},
@@ -82,7 +82,7 @@ func TestIsPresenceEventGuests(t *testing.T) {
 		}
 	}
 	want := `{"type":"join","channel":"room:a","user":"","anonymous":true,"guest":"0123456789abcdef","name":"alice"}`
-	if got := string(presenceEvent("join", ch, "\xff0123456789abcdefalice")); got != want {
+	if got := string(presenceEvent("join", ch, "\xff0123456789abcdefalice", nil)); got != want {
 		t.Errorf("guest event %s, want %s", got, want)
 	}
 }

@@ -42,6 +42,9 @@ type presenceEntry struct {
 	channel string
 	user    string // empty: anonymous, the connection watches but is not listed
 	member  string // "<user>\x00<node>\x00<conn>"; empty when anonymous
+	// info: the user's info (userinfo.go), at most maxPresenceInfo bytes;
+	// a user's entry shows its most recent connection's.
+	info json.RawMessage
 	ttl     time.Duration
 	// announced: the store's last join or leave of the entry published
 	// the user's join or leave event (its first connection on the
@@ -63,6 +66,8 @@ type presenceUser struct {
 	Guest       string `json:"guest,omitempty"`
 	Name        string `json:"name,omitempty"`
 	Connections int    `json:"connections"`
+	// Info: the user's info, of its most recent connection (userinfo.go).
+	Info json.RawMessage `json:"info,omitempty"`
 }
 
 // newPresenceUser is the reply line of a presence key (a user id or a
@@ -161,6 +166,7 @@ func newPresence(store presenceStore, node string, log *zap.Logger) *presence {
 type presenceInfo struct {
 	user string // empty: anonymous, the subscriber watches but is not listed
 	conn string // the subscriber's id, unique on the node
+	info json.RawMessage
 	ttl  time.Duration
 	// timeout bounds removing its entries from the store.
 	timeout time.Duration
@@ -175,6 +181,9 @@ func (p *presence) join(ctx context.Context, s subscriber, channel string) {
 		return
 	}
 	e := &presenceEntry{sub: s, channel: channel, user: info.user, ttl: info.ttl}
+	if len(info.info) <= maxPresenceInfo {
+		e.info = info.info
+	}
 	if e.user != "" {
 		e.member = e.user + "\x00" + p.node + "\x00" + info.conn
 	}
@@ -438,8 +447,9 @@ type memoryPresence struct {
 }
 
 type memoryPresenceChannel struct {
-	members map[string]string // member -> user
-	users   map[string]int    // user -> connections
+	members map[string]string          // member -> user
+	users   map[string]int             // user -> connections
+	info    map[string]json.RawMessage // user -> info of its latest join
 }
 
 func newMemoryPresence(broker Broker) *memoryPresence {
@@ -453,16 +463,21 @@ func (s *memoryPresence) join(ctx context.Context, e *presenceEntry) error {
 	defer s.mu.Unlock()
 	ch := s.channels[e.channel]
 	if ch == nil {
-		ch = &memoryPresenceChannel{members: make(map[string]string), users: make(map[string]int)}
+		ch = &memoryPresenceChannel{members: make(map[string]string), users: make(map[string]int), info: make(map[string]json.RawMessage)}
 		s.channels[e.channel] = ch
 	}
 	if _, ok := ch.members[e.member]; ok {
 		return nil
 	}
 	ch.members[e.member] = e.user
+	if len(e.info) > 0 {
+		ch.info[e.user] = e.info
+	} else {
+		delete(ch.info, e.user)
+	}
 	if ch.users[e.user]++; ch.users[e.user] == 1 {
 		e.announced = true
-		return s.publish(ctx, "join", e.channel, e.user)
+		return s.publish(ctx, "join", e.channel, e.user, e.info)
 	}
 	return nil
 }
@@ -481,9 +496,11 @@ func (s *memoryPresence) leave(ctx context.Context, entries []*presenceEntry) er
 		}
 		delete(ch.members, e.member)
 		if ch.users[e.user]--; ch.users[e.user] <= 0 {
+			info := ch.info[e.user]
 			delete(ch.users, e.user)
+			delete(ch.info, e.user)
 			e.announced = true
-			errs = append(errs, s.publish(ctx, "leave", e.channel, e.user))
+			errs = append(errs, s.publish(ctx, "leave", e.channel, e.user, info))
 		}
 		if len(ch.members) == 0 {
 			delete(s.channels, e.channel)
@@ -492,8 +509,8 @@ func (s *memoryPresence) leave(ctx context.Context, entries []*presenceEntry) er
 	return errors.Join(errs...)
 }
 
-func (s *memoryPresence) publish(ctx context.Context, kind, channel, user string) error {
-	_, err := s.broker.Publish(ctx, Publication{Channel: channel, Raw: presenceEvent(kind, channel, user), event: true})
+func (s *memoryPresence) publish(ctx context.Context, kind, channel, user string, info json.RawMessage) error {
+	_, err := s.broker.Publish(ctx, Publication{Channel: channel, Raw: presenceEvent(kind, channel, user, info), event: true})
 	return err
 }
 
@@ -506,7 +523,9 @@ func (s *memoryPresence) list(_ context.Context, channel string) ([]presenceUser
 	}
 	users := make([]presenceUser, 0, len(ch.users))
 	for u, n := range ch.users {
-		users = append(users, newPresenceUser(u, n))
+		pu := newPresenceUser(u, n)
+		pu.Info = ch.info[u]
+		users = append(users, pu)
 	}
 	slices.SortFunc(users, comparePresenceUsers)
 	return users, nil

@@ -2,6 +2,7 @@ package caddychat
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -19,6 +20,7 @@ import (
 //
 //	{<prefix><channel>}:presence  ZSET member -> expiry (Redis time, ms)
 //	{<prefix><channel>}:users     HASH user -> connections
+//	{<prefix><channel>}:info      HASH user -> info of its latest join (JSON, at most maxPresenceInfo bytes)
 //
 // Every change is a script, so the count and the join or leave event it
 // causes are one atomic step, whichever node makes it.
@@ -35,7 +37,8 @@ func newRedisPresence(client redis.UniversalClient, prefix string, sharded bool)
 
 func (s *redisPresence) expires() bool { return true }
 
-// presenceLua is shared by the scripts. KEYS: the ZSET and the HASH. ARGV[1]:
+// presenceLua is shared by the scripts. KEYS: the ZSET, the users HASH and
+// the info HASH. ARGV[1]:
 // the channel's pub/sub name, ARGV[2]: the channel, ARGV[3]: how long (ms)
 // the keys outlive this call. Time is Redis's, so nodes' clocks do not matter
 // (a script may read TIME and then write since Redis 5, which replicates
@@ -50,8 +53,20 @@ end
 local function user_of(m)
 	return string.match(m, '^(.*)%z[^%z]*%z[^%z]*$')
 end
-local function event(kind, user)
-	return ` + nodeStampLua + ` .. '{"type":"' .. kind .. '","channel":"' .. ARGV[2] .. '","user":' .. user_json(user) .. '}'
+-- info is the user's info as JSON, or false.
+local function event(kind, user, info)
+	local tail = '}'
+	if info then
+		tail = ',"info":' .. info .. '}'
+	end
+	return ` + nodeStampLua + ` .. '{"type":"' .. kind .. '","channel":"' .. ARGV[2] .. '","user":' .. user_json(user) .. tail
+end
+-- The user's last connection went: its leave, with the info it had.
+local function gone(u)
+	local info = redis.call('HGET', KEYS[3], u)
+	redis.call('HDEL', KEYS[2], u)
+	redis.call('HDEL', KEYS[3], u)
+	redis.call('PUBLISH', ARGV[1], event('leave', u, info))
 end
 local function sweep(now)
 	local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
@@ -62,8 +77,7 @@ local function sweep(now)
 	for _, m in ipairs(dead) do
 		local u = user_of(m)
 		if u and redis.call('HINCRBY', KEYS[2], u, -1) <= 0 then
-			redis.call('HDEL', KEYS[2], u)
-			redis.call('PUBLISH', ARGV[1], event('leave', u))
+			gone(u)
 		end
 	end
 end
@@ -80,15 +94,24 @@ end
 `
 
 var (
-	// ARGV[4], ARGV[5]: ttl (ms), member.
+	// ARGV[4], ARGV[5], ARGV[6]: ttl (ms), member, the user's info ("":
+	// none). The latest join's info is the user's; one over the bound
+	// (which nodes never send) is dropped, so Redis never keeps it.
 	presenceJoinScript = newPubSubScript(presenceLua + `
 local now = now_ms()
 local m = ARGV[5]
 local joined = 0
 if redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), m) == 1 then
 	local u = user_of(m)
+	local info = ARGV[6]
+	if info ~= '' and #info <= ` + strconv.Itoa(maxPresenceInfo) + ` and string.byte(info, 1) == 123 then
+		redis.call('HSET', KEYS[3], u, info)
+	else
+		info = false
+		redis.call('HDEL', KEYS[3], u)
+	end
 	if redis.call('HINCRBY', KEYS[2], u, 1) == 1 then
-		redis.call('PUBLISH', ARGV[1], event('join', u))
+		redis.call('PUBLISH', ARGV[1], event('join', u, info))
 		joined = 1
 	end
 end
@@ -104,8 +127,7 @@ for i = 4, #ARGV do
 	if redis.call('ZREM', KEYS[1], m) == 1 then
 		local u = user_of(m)
 		if redis.call('HINCRBY', KEYS[2], u, -1) <= 0 then
-			redis.call('HDEL', KEYS[2], u)
-			redis.call('PUBLISH', ARGV[1], event('leave', u))
+			gone(u)
 			left[#left + 1] = m
 		end
 	end
@@ -132,16 +154,17 @@ keep()
 return missing
 `)
 
-	// Sweeps first, so the answer never lists a dead node's users.
+	// Sweeps first, so the answer never lists a dead node's users. Answers
+	// the users and their info, each as HGETALL does.
 	presenceListScript = newPubSubScript(presenceLua + `
 sweep(now_ms())
-return redis.call('HGETALL', KEYS[2])
+return {redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3])}
 `)
 )
 
 func (s *redisPresence) keys(channel string) []string {
 	tag := "{" + s.prefix + channel + "}"
-	return []string{tag + ":presence", tag + ":users"}
+	return []string{tag + ":presence", tag + ":users", tag + ":info"}
 }
 
 func (s *redisPresence) args(channel string, keep time.Duration, n int) []any {
@@ -151,7 +174,7 @@ func (s *redisPresence) args(channel string, keep time.Duration, n int) []any {
 }
 
 func (s *redisPresence) join(ctx context.Context, e *presenceEntry) error {
-	args := append(s.args(e.channel, presenceKeep*e.ttl, 2), e.ttl.Milliseconds(), e.member)
+	args := append(s.args(e.channel, presenceKeep*e.ttl, 3), e.ttl.Milliseconds(), e.member, string(e.info))
 	joined, err := presenceJoinScript.get(s.sharded).Run(ctx, s.client, s.keys(e.channel), args...).Int()
 	if err != nil {
 		return fmt.Errorf("redis presence join on %s: %w", s.prefix+e.channel, err)
@@ -190,9 +213,17 @@ func (s *redisPresence) leave(ctx context.Context, entries []*presenceEntry) err
 }
 
 func (s *redisPresence) list(ctx context.Context, channel string) ([]presenceUser, error) {
-	flat, err := presenceListScript.get(s.sharded).Run(ctx, s.client, s.keys(channel), s.args(channel, 0, 0)...).StringSlice()
+	res, err := presenceListScript.get(s.sharded).Run(ctx, s.client, s.keys(channel), s.args(channel, 0, 0)...).Slice()
 	if err != nil {
 		return nil, fmt.Errorf("redis presence of %s: %w", s.prefix+channel, err)
+	}
+	if len(res) != 2 {
+		return nil, fmt.Errorf("redis presence of %s: answer of %d parts, want 2", s.prefix+channel, len(res))
+	}
+	flat, infos := stringsOf(res[0]), stringsOf(res[1])
+	info := make(map[string]string, len(infos)/2)
+	for i := 0; i+1 < len(infos); i += 2 {
+		info[infos[i]] = infos[i+1]
 	}
 	users := make([]presenceUser, 0, len(flat)/2)
 	for i := 0; i+1 < len(flat); i += 2 {
@@ -200,7 +231,11 @@ func (s *redisPresence) list(ctx context.Context, channel string) ([]presenceUse
 		if err != nil || n <= 0 {
 			continue
 		}
-		users = append(users, newPresenceUser(flat[i], n))
+		u := newPresenceUser(flat[i], n)
+		if v := info[flat[i]]; v != "" && json.Valid([]byte(v)) {
+			u.Info = json.RawMessage(v)
+		}
+		users = append(users, u)
 	}
 	slices.SortFunc(users, comparePresenceUsers)
 	return users, nil
@@ -239,6 +274,17 @@ func (s *redisPresence) heartbeat(ctx context.Context, beats []presenceBeat) ([]
 		}
 	}
 	return missing, err
+}
+
+// stringsOf is a script's array of strings (as go-redis decodes it).
+func stringsOf(v any) []string {
+	items, _ := v.([]any)
+	out := make([]string, 0, len(items))
+	for _, it := range items {
+		s, _ := it.(string)
+		out = append(out, s)
+	}
+	return out
 }
 
 type scriptCall struct {

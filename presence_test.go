@@ -548,7 +548,7 @@ func TestPresenceCloseRemovesEntries(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	users, err := h.presence.list(ctx, "room:x")
-	if err != nil || fmt.Sprint(users) != "[{alice false   1} {bob false   1}]" {
+	if err != nil || fmt.Sprint(users) != "[{alice false   1 []} {bob false   1 []}]" {
 		t.Fatalf("presence before close: %v %v, want alice and bob", users, err)
 	}
 	h.presence.close()

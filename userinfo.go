@@ -16,6 +16,11 @@ import (
 // the issuer wrote.
 const maxUserInfo = maxHookInfo
 
+// maxPresenceInfo bounds the info a presence entry holds (in Redis: per
+// user and channel); the node and the scripts both check it, so no larger
+// info is kept whatever made it.
+const maxPresenceInfo = 1 << 10
+
 // userInfo is the object of claims' values under names (the claims a
 // token lacks are left out); nil when names is empty or the token has
 // none of them.

@@ -5,9 +5,11 @@ package caddychat
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/golang-jwt/jwt/v5"
 
@@ -72,5 +74,84 @@ func TestUserInfoTooLarge(t *testing.T) {
 	c := dial(t, a.url("/"), bearer(tok))
 	if w := c.next("welcome"); w["info"] == nil {
 		t.Fatalf("welcome without info: %v", w)
+	}
+}
+
+// TestUserInfoPresence: a user's info is in join and leave events and in
+// presence entries (its latest connection's), on both presence stores.
+func TestUserInfoPresence(t *testing.T) {
+	forEachBroker(t, func(t *testing.T, _ func() *Handler, rs *redistest.Server) {
+		a, b := ephemeralNodes(t, rs, func(h *Handler) { h.JWT.UserInfoClaims = []string{"name"} })
+		bob := dialUserOn(t, b, "bob") // no name claim: no info
+		bob.subscribe("room:1", 1)
+		named := func(name string) *testClient {
+			c := dial(t, a.url("/"), bearer(newToken(t, "alice").with(jwt.MapClaims{"name": name}).sign()))
+			c.next("welcome")
+			return c
+		}
+		event := func(typ string) map[string]any {
+			return bob.nextMatching(typ+" of alice", func(m map[string]any) bool { return m["type"] == typ && m["user"] == "alice" })
+		}
+		alice1 := named("Alice")
+		alice1.subscribe("room:1", 1)
+		if e := event("join"); infoJSON(t, e["info"]) != `{"name":"Alice"}` || e["channel"] != "room:1" {
+			t.Fatalf("join %v: want alice's info", e)
+		}
+		presence := func() map[string]string {
+			r := bob.request(map[string]any{"op": "presence", "channel": "room:1", "id": 50})
+			out := map[string]string{}
+			for _, u := range r["users"].([]any) {
+				u := u.(map[string]any)
+				out[u["user"].(string)] = fmt.Sprintf("%v %s", u["connections"], infoJSON(t, u["info"]))
+			}
+			return out
+		}
+		if got := presence(); got["alice"] != `1 {"name":"Alice"}` || got["bob"] != "1 null" {
+			t.Fatalf("presence %v", got)
+		}
+		// A second connection with another name: the latest is listed.
+		alice2 := named("Alice (phone)")
+		alice2.subscribe("room:1", 1)
+		if got := presence(); got["alice"] != `2 {"name":"Alice (phone)"}` {
+			t.Fatalf("presence after a second connection %v", got)
+		}
+		alice1.send(map[string]any{"op": "unsubscribe", "channel": "room:1", "id": 2})
+		alice1.reply(2)
+		alice2.send(map[string]any{"op": "unsubscribe", "channel": "room:1", "id": 2})
+		alice2.reply(2)
+		if e := event("leave"); infoJSON(t, e["info"]) != `{"name":"Alice (phone)"}` {
+			t.Fatalf("leave %v: want alice's info", e)
+		}
+		if got := presence(); len(got) != 1 {
+			t.Fatalf("presence after alice left %v", got)
+		}
+		if rs != nil {
+			// Redis keeps no info of users who left.
+			n, err := rs.Client().Exists(t.Context(), "{"+*a.h.ChannelPrefix+"room:1}:info").Result()
+			if err != nil || n != 0 {
+				t.Fatalf("info key after everyone with info left: %d %v", n, err)
+			}
+		}
+	})
+}
+
+// TestUserInfoPresenceBoundInRedis: the join script keeps no info over the
+// bound or that is not an object, whatever a caller sends it.
+func TestUserInfoPresenceBoundInRedis(t *testing.T) {
+	rs := redistest.Start(t)
+	s := newRedisPresence(rs.Client(), uniquePrefix(), false)
+	for i, info := range []string{`{"name":"` + strings.Repeat("x", maxPresenceInfo) + `"}`, `"a string"`, `[1]`} {
+		e := &presenceEntry{channel: "room:1", user: "u", member: fmt.Sprintf("u\x00n\x00c%d", i), ttl: time.Minute, info: json.RawMessage(info)}
+		if err := s.join(t.Context(), e); err != nil {
+			t.Fatal(err)
+		}
+		users, err := s.list(t.Context(), "room:1")
+		if err != nil || len(users) != 1 || users[0].Info != nil {
+			t.Fatalf("info %.40q: listed %v %v, want no info", info, users, err)
+		}
+	}
+	n, err := rs.Client().HLen(t.Context(), s.keys("room:1")[2]).Result()
+	if err != nil || n != 0 {
+		t.Fatalf("the info hash holds %d entries (%v), want none", n, err)
 	}
 }
