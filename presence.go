@@ -45,7 +45,7 @@ type presenceEntry struct {
 	// info: the user's info (userinfo.go), at most maxPresenceInfo bytes;
 	// a user's entry shows its most recent connection's.
 	info json.RawMessage
-	ttl     time.Duration
+	ttl  time.Duration
 	// announced: the store's last join or leave of the entry published
 	// the user's join or leave event (its first connection on the
 	// channel, or its last), so it is the one the webhooks record.
