@@ -102,6 +102,8 @@ export interface Message<T = JSONValue> {
   epoch?: string;
   /** Set (true) on an ephemeral publish's delivery: never kept, no id. */
   ephemeral?: true;
+  /** The publisher's user info (user_info_claim, or the connect hook's), when it has some. */
+  info?: { [key: string]: JSONValue };
   /** The publisher's authenticated user, "" for an anonymous client or a backend. */
   from: string;
   /** Set (true) on messages of a client without a token. */
@@ -166,6 +168,8 @@ export interface PresenceUser {
   guest?: string;
   name?: string;
   connections: number;
+  /** The user's info, of its most recent connection to join (user_info_claim, or the connect hook's). */
+  info?: { [key: string]: JSONValue };
 }
 
 export interface PresenceEvent {
@@ -175,6 +179,8 @@ export interface PresenceEvent {
   anonymous?: true;
   guest?: string;
   name?: string;
+  /** The user's info, when it has some. */
+  info?: { [key: string]: JSONValue };
 }
 
 export interface Welcome {
@@ -186,6 +192,8 @@ export interface Welcome {
   /** On routes with guest_names, for an anonymous connection: its guest id and the name it asked for (?name=). */
   guest?: string;
   name?: string;
+  /** The user's info (user_info_claim, or the connect hook's), when it has some. */
+  info?: { [key: string]: JSONValue };
 }
 
 export interface DisconnectEvent {
