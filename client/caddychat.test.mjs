@@ -751,6 +751,18 @@ test("publish resolves with the message id", async () => {
   assert.equal(await p, "7-0");
 });
 
+test("an ephemeral publish carries the flag, no idempotency key, and resolves with undefined", async () => {
+  const { client } = setup();
+  const ws = await connect();
+  const p = client.publish("room:a", { typing: true }, { ephemeral: true });
+  const f = ws.lastOp("publish");
+  assert.equal(f.ephemeral, true);
+  assert.equal(f.idempotency_key, undefined);
+  assert.deepEqual(f.data, { typing: true });
+  ws.receive({ type: "ok", id: f.id, channel: "room:a" });
+  assert.equal(await p, undefined);
+});
+
 test("publish rejects with the server's error code", async () => {
   const { client } = setup();
   const ws = await connect();

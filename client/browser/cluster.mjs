@@ -196,7 +196,8 @@ async function httpOK(url) {
  * Starts redis-server and the Caddy nodes named in `nodes` (e.g. ["a", "b"]),
  * each serving:
  *   /ws    anonymous chat route with ui, history on room:**, no rate limit;
- *   /team  the same behind a jwt block (tokens from mintToken), with presence on.
+ *   /team  the same behind a jwt block (tokens from mintToken; the name claim is
+ *          the user's info), with presence on.
  * With lb: true, also a Caddy in front (lb_policy first, passive health checks).
  * With tls: true, the nodes serve https:// and wss:// with certificates of
  * their own local CAs (`tls internal`, never installed into a trust store);
@@ -255,6 +256,7 @@ export async function startCluster({ nodes = ["a", "b"], lb = false, tls = false
 	chat /team ${chatBlock(`
 		jwt {
 			secret {env.CHAT_JWT_SECRET}
+			user_info_claim name
 		}
 		subscribe room:**
 		publish room:**
@@ -384,11 +386,11 @@ export function spkiHashes(cluster) {
   });
 }
 
-/** An HS256 JWT for the /team routes. */
-export function mintToken(sub, ttlSeconds = 3600) {
+/** An HS256 JWT for the /team routes, with extra claims (e.g. name: the user's info there). */
+export function mintToken(sub, ttlSeconds = 3600, claims = {}) {
   const b64 = (obj) => Buffer.from(JSON.stringify(obj)).toString("base64url");
   const now = Math.floor(Date.now() / 1000);
-  const unsigned = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub, iat: now, exp: now + ttlSeconds })}`;
+  const unsigned = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ ...claims, sub, iat: now, exp: now + ttlSeconds })}`;
   const sig = createHmac("sha256", JWT_SECRET).update(unsigned).digest("base64url");
   return `${unsigned}.${sig}`;
 }
