@@ -7,7 +7,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -153,5 +155,32 @@ func TestUserInfoPresenceBoundInRedis(t *testing.T) {
 	n, err := rs.Client().HLen(t.Context(), s.keys("room:1")[2]).Result()
 	if err != nil || n != 0 {
 		t.Fatalf("the info hash holds %d entries (%v), want none", n, err)
+	}
+}
+
+// TestUserInfoConnectHookWins: the connect hook's info replaces the
+// token's; a hook answer without info keeps the token's, for the same user.
+func TestUserInfoConnectHookWins(t *testing.T) {
+	var answer atomic.Value
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(answer.Load().(string)))
+	}))
+	t.Cleanup(backend.Close)
+	a, _ := ephemeralNodes(t, nil, func(h *Handler) {
+		h.JWT.UserInfoClaims = []string{"name"}
+		h.ConnectHook = &HookConfig{URL: backend.URL}
+	})
+	tok := newToken(t, "alice").with(jwt.MapClaims{"name": "From Token"}).sign()
+	for _, tc := range []struct{ answer, want string }{
+		{`{"result":"allow","info":{"name":"From Hook"}}`, `{"name":"From Hook"}`},
+		{`{"result":"allow"}`, `{"name":"From Token"}`},
+		{`{"result":"allow","user":"bob"}`, `null`},
+	} {
+		answer.Store(tc.answer)
+		c := dial(t, a.url("/"), bearer(tok))
+		if w := c.next("welcome"); infoJSON(t, w["info"]) != tc.want {
+			t.Fatalf("hook answer %s: welcome %v, want info %s", tc.answer, w, tc.want)
+		}
 	}
 }
