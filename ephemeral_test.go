@@ -332,3 +332,23 @@ func TestEphemeralCutUnit(t *testing.T) {
 		}
 	}
 }
+
+// TestEphemeralNotToRawClients: a raw client on the channel gets messages
+// as text and could not tell a typing event from one, so it gets none.
+func TestEphemeralNotToRawClients(t *testing.T) {
+	a, _ := ephemeralNodes(t, nil, nil)
+	raw := startNode(t, &Handler{ChannelPrefix: a.h.ChannelPrefix, PublishTimeout: a.h.PublishTimeout, Protocol: protocolRaw, Channel: "room:1"})
+	if raw.h.hub != a.h.hub {
+		t.Fatal("the raw route does not share the JSON route's hub")
+	}
+	r := dial(t, raw.url("/"), nil)
+	waitFor(t, func() bool { return a.h.hub.members("room:1") == 1 })
+	alice := dialUserOn(t, a, "alice")
+	if rep := alice.publishEphemeral(map[string]any{"channel": "room:1", "data": "typing"}, 1); rep["type"] != "ok" {
+		t.Fatalf("ephemeral publish: %v", rep)
+	}
+	alice.publishOK("room:1", "marker", 2)
+	if m := r.next("<raw>"); m["text"] != "marker" {
+		t.Fatalf("the raw client got %v first, want the marker only", m)
+	}
+}
