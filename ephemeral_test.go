@@ -7,7 +7,10 @@ package caddychat
 import (
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -350,5 +353,49 @@ func TestEphemeralNotToRawClients(t *testing.T) {
 	alice.publishOK("room:1", "marker", 2)
 	if m := r.nextAny(); m["text"] != "marker" {
 		t.Fatalf("the raw client got %v first, want the marker only", m)
+	}
+}
+
+// TestEphemeralBypassesHookAndWebhooks: a publish hook that rejects
+// everything does not see ephemeral publishes, and webhooks record only
+// the normal publishes.
+func TestEphemeralBypassesHookAndWebhooks(t *testing.T) {
+	var hookCalls atomic.Int32
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		hookCalls.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(`{"result":"deny","reason":"no"}`))
+	}))
+	t.Cleanup(hook.Close)
+	wh := newWebhookBackend(t, "")
+	a, _ := ephemeralNodes(t, nil, func(h *Handler) {
+		h.PublishHook = &HookConfig{URL: hook.URL, Channels: []string{"room:hooked"}}
+		h.Webhooks = []*Webhook{{URL: wh.srv.URL, Events: []string{"publish"}, Batch: 1, Timeout: caddy.Duration(time.Second)}}
+	})
+	alice := dialUserOn(t, a, "alice")
+	if r := alice.publishEphemeral(map[string]any{"channel": "room:hooked"}, 1); r["type"] != "ok" {
+		t.Fatalf("ephemeral publish with a rejecting hook: %v", r)
+	}
+	if n := hookCalls.Load(); n != 0 {
+		t.Fatalf("the publish hook got %d requests for an ephemeral publish", n)
+	}
+	alice.send(map[string]any{"op": "publish", "channel": "room:hooked", "data": "x", "id": 2})
+	if r := alice.reply(2); r["code"] != errRejected || hookCalls.Load() != 1 {
+		t.Fatalf("normal publish: %v, hook calls %d; want rejected by the hook", r, hookCalls.Load())
+	}
+	// On a channel without the hook: an ephemeral publish, then a normal
+	// one. Webhook events go out in order, one per batch: the normal
+	// publish's is the only one.
+	if r := alice.publishEphemeral(map[string]any{"channel": "room:1"}, 3); r["type"] != "ok" {
+		t.Fatalf("ephemeral publish: %v", r)
+	}
+	alice.publishOK("room:1", "recorded", 4)
+	eventually(t, 5*time.Second, "the publish event", func() (bool, string) {
+		n, _ := wh.counts("publish")
+		return n >= 1, fmt.Sprint(n)
+	})
+	time.Sleep(200 * time.Millisecond)
+	if n, _ := wh.counts("publish"); n != 1 {
+		t.Fatalf("webhooks recorded %d publish events, want the normal publish's only", n)
 	}
 }
