@@ -22,7 +22,7 @@ type conn struct {
 	id         string
 	route      *route
 	hub        *hub
-	ws         *websocket.Conn
+	tr         transport // the WebSocket or SSE stream (transport.go)
 	rawChannel string // the bridged channel in raw mode; empty in JSON mode
 	path       string // the upgrade request's path: hook requests and webhook events name it
 
@@ -37,7 +37,6 @@ type conn struct {
 	closeOnce  sync.Once
 	closeCode  websocket.StatusCode
 	closeWhy   string
-	cork       *corkWriter // batches queued frames into one socket write
 	// writing is true while a writer goroutine runs. A writer exists only
 	// while there is something to write (or a close to perform), so an idle
 	// connection costs one goroutine, not two.
@@ -76,7 +75,7 @@ type conn struct {
 	heldBytes atomic.Int64
 }
 
-func newConn(rt *route, ws *websocket.Conn, rawChannel string, id *identity) *conn {
+func newConn(rt *route, tr transport, rawChannel string, id *identity) *conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	var limiter *rate.Limiter
 	if rt.rate > 0 {
@@ -88,7 +87,7 @@ func newConn(rt *route, ws *websocket.Conn, rawChannel string, id *identity) *co
 		id:         rt.hub.nextConnID(),
 		route:      rt,
 		hub:        rt.hub,
-		ws:         ws,
+		tr:         tr,
 		rawChannel: rawChannel,
 		ctx:        ctx,
 		cancel:     cancel,
@@ -167,7 +166,7 @@ func (c *conn) serve() {
 	// No per-connection logger (With copies the encoder): fields per entry.
 	log := c.route.log
 	if err := c.hub.register(c); err != nil {
-		_ = c.ws.Close(closeGoingAway, "node shutting down")
+		c.tr.close(closeGoingAway, "node shutting down")
 		return
 	}
 	m := moduleMetrics()
@@ -218,14 +217,12 @@ func (c *conn) serve() {
 
 func (c *conn) readLoop() {
 	for {
-		// The read is not tied to c.ctx: closing goes through the writer's close
-		// handshake, which ends this read once the peer answers or times out.
-		typ, frame, err := c.ws.Read(context.Background())
+		frame, text, err := c.tr.read()
 		if err != nil {
 			return
 		}
 		moduleMetrics().received.Inc()
-		if typ != websocket.MessageText {
+		if !text {
 			c.fail(closeUnsupported, "binary frames are not supported")
 			return
 		}
@@ -360,7 +357,7 @@ func (c *conn) writeLoop() {
 					return
 				}
 				c.fail(closeInternal, "write failed")
-				_ = c.ws.CloseNow()
+				c.tr.closeNow()
 				c.closeHandshake()
 				return
 			}
@@ -384,7 +381,7 @@ func (c *conn) writeLoop() {
 // starts after it.
 func (c *conn) closeHandshake() {
 	c.writeTimer.Stop()
-	_ = c.ws.Close(c.closeCode, c.closeWhy)
+	c.tr.close(c.closeCode, c.closeWhy)
 	close(c.closed)
 }
 
@@ -400,7 +397,7 @@ func (c *conn) writeBatch(d *delivery) error {
 	// still wait for the library's lock behind a pong on a full socket.
 	c.writeTimer.Reset(c.route.writeTimeout)
 	defer c.writeTimer.Stop()
-	c.cork.cork()
+	c.tr.cork()
 	err := c.write(d)
 	for n := 1; err == nil && n < maxBatch; n++ {
 		next := c.send.pop()
@@ -409,7 +406,7 @@ func (c *conn) writeBatch(d *delivery) error {
 		}
 		err = c.write(next)
 	}
-	if uncorkErr := c.cork.uncork(); err == nil {
+	if uncorkErr := c.tr.uncork(); err == nil {
 		err = uncorkErr
 	}
 	return err
@@ -424,7 +421,7 @@ func (c *conn) write(d *delivery) error {
 			frame = d.jsonForm()
 		}
 	}
-	return c.cork.writeText(frame)
+	return c.tr.writeFrame(d, frame)
 }
 
 // writeTimedOut runs when a write took longer than write_timeout: the peer
@@ -432,7 +429,7 @@ func (c *conn) write(d *delivery) error {
 func (c *conn) writeTimedOut() {
 	defer c.recoverPanic("write timer")
 	c.fail(closeSlowConsumer, "write timed out")
-	_ = c.ws.CloseNow()
+	c.tr.closeNow()
 }
 
 // pingDue runs every ping_interval on a timer (no goroutine waits for it)
@@ -457,7 +454,7 @@ func (c *conn) ping() {
 	defer c.recoverPanic("ping")
 	ctx, cancel := context.WithTimeout(c.ctx, c.route.pingInterval)
 	defer cancel()
-	if err := c.ws.Ping(ctx); err != nil && c.ctx.Err() == nil {
+	if err := c.tr.ping(ctx); err != nil && c.ctx.Err() == nil {
 		c.fail(closePingTimeout, "ping timeout")
 	}
 }

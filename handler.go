@@ -117,9 +117,7 @@ func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request, id *identity, 
 	// stack that Caddy's handler chain grew: an idle connection then costs
 	// two small goroutine stacks, not a large one.
 	ws.SetReadLimit(h.MaxMessageSize)
-	c := newConn(h.route, ws, rawChannel, id)
-	c.path = r.URL.Path
-	c.cork = cw.cork
+	c := newConn(h.route, &wsTransport{ws: ws, cw: cw.cork}, rawChannel, id)
 	c.path = r.URL.Path
 	go func() {
 		defer release()
