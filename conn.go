@@ -23,8 +23,8 @@ type conn struct {
 	route      *route
 	hub        *hub
 	tr         transport // the WebSocket or SSE stream (transport.go)
-	rawChannel string // the bridged channel in raw mode; empty in JSON mode
-	path       string // the upgrade request's path: hook requests and webhook events name it
+	rawChannel string    // the bridged channel in raw mode; empty in JSON mode
+	path       string    // the upgrade request's path: hook requests and webhook events name it
 
 	// send is the queue of frames for the writer, bounded by send_queue bytes.
 	send sendQueue
