@@ -55,6 +55,10 @@ type conn struct {
 	subsEnded  bool
 	// sess is who the connection is, for the server API.
 	sess atomic.Pointer[session]
+	// streamSession and streamSubs are an SSE stream's: the secret its
+	// POSTs name, and the subscribes its query asked for (sse_session.go).
+	streamSession string
+	streamSubs    []clientFrame
 
 	// Only touched by the reading goroutine: the identity (replaced by a
 	// refresh) and the rate limiter's state.
@@ -200,8 +204,13 @@ func (c *conn) serve() {
 		}
 	} else {
 		c.offStack(func() {
-			c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user, Guest: c.identity.guest, Name: c.identity.name, Info: c.identity.info})
+			w := welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user, Guest: c.identity.guest, Name: c.identity.name, Info: c.identity.info}
+			if c.streamSession != "" {
+				w.Transport, w.Session = c.tr.name(), c.streamSession
+			}
+			c.sendOwn(w)
 			c.joinInitial()
+			c.joinStream()
 		})
 	}
 	if c.ctx.Err() == nil {

@@ -33,6 +33,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return nil
 	}
 	if !isWebSocketUpgrade(r) {
+		if isStreamRequest(r) {
+			return h.serveStream(w, r)
+		}
+		if isStreamPost(r) {
+			h.serveStreamPost(w, r)
+			return nil
+		}
 		return h.serveBrowser(w, r)
 	}
 	id, rawChannel, err := h.admit(r)

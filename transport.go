@@ -2,7 +2,6 @@ package caddychat
 
 import (
 	"context"
-	"errors"
 
 	"github.com/coder/websocket"
 )
@@ -63,6 +62,3 @@ func (t *wsTransport) closeNow() { _ = t.ws.CloseNow() }
 func (t *wsTransport) ping(ctx context.Context) error { return t.ws.Ping(ctx) }
 
 func (t *wsTransport) name() string { return "websocket" }
-
-// errTransportClosed: the transport was closed while a read waited.
-var errTransportClosed = errors.New("transport closed")
