@@ -54,7 +54,9 @@ func TestSSEStreamAndOps(t *testing.T) {
 			t.Fatalf("websocket got %v", m)
 		}
 		ws.send(map[string]any{"op": "publish", "channel": "room:1", "id": 2, "data": "from ws\nwith a line break"})
-		if m := c.next("message"); m["data"] != "from ws\nwith a line break" || m["channel"] != "room:1" {
+		if m := c.nextMatching("the websocket's message", func(m map[string]any) bool {
+			return m["type"] == "message" && m["data"] != nil && fmt.Sprint(m["data"]) != "map[from:sse]"
+		}); m["data"] != "from ws\nwith a line break" || m["channel"] != "room:1" {
 			t.Fatalf("sse got %v", m)
 		}
 		// Every op works over POST: presence (off here: an error reply),
@@ -603,4 +605,24 @@ func tryPost(url, session, body string) int {
 	_, _ = io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
 	return resp.StatusCode
+}
+
+// TestSSEDataLines: a frame with line breaks (a backend's payload may hold
+// them) becomes several data lines, which a client joins back into JSON.
+func TestSSEDataLines(t *testing.T) {
+	for in, want := range map[string]string{
+		`{"a":1}`:           "data: {\"a\":1}\n\n",
+		"{\"a\":\n1}":       "data: {\"a\":\ndata: 1}\n\n",
+		"{\"a\":\r\n1\r}":   "data: {\"a\":\ndata: 1\ndata: }\n\n",
+		"{\"a\":\n\n\"x\"}": "data: {\"a\":\ndata: \ndata: \"x\"}\n\n",
+	} {
+		if got := string(appendSSEData(nil, []byte(in))); got != want {
+			t.Errorf("appendSSEData(%q) = %q, want %q", in, got, want)
+		}
+	}
+	ps := []ssePosition{{"room:1", "1-0", "ab"}, {"room:2", "2-3", "cd"}}
+	got, err := parsePositions(formatPositions(ps))
+	if err != nil || fmt.Sprint(got) != fmt.Sprint(ps) {
+		t.Fatalf("round trip: %v %v", got, err)
+	}
 }
