@@ -228,9 +228,9 @@ func (t *sseTransport) close(code websocket.StatusCode, reason string) {
 
 func (t *sseTransport) closeNow() {
 	t.cut.Store(true)
-	// Unblocks a write the client does not read; no lock: the writer may
-	// hold it while it waits.
-	_ = t.rc.SetWriteDeadline(time.Now())
+	// No deadline moved here: the writer may hold the lock in a write, and
+	// Caddy's idle-timeout writer is not safe for concurrent use. The
+	// deadline flushLocked set before that write (write_timeout) ends it.
 	t.stopOnce.Do(func() { close(t.stop) })
 }
 
