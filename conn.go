@@ -22,9 +22,9 @@ type conn struct {
 	id         string
 	route      *route
 	hub        *hub
-	ws         *websocket.Conn
-	rawChannel string // the bridged channel in raw mode; empty in JSON mode
-	path       string // the upgrade request's path: hook requests and webhook events name it
+	tr         transport // the WebSocket or SSE stream (transport.go)
+	rawChannel string    // the bridged channel in raw mode; empty in JSON mode
+	path       string    // the upgrade request's path: hook requests and webhook events name it
 
 	// send is the queue of frames for the writer, bounded by send_queue bytes.
 	send sendQueue
@@ -37,7 +37,6 @@ type conn struct {
 	closeOnce  sync.Once
 	closeCode  websocket.StatusCode
 	closeWhy   string
-	cork       *corkWriter // batches queued frames into one socket write
 	// writing is true while a writer goroutine runs. A writer exists only
 	// while there is something to write (or a close to perform), so an idle
 	// connection costs one goroutine, not two.
@@ -56,6 +55,10 @@ type conn struct {
 	subsEnded  bool
 	// sess is who the connection is, for the server API.
 	sess atomic.Pointer[session]
+	// streamSession and streamSubs are an SSE stream's: the secret its
+	// POSTs name, and the subscribes its query asked for (sse_session.go).
+	streamSession string
+	streamSubs    []clientFrame
 
 	// Only touched by the reading goroutine: the identity (replaced by a
 	// refresh) and the rate limiter's state.
@@ -79,7 +82,7 @@ type conn struct {
 	heldBytes atomic.Int64
 }
 
-func newConn(rt *route, ws *websocket.Conn, rawChannel string, id *identity) *conn {
+func newConn(rt *route, tr transport, rawChannel string, id *identity) *conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	var limiter *rate.Limiter
 	if rt.rate > 0 {
@@ -91,7 +94,7 @@ func newConn(rt *route, ws *websocket.Conn, rawChannel string, id *identity) *co
 		id:         rt.hub.nextConnID(),
 		route:      rt,
 		hub:        rt.hub,
-		ws:         ws,
+		tr:         tr,
 		rawChannel: rawChannel,
 		ctx:        ctx,
 		cancel:     cancel,
@@ -170,7 +173,7 @@ func (c *conn) serve() {
 	// No per-connection logger (With copies the encoder): fields per entry.
 	log := c.route.log
 	if err := c.hub.register(c); err != nil {
-		_ = c.ws.Close(closeGoingAway, "node shutting down")
+		c.tr.close(closeGoingAway, "node shutting down")
 		return
 	}
 	m := moduleMetrics()
@@ -204,8 +207,13 @@ func (c *conn) serve() {
 		}
 	} else {
 		c.offStack(func() {
-			c.sendOwn(welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user, Guest: c.identity.guest, Name: c.identity.name, Info: c.identity.info})
+			w := welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user, Guest: c.identity.guest, Name: c.identity.name, Info: c.identity.info}
+			if c.streamSession != "" {
+				w.Transport, w.Session = c.tr.name(), c.streamSession
+			}
+			c.sendOwn(w)
 			c.joinInitial()
+			c.joinStream()
 		})
 	}
 	if c.ctx.Err() == nil {
@@ -221,14 +229,12 @@ func (c *conn) serve() {
 
 func (c *conn) readLoop() {
 	for {
-		// The read is not tied to c.ctx: closing goes through the writer's close
-		// handshake, which ends this read once the peer answers or times out.
-		typ, frame, err := c.ws.Read(context.Background())
+		frame, text, err := c.tr.read()
 		if err != nil {
 			return
 		}
 		moduleMetrics().received.Inc()
-		if typ != websocket.MessageText {
+		if !text {
 			c.fail(closeUnsupported, "binary frames are not supported")
 			return
 		}
@@ -363,7 +369,7 @@ func (c *conn) writeLoop() {
 					return
 				}
 				c.fail(closeInternal, "write failed")
-				_ = c.ws.CloseNow()
+				c.tr.closeNow()
 				c.closeHandshake()
 				return
 			}
@@ -387,7 +393,7 @@ func (c *conn) writeLoop() {
 // starts after it.
 func (c *conn) closeHandshake() {
 	c.writeTimer.Stop()
-	_ = c.ws.Close(c.closeCode, c.closeWhy)
+	c.tr.close(c.closeCode, c.closeWhy)
 	close(c.closed)
 }
 
@@ -403,7 +409,7 @@ func (c *conn) writeBatch(d *delivery) error {
 	// still wait for the library's lock behind a pong on a full socket.
 	c.writeTimer.Reset(c.route.writeTimeout)
 	defer c.writeTimer.Stop()
-	c.cork.cork()
+	c.tr.cork()
 	err := c.write(d)
 	for n := 1; err == nil && n < maxBatch; n++ {
 		next := c.send.pop()
@@ -412,7 +418,7 @@ func (c *conn) writeBatch(d *delivery) error {
 		}
 		err = c.write(next)
 	}
-	if uncorkErr := c.cork.uncork(); err == nil {
+	if uncorkErr := c.tr.uncork(); err == nil {
 		err = uncorkErr
 	}
 	return err
@@ -427,7 +433,7 @@ func (c *conn) write(d *delivery) error {
 			frame = d.jsonForm()
 		}
 	}
-	return c.cork.writeText(frame)
+	return c.tr.writeFrame(d, frame)
 }
 
 // writeTimedOut runs when a write took longer than write_timeout: the peer
@@ -435,7 +441,7 @@ func (c *conn) write(d *delivery) error {
 func (c *conn) writeTimedOut() {
 	defer c.recoverPanic("write timer")
 	c.fail(closeSlowConsumer, "write timed out")
-	_ = c.ws.CloseNow()
+	c.tr.closeNow()
 }
 
 // pingDue runs every ping_interval on a timer (no goroutine waits for it)
@@ -460,7 +466,7 @@ func (c *conn) ping() {
 	defer c.recoverPanic("ping")
 	ctx, cancel := context.WithTimeout(c.ctx, c.route.pingInterval)
 	defer cancel()
-	if err := c.ws.Ping(ctx); err != nil && c.ctx.Err() == nil {
+	if err := c.tr.ping(ctx); err != nil && c.ctx.Err() == nil {
 		c.fail(closePingTimeout, "ping timeout")
 	}
 }

@@ -51,6 +51,10 @@ type controlRequest struct {
 	// Pattern and Limit select the channels a channels request lists.
 	Pattern string `json:"pattern,omitempty"`
 	Limit   int    `json:"limit,omitempty"`
+	// Session and Frame: a frame POSTed for an SSE stream held by another
+	// node (sse_session.go).
+	Session string          `json:"session,omitempty"`
+	Frame   json.RawMessage `json:"frame,omitempty"`
 }
 
 // controlReply is one node's answer.

@@ -71,6 +71,8 @@ func (h *hub) act(req controlRequest) controlReply {
 			m.fail(closeRevoked, "token revoked")
 			rep.Count++
 		}
+	case "sse_frame":
+		rep.Count, rep.Refused = h.streams.feedCounts(h.node, req.Session, req.Frame)
 	case "channels":
 		rep.Channels, rep.Truncated = h.localChannels(req.Pattern, req.Limit)
 	default:

@@ -33,6 +33,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return nil
 	}
 	if !isWebSocketUpgrade(r) {
+		if isStreamRequest(r) {
+			return h.serveStream(w, r)
+		}
+		if isStreamPost(r) {
+			h.serveStreamPost(w, r)
+			return nil
+		}
 		return h.serveBrowser(w, r)
 	}
 	id, rawChannel, err := h.admit(r)
@@ -117,9 +124,7 @@ func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request, id *identity, 
 	// stack that Caddy's handler chain grew: an idle connection then costs
 	// two small goroutine stacks, not a large one.
 	ws.SetReadLimit(h.MaxMessageSize)
-	c := newConn(h.route, ws, rawChannel, id)
-	c.path = r.URL.Path
-	c.cork = cw.cork
+	c := newConn(h.route, &wsTransport{ws: ws, cw: cw.cork}, rawChannel, id)
 	c.path = r.URL.Path
 	go func() {
 		defer release()

@@ -106,6 +106,9 @@ type hub struct {
 	// presence holds this node's presence entries; see presence.go.
 	presence *presence
 
+	// streams are the node's SSE streams by session (sse_session.go).
+	streams streamRegistry
+
 	mu          sync.RWMutex
 	channels    map[string]*channelState
 	subscribers map[subscriber]struct{}

@@ -36,6 +36,10 @@ type chatMetrics struct {
 	webhookBacklog    prometheus.GaugeFunc
 	hookSeconds       *prometheus.HistogramVec
 	hookOutcomes      *prometheus.CounterVec
+	// sseStreams and ssePosts: the SSE transport's (sse_session.go); its
+	// streams count in connections and every other metric too.
+	sseStreams prometheus.Gauge
+	ssePosts   *prometheus.CounterVec
 }
 
 var (
@@ -113,6 +117,11 @@ func moduleMetrics() *chatMetrics {
 			Namespace: ns, Subsystem: sub, Name: "queued_bytes",
 			Help: "Bytes waiting to be sent to this node's clients (send queues and held resume messages; each frame counts 128 bytes of overhead). Each client's share is bounded by send_queue.",
 		}, liveHubs.queuedBytes)
+		metrics.sseStreams = gauge("sse_streams", "SSE streams open now (each also counts in connections).")
+		metrics.ssePosts = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "sse_posts_total",
+			Help: "Frames POSTed for SSE streams, by result: accepted, busy (the stream's inbox was full), not_found, too_large, bad_request, unavailable.",
+		}, []string{"result"})
 		metrics.panics = counter("panics_total", "Panics recovered: in a connection's goroutines (the connection is closed with 1011) or while delivering a broker message (the message is dropped). Each is logged at error level with its stack.")
 	})
 	return metrics
@@ -133,6 +142,7 @@ func (m *chatMetrics) register(reg prometheus.Registerer) error {
 		m.historyBytes,
 		m.webhookEvents, m.webhookSeconds, m.webhookBacklog,
 		m.hookSeconds, m.hookOutcomes,
+		m.sseStreams, m.ssePosts,
 	} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError

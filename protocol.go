@@ -194,6 +194,9 @@ type welcome struct {
 	Name  string `json:"name,omitempty"`
 	// Info: what the connect hook said of the user (name, avatar...).
 	Info json.RawMessage `json:"info,omitempty"`
+	// Transport and Session: an SSE stream's (sse_session.go).
+	Transport string `json:"transport,omitempty"`
+	Session   string `json:"session,omitempty"`
 }
 
 // delivery is one message from the broker, shared by every local subscriber.

@@ -74,13 +74,13 @@ func (c *conn) recoverWriter() {
 		defer func() {
 			if recover() != nil {
 				// The WebSocket is beyond a close handshake: drop it.
-				_ = c.ws.CloseNow()
+				c.tr.closeNow()
 				close(c.closed)
 			}
 		}()
 		// Frames left in the cork buffer are whole; send them before the
 		// close frame.
-		_ = c.cork.uncork()
+		_ = c.tr.uncork()
 		c.closeHandshake()
 	}()
 }

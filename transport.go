@@ -1,0 +1,64 @@
+package caddychat
+
+import (
+	"context"
+
+	"github.com/coder/websocket"
+)
+
+// transport is the few things a conn does to reach its client, so that the
+// same conn (its queue, limits, ops, subscriptions and metrics) serves a
+// WebSocket and an SSE stream alike: an SSE client is one more subscriber
+// of the hub, not a second system (sse.go).
+type transport interface {
+	// read waits for the client's next frame; text is false for a binary
+	// frame. An error ends the connection's reading side.
+	read() (frame []byte, text bool, err error)
+	// cork starts a batch: the frames written until uncork go out together.
+	cork()
+	// writeFrame adds one server frame to the batch; d is what it came
+	// from (an SSE event's id names the kept messages' positions).
+	writeFrame(d *delivery, frame []byte) error
+	uncork() error
+	// close ends the connection after what was written, telling the client
+	// code and reason; only the writer calls it, once.
+	close(code websocket.StatusCode, reason string)
+	// closeNow cuts the connection, from any goroutine, without waiting.
+	closeNow()
+	// ping checks that the client is still there, within ctx.
+	ping(ctx context.Context) error
+	// name labels the transport in logs and the welcome.
+	name() string
+}
+
+// wsTransport is a WebSocket whose data frames go through a corkWriter.
+type wsTransport struct {
+	ws *websocket.Conn
+	cw *corkWriter
+}
+
+var _ transport = (*wsTransport)(nil)
+
+func (t *wsTransport) read() ([]byte, bool, error) {
+	// Not tied to the connection's context: closing goes through the
+	// writer's close handshake, which ends this read once the peer answers
+	// or times out.
+	typ, frame, err := t.ws.Read(context.Background())
+	return frame, typ == websocket.MessageText, err
+}
+
+func (t *wsTransport) cork() { t.cw.cork() }
+
+func (t *wsTransport) writeFrame(_ *delivery, frame []byte) error { return t.cw.writeText(frame) }
+
+func (t *wsTransport) uncork() error { return t.cw.uncork() }
+
+func (t *wsTransport) close(code websocket.StatusCode, reason string) {
+	_ = t.ws.Close(code, reason)
+}
+
+func (t *wsTransport) closeNow() { _ = t.ws.CloseNow() }
+
+func (t *wsTransport) ping(ctx context.Context) error { return t.ws.Ping(ctx) }
+
+func (t *wsTransport) name() string { return "websocket" }
