@@ -142,6 +142,9 @@ func (c *sseClient) nextMatching(what string, match func(m map[string]any) bool)
 	c.t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
+		if time.Now().After(deadline) {
+			c.t.Fatalf("no %s within 10s", what)
+		}
 		ev := c.nextEvent(time.Until(deadline))
 		if ev.ended {
 			c.t.Fatalf("stream ended waiting for %s", what)
@@ -149,6 +152,7 @@ func (c *sseClient) nextMatching(what string, match func(m map[string]any) bool)
 		if match(ev.data) {
 			return ev.data
 		}
+		c.t.Logf("skipped while waiting for %s: %s", what, ev.raw)
 	}
 }
 

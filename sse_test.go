@@ -103,33 +103,49 @@ func TestSSECrossNodeWithWebSocket(t *testing.T) {
 		s.mustPost(map[string]any{"op": "publish", "channel": "room:x", "id": 100 + i, "data": map[string]any{"sse": i}})
 		ws.send(map[string]any{"op": "publish", "channel": "room:x", "id": 200 + i, "data": map[string]any{"ws": i}})
 	}
-	// Each side gets both sides' messages, each side's in order.
-	var fromWS, fromSSE []float64
-	for len(fromWS) < 5 || len(fromSSE) < 5 {
-		m := s.next("message")
-		d := m["data"].(map[string]any)
-		if v, ok := d["ws"]; ok {
-			fromWS = append(fromWS, v.(float64))
-		} else {
-			fromSSE = append(fromSSE, d["sse"].(float64))
+	// The WebSocket side first: its publishes were all taken (their oks),
+	// and it hears the stream's, in order.
+	var wsGotSSE []float64
+	wsOKs := 0
+	for wsOKs < 5 || len(wsGotSSE) < 5 {
+		m := ws.nextMatching(fmt.Sprintf("ws frames (oks %d, sse %v)", wsOKs, wsGotSSE), func(map[string]any) bool { return true })
+		switch m["type"] {
+		case "ok":
+			wsOKs++
+		case "message":
+			if v, ok := m["data"].(map[string]any)["sse"]; ok {
+				wsGotSSE = append(wsGotSSE, v.(float64))
+			}
+		default:
+			t.Fatalf("ws got %v", m)
 		}
 	}
-	var wsGotSSE []float64
-	for len(wsGotSSE) < 5 {
-		m := ws.next("message")
-		if v, ok := m["data"].(map[string]any)["sse"]; ok {
-			wsGotSSE = append(wsGotSSE, v.(float64))
+	// Each side gets both sides' messages, each side's in order.
+	var fromWS, fromSSE []float64
+	replies := 0
+	for len(fromWS) < 5 || len(fromSSE) < 5 || replies < 5 {
+		m := s.nextMatching(fmt.Sprintf("events (so far from ws %v, own %v, replies %d)", fromWS, fromSSE, replies), func(map[string]any) bool { return true })
+		switch m["type"] {
+		case "ok":
+			// The POSTs' replies come back on A's stream, though B took them.
+			if m["id"] != float64(100+replies) {
+				t.Fatalf("reply %d = %v", replies, m)
+			}
+			replies++
+		case "message":
+			d := m["data"].(map[string]any)
+			if v, ok := d["ws"]; ok {
+				fromWS = append(fromWS, v.(float64))
+			} else {
+				fromSSE = append(fromSSE, d["sse"].(float64))
+			}
+		default:
+			t.Fatalf("stream got %v", m)
 		}
 	}
 	for i := range 5 {
 		if fromWS[i] != float64(i) || fromSSE[i] != float64(i) || wsGotSSE[i] != float64(i) {
 			t.Fatalf("out of order: sse got ws %v, own %v; ws got sse %v", fromWS, fromSSE, wsGotSSE)
-		}
-	}
-	// The POSTs' replies came back on A's stream, though B took them.
-	for i := range 5 {
-		if r := s.reply(float64(100 + i)); r["type"] != "ok" {
-			t.Fatalf("reply %d = %v", i, r)
 		}
 	}
 	// A forged session naming A, POSTed to B: 404 from A's answer.
