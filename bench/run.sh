@@ -2,7 +2,7 @@
 # Runs every chatbench scenario against real Caddy nodes and one redis-server
 # on loopback, and writes bench/results.md. Sized for a 2-core machine.
 #
-#   bash bench/run.sh            # the full run (about 5 minutes on 2 cores)
+#   bash bench/run.sh            # the full run (about 7.5 minutes on 2 cores)
 #   QUICK=1 bash bench/run.sh    # smaller sizes, for a smoke test
 #   ONLY="fanout rooms" bash bench/run.sh   # some parts only: idle idle3 fanout history hook rooms abuse sse
 #   ONLY=sse bash bench/run.sh   # SSE against WebSocket: the same fan-out over
@@ -291,6 +291,7 @@ fi
 # times), then idle memory per connection over each, each on a fresh node.
 if want sse; then
 sse_rates=25,50,100
+sse_load0=$(cut -d' ' -f1-3 /proc/loadavg)
 tables=$out/sse-runs.md
 : >"$tables"
 start A; url_a=$node_url pid_a=$node_pid
@@ -306,6 +307,7 @@ for tr in websocket sse; do
 	stop_nodes
 done
 unset tables
+sse_load1=$(cut -d' ' -f1-3 /proc/loadavg)
 # The comparison, from the JSON results: phase by phase, and idle totals.
 fan_row() { # transport, phase index
 	jq -r --argjson i "$2" '.scenarios[0].phases[$i] // empty |
@@ -322,9 +324,10 @@ idle_row() { # transport
 	echo
 	echo "## SSE and WebSocket"
 	echo
-	echo "Run by \`${ONLY:+ONLY=\"$ONLY\" }${QUICK:+QUICK=1 }bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'), nodes built from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/results.md' || echo '+changes'): $(nproc) cores, the nodes, redis-server and chatbench sharing them."
+	echo "Run by \`${ONLY:+ONLY=\"$ONLY\" }${QUICK:+QUICK=1 }bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'), nodes built from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/results.md' || echo '+changes'): $(nproc) cores, the nodes, redis-server and chatbench sharing them (load average $sse_load0 when the part started, $sse_load1 when it ended: other work on the machine makes the figures noisy)."
 	echo "Fan-out: one channel, $sse_subs subscribers spread over two nodes, one publisher (WebSocket both times) sending $sse_msgs messages per rate, $sse_rates msgs/s on the same"
 	echo "two nodes, first with WebSocket subscribers (\`-transport websocket\`), then with one SSE stream each (\`-transport sse\`); latency is publish → receive, from the publisher's send time in the payload."
+	echo "A rate whose pub/s (in the runs below) stays under it saturated the machine: the publisher waited for its window of 32 unanswered publishes."
 	echo "Idle: $sse_idle connections, each subscribed to its own channel, held $sse_hold on a fresh node per transport; RSS growth of the node per connection, after 5 s (settled) and at the end of the hold."
 	echo
 	echo "| rate msgs/s | WebSocket deliveries/s | SSE deliveries/s | WebSocket p50 / p99 ms | SSE p50 / p99 ms | lost WebSocket / SSE |"
