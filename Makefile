@@ -47,6 +47,7 @@ run:
 	$(GO) run ./cmd/caddy run --config Caddyfile.example
 
 # The benchmark: Caddy nodes, redis-server and chatbench on loopback; writes
-# bench/results.md (about 5 minutes on 2 cores).
+# bench/results.md (about 7.5 minutes on 2 cores; ONLY=sse make bench: the
+# SSE and WebSocket section only, about 2.5 minutes).
 bench:
 	bash bench/run.sh

@@ -2,9 +2,13 @@
 # Runs every chatbench scenario against real Caddy nodes and one redis-server
 # on loopback, and writes bench/results.md. Sized for a 2-core machine.
 #
-#   bash bench/run.sh            # the full run (about 5 minutes on 2 cores)
+#   bash bench/run.sh            # the full run (about 7.5 minutes on 2 cores)
 #   QUICK=1 bash bench/run.sh    # smaller sizes, for a smoke test
-#   ONLY="fanout rooms" bash bench/run.sh   # some parts only: idle idle3 fanout history hook rooms abuse
+#   ONLY="fanout rooms" bash bench/run.sh   # some parts only: idle idle3 fanout history hook rooms abuse sse
+#   ONLY=sse bash bench/run.sh   # SSE against WebSocket: the same fan-out over
+#                                # both, idle memory per connection over both;
+#                                # replaces only the "SSE and WebSocket" section
+#                                # of bench/results.md (about 2.5 minutes)
 #   CADDY_BIN=/tmp/caddy-old ONLY=rooms bash bench/run.sh
 #                                # another build of the nodes (e.g. an older
 #                                # commit's), to compare two builds on one machine
@@ -13,7 +17,8 @@ cd "$(dirname "$0")/.."
 out=$PWD/bench/out
 rm -rf "$out" && mkdir -p "$out"
 results=bench/results.md
-# A partial run or another build does not replace the committed results.
+# A partial run or another build does not replace the committed results
+# (but a run of the sse part on this tree's build replaces that section).
 if [ -n "${ONLY:-}${CADDY_BIN:-}${QUICK:-}" ]; then results=$out/results.md; fi
 
 echo "building caddy and chatbench" >&2
@@ -171,8 +176,10 @@ start() { start_node "$@"; node_pids+=("$node_pid"); }
 
 if [ -n "${QUICK:-}" ]; then
 	fan_small=500 fan_large=2000 rooms=2000 idle_one=3000 idle_each=2000 hold=5s history_msgs=2000
+	sse_subs=500 sse_idle=2000 sse_hold=5s sse_msgs=100
 else
 	fan_small=2000 fan_large=10000 rooms=10000 idle_one=18000 idle_each=16600 hold=30s history_msgs=100000
+	sse_subs=2000 sse_idle=10000 sse_hold=20s sse_msgs=300
 fi
 
 bench() { # name, then chatbench flags
@@ -189,7 +196,7 @@ bench() { # name, then chatbench flags
 		echo "$shown"
 		"$out/chatbench" -quiet -out "$out/$name.json" "$@" 2>"$out/$name.err" || echo "(exit $?: $(tail -3 "$out/$name.err"))"
 		echo '```'
-	} >>"$out/tables.md"
+	} >>"${tables:-$out/tables.md}"
 }
 
 # Memory is measured on fresh nodes: Go keeps freed memory for a while, so
@@ -277,6 +284,82 @@ TOKEN_SHOWN='$TOKEN' bench abuse -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -sce
 	-publish-url "http://127.0.0.1:$port_a/chat/publish" -token "$abuse_token"
 echo "Redis used_memory before the attacks $redis_before; after $(redis_mem), $(redis-cli -p "$redis_port" dbsize) keys." >>"$out/tables.md"
 stop_nodes
+fi
+
+# SSE against WebSocket: the same fan-out (subscribers, rates, messages) on
+# the same two nodes over each transport (publisher on WebSocket both
+# times), then idle memory per connection over each, each on a fresh node.
+if want sse; then
+sse_rates=25,50,100
+sse_load0=$(cut -d' ' -f1-3 /proc/loadavg)
+tables=$out/sse-runs.md
+: >"$tables"
+start A; url_a=$node_url pid_a=$node_pid
+start B; url_b=$node_url pid_b=$node_pid
+for tr in websocket sse; do
+	bench sse-fanout-$tr -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario fanout -transport $tr -subs "$sse_subs" \
+		-step-rates $sse_rates -max-p99 10s -messages "$sse_msgs" -inflight 32
+done
+stop_nodes
+for tr in websocket sse; do
+	start A; url_a=$node_url pid_a=$node_pid
+	bench sse-idle-$tr -url "$url_a" -pids "$pid_a" -scenario idle -transport $tr -clients "$sse_idle" -hold "$sse_hold"
+	stop_nodes
+done
+unset tables
+sse_load1=$(cut -d' ' -f1-3 /proc/loadavg)
+# The comparison, from the JSON results: phase by phase, and idle totals.
+fan_row() { # transport, phase index
+	jq -r --argjson i "$2" '.scenarios[0].phases[$i] // empty |
+		"\(.deliveries_per_sec | floor) | \(.latency.p50_ms * 100 | round / 100) / \(.latency.p99_ms * 100 | round / 100) | \(.lost)" +
+		(if .subscribers_disconnected > 0 then " (\(.subscribers_disconnected) disconnected)" else "" end)' \
+		"$out/sse-fanout-$1.json" 2>/dev/null || true
+}
+idle_row() { # transport
+	jq -r '.scenarios[0] | if .idle.total then
+		"\(.connections) | \(.idle.total.kib_per_conn_settled * 100 | round / 100) | \(.idle.total.kib_per_conn_end * 100 | round / 100) | \(.connects_per_sec | floor) | \(.idle.disconnected)"
+		else "failed: \(.error)" end' "$out/sse-idle-$1.json" 2>/dev/null || echo "no result"
+}
+{
+	echo
+	echo "## SSE and WebSocket"
+	echo
+	echo "Run by \`${ONLY:+ONLY=\"$ONLY\" }${QUICK:+QUICK=1 }bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'), nodes built from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/results.md' || echo '+changes'): $(nproc) cores, the nodes, redis-server and chatbench sharing them (load average $sse_load0 when the part started, $sse_load1 when it ended: other work on the machine makes the figures noisy)."
+	echo "Fan-out: one channel, $sse_subs subscribers spread over two nodes, one publisher (WebSocket both times) sending $sse_msgs messages per rate, $sse_rates msgs/s on the same"
+	echo "two nodes, first with WebSocket subscribers (\`-transport websocket\`), then with one SSE stream each (\`-transport sse\`); latency is publish → receive, from the publisher's send time in the payload."
+	echo "A rate whose pub/s (in the runs below) stays under it saturated the machine: the publisher waited for its window of 32 unanswered publishes."
+	echo "Idle: $sse_idle connections, each subscribed to its own channel, held $sse_hold on a fresh node per transport; RSS growth of the node per connection, after 5 s (settled) and at the end of the hold."
+	echo
+	echo "| rate msgs/s | WebSocket deliveries/s | SSE deliveries/s | WebSocket p50 / p99 ms | SSE p50 / p99 ms | lost WebSocket / SSE |"
+	echo "|---:|---:|---:|---:|---:|---:|"
+	i=0
+	for r in ${sse_rates//,/ }; do
+		IFS='|' read -r w_d w_l w_lost <<<"$(fan_row websocket $i)"
+		IFS='|' read -r s_d s_l s_lost <<<"$(fan_row sse $i)"
+		echo "| $r | ${w_d:--} | ${s_d:--} | ${w_l:--} | ${s_l:--} | ${w_lost:--} / ${s_lost:--} |" | tr -s ' '
+		i=$((i + 1))
+	done
+	echo
+	echo "| transport | idle connections | RSS KiB per connection (settled) | RSS KiB per connection (end of hold) | connects/s | disconnected |"
+	echo "|---|---:|---:|---:|---:|---:|"
+	echo "| WebSocket | $(idle_row websocket) |"
+	echo "| SSE | $(idle_row sse) |"
+	echo
+	echo "The runs (\`chatbench\` tables; the scenario is labelled fanout/sse and idle/sse when the subscribers read SSE):"
+	sed 's/^### /#### /' "$out/sse-runs.md"
+} >"$out/sse.md"
+cat "$out/sse.md" >>"$out/tables.md"
+# A run of this part on this tree's build replaces its section of the
+# committed results and leaves the others as they are.
+if [ -n "${ONLY:-}" ] && [ -z "${CADDY_BIN:-}${QUICK:-}" ]; then
+	awk -v section="$out/sse.md" '
+		/^## SSE and WebSocket$/ { skip = 1; done = 1; while ((getline l < section) > 0) if (started || l != "") { print l; started = 1 }; print ""; next }
+		skip && /^## / { skip = 0 }
+		!skip { print }
+		END { if (!done) { while ((getline l < section) > 0) print l } }
+	' bench/results.md >"$out/results.spliced" && mv "$out/results.spliced" bench/results.md
+	echo "replaced the SSE and WebSocket section of bench/results.md" >&2
+fi
 fi
 
 {

@@ -49,11 +49,19 @@ type fakeServer struct {
 type fakeConn struct {
 	ws *websocket.Conn
 	mu sync.Mutex // one writer at a time, to keep each subscriber's order
+
+	// An SSE stream instead (ws nil); ended: its handler returned.
+	w     http.ResponseWriter
+	ended bool
 }
 
 func (c *fakeConn) send(b []byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.ws == nil {
+		c.sendSSE(b)
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	c.ws.Write(ctx, websocket.MessageText, b)
@@ -79,6 +87,10 @@ func startFake(t *testing.T, nodes, dropAt, dupAt int) (*fakeServer, []string) {
 }
 
 func (s *fakeServer) serve(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodGet && r.Header.Get("Accept") == "text/event-stream" {
+		s.serveSSE(w, r)
+		return
+	}
 	ws, err := websocket.Accept(w, r, nil)
 	if err != nil {
 		return

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -98,13 +99,20 @@ func (d *dialer) close() {
 	d.direct.Transport.(*http.Transport).CloseIdleConnections()
 }
 
-// client is one WebSocket connection speaking the JSON protocol.
+// client is one connection speaking the JSON protocol: a WebSocket, or
+// (subscribers only) an SSE stream.
 type client struct {
 	idx    int
 	node   int
 	ws     *websocket.Conn
 	connID string
 	nodeID string
+
+	// The SSE transport (ws nil): the stream's body, its reader and what
+	// cancels its request.
+	body   io.ReadCloser
+	br     *bufio.Reader
+	cancel context.CancelFunc
 
 	sub  *subState  // deliveries are accounted here (nil: ignored)
 	pub  *publisher // replies to publishes go here (nil: ignored)
@@ -211,12 +219,20 @@ func (c *client) run(disconnected func(*client)) {
 		var f frame
 		var p payload
 		var err error
+		var closed error // an SSE close event
 		for {
 			// context.Background: no per-read timer; closing the connection
 			// ends the read.
-			buf, err = readFrame(context.Background(), c.ws, buf)
+			if c.ws != nil {
+				buf, err = readFrame(context.Background(), c.ws, buf)
+			} else {
+				buf, err = readEvent(c.br, buf)
+			}
 			if err != nil {
 				c.closeErr = err
+				if closed != nil {
+					c.closeErr = closed
+				}
 				if !c.stopping.Load() && disconnected != nil {
 					disconnected(c)
 				}
@@ -247,6 +263,13 @@ func (c *client) run(disconnected func(*client)) {
 				if c.pub != nil && f.hasID && f.id >= firstPublishID {
 					c.pub.reply(f.id-firstPublishID, f.code, now)
 				}
+			case "close": // SSE: the stream ends after it
+				if c.ws == nil {
+					closed = &sseClosed{code: string(f.code)}
+				}
+				if c.foreign != nil {
+					c.foreign(buf)
+				}
 			default:
 				if c.foreign != nil {
 					c.foreign(buf)
@@ -261,15 +284,25 @@ func closeCode(err error) string {
 	if code := websocket.CloseStatus(err); code != -1 {
 		return strconv.Itoa(int(code))
 	}
+	var sc *sseClosed
+	if errors.As(err, &sc) {
+		return sc.code
+	}
 	if err == nil {
 		return "none"
 	}
 	return "no close frame"
 }
 
-// stop closes the connection with a normal closure and waits for its reader.
+// stop closes the connection with a normal closure (an SSE stream: cancels
+// its request).
 func (c *client) stop() {
 	c.stopping.Store(true)
+	if c.ws == nil {
+		c.cancel()
+		c.body.Close()
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	ch := make(chan struct{})

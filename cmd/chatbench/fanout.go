@@ -15,7 +15,7 @@ import (
 // pids are the server processes whose CPU use is reported (none for the
 // in-process baseline).
 func runFanout(ctx context.Context, cfg *config, name string, urls []string, pids []int) (*scenarioResult, error) {
-	res := &scenarioResult{Scenario: name, Targets: urls}
+	res := &scenarioResult{Scenario: name, Targets: urls, Transport: cfg.transport}
 	d, err := newDialer(urls, cfg.sources, cfg.connectTimeout)
 	if err != nil {
 		return res, err
@@ -29,8 +29,9 @@ func runFanout(ctx context.Context, cfg *config, name string, urls []string, pid
 	}
 	subs := newPool(cfg.subs)
 	defer subs.closeAll(cfg.connectConcurrency)
+	connect := d.subscriberConnect(cfg.transport)
 	err = connectPool(ctx, cfg, name, res, subs, "subscribers", func(ctx context.Context, i int) (*client, error) {
-		c, err := d.connect(ctx, i, d.nodeOf(i), channel)
+		c, err := connect(ctx, i, d.nodeOf(i), channel)
 		if err != nil {
 			return nil, err
 		}

@@ -39,13 +39,18 @@ Scenarios (-scenario, a comma list runs several in order):
             (or all to -idle-channel), held for -hold. Reports the time to
             connect them and, with -pids (one server pid per node, in -url
             order), VmRSS before, -settle after connecting and at the end of
-            the hold, and the growth in KiB per connection.
+            the hold, and the growth in KiB per connection. -transport sse:
+            one SSE stream per client instead of a WebSocket.
   baseline  the fanout measurement against a bare coder/websocket broadcast
             server inside this process (no Caddy, no broker; in a child
             process when both ends of -subs connections exceed this process's
             RLIMIT_NOFILE). With fanout in the same run, the table shows
             fanout's deliveries/s relative to baseline's (meaningful when both
             are saturated: -rate 0 or a high -rate).
+            With -transport sse the subscribers read an SSE stream each
+            (GET <route>?channel=..., Accept: text/event-stream) instead of
+            a WebSocket; the publisher stays on WebSocket, latency is
+            measured the same way.
   fanout-history  the fanout measurement against -history-url, the same
             nodes' route with history on; its vs_baseline column is
             relative to fanout in the same run: the cost of keeping history.
@@ -90,6 +95,7 @@ type config struct {
 	connectTimeout     time.Duration
 	timeout            time.Duration
 	out                string
+	transport          string // subscribers of fanout and its variants, idle clients: websocket or sse
 	quiet              bool
 	cpuProfile         string
 
@@ -131,6 +137,7 @@ func defaultConfig() *config {
 		connectTimeout:     10 * time.Second,
 		timeout:            10 * time.Minute,
 		out:                "results.json",
+		transport:          "websocket",
 		subs:               2000,
 		messages:           200,
 		rate:               100,
@@ -160,6 +167,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 Examples:
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario fanout,baseline -subs 2000 -messages 200 -rate 200
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario fanout,baseline -subs 2000 -step-rates 10,25,50,75,100 -max-p99 100ms
+  chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario fanout -transport sse -subs 2000 -messages 300 -rate 50
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario rooms -clients 2000 -room-size 10 -client-rate 1 -duration 30s
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario idle -clients 5000 -hold 30s -pids 1234,5678
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario abuse -duration 20s -pids 1234,5678 \
@@ -176,6 +184,7 @@ Examples:
 	fs.IntVar(&cfg.connectConcurrency, "connect-concurrency", cfg.connectConcurrency, "WebSocket handshakes in flight at once")
 	fs.DurationVar(&cfg.connectTimeout, "connect-timeout", cfg.connectTimeout, "limit for one connection's handshake, welcome and subscribe")
 	fs.DurationVar(&cfg.timeout, "timeout", cfg.timeout, "limit for the whole run")
+	fs.StringVar(&cfg.transport, "transport", cfg.transport, "fanout, fanout-history, fanout-hook subscribers and idle clients: websocket, or sse (one GET event stream each; publishers stay on WebSocket)")
 	fs.StringVar(&cfg.out, "out", cfg.out, `JSON results file ("" for none)`)
 	fs.BoolVar(&cfg.quiet, "quiet", false, "no progress lines on stderr")
 	fs.StringVar(&cfg.cpuProfile, "cpuprofile", "", "write a CPU profile of this tool to the file")
@@ -232,6 +241,19 @@ Examples:
 	}
 	if len(cfg.scenarios) == 0 {
 		return nil, errors.New("-scenario: none given")
+	}
+	switch cfg.transport {
+	case "websocket":
+	case "sse":
+		for _, s := range cfg.scenarios {
+			switch s {
+			case "fanout", "fanout-history", "fanout-hook", "idle":
+			default:
+				return nil, fmt.Errorf("-transport sse: scenario %s runs over WebSocket only (sse: fanout, fanout-history, fanout-hook, idle)", s)
+			}
+		}
+	default:
+		return nil, fmt.Errorf("-transport: %q is neither websocket nor sse", cfg.transport)
 	}
 	for _, s := range splitList(*steps) {
 		r, err := strconv.ParseFloat(s, 64)

@@ -35,7 +35,7 @@ type idleNode struct {
 // VmRSS before, cfg.settle after connecting and at the end of the hold.
 func runIdle(ctx context.Context, cfg *config) (*scenarioResult, error) {
 	const name = "idle"
-	res := &scenarioResult{Scenario: name, Targets: cfg.urls}
+	res := &scenarioResult{Scenario: name, Targets: cfg.urls, Transport: cfg.transport}
 	id := &idleResult{Channel: "per connection", HoldSeconds: cfg.hold.Seconds()}
 	res.Idle = id
 	if cfg.idleChannel != "" {
@@ -66,12 +66,13 @@ func runIdle(ctx context.Context, cfg *config) (*scenarioResult, error) {
 
 	clients := newPool(cfg.clients)
 	defer clients.closeAll(cfg.connectConcurrency)
+	connect := d.subscriberConnect(cfg.transport)
 	err = connectPool(ctx, cfg, name, res, clients, "connections", func(ctx context.Context, i int) (*client, error) {
 		ch := cfg.idleChannel
 		if ch == "" {
 			ch = fmt.Sprintf("bench:idle:%s:%d", cfg.runID, i)
 		}
-		c, err := d.connect(ctx, i, d.nodeOf(i), ch)
+		c, err := connect(ctx, i, d.nodeOf(i), ch)
 		if err != nil {
 			return nil, err
 		}

@@ -30,7 +30,8 @@ type report struct {
 type scenarioResult struct {
 	Scenario       string           `json:"scenario"`
 	Targets        []string         `json:"targets"`
-	Server         string           `json:"server,omitempty"` // baseline: where its server ran
+	Server         string           `json:"server,omitempty"`    // baseline: where its server ran
+	Transport      string           `json:"transport,omitempty"` // of the subscribers (fanout) or clients (idle)
 	Connections    int              `json:"connections"`
 	ConnectSeconds float64          `json:"connect_seconds"`
 	ConnectsPerSec float64          `json:"connects_per_sec"`
@@ -121,7 +122,7 @@ func writeTable(w io.Writer, rep *report) {
 					rate = strconv.FormatFloat(p.Rate, 'g', -1, 64)
 				}
 				fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%d\t%d\t%.0f\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%.0f\t%s\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t%s\t\n",
-					s.Scenario, p.Phase, rate, p.Subscribers, p.Publishers, p.Published, p.PublishRate, errs, p.Unanswered,
+					s.label(), p.Phase, rate, p.Subscribers, p.Publishers, p.Published, p.PublishRate, errs, p.Unanswered,
 					p.Expected, p.Received, p.Lost, p.Duplicates, p.OutOfOrder, p.Disconnected,
 					p.DeliveriesPerSec, ratio, p.Latency.P50MS, p.Latency.P90MS, p.Latency.P99MS, p.Latency.MaxMS, p.AckLatency.P99MS, p.CPU.ToolCores, srvCores, srvRSS)
 			}
@@ -163,15 +164,15 @@ func writeTable(w io.Writer, rep *report) {
 		for _, s := range idles {
 			id := s.Idle
 			if len(id.Nodes) == 0 {
-				fmt.Fprintf(tw, "%s\t%d\t%.2f\t%.0f\t%d\t-\t-\t-\t-\t-\t-\t-\t-\t\n", s.Scenario, s.Connections, s.ConnectSeconds, s.ConnectsPerSec, id.Disconnected)
+				fmt.Fprintf(tw, "%s\t%d\t%.2f\t%.0f\t%d\t-\t-\t-\t-\t-\t-\t-\t-\t\n", s.label(), s.Connections, s.ConnectSeconds, s.ConnectsPerSec, id.Disconnected)
 			}
 			for _, n := range id.Nodes {
-				fmt.Fprintf(tw, "%s\t%d\t%.2f\t%.0f\t%d\t%d\t%d\t%d\t%.1f\t%.1f\t%.1f\t%.2f\t%.2f\t\n", s.Scenario, s.Connections, s.ConnectSeconds, s.ConnectsPerSec, id.Disconnected,
+				fmt.Fprintf(tw, "%s\t%d\t%.2f\t%.0f\t%d\t%d\t%d\t%d\t%.1f\t%.1f\t%.1f\t%.2f\t%.2f\t\n", s.label(), s.Connections, s.ConnectSeconds, s.ConnectsPerSec, id.Disconnected,
 					n.Node, n.PID, n.Conns, kib2mib(n.RSSBeforeKiB), kib2mib(n.RSSSettledKiB), kib2mib(n.RSSEndKiB), n.KiBPerConnSettled, n.KiBPerConnEnd)
 			}
 			if len(id.Nodes) > 0 {
 				t := id.Total
-				fmt.Fprintf(tw, "%s\t%d\t%.2f\t%.0f\t%d\tall\t-\t%d\t%.1f\t%.1f\t%.1f\t%.2f\t%.2f\t\n", s.Scenario, s.Connections, s.ConnectSeconds, s.ConnectsPerSec, id.Disconnected,
+				fmt.Fprintf(tw, "%s\t%d\t%.2f\t%.0f\t%d\tall\t-\t%d\t%.1f\t%.1f\t%.1f\t%.2f\t%.2f\t\n", s.label(), s.Connections, s.ConnectSeconds, s.ConnectsPerSec, id.Disconnected,
 					t.Conns, kib2mib(t.RSSBeforeKiB), kib2mib(t.RSSSettledKiB), kib2mib(t.RSSEndKiB), t.KiBPerConnSettled, t.KiBPerConnEnd)
 			}
 		}
@@ -195,6 +196,15 @@ func writeTable(w io.Writer, rep *report) {
 			fmt.Fprintf(w, "%s: error: %s\n", s.Scenario, s.Error)
 		}
 	}
+}
+
+// label names the scenario in the tables: with "/sse" when its subscribers
+// read SSE streams.
+func (s *scenarioResult) label() string {
+	if s.Transport == "sse" {
+		return s.Scenario + "/sse"
+	}
+	return s.Scenario
 }
 
 func kib2mib(k int64) float64 { return float64(k) / 1024 }
