@@ -190,8 +190,10 @@ function onDisconnect(d) {
   }
   if (d.willReconnect) {
     // Browsers hide why an upgrade was refused (bad token, other origin,
-    // node full): say what can help, once the first try failed.
-    if (!d.wasOpen && chat.welcome === null) {
+    // node full): say what can help, once a try over server-sent events
+    // failed too (before, a refused WebSocket may only be a proxy that
+    // blocks WebSocket, and the client falls back by itself).
+    if (!d.wasOpen && chat.welcome === null && chat.transport === "sse") {
       const hint = readToken()
         ? "Cannot connect: the server refused the connection (is the token valid?) or cannot be reached. Still trying."
         : readName()
