@@ -17,9 +17,10 @@ check:
 gotest:
 	$(GO) test -race -count=1 -timeout 20m ./...
 
-# The browser client's unit tests (node's own runner, a fake socket).
+# The browser client's unit tests (node's own runner, a fake socket), and
+# its npm package: npm pack, installed offline in a fresh project, imported.
 jstest:
-	node --test client/caddychat.test.mjs
+	node --test client/caddychat.test.mjs client/package.test.mjs
 
 # The hand-written client/caddychat.d.ts: tsc (the npm package typescript,
 # pinned in client/typecheck/package-lock.json) on a typed use of the whole

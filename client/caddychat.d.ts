@@ -24,6 +24,25 @@ export interface WebSocketLike {
 }
 export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
 
+/** The transports: a WebSocket, or server-sent events with the ops POSTed (PROTOCOL.md, "SSE transport"). */
+export type Transport = "websocket" | "sse";
+
+/** The subset of the EventSource constructor the client uses (browsers' own, or a fake in tests). */
+export interface EventSourceLike {
+  /** 0 connecting (also while it reconnects by itself), 1 open, 2 closed (it gave up). */
+  readonly readyState: number;
+  onmessage: SocketHandler<{ data: unknown }> | null;
+  onerror: SocketHandler<unknown> | null;
+  close(): void;
+}
+export type EventSourceConstructor = new (url: string, init?: { withCredentials?: boolean }) => EventSourceLike;
+
+/** The subset of fetch the client uses to POST ops over SSE. */
+export type FetchLike = (
+  url: string,
+  init: { method: string; headers: Record<string, string>; body: string; credentials: "include" | "same-origin" },
+) => Promise<{ ok: boolean; status: number; json(): Promise<unknown> }>;
+
 /** Each field omitted takes its default; none may be undefined (it would replace the default). */
 export interface BackoffOptions {
   /** Ceiling of the first reconnect's delay, ms. Default 1000. */
@@ -36,10 +55,32 @@ export interface BackoffOptions {
 
 /** Every option may be omitted or undefined: it then takes its default. */
 export interface CaddyChatOptions {
-  /** Sent as the subprotocol pair ["caddychat", "bearer.<token>"]. Omit for cookie or anonymous auth. */
+  /**
+   * Sent as the subprotocol pair ["caddychat", "bearer.<token>"] on a WebSocket, in the
+   * query parameter queryToken over SSE. Omit for cookie or anonymous auth.
+   */
   token?: TokenSource;
   /** Defaults to globalThis.WebSocket. */
   WebSocket?: WebSocketConstructor | undefined;
+  /** For the SSE transport. Defaults to globalThis.EventSource. */
+  EventSource?: EventSourceConstructor | null | undefined;
+  /** POSTs the ops over SSE. Defaults to globalThis.fetch. */
+  fetch?: FetchLike | null | undefined;
+  /**
+   * The transports to try, in order; those the environment lacks are left out.
+   * Default ["websocket", "sse"]; ["sse"] or ["websocket"] forces one.
+   */
+  transports?: readonly Transport[] | undefined;
+  /** Connects in a row that end before the welcome after which the next transport is tried. Default 2. */
+  fallbackAfter?: number | undefined;
+  /**
+   * Over SSE (an EventSource sends no headers), the query parameter that carries the
+   * token: the route's `query_token` name. Default "token"; null leaves the token out
+   * (cookie auth).
+   */
+  queryToken?: string | null | undefined;
+  /** Sends cookies cross-origin: the EventSource's withCredentials, the POSTs' credentials "include". Default false. */
+  withCredentials?: boolean | undefined;
   /** Reconnect delay = random(0, min(max, initial·factor^attempt)). */
   backoff?: BackoffOptions | undefined;
   /** A connection up this long (ms) resets the attempt counter. Default 10000. */
@@ -194,6 +235,9 @@ export interface Welcome {
   name?: string;
   /** The user's info (user_info_claim, or the connect hook's), when it has some. */
   info?: { [key: string]: JSONValue };
+  /** Over SSE: "sse", and the session the client POSTs its ops with (a secret). */
+  transport?: "sse";
+  session?: string;
 }
 
 export interface DisconnectEvent {
@@ -252,6 +296,12 @@ export interface UnsubscribedEvent {
   channel: string;
 }
 
+/** The client moved to another transport (see CaddyChatOptions.transports and fallbackAfter). */
+export interface TransportEvent {
+  transport: Transport;
+  previous: Transport;
+}
+
 export interface CaddyChatEvents {
   state: ConnectionState;
   welcome: Welcome;
@@ -263,10 +313,13 @@ export interface CaddyChatEvents {
   resubscribed: ResubscribedEvent;
   gap: GapEvent;
   disconnect: DisconnectEvent;
+  transport: TransportEvent;
   error: Error;
 }
 
 export const PERMANENT_CLOSE_CODES: readonly number[];
+/** The transports, in the default order of trying them. */
+export const TRANSPORTS: readonly ["websocket", "sse"];
 /** The token's exp passed without a refresh: reconnects only with a token function. */
 export const TOKEN_EXPIRED: 4002;
 /** The server API disconnected this client (the reason is the API caller's): no reconnect. */
@@ -315,6 +368,8 @@ export class CaddyChat {
   constructor(url: string, options?: CaddyChatOptions);
   readonly url: string;
   readonly state: ConnectionState;
+  /** The transport in use, or tried next. */
+  readonly transport: Transport;
   readonly welcome: Welcome | null;
   /** Channels kept subscribed across reconnects. */
   readonly channels: string[];

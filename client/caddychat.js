@@ -17,6 +17,14 @@
 // it already), and from then on the client keeps it like any other. An
 // `unsubscribed` frame drops the channel, the app's own ones included: the
 // server took it away, and a reconnect must not bring it back.
+//
+// Two transports, one API: a WebSocket, and where none gets through (a proxy
+// that refuses upgrades), server-sent events (PROTOCOL.md, "SSE transport"):
+// an EventSource on the same route with the channels in the query, and the
+// ops POSTed with the stream's session; their replies come on the stream.
+// The client starts with the first of `transports` and moves to the next one
+// when `fallbackAfter` connects in a row ended before a welcome (or at once
+// when the transport cannot even be constructed).
 
 /** A fresh idempotency key: a random UUID (or 128 random bits in hex). */
 export function newIdempotencyKey() {
@@ -49,6 +57,15 @@ export const DISCONNECTED_BY_SERVER = 4005;
 export const TOKEN_REVOKED = 4006;
 
 const DEFAULT_BACKOFF = Object.freeze({ initial: 1000, max: 30000, factor: 2 });
+
+/** The transports, in the default order of trying them. */
+export const TRANSPORTS = Object.freeze(["websocket", "sse"]);
+
+// EventSource.readyState once it gave up (an HTTP error, a wrong content type).
+const ES_CLOSED = 2;
+
+// The error code of a refused POST without a JSON error body.
+const HTTP_CODES = { 400: "bad_request", 401: "unauthorized", 403: "forbidden", 413: "too_large", 429: "rate_limited" };
 
 /** An Error with a machine-readable `code` (the server's error code or one of the client's own). */
 export class CaddyChatError extends Error {
@@ -216,9 +233,24 @@ export class CaddyChat {
   #random;
   #setTimeout;
   #clearTimeout;
+  #ES;
+  #fetch;
+  #transports;
+  #transportIndex = 0;
+  #fallbackAfter;
+  #queryToken;
+  #withCredentials;
 
   #state = "connecting";
   #ws = null;
+  #es = null; // the current EventSource (transport "sse")
+  #esChannels = new Set(); // the channels in its URL: the stream subscribes them at every open
+  #session = null; // the SSE session of the current stream, from its welcome
+  #postURL = null;
+  #posts = Promise.resolve(); // POSTs go one after another, so ops keep their order
+  #gen = 0; // counts connections: a late answer of an old one is ignored
+  #welcomed = false; // the current connection got its welcome
+  #failures = 0; // connects in a row on this transport that ended before a welcome
   #open = false; // the current socket is open
   #ready = false; // ...and its resubscriptions are answered, so requests may go out
   #closed = false; // permanently: close() or a permanent close code
@@ -245,9 +277,29 @@ export class CaddyChat {
     this.#url = url;
     this.#token = options.token;
     this.#WS = options.WebSocket ?? globalThis.WebSocket;
-    if (typeof this.#WS !== "function") {
-      throw new TypeError("CaddyChat: no WebSocket implementation; pass options.WebSocket");
+    this.#ES = options.EventSource ?? globalThis.EventSource;
+    const fetchFn = options.fetch ?? globalThis.fetch;
+    // Wrapped: a browser's fetch throws "Illegal invocation" with another `this`.
+    this.#fetch = typeof fetchFn === "function" ? (url, init) => fetchFn(url, init) : null;
+    const wanted = options.transports ?? TRANSPORTS;
+    if (!Array.isArray(wanted) || wanted.length === 0 || wanted.some((t) => !TRANSPORTS.includes(t))) {
+      throw new TypeError(`CaddyChat: transports must be a non-empty list of ${TRANSPORTS.map((t) => JSON.stringify(t)).join(", ")}`);
     }
+    // Only those this environment has: a browser without EventSource, or
+    // Node without a WebSocket, keeps the other.
+    this.#transports = [...new Set(wanted)].filter((t) =>
+      t === "websocket" ? typeof this.#WS === "function" : typeof this.#ES === "function" && this.#fetch !== null,
+    );
+    if (this.#transports.length === 0) {
+      throw new TypeError(
+        wanted.includes("websocket")
+          ? "CaddyChat: no WebSocket implementation; pass options.WebSocket (or options.EventSource and options.fetch for SSE)"
+          : "CaddyChat: no EventSource or fetch implementation; pass options.EventSource and options.fetch",
+      );
+    }
+    this.#fallbackAfter = options.fallbackAfter ?? 2;
+    this.#queryToken = options.queryToken === undefined ? "token" : options.queryToken;
+    this.#withCredentials = options.withCredentials ?? false;
     this.#backoff = { ...DEFAULT_BACKOFF, ...options.backoff };
     this.#stableAfter = options.stableAfter ?? 10000;
     this.#maxQueued = options.maxQueued ?? 100;
@@ -274,6 +326,11 @@ export class CaddyChat {
 
   get url() {
     return this.#url;
+  }
+
+  /** The transport in use, or tried next: `websocket` or `sse`. */
+  get transport() {
+    return this.#transports[this.#transportIndex];
   }
 
   /** Names of the channels the client keeps subscribed. */
@@ -455,7 +512,7 @@ export class CaddyChat {
   close() {
     if (this.#closed) return;
     const ws = this.#ws;
-    this.#detach();
+    this.#detach(); // closes an EventSource too
     if (ws) {
       try {
         ws.close(1000);
@@ -479,6 +536,7 @@ export class CaddyChat {
       return;
     }
     if (this.#closed) return;
+    if (this.transport === "sse") return this.#connectStream(token);
     // The server answers with "caddychat" alone, never echoing the token; a
     // bearer.<token> without "caddychat" is refused with 400.
     const protocols = token ? ["caddychat", "bearer." + token] : ["caddychat"];
@@ -488,8 +546,7 @@ export class CaddyChat {
     } catch (err) {
       // A bad URL, or a token with characters a subprotocol cannot carry:
       // retrying the same thing cannot work.
-      this.#emit("error", new CaddyChatError("connect", `cannot open a WebSocket: ${err?.message ?? err}`, { cause: err }));
-      this.#shutdown(closedError());
+      this.#cannotConnect("WebSocket", err);
       return;
     }
     this.#ws = ws;
@@ -498,6 +555,74 @@ export class CaddyChat {
     ws.onclose = (ev) => ws === this.#ws && this.#onClose(ev.code, ev.reason ?? "");
     // Browsers report no detail in error events, and a close event follows.
     ws.onerror = () => {};
+  }
+
+  // The transport cannot even be constructed (a bad URL, a token it cannot
+  // carry): never tried again; the next one, if any, at once.
+  #cannotConnect(what, err) {
+    this.#emit("error", new CaddyChatError("connect", `cannot open a ${what}: ${err?.message ?? err}`, { cause: err }));
+    if (this.#closed) return;
+    if (this.#transports.length === 1) {
+      this.#shutdown(closedError());
+      return;
+    }
+    const previous = this.transport;
+    this.#transports.splice(this.#transportIndex, 1);
+    this.#transportIndex %= this.#transports.length;
+    this.#failures = 0;
+    this.#emit("transport", { transport: this.transport, previous });
+    this.#retry(0);
+  }
+
+  // The route's http(s) URL: the stream's base and where ops are POSTed.
+  #httpURL() {
+    const u = new URL(this.#url, globalThis.location?.href);
+    if (u.protocol === "ws:") u.protocol = "http:";
+    else if (u.protocol === "wss:") u.protocol = "https:";
+    return u;
+  }
+
+  // Opens the event stream. Its URL names the channels to subscribe at open:
+  // those without a position to resume from (and, since ?history applies to
+  // all of them, with the same history as the first). The others are
+  // subscribed with a POST once the welcome came, with since + epoch: a new
+  // EventSource cannot send Last-Event-ID, only the one that reconnects by
+  // itself does.
+  #connectStream(token) {
+    let url;
+    let es;
+    const fresh = [...this.#channels.values()].filter((e) => !isStreamId(e.streamId));
+    const history = fresh[0]?.history ?? 0;
+    const inQuery = fresh.filter((e) => e.history === history).map((e) => e.channel);
+    try {
+      const base = this.#httpURL();
+      url = new URL(base);
+      for (const ch of inQuery) url.searchParams.append("channel", ch);
+      if (history > 0 && inQuery.length > 0) url.searchParams.set("history", String(history));
+      if (token && this.#queryToken) url.searchParams.set(this.#queryToken, token);
+      this.#postURL = base.href;
+      es = new this.#ES(url.href, this.#withCredentials ? { withCredentials: true } : undefined);
+    } catch (err) {
+      this.#cannotConnect("EventSource", err);
+      return;
+    }
+    this.#es = es;
+    this.#esChannels = new Set(inQuery);
+    es.onmessage = (ev) => es === this.#es && this.#onFrame(ev.data);
+    es.onerror = () => es === this.#es && this.#onStreamError(es);
+  }
+
+  // The stream failed. An EventSource that had a session reconnects by
+  // itself, with Last-Event-ID (the server resumes the channels of its URL
+  // from there): it is given that one try. One that gave up (an HTTP
+  // error), or a connect that failed before its welcome, is closed, and the
+  // client reconnects as after a WebSocket close.
+  #onStreamError(es) {
+    if (this.#open && es.readyState !== ES_CLOSED) {
+      this.#onClose(1006, "the event stream dropped", true);
+      return;
+    }
+    this.#onClose(1006, es.readyState === ES_CLOSED ? "the event stream was refused" : "the event stream failed");
   }
 
   async #resolveToken() {
@@ -517,9 +642,11 @@ export class CaddyChat {
     this.#setState("connected");
   }
 
-  #onClose(code, reason) {
+  // keepStream: the EventSource reconnects by itself (see #onStreamError).
+  #onClose(code, reason, keepStream = false) {
     const wasOpen = this.#open;
-    this.#detach();
+    const welcomed = this.#welcomed;
+    this.#detach(keepStream);
     // Nobody knows whether these reached the broker. A publish carries an
     // idempotency key, which the server keeps per user: an authenticated
     // client sends it again, first thing on the next connection, and the
@@ -547,10 +674,27 @@ export class CaddyChat {
     // In the order they were sent, ahead of what was queued meanwhile.
     resend.sort((x, y) => x.seq - y.seq);
     this.#outbox.unshift(...resend);
-    const delay = permanent ? null : this.#nextDelay();
-    this.#emit("disconnect", { code, reason, wasOpen, willReconnect: delay !== null, delay });
+    let delay = permanent ? null : this.#nextDelay();
+    // A transport that keeps failing before its welcome is given up for the
+    // next one (e.g. a proxy that refuses WebSocket upgrades), at once.
+    let previous = null;
+    if (!permanent && !welcomed && ++this.#failures >= this.#fallbackAfter && this.#transports.length > 1) {
+      previous = this.transport;
+      this.#transportIndex = (this.#transportIndex + 1) % this.#transports.length;
+      this.#failures = 0;
+      if (delay !== null) delay = 0;
+    }
+    if (previous !== null || delay === null) keepStream = false;
+    if (!keepStream) this.#closeStream();
+    this.#emit("disconnect", { code, reason, wasOpen, willReconnect: delay !== null, delay: keepStream ? 0 : delay });
+    if (previous !== null) this.#emit("transport", { transport: this.transport, previous });
     if (permanent) {
       this.#shutdown(new CaddyChatError("closed", `the server closed the connection with ${code}${reason ? ` (${reason})` : ""}`, { closeCode: code }));
+      return;
+    }
+    if (keepStream) {
+      // The EventSource is on it; its next welcome is the new connection.
+      if (!this.#closed) this.#setState("reconnecting");
       return;
     }
     this.#retry(delay);
@@ -577,12 +721,17 @@ export class CaddyChat {
   }
 
   // Forgets the current socket: its late events are ignored from now on.
-  #detach() {
+  // keepStream: an EventSource that reconnects by itself stays (see #onStreamError).
+  #detach(keepStream = false) {
     const ws = this.#ws;
     if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     this.#ws = null;
+    if (!keepStream) this.#closeStream();
+    this.#session = null;
+    this.#gen++;
     this.#open = false;
     this.#ready = false;
+    this.#welcomed = false;
     this.#clearTimer(this.#stableTimer);
     this.#stableTimer = null;
     for (const entry of this.#channels.values()) {
@@ -593,8 +742,21 @@ export class CaddyChat {
     this.#serverChannels.clear();
   }
 
+  #closeStream() {
+    const es = this.#es;
+    if (!es) return;
+    es.onmessage = es.onerror = es.onopen = null;
+    this.#es = null;
+    try {
+      es.close();
+    } catch {
+      // Closed already.
+    }
+  }
+
   #shutdown(err) {
     this.#closed = true;
+    this.#closeStream();
     this.#clearTimer(this.#reconnectTimer);
     this.#reconnectTimer = null;
     const inFlight = [...this.#pending.values()];
@@ -617,16 +779,26 @@ export class CaddyChat {
   // ---- subscriptions ----
 
   #resubscribeAll() {
-    const ws = this.#ws;
+    const gen = this.#gen;
     const entries = [...this.#channels.values()];
+    const stream = this.#es !== null;
+    if (stream) {
+      // Channels in the stream's URL the app left meanwhile: the stream
+      // subscribed them again.
+      for (const ch of this.#esChannels) {
+        if (!this.#channels.has(ch)) this.#transmit({ frame: { op: "unsubscribe", channel: ch }, resolve() {}, reject() {}, onDrop() {} });
+      }
+    }
     let waiting = entries.length;
     if (waiting === 0) return this.#setReady();
     // Queued publishes wait for every answer, so that a publisher subscribed
     // to its own channel gets its own message.
     const answered = () => {
-      if (--waiting === 0 && ws === this.#ws) this.#setReady();
+      if (--waiting === 0 && gen === this.#gen) this.#setReady();
     };
-    for (const entry of entries) this.#sendSubscribe(entry, answered);
+    // Over SSE, the stream itself subscribes the channels of its URL and
+    // answers each with an ok (or error) without an id.
+    for (const entry of entries) this.#sendSubscribe(entry, answered, stream && this.#esChannels.has(entry.channel));
   }
 
   #setReady() {
@@ -636,12 +808,14 @@ export class CaddyChat {
     for (const req of queued) this.#transmit(req);
   }
 
-  #sendSubscribe(entry, answered = () => {}) {
+  #sendSubscribe(entry, answered = () => {}, byStream = false) {
     const frame = { op: "subscribe", channel: entry.channel };
     // Only a stream id is a position the server can resume from; anything
-    // else is answered bad_request.
+    // else is answered bad_request. (The stream resumes from its Last-Event-ID.)
     const resumed = isStreamId(entry.streamId);
-    if (resumed) {
+    if (byStream) {
+      // Nothing to send: the stream's open subscribed it.
+    } else if (resumed) {
       frame.since = entry.streamId;
       if (entry.epoch) frame.epoch = entry.epoch;
     } else if (entry.history > 0) {
@@ -650,7 +824,7 @@ export class CaddyChat {
     }
     const wasConfirmed = entry.confirmed;
     entry.inFlight++;
-    this.#transmit({
+    (byStream ? this.#awaitStream : this.#transmit).call(this, {
       frame,
       resolve: (reply) => {
         entry.inFlight--;
@@ -758,20 +932,83 @@ export class CaddyChat {
     });
   }
 
-  // Sends req on the open socket and waits for the reply with its id.
+  // Sends req on the open socket (or POSTs it to the stream's session) and
+  // waits for the reply with its id.
   #transmit(req) {
     const id = ++this.#nextId;
-    req.timer = this.#setTimeout(() => {
-      if (this.#pending.get(id) !== req) return;
-      this.#pending.delete(id);
-      req.reject(new CaddyChatError("timeout", `no reply to ${req.frame.op} within ${this.#requestTimeout} ms`));
-    }, this.#requestTimeout);
-    this.#pending.set(id, req);
+    this.#await(id, req);
+    const text = JSON.stringify({ ...req.frame, id });
+    if (this.#es) {
+      this.#post(id, req, text);
+      return;
+    }
     try {
-      this.#ws.send(JSON.stringify({ ...req.frame, id }));
+      this.#ws.send(text);
     } catch {
       // The socket is going away; its close event settles req.
     }
+  }
+
+  #await(key, req) {
+    req.timer = this.#setTimeout(() => {
+      if (this.#pending.get(key) !== req) return;
+      this.#pending.delete(key);
+      req.reject(new CaddyChatError("timeout", `no reply to ${req.frame.op} within ${this.#requestTimeout} ms`));
+    }, this.#requestTimeout);
+    this.#pending.set(key, req);
+  }
+
+  // The stream's answer to the subscribe of a channel in its URL: an ok or
+  // error without an id, after the welcome.
+  #awaitStream(req) {
+    this.#await(streamKey(req.frame.channel), req);
+  }
+
+  // POSTs an op to the stream's session, after the POSTs before it (so that
+  // publishes keep their order). Its reply comes on the stream; a refusal
+  // comes as the POST's answer.
+  #post(id, req, text) {
+    const gen = this.#gen;
+    const session = this.#session;
+    const url = this.#postURL;
+    const settle = (err) => {
+      if (this.#pending.get(id) !== req) return;
+      this.#pending.delete(id);
+      this.#clearTimer(req.timer);
+      req.reject(err);
+    };
+    const send = async () => {
+      if (gen !== this.#gen || this.#pending.get(id) !== req) return;
+      let res;
+      try {
+        res = await this.#fetch(url, {
+          method: "POST",
+          headers: { "Content-Type": "application/json", "Caddychat-Session": session },
+          body: text,
+          credentials: this.#withCredentials ? "include" : "same-origin",
+        });
+      } catch (err) {
+        settle(new CaddyChatError("unavailable", `the POST of the ${req.frame.op} failed (${err?.message ?? err}); it may or may not have taken effect`));
+        return;
+      }
+      if (res.ok) return; // 202: the reply comes on the stream
+      if (res.status === 404 && gen === this.#gen) {
+        // The session is gone (the stream ended): the requests in flight
+        // are settled as after a drop, and the client reconnects.
+        this.#onClose(1006, "the SSE session is gone");
+        return;
+      }
+      let body = null;
+      try {
+        body = await res.json();
+      } catch {
+        // Not JSON: the status says it.
+      }
+      const code = body?.error?.code ?? HTTP_CODES[res.status] ?? (res.status >= 500 ? "unavailable" : "bad_request");
+      settle(new CaddyChatError(code, body?.error?.message ?? `the POST of the ${req.frame.op} was answered ${res.status}`));
+    };
+    const next = this.#posts.then(send);
+    this.#posts = next.catch(() => {});
   }
 
   #onFrame(data) {
@@ -791,7 +1028,19 @@ export class CaddyChat {
         return this.#emit("presence", frame);
       case "welcome":
         this.#welcome = frame;
+        this.#welcomed = true;
+        this.#failures = 0;
+        if (this.#es) {
+          // Over SSE the welcome opens the connection: ops need its session.
+          this.#session = typeof frame.session === "string" ? frame.session : "";
+          this.#onOpen();
+          if (this.#closed) return;
+        }
         return this.#emit("welcome", frame);
+      case "close":
+        // Over SSE, the server's close: as a WebSocket's close with that code.
+        if (this.#es) this.#onClose(typeof frame.code === "number" ? frame.code : 1006, typeof frame.reason === "string" ? frame.reason : "");
+        return;
       case "subscribed":
         if (typeof frame.channel === "string") this.#onServerSubscribed(frame.channel);
         return;
@@ -800,13 +1049,15 @@ export class CaddyChat {
         return;
     }
     // Everything else answers a request (ok, error, presence, history);
-    // unknown types from newer servers are ignored.
-    const req = frame.id !== undefined ? this.#pending.get(frame.id) : undefined;
+    // unknown types from newer servers are ignored. Over SSE, an ok or error
+    // without an id answers the stream's subscribe of a channel of its URL.
+    const key = frame.id !== undefined ? frame.id : this.#es && typeof frame.channel === "string" && this.#esChannels.has(frame.channel) ? streamKey(frame.channel) : undefined;
+    const req = key !== undefined ? this.#pending.get(key) : undefined;
     if (!req) {
-      if (frame.type === "error") this.#emit("error", serverError(frame));
+      if (frame.type === "error" && typeof key !== "string") this.#emit("error", serverError(frame));
       return;
     }
-    this.#pending.delete(frame.id);
+    this.#pending.delete(key);
     this.#clearTimer(req.timer);
     if (frame.type === "error") req.reject(serverError(frame));
     else req.resolve(frame);
@@ -899,6 +1150,11 @@ export class CaddyChat {
   #clearTimer(handle) {
     if (handle != null) this.#clearTimeout(handle);
   }
+}
+
+// The #pending key of the stream's own subscribe of a channel (numbers are ids).
+function streamKey(channel) {
+  return "stream:" + channel;
 }
 
 function closedError() {

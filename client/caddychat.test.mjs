@@ -3,7 +3,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { CaddyChat, CaddyChatError, DISCONNECTED_BY_SERVER, OwnMessages, TOKEN_REVOKED, backoffDelay, compareStreamIds, describeGap, isStreamId } from "./caddychat.js";
+import { CaddyChat, CaddyChatError, DISCONNECTED_BY_SERVER, OwnMessages, TOKEN_REVOKED, TRANSPORTS, backoffDelay, compareStreamIds, describeGap, isStreamId } from "./caddychat.js";
 
 const flush = () => new Promise((resolve) => setImmediate(resolve));
 
@@ -1157,4 +1157,440 @@ test("own messages: storage is bounded and may be broken", () => {
   const own2 = new OwnMessages({ storage: throwing });
   own2.published("1-n-1");
   assert.equal(own2.isOwn({ id: "1-n-1" }), true, "kept for the page load");
+});
+
+// ---- the SSE transport ----
+
+// An EventSource as the client uses it: the test plays the server's stream.
+class FakeEventSource {
+  static instances = [];
+  static sessions = 0;
+  readyState = 0;
+  closed = false;
+  onmessage = null;
+  onerror = null;
+  onopen = null;
+
+  constructor(url, init) {
+    this.url = new URL(url);
+    this.init = init;
+    FakeEventSource.instances.push(this);
+  }
+
+  static get last() {
+    return FakeEventSource.instances.at(-1);
+  }
+
+  close() {
+    this.closed = true;
+    this.readyState = 2;
+  }
+
+  // ---- the server's side ----
+  channels() {
+    return this.url.searchParams.getAll("channel");
+  }
+
+  // The welcome (with a fresh session), then an ok without id per channel of the URL.
+  open({ answer = true, user = "alice" } = {}) {
+    this.readyState = 1;
+    this.session = `sess-${++FakeEventSource.sessions}`;
+    this.receive({ type: "welcome", conn: "c1", node: "n1", user, transport: "sse", session: this.session });
+    if (answer) for (const ch of this.channels()) this.receive({ type: "ok", channel: ch });
+  }
+
+  receive(frame) {
+    this.onmessage?.({ data: JSON.stringify(frame) });
+  }
+
+  // The stream dropped; the EventSource reconnects by itself (Last-Event-ID).
+  drop() {
+    this.readyState = 0;
+    this.onerror?.({});
+  }
+
+  // An HTTP error (401, 503...): the EventSource gives up.
+  refuse() {
+    this.readyState = 2;
+    this.onerror?.({});
+  }
+}
+
+// fetch as the client uses it: records each POST, answers 202 unless told.
+class FakeFetch {
+  posts = [];
+  answer = { status: 202, body: { accepted: true } };
+
+  hold = null; // a promise the answers wait for
+
+  fetch = async (url, init) => {
+    this.posts.push({ url, method: init.method, headers: init.headers, frame: JSON.parse(init.body) });
+    if (this.hold) await this.hold;
+    const { status, body } = this.answer;
+    return { ok: status >= 200 && status < 300, status, json: async () => body };
+  };
+
+  ops(op) {
+    return this.posts.filter((p) => p.frame.op === op).map((p) => p.frame);
+  }
+
+  lastOp(op) {
+    return this.ops(op).at(-1);
+  }
+}
+
+function setupSSE(options = {}) {
+  FakeEventSource.instances = [];
+  const fake = new FakeFetch();
+  const setupResult = setup({ EventSource: FakeEventSource, fetch: fake.fetch, ...options });
+  const transports = [];
+  setupResult.client.on("transport", (e) => transports.push(e));
+  return { ...setupResult, fake, transports };
+}
+
+// Opens the pending event stream and lets its POSTs go out.
+async function connectStream(opts) {
+  await flush();
+  const es = FakeEventSource.last;
+  es.open(opts);
+  await flush();
+  return es;
+}
+
+test("TRANSPORTS: websocket first, then sse", () => {
+  assert.deepEqual(TRANSPORTS, ["websocket", "sse"]);
+});
+
+test("fallback: two WebSocket connects closed before the welcome move the client to SSE at once", async () => {
+  const { clock, client, transports, events } = setupSSE({ token: "tok" });
+  client.subscribe("room:a", () => {});
+  assert.equal(client.transport, "websocket");
+  await flush();
+  FakeWebSocket.last.drop(1006); // refused: never opened
+  await clock.advance(60000);
+  assert.equal(FakeWebSocket.instances.length, 2, "one failure: WebSocket again");
+  assert.equal(FakeEventSource.instances.length, 0);
+  FakeWebSocket.last.drop(1006);
+  await clock.advance(0); // no backoff before the first try of the new transport
+  assert.equal(FakeWebSocket.instances.length, 2);
+  assert.equal(FakeEventSource.instances.length, 1);
+  assert.equal(client.transport, "sse");
+  assert.deepEqual(transports, [{ transport: "sse", previous: "websocket" }]);
+  assert.deepEqual(reconnectDelays(events), [500, 0]);
+  const es = FakeEventSource.last;
+  assert.equal(es.url.origin + es.url.pathname, "http://chat.test/ws");
+  assert.deepEqual(es.channels(), ["room:a"]);
+  assert.equal(es.url.searchParams.get("token"), "tok");
+  es.open();
+  await flush();
+  assert.equal(client.state, "connected");
+  assert.equal(client.welcome.session, es.session);
+});
+
+test("fallback: a WebSocket opened but closed before its welcome counts too; one welcomed resets the count", async () => {
+  const { clock, client } = setupSSE();
+  await flush();
+  let ws = FakeWebSocket.last;
+  ws.readyState = 1;
+  ws.onopen({}); // open, no welcome
+  ws.drop(1006);
+  await clock.advance(60000);
+  ws = await connect(); // welcomed
+  ws.drop(1006);
+  await clock.advance(60000);
+  FakeWebSocket.last.drop(1006); // one failure since the welcome
+  await clock.advance(60000);
+  assert.equal(client.transport, "websocket");
+  assert.equal(FakeEventSource.instances.length, 0);
+  FakeWebSocket.last.drop(1006); // the second in a row
+  await clock.advance(0);
+  assert.equal(client.transport, "sse");
+  assert.equal(FakeEventSource.instances.length, 1);
+});
+
+test("fallback: fallbackAfter sets how many failures move the client", async () => {
+  const { clock, client } = setupSSE({ fallbackAfter: 1 });
+  await flush();
+  FakeWebSocket.last.drop(1006);
+  await clock.advance(0);
+  assert.equal(client.transport, "sse");
+  assert.equal(FakeEventSource.instances.length, 1);
+});
+
+test("fallback: a WebSocket that cannot be constructed moves the client to SSE at once, for good", async () => {
+  class Throwing {
+    constructor() {
+      throw new Error("SecurityError");
+    }
+  }
+  const { clock, client, events } = setupSSE({ WebSocket: Throwing });
+  await flush();
+  await clock.advance(0);
+  assert.equal(client.transport, "sse");
+  assert.equal(FakeEventSource.instances.length, 1);
+  assert.ok(events.some(([n, e]) => n === "error" && e.code === "connect"));
+  const es = await connectStream();
+  es.refuse();
+  await clock.advance(60000);
+  FakeEventSource.last.refuse();
+  await clock.advance(60000);
+  assert.equal(client.transport, "sse", "no WebSocket to go back to");
+  assert.equal(FakeEventSource.instances.length, 3);
+});
+
+test("fallback: SSE failing before its welcome goes back to WebSocket", async () => {
+  const { clock, client, transports } = setupSSE({ fallbackAfter: 1 });
+  await flush();
+  FakeWebSocket.last.drop(1006);
+  await clock.advance(0);
+  FakeEventSource.last.refuse();
+  assert.ok(FakeEventSource.last.closed);
+  await clock.advance(0);
+  assert.equal(client.transport, "websocket");
+  assert.equal(FakeWebSocket.instances.length, 2);
+  assert.deepEqual(transports.map((t) => t.transport), ["sse", "websocket"]);
+});
+
+test("forced transport: transports [\"sse\"] opens only event streams", async () => {
+  const { client } = setupSSE({ transports: ["sse"] });
+  assert.equal(client.transport, "sse");
+  await flush();
+  assert.equal(FakeWebSocket.instances.length, 0);
+  assert.equal(FakeEventSource.instances.length, 1);
+});
+
+test("forced transport: transports [\"websocket\"] never falls back", async () => {
+  const { clock, client } = setupSSE({ transports: ["websocket"] });
+  await flush();
+  for (let i = 0; i < 5; i++) {
+    FakeWebSocket.last.drop(1006);
+    await clock.advance(60000);
+  }
+  assert.equal(client.transport, "websocket");
+  assert.equal(FakeEventSource.instances.length, 0);
+  assert.equal(FakeWebSocket.instances.length, 6);
+});
+
+test("forced transport: an unknown transport or a missing implementation is refused", () => {
+  assert.throws(() => new CaddyChat("ws://x/ws", { WebSocket: FakeWebSocket, transports: ["longpoll"] }), TypeError);
+  assert.throws(() => new CaddyChat("ws://x/ws", { WebSocket: FakeWebSocket, transports: [] }), TypeError);
+  // Node 20 has no global EventSource.
+  assert.throws(() => new CaddyChat("ws://x/ws", { WebSocket: FakeWebSocket, EventSource: null, transports: ["sse"] }), /EventSource/);
+});
+
+test("SSE: ops are POSTed to the route with the welcome's session; replies on the stream are correlated by id", async () => {
+  const { client, fake } = setupSSE({ transports: ["sse"] });
+  const es = await connectStream();
+  const p1 = client.publish("room:a", { text: "one" });
+  const p2 = client.history("room:a", { limit: 5 });
+  await flush();
+  assert.equal(fake.posts.length, 2);
+  for (const post of fake.posts) {
+    assert.equal(post.url, "http://chat.test/ws");
+    assert.equal(post.method, "POST");
+    assert.equal(post.headers["Caddychat-Session"], es.session);
+    assert.equal(post.headers["Content-Type"], "application/json");
+  }
+  const pub = fake.lastOp("publish");
+  const hist = fake.lastOp("history");
+  assert.deepEqual(pub.data, { text: "one" });
+  assert.equal(hist.limit, 5);
+  assert.notEqual(pub.id, hist.id);
+  // Answered out of order: each reply settles its own request.
+  es.receive({ type: "history", id: hist.id, channel: "room:a", messages: [msg("room:a", "1-0")], more: false });
+  es.receive({ type: "ok", id: pub.id, channel: "room:a", message_id: "9-0" });
+  assert.equal(await p1, "9-0");
+  assert.deepEqual((await p2).messages.map((m) => m.id), ["1-0"]);
+});
+
+test("SSE: POSTs go one after another, in the order of the ops", async () => {
+  const { client, fake } = setupSSE({ transports: ["sse"] });
+  const es = await connectStream();
+  let release;
+  fake.hold = new Promise((r) => (release = r));
+  const p1 = client.publish("room:a", 1);
+  const p2 = client.publish("room:a", 2);
+  await flush();
+  assert.deepEqual(fake.ops("publish").map((f) => f.data), [1], "the second waits for the first POST's answer");
+  fake.hold = null;
+  release();
+  await flush();
+  assert.deepEqual(fake.ops("publish").map((f) => f.data), [1, 2]);
+  for (const f of fake.ops("publish")) es.receive({ type: "ok", id: f.id, message_id: `${f.data}-0` });
+  assert.deepEqual(await Promise.all([p1, p2]), ["1-0", "2-0"]);
+});
+
+test("SSE: channels subscribed before the open are in the stream's URL and answered by it; later ones are POSTed", async () => {
+  const { client, fake, events } = setupSSE({ transports: ["sse"] });
+  const got = [];
+  const sa = client.subscribe("room:a", (m) => got.push(m.id), { history: 10 });
+  const sb = client.subscribe("room:b", () => {}, { history: 10 });
+  await flush();
+  const es = FakeEventSource.last;
+  assert.deepEqual(es.channels(), ["room:a", "room:b"]);
+  assert.equal(es.url.searchParams.get("history"), "10");
+  es.open();
+  const [a, b] = await Promise.all([sa, sb]);
+  assert.equal(a.reply.channel, "room:a");
+  assert.equal(b.reply.channel, "room:b");
+  assert.equal(fake.posts.length, 0, "nothing POSTed for the stream's own channels");
+  es.receive(msg("room:a", "5-0", "e1"));
+  assert.deepEqual(got, ["5-0"]);
+  const sc = client.subscribe("room:c", () => {});
+  await flush();
+  const sub = fake.lastOp("subscribe");
+  assert.equal(sub.channel, "room:c");
+  es.receive({ type: "ok", id: sub.id, channel: "room:c" });
+  assert.equal((await sc).channel, "room:c");
+  // An error answer without id rejects that channel's subscribe.
+  const { client: c2 } = setupSSE({ transports: ["sse"] });
+  const sx = c2.subscribe("room:x", () => {});
+  await flush();
+  FakeEventSource.last.open({ answer: false });
+  FakeEventSource.last.receive({ type: "error", channel: "room:x", code: "forbidden", message: "no" });
+  await assert.rejects(sx, (err) => err.code === "forbidden" && err.channel === "room:x");
+  assert.ok(!events.some(([n]) => n === "error"));
+});
+
+test("SSE: a refused POST rejects its op with the body's code (or the status's); 404 means the session is gone: reconnect", async () => {
+  const { clock, client, fake, events } = setupSSE({ transports: ["sse"] });
+  let es = await connectStream();
+  fake.answer = { status: 429, body: { error: { code: "rate_limited", message: "slow down" } } };
+  await assert.rejects(client.publish("room:a", 1), (err) => err.code === "rate_limited" && err.message === "slow down");
+  fake.answer = { status: 413, body: null };
+  await assert.rejects(client.history("room:a"), (err) => err.code === "too_large");
+  fake.answer = { status: 404, body: { error: { code: "not_found", message: "no such session" } } };
+  const p = client.publish("room:a", 2); // alice: resent after the reconnect
+  await flush();
+  assert.ok(es.closed, "the stream of a gone session is closed");
+  assert.equal(client.state, "reconnecting");
+  assert.ok(events.some(([n, e]) => n === "disconnect" && e.code === 1006 && e.willReconnect));
+  fake.answer = { status: 202, body: { accepted: true } };
+  await clock.advance(60000);
+  es = await connectStream();
+  const again = fake.lastOp("publish");
+  assert.equal(again.data, 2);
+  assert.equal(fake.posts.at(-1).headers["Caddychat-Session"], es.session);
+  es.receive({ type: "ok", id: again.id, message_id: "3-0" });
+  assert.equal(await p, "3-0");
+});
+
+for (const [code, reconnects] of [[4000, true], [1001, true], [1012, true], [4005, false], [1008, false]]) {
+  test(`SSE: a close event with ${code} is handled as a WebSocket close with ${code} (${reconnects ? "reconnects" : "no reconnect"})`, async () => {
+    const { clock, client, events } = setupSSE({ transports: ["sse"] });
+    const es = await connectStream();
+    es.receive({ type: "close", code, reason: "why" });
+    assert.ok(es.closed, "the EventSource is closed, not left to reconnect by itself");
+    const d = events.find(([n]) => n === "disconnect")[1];
+    assert.equal(d.code, code);
+    assert.equal(d.reason, "why");
+    assert.equal(d.willReconnect, reconnects);
+    await clock.advance(60000);
+    assert.equal(FakeEventSource.instances.length, reconnects ? 2 : 1);
+    assert.equal(client.state, reconnects ? "reconnecting" : "closed");
+  });
+}
+
+test("SSE: close 4002 and 4006 reconnect only with a token function, and the new stream has the fresh token", async () => {
+  for (const code of [4002, 4006]) {
+    const fixed = setupSSE({ transports: ["sse"], token: "old" });
+    (await connectStream()).receive({ type: "close", code, reason: "" });
+    await fixed.clock.advance(60000);
+    assert.equal(fixed.client.state, "closed", `${code} with a fixed token`);
+    let n = 0;
+    const fn = setupSSE({ transports: ["sse"], token: () => `t${++n}`, queryToken: "access" });
+    (await connectStream()).receive({ type: "close", code, reason: "" });
+    await fn.clock.advance(60000);
+    assert.equal(FakeEventSource.instances.length, 2, `${code} with a token function`);
+    assert.equal(FakeEventSource.last.url.searchParams.get("access"), "t2");
+    assert.equal(FakeEventSource.last.url.searchParams.get("token"), null);
+  }
+});
+
+test("SSE: queryToken null leaves the token out of the URL (cookie auth); withCredentials reaches the EventSource", async () => {
+  setupSSE({ transports: ["sse"], token: "tok", queryToken: null, withCredentials: true });
+  await flush();
+  assert.equal(FakeEventSource.last.url.search, "");
+  assert.deepEqual(FakeEventSource.last.init, { withCredentials: true });
+});
+
+test("SSE resume: a drop lets the EventSource reconnect by itself; its new welcome resumes, POSTed channels are POSTed again with since", async () => {
+  const { clock, client, fake, events } = setupSSE({ transports: ["sse"] });
+  const gotA = [];
+  client.subscribe("room:a", (m) => gotA.push(m.id));
+  const es = await connectStream();
+  const sb = client.subscribe("room:b", () => {});
+  await flush();
+  es.receive({ type: "ok", id: fake.lastOp("subscribe").id, channel: "room:b" });
+  await sb;
+  es.receive(msg("room:a", "5-0", "ea"));
+  es.receive(msg("room:b", "7-0", "eb"));
+  const p = client.publish("room:a", "in flight");
+  await flush();
+  const first = fake.lastOp("publish");
+  es.drop();
+  assert.ok(!es.closed, "the EventSource is left to reconnect (Last-Event-ID)");
+  assert.equal(client.state, "reconnecting");
+  await clock.advance(60000);
+  assert.equal(FakeEventSource.instances.length, 1, "no new EventSource while it reconnects");
+  const posted = fake.posts.length;
+  es.open(); // the same EventSource, a new session
+  await flush();
+  assert.equal(client.state, "connected");
+  const since = fake.posts.slice(posted).map((p) => p.frame);
+  const subB = since.find((f) => f.op === "subscribe");
+  assert.deepEqual({ channel: subB.channel, since: subB.since, epoch: subB.epoch }, { channel: "room:b", since: "7-0", epoch: "eb" });
+  assert.ok(!since.some((f) => f.op === "subscribe" && f.channel === "room:a"), "room:a is the stream's own: resumed by Last-Event-ID");
+  assert.ok(events.some(([n, e]) => n === "resubscribed" && e.channel === "room:a"));
+  es.receive({ type: "ok", id: subB.id, channel: "room:b", recovered: true });
+  await flush();
+  const again = fake.lastOp("publish");
+  assert.equal(again.idempotency_key, first.idempotency_key, "the publish in flight is resent with its key");
+  assert.equal(fake.posts.at(-1).headers["Caddychat-Session"], es.session);
+  es.receive(msg("room:a", "5-0", "ea")); // replayed duplicate
+  es.receive(msg("room:a", "6-0", "ea"));
+  assert.deepEqual(gotA, ["5-0", "6-0"]);
+  es.receive({ type: "ok", id: again.id, message_id: "8-0" });
+  assert.equal(await p, "8-0");
+});
+
+test("SSE resume: a refused stream is replaced by a new EventSource after backoff; channels with a position are POSTed with since + epoch", async () => {
+  const { clock, client, fake } = setupSSE({ transports: ["sse"] });
+  client.subscribe("room:a", () => {});
+  client.subscribe("room:n", () => {}); // no message yet: no position
+  let es = await connectStream();
+  es.receive(msg("room:a", "5-0", "ea"));
+  es.refuse();
+  assert.ok(es.closed);
+  assert.equal(FakeEventSource.instances.length, 1);
+  await clock.advance(60000);
+  assert.equal(FakeEventSource.instances.length, 2, "a new EventSource after the backoff");
+  es = FakeEventSource.last;
+  assert.deepEqual(es.channels(), ["room:n"], "the stream subscribes the channels without a position");
+  es.open();
+  await flush();
+  const sub = fake.lastOp("subscribe");
+  assert.deepEqual({ channel: sub.channel, since: sub.since, epoch: sub.epoch }, { channel: "room:a", since: "5-0", epoch: "ea" });
+  assert.equal(fake.posts.at(-1).headers["Caddychat-Session"], es.session);
+  assert.deepEqual(client.channels, ["room:a", "room:n"]);
+});
+
+test("SSE: a drop whose own reconnect fails too is taken over by the client's backoff", async () => {
+  const { clock } = setupSSE({ transports: ["sse"] });
+  const es = await connectStream();
+  es.drop();
+  es.drop(); // its reconnect failed
+  assert.ok(es.closed);
+  await clock.advance(60000);
+  assert.equal(FakeEventSource.instances.length, 2);
+});
+
+test("SSE: close() closes the EventSource and rejects what is pending", async () => {
+  const { client } = setupSSE({ transports: ["sse"] });
+  const es = await connectStream();
+  const p = client.publish("room:a", 1);
+  client.close();
+  assert.ok(es.closed);
+  await assert.rejects(p, (err) => err.code === "closed");
+  assert.equal(client.state, "closed");
 });

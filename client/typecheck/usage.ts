@@ -14,6 +14,7 @@ import {
   PERMANENT_CLOSE_CODES,
   TOKEN_EXPIRED,
   TOKEN_REVOKED,
+  TRANSPORTS,
   backoffDelay,
   compareStreamIds,
   describeGap,
@@ -26,6 +27,9 @@ import type {
   ConnectionState,
   DisconnectEvent,
   ErrorCode,
+  EventSourceConstructor,
+  EventSourceLike,
+  FetchLike,
   GapEvent,
   HistoryPage,
   JSONValue,
@@ -38,6 +42,8 @@ import type {
   SubscribedEvent,
   Subscription,
   TokenSource,
+  Transport,
+  TransportEvent,
   UnsubscribedEvent,
   Welcome,
   WebSocketConstructor,
@@ -89,7 +95,39 @@ const options: CaddyChatOptions = {
   random: Math.random,
   setTimeout: (fn, ms) => globalThis.setTimeout(fn, ms),
   clearTimeout: (handle) => globalThis.clearTimeout(handle),
+  transports: ["websocket", "sse"],
+  fallbackAfter: 2,
+  queryToken: "token",
+  withCredentials: false,
 };
+
+// A test's fake EventSource and fetch, like client/caddychat.test.mjs's.
+class FakeEventSource implements EventSourceLike {
+  readyState = 0;
+  onmessage: ((ev: { data: unknown }) => void) | null = null;
+  onerror: ((ev: unknown) => void) | null = null;
+  constructor(
+    readonly url: string,
+    readonly init?: { withCredentials?: boolean },
+  ) {}
+  close(): void {}
+}
+const fakeFetch: FetchLike = async (_url, init) => {
+  const session: string | undefined = init.headers["Caddychat-Session"];
+  void session;
+  return { ok: true, status: 202, json: async () => ({ accepted: true }) };
+};
+new CaddyChat("wss://example.test/ws", { EventSource: FakeEventSource, fetch: fakeFetch, transports: ["sse"] });
+// The browser's own EventSource and fetch fit the options.
+const esCtor: EventSourceConstructor = EventSource;
+new CaddyChat("wss://example.test/ws", { EventSource: globalThis.EventSource, fetch: globalThis.fetch, queryToken: null });
+// Forced to a WebSocket: no fallback.
+new CaddyChat("wss://example.test/ws", { transports: ["websocket"] });
+const order2: readonly Transport[] = TRANSPORTS;
+// @ts-expect-error no such transport
+new CaddyChat("wss://example.test/ws", { transports: ["longpoll"] });
+// @ts-expect-error fallbackAfter is a count
+new CaddyChat("wss://example.test/ws", { fallbackAfter: "2" });
 
 // The browser's own WebSocket (the default) fits the option.
 const browser = new CaddyChat(`wss://${location.host}/ws`, { WebSocket: globalThis.WebSocket });
@@ -115,6 +153,8 @@ const state: ConnectionState = chat.state;
 const welcome: Welcome | null = chat.welcome;
 const channels: readonly string[] = chat.channels;
 const serverChannels: readonly string[] = chat.serverChannels;
+const transport: Transport = chat.transport;
+expectType<Equal<typeof transport, "websocket" | "sse">>();
 expectType<Equal<typeof state, "connecting" | "connected" | "reconnecting" | "closed">>();
 if (welcome) {
   const { conn, node, user }: { conn: string; node: string; user: string } = welcome;
@@ -124,6 +164,8 @@ if (welcome) {
 chat.state = "closed";
 // @ts-expect-error read-only
 chat.serverChannels = [];
+// @ts-expect-error read-only
+chat.transport = "sse";
 
 // ---- subscribe / unsubscribe / position ----
 
@@ -266,6 +308,14 @@ chat.on("disconnect", (d: DisconnectEvent) => {
   const revoked: boolean = code === TOKEN_REVOKED;
   void [reason, wasOpen, willReconnect, delay, permanent, byServer, revoked];
 });
+chat.on("transport", ({ transport, previous }: TransportEvent) => {
+  show("", `now over ${transport === "sse" ? "server-sent events" : "WebSocket"} (was ${previous})`);
+});
+chat.on("welcome", (w: Welcome) => {
+  const over: "sse" | undefined = w.transport;
+  const session: string | undefined = w.session;
+  void [over, session];
+});
 chat.on("error", (err: Error) => {
   if (err instanceof CaddyChatError) {
     const code: ErrorCode = err.code;
@@ -333,4 +383,4 @@ const revokedCode: 4006 = TOKEN_REVOKED;
 // @ts-expect-error the constants are their literal codes
 const wrongCode: 4002 = TOKEN_REVOKED;
 
-void [browser, ctor, url, channels, serverChannels, subscribing, requests, errors, isId, order, delay, codes, expired, kicked, revokedCode, wrongCode];
+void [browser, ctor, esCtor, order2, transport, url, channels, serverChannels, subscribing, requests, errors, isId, order, delay, codes, expired, kicked, revokedCode, wrongCode];

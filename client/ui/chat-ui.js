@@ -31,6 +31,17 @@ const STATE_TEXT = {
   closed: "disconnected",
 };
 
+// How the status line names the transport in use (caddychat.js falls back to
+// server-sent events where no WebSocket gets through).
+const TRANSPORT_TEXT = {
+  websocket: "WebSocket",
+  sse: "SSE",
+};
+const TRANSPORT_TITLE = {
+  websocket: "over a WebSocket",
+  sse: "over server-sent events (WebSocket is blocked or broken on the way): messages are sent with HTTP POSTs",
+};
+
 const $ = (id) => document.getElementById(id);
 const ui = {
   status: $("status"),
@@ -124,6 +135,7 @@ function connect() {
   chat = client;
   const current = (fn) => (arg) => client === chat && fn(arg);
   client.on("state", current(showState));
+  client.on("transport", current(onTransport));
   client.on("welcome", current(onWelcome));
   client.on("disconnect", current(onDisconnect));
   client.on("presence", current(onPresenceEvent));
@@ -137,8 +149,23 @@ function connect() {
 }
 
 function showState(state) {
+  const transport = chat?.transport ?? "";
   ui.status.dataset.state = state;
-  ui.status.textContent = STATE_TEXT[state] ?? state;
+  ui.status.dataset.transport = transport;
+  const over = TRANSPORT_TEXT[transport];
+  ui.status.textContent = (STATE_TEXT[state] ?? state) + (over && state !== "closed" ? ` · ${over}` : "");
+}
+
+// The client moved to another transport: the status line says which.
+function onTransport({ transport }) {
+  showState(chat.state);
+  if (transport === "sse") notice("WebSocket connections do not get through here: using server-sent events instead.");
+}
+
+// The status line's tooltip: the node, and the transport.
+function statusTitle(node) {
+  const over = TRANSPORT_TITLE[chat?.transport] ?? "";
+  return [node ? `node ${node}` : "", over].filter(Boolean).join(", ");
 }
 
 function onWelcome(w) {
@@ -146,7 +173,8 @@ function onWelcome(w) {
   guest = (!user && typeof w.guest === "string" && w.guest) || "";
   own.welcome(w);
   ui.status.dataset.node = w.node || "";
-  ui.status.title = w.node ? `node ${w.node}` : "";
+  ui.status.title = statusTitle(w.node);
+  showState(chat.state);
   ui.whoami.textContent = user ? `· ${user}` : guest && w.name ? `· ${w.name} (guest)` : "· anonymous";
   // The route lets guests pick a name: offer it (a token's user needs none).
   ui.nameForm.hidden = !guest;
@@ -167,8 +195,10 @@ function onDisconnect(d) {
   }
   if (d.willReconnect) {
     // Browsers hide why an upgrade was refused (bad token, other origin,
-    // node full): say what can help, once the first try failed.
-    if (!d.wasOpen && chat.welcome === null) {
+    // node full): say what can help, once a try over server-sent events
+    // failed too (before, a refused WebSocket may only be a proxy that
+    // blocks WebSocket, and the client falls back by itself).
+    if (!d.wasOpen && chat.welcome === null && chat.transport === "sse") {
       const hint = readToken()
         ? "Cannot connect: the server refused the connection (is the token valid?) or cannot be reached. Still trying."
         : readName()
