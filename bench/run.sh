@@ -405,7 +405,7 @@ z_row() {
 	echo
 	echo "Run by \`${ONLY:+ONLY=\"$ONLY\" }${QUICK:+QUICK=1 }bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'), nodes built from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/results.md' || echo '+changes'): **$(nproc) cores shared** by the two nodes, redis-server, chatbench and other work on the machine (load average $z_load0 when the part started, $z_load1 when it ended), so CPU figures are noisy; compare the rows with one another."
 	echo "One channel, $z_subs subscribers over two nodes, one publisher sending $z_msgs messages at $z_rate msgs/s, each a JSON object whose text is ~200 bytes of chat prose (\`-payload 250\`: a delivery frame of ~320 bytes)."
-	echo "Each row is a route with \`compression\` set to the mode and subscribers offering it (\`chatbench -compression\`). Wire bytes: what chatbench's connections read during the phase (frames, the publisher's replies too) per delivery; node CPU: both nodes' CPU time per delivery (\`-pids\`)."
+	echo "Each row is a route with \`compression\` set to the mode and subscribers offering it (\`chatbench -compression\`). Wire bytes: what chatbench's connections read during the phase (frames, the publisher's replies too) per delivery; node CPU: both nodes' CPU time per delivery (\`-pids\`). Every message carries the same text, so context takeover's figure is its best case: a chat whose messages differ compresses less against its window."
 	echo
 	echo "| compression | deliveries | wire bytes/delivery | node CPU µs/delivery | p99 ms | nodes' peak RSS MiB | lost |"
 	echo "|---|---:|---:|---:|---:|---:|---:|"
