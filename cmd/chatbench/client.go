@@ -64,9 +64,7 @@ func newDialer(urls []string, sources int, timeout time.Duration) (*dialer, erro
 	}
 	d.direct = &http.Client{Transport: &http.Transport{
 		Proxy: http.ProxyFromEnvironment,
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return counted((&net.Dialer{Timeout: timeout}).DialContext(ctx, network, addr))
-		},
+		DialContext: countedDial(&net.Dialer{Timeout: timeout}),
 	}}
 	return d, nil
 }

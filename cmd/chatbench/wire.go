@@ -6,6 +6,7 @@ package main
 // makes the WebSocket clients offer permessage-deflate.
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"sync/atomic"
@@ -34,6 +35,13 @@ func counted(c net.Conn, err error) (net.Conn, error) {
 		return nil, err
 	}
 	return countingConn{c}, nil
+}
+
+// countedDial is nd's DialContext, counting what its connections read.
+func countedDial(nd *net.Dialer) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return counted(nd.DialContext(ctx, network, addr))
+	}
 }
 
 // compressionModes are -compression's values: what the clients offer.
