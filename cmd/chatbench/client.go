@@ -63,7 +63,7 @@ func newDialer(urls []string, sources int, timeout time.Duration) (*dialer, erro
 		}})
 	}
 	d.direct = &http.Client{Transport: &http.Transport{
-		Proxy: http.ProxyFromEnvironment,
+		Proxy:       http.ProxyFromEnvironment,
 		DialContext: countedDial(&net.Dialer{Timeout: timeout}),
 	}}
 	return d, nil
