@@ -131,6 +131,7 @@ func browserAssetPaths(matcherSet caddy.ModuleMap) []string {
 //		write_timeout            <duration>
 //		publish_timeout          <duration>
 //		drain_period             <duration>
+//		compression              off|on|context_takeover
 //		idempotency_window       <duration> | off
 //		jwt {
 //			secret          <secret>
@@ -266,6 +267,7 @@ var chatOptions = &optionTable[Handler]{options: []option[Handler]{
 	durationOption("write_timeout", "10s", func(h *Handler, d caddy.Duration) { h.WriteTimeout = d }),
 	durationOption("publish_timeout", "2s", func(h *Handler, d caddy.Duration) { h.PublishTimeout = d }),
 	durationOption("drain_period", "10s", func(h *Handler, d caddy.Duration) { h.DrainPeriod = d }),
+	compressionOption,
 	{name: "idempotency_window", min: 1, max: 1, syntax: "<duration> | off",
 		takes: "one duration, or off", example: "idempotency_window 5m",
 		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error {

@@ -278,6 +278,7 @@ func (h *Handler) checkOptions(static bool) []error {
 	default:
 		add("protocol", "", "chat: protocol %q: must be json or raw", h.Protocol)
 	}
+	errs = append(errs, h.checkCompression()...)
 	if h.ChannelPrefix != nil {
 		if p := *h.ChannelPrefix; literal(p) {
 			if len(p) > 64 || strings.ContainsAny(p, " \t\r\n*?[]") {

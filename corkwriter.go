@@ -71,9 +71,20 @@ func (w *corkWriter) cork() {
 
 // writeText writes payload as one final, unmasked text frame (RFC 6455
 // section 5.2). Uncorked, the frame goes out at once.
-func (w *corkWriter) writeText(payload []byte) error {
+func (w *corkWriter) writeText(payload []byte) error { return w.writeData(opText, payload) }
+
+// First bytes of a final text frame, plain and compressed (RSV1 set:
+// permessage-deflate).
+const (
+	opText         = 0x81
+	opTextDeflated = 0xc1
+)
+
+// writeData writes payload as one final, unmasked frame whose first byte
+// (FIN, RSV1, opcode) is first.
+func (w *corkWriter) writeData(first byte, payload []byte) error {
 	var header [10]byte
-	header[0] = 0x81 // FIN, text
+	header[0] = first
 	n := 2
 	switch l := len(payload); {
 	case l < 126:

@@ -124,7 +124,9 @@ func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request, id *identity, 
 	// stack that Caddy's handler chain grew: an idle connection then costs
 	// two small goroutine stacks, not a large one.
 	ws.SetReadLimit(h.MaxMessageSize)
-	c := newConn(h.route, &wsTransport{ws: ws, cw: cw.cork}, rawChannel, id)
+	tr := &wsTransport{ws: ws, cw: cw.cork}
+	tr.deflate, tr.library = negotiatedCompression(w.Header())
+	c := newConn(h.route, tr, rawChannel, id)
 	c.path = r.URL.Path
 	go func() {
 		defer release()

@@ -248,6 +248,15 @@ type Handler struct {
 	// webhook.go and the README's Webhooks section.
 	Webhooks []*Webhook `json:"webhook,omitempty"`
 
+	// permessage-deflate for the WebSocket clients that offer it: "off"
+	// (default), "on" (no context takeover: every message compressed on
+	// its own, once per delivery for all subscribers, no deflate state
+	// kept per connection) or "context_takeover" (each connection keeps a
+	// 32 KiB window and a deflate writer, compressing better at the cost of
+	// memory and CPU per connection). Messages under 128 bytes are sent
+	// uncompressed. See compression.go.
+	Compression string `json:"compression,omitempty"`
+
 	hub           *hub
 	hubKey        string
 	auth          *authenticator
@@ -321,6 +330,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.acceptOptions.OriginPatterns = h.Origins
 	h.acceptOptions.Subprotocols = []string{appSubprotocol}
+	h.acceptOptions.CompressionMode, _ = compressionMode(h.Compression) // checked by Validate
+	h.acceptOptions.CompressionThreshold = compressionThreshold
 
 	if h.RateLimit == nil {
 		h.RateLimit = &RateLimit{PerSecond: defaultRatePerSecond}

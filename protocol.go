@@ -222,6 +222,8 @@ type delivery struct {
 	jsonFrame []byte
 	rawOnce   sync.Once
 	rawFrame  []byte
+	// The frames compressed, for compression on (compression.go).
+	deflate deflateCache
 }
 
 // newDelivery is one message of channel for every local subscriber: body

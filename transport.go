@@ -35,6 +35,10 @@ type transport interface {
 type wsTransport struct {
 	ws *websocket.Conn
 	cw *corkWriter
+	// Negotiated compression (compression.go): deflate, without context
+	// takeover, frames compressed once per delivery; library, with it,
+	// frames written and compressed by the library.
+	deflate, library bool
 }
 
 var _ transport = (*wsTransport)(nil)
@@ -49,7 +53,17 @@ func (t *wsTransport) read() ([]byte, bool, error) {
 
 func (t *wsTransport) cork() { t.cw.cork() }
 
-func (t *wsTransport) writeFrame(_ *delivery, frame []byte) error { return t.cw.writeText(frame) }
+func (t *wsTransport) writeFrame(d *delivery, frame []byte) error {
+	switch {
+	case t.library:
+		return t.writeCompressed(frame)
+	case t.deflate:
+		if z := d.deflated(frame); z != nil {
+			return t.cw.writeData(opTextDeflated, z)
+		}
+	}
+	return t.cw.writeText(frame)
+}
 
 func (t *wsTransport) uncork() error { return t.cw.uncork() }
 

@@ -4,11 +4,14 @@
 #
 #   bash bench/run.sh            # the full run (about 7.5 minutes on 2 cores)
 #   QUICK=1 bash bench/run.sh    # smaller sizes, for a smoke test
-#   ONLY="fanout rooms" bash bench/run.sh   # some parts only: idle idle3 fanout history hook rooms abuse sse
+#   ONLY="fanout rooms" bash bench/run.sh   # some parts only: idle idle3 fanout history hook rooms abuse sse compression
 #   ONLY=sse bash bench/run.sh   # SSE against WebSocket: the same fan-out over
 #                                # both, idle memory per connection over both;
 #                                # replaces only the "SSE and WebSocket" section
 #                                # of bench/results.md (about 2.5 minutes)
+#   ONLY=compression bash bench/run.sh   # permessage-deflate off, on and
+#                                # context_takeover on one fan-out; replaces
+#                                # only the "Compression" section (about 1 minute)
 #   CADDY_BIN=/tmp/caddy-old ONLY=rooms bash bench/run.sh
 #                                # another build of the nodes (e.g. an older
 #                                # commit's), to compare two builds on one machine
@@ -118,6 +121,17 @@ bench_routes() {
 		redis redis://127.0.0.1:$redis_port/0
 		rate_limit off
 		publish_hook http://127.0.0.1:${hook_port:-1}/hook
+	}
+	# The same with permessage-deflate, without and with context takeover.
+	chat /wsz {
+		redis redis://127.0.0.1:$redis_port/0
+		rate_limit off
+		compression on
+	}
+	chat /wszt {
+		redis redis://127.0.0.1:$redis_port/0
+		rate_limit off
+		compression context_takeover
 	}
 ROUTES
 }
@@ -359,6 +373,56 @@ if [ -n "${ONLY:-}" ] && [ -z "${CADDY_BIN:-}${QUICK:-}" ]; then
 		END { if (!done) { while ((getline l < section) > 0) print l } }
 	' bench/results.md >"$out/results.spliced" && mv "$out/results.spliced" bench/results.md
 	echo "replaced the SSE and WebSocket section of bench/results.md" >&2
+fi
+fi
+
+# Compression: the same fan-out of a ~200-byte chat text on the same two
+# nodes, to routes with compression off, on and context_takeover, the
+# subscribers offering the same mode (-compression).
+if want compression; then
+z_subs=500 z_rate=50 z_msgs=300
+[ -n "${QUICK:-}" ] && z_subs=200 z_msgs=100
+z_load0=$(cut -d' ' -f1-3 /proc/loadavg)
+tables=$out/compression-runs.md
+: >"$tables"
+start A; url_a=$node_url pid_a=$node_pid
+start B; url_b=$node_url pid_b=$node_pid
+declare -A z_path=([off]="" [on]=z [context_takeover]=zt)
+for mode in off on context_takeover; do
+	bench compression-$mode -url "${url_a}${z_path[$mode]},${url_b}${z_path[$mode]}" -pids "$pid_a,$pid_b" -scenario fanout \
+		-compression $mode -subs "$z_subs" -rate "$z_rate" -messages "$z_msgs" -payload 250 -inflight 32
+done
+stop_nodes
+unset tables
+z_load1=$(cut -d' ' -f1-3 /proc/loadavg)
+z_row() {
+	jq -r '.scenarios[0].phases[0] | "\(.deliveries) | \(.wire_bytes_per_delivery // 0 | floor) | \(.server_cpu_us_per_delivery // 0 | . * 100 | floor / 100) | \(.latency.p99_ms) | \((.cpu.server_rss_peak_kib // 0) / 1024 | floor) | \(.lost)"' \
+		"$out/compression-$1.json" 2>/dev/null || echo "no result | | | | |"
+}
+{
+	echo
+	echo "## Compression"
+	echo
+	echo "Run by \`${ONLY:+ONLY=\"$ONLY\" }${QUICK:+QUICK=1 }bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'), nodes built from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/results.md' || echo '+changes'): **$(nproc) cores shared** by the two nodes, redis-server, chatbench and other work on the machine (load average $z_load0 when the part started, $z_load1 when it ended), so CPU figures are noisy; compare the rows with one another."
+	echo "One channel, $z_subs subscribers over two nodes, one publisher sending $z_msgs messages at $z_rate msgs/s, each a JSON object whose text is ~200 bytes of chat prose (\`-payload 250\`: a delivery frame of ~320 bytes)."
+	echo "Each row is a route with \`compression\` set to the mode and subscribers offering it (\`chatbench -compression\`). Wire bytes: what chatbench's connections read during the phase (frames, the publisher's replies too) per delivery; node CPU: both nodes' CPU time per delivery (\`-pids\`). Every message carries the same text, so context takeover's figure is its best case: a chat whose messages differ compresses less against its window."
+	echo
+	echo "| compression | deliveries | wire bytes/delivery | node CPU µs/delivery | p99 ms | nodes' peak RSS MiB | lost |"
+	echo "|---|---:|---:|---:|---:|---:|---:|"
+	for mode in off on context_takeover; do echo "| \`$mode\` | $(z_row $mode) |"; done
+	echo
+	echo "The runs:"
+	sed 's/^### /#### /' "$out/compression-runs.md"
+} >"$out/compression.md"
+cat "$out/compression.md" >>"$out/tables.md"
+if [ -n "${ONLY:-}" ] && [ -z "${CADDY_BIN:-}${QUICK:-}" ]; then
+	awk -v section="$out/compression.md" '
+		/^## Compression$/ { skip = 1; done = 1; while ((getline l < section) > 0) if (started || l != "") { print l; started = 1 }; print ""; next }
+		skip && /^## / { skip = 0 }
+		!skip { print }
+		END { if (!done) { while ((getline l < section) > 0) print l } }
+	' bench/results.md >"$out/results.spliced" && mv "$out/results.spliced" bench/results.md
+	echo "replaced the Compression section of bench/results.md" >&2
 fi
 fi
 

@@ -27,6 +27,8 @@ type dialer struct {
 	sources []*http.Client // one per source address
 	direct  *http.Client   // for nodes that are not on loopback
 	timeout time.Duration
+	// compression is what WebSocket clients offer (-compression).
+	compression websocket.CompressionMode
 }
 
 func newDialer(urls []string, sources int, timeout time.Duration) (*dialer, error) {
@@ -56,13 +58,13 @@ func newDialer(urls []string, sources int, timeout time.Duration) (*dialer, erro
 		d.sources = append(d.sources, &http.Client{Transport: &http.Transport{
 			DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
 				// tcp4: a 127.0.0.x source cannot reach an IPv6 address.
-				return nd.DialContext(ctx, "tcp4", addr)
+				return counted(nd.DialContext(ctx, "tcp4", addr))
 			},
 		}})
 	}
 	d.direct = &http.Client{Transport: &http.Transport{
 		Proxy:       http.ProxyFromEnvironment,
-		DialContext: (&net.Dialer{Timeout: timeout}).DialContext,
+		DialContext: countedDial(&net.Dialer{Timeout: timeout}),
 	}}
 	return d, nil
 }
@@ -140,7 +142,7 @@ const (
 func (d *dialer) connect(ctx context.Context, idx int, node int, channel string) (*client, error) {
 	ctx, cancel := context.WithTimeout(ctx, d.timeout)
 	defer cancel()
-	ws, resp, err := websocket.Dial(ctx, d.urls[node], &websocket.DialOptions{HTTPClient: d.httpClient(node, idx)})
+	ws, resp, err := websocket.Dial(ctx, d.urls[node], &websocket.DialOptions{HTTPClient: d.httpClient(node, idx), CompressionMode: d.compression})
 	if err != nil {
 		if resp != nil {
 			return nil, fmt.Errorf("%s: HTTP %d: %v", d.urls[node], resp.StatusCode, err)
@@ -451,11 +453,13 @@ func newPublisher(c *client, channel string, inflight, payloadSize int) *publish
 		sentAt:  map[int64]int64{},
 		stats:   newPubStats(),
 	}
-	// The payload without pad, {"c":N,"seq":N,"t":N,"pad":""}, is about 50 bytes.
+	// The payload without pad, {"c":N,"seq":N,"t":N,"pad":""}, is about
+	// 50 bytes. The pad is chat text, so that compression sees what it
+	// would see in a chat (a run of one letter would compress to nothing).
 	if n := payloadSize - 50; n > 0 {
 		p.pad = make([]byte, n)
 		for i := range p.pad {
-			p.pad[i] = 'x'
+			p.pad[i] = chatText[i%len(chatText)]
 		}
 	}
 	c.pub = p

@@ -21,6 +21,7 @@ func runFanout(ctx context.Context, cfg *config, name string, urls []string, pid
 		return res, err
 	}
 	defer d.close()
+	d.compression = cfg.compression
 	channel := "bench:fanout:" + cfg.runID
 
 	states := make([]*subState, cfg.subs)
@@ -157,13 +158,14 @@ type measure struct {
 	codes0 map[string]int
 	start  time.Time
 	cpu    *cpuMeter
+	wire0  int64 // wireRead at the start
 }
 
 // startMeasure resets every subscriber for a phase expecting seqs
 // [base, base+limit) (limit 0: any seq from base).
 // CPU use is measured for this process and the server pids.
 func startMeasure(subs *pool, states []*subState, base, limit int64, pids []int) *measure {
-	m := &measure{subs: subs, states: states, lat: &shardedHist{}, start: time.Now(), cpu: startCPU(pids)}
+	m := &measure{subs: subs, states: states, lat: &shardedHist{}, start: time.Now(), cpu: startCPU(pids), wire0: wireRead.Load()}
 	for i, s := range states {
 		s.reset(base, limit, m.lat.shard(i))
 	}
@@ -277,6 +279,12 @@ func (m *measure) finish(ctx context.Context, cfg *config, ph *deliveryPhase, pu
 	ph.Latency = m.lat.merged().summary()
 
 	ph.CPU = m.cpu.stop()
+	ph.WireBytesPerDelivery = perDelivery(float64(wireRead.Load()-m.wire0), ph.Deliveries)
+	var srv float64
+	for _, s := range ph.CPU.ServerSeconds {
+		srv += s
+	}
+	ph.ServerCPUMicrosPerDelivery = perDelivery(srv*1e6, ph.Deliveries)
 	ph.Disconnected = m.subs.disconnected.Load() - m.disc0
 	for code, n := range m.subs.codes() {
 		if d := n - m.codes0[code]; d > 0 {

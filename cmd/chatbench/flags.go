@@ -13,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/coder/websocket"
 )
 
 const usageText = `chatbench: load generator for caddychat nodes (WebSocket, JSON protocol).
@@ -95,7 +97,8 @@ type config struct {
 	connectTimeout     time.Duration
 	timeout            time.Duration
 	out                string
-	transport          string // subscribers of fanout and its variants, idle clients: websocket or sse
+	compression        websocket.CompressionMode // fanout: what its WebSocket clients offer
+	transport          string                    // subscribers of fanout and its variants, idle clients: websocket or sse
 	quiet              bool
 	cpuProfile         string
 
@@ -185,6 +188,7 @@ Examples:
 	fs.DurationVar(&cfg.connectTimeout, "connect-timeout", cfg.connectTimeout, "limit for one connection's handshake, welcome and subscribe")
 	fs.DurationVar(&cfg.timeout, "timeout", cfg.timeout, "limit for the whole run")
 	fs.StringVar(&cfg.transport, "transport", cfg.transport, "fanout, fanout-history, fanout-hook subscribers and idle clients: websocket, or sse (one GET event stream each; publishers stay on WebSocket)")
+	compression := fs.String("compression", "off", "fanout: WebSocket clients offer permessage-deflate: off, on (no context takeover) or context_takeover; the phases report wire bytes and node CPU per delivery either way")
 	fs.StringVar(&cfg.out, "out", cfg.out, `JSON results file ("" for none)`)
 	fs.BoolVar(&cfg.quiet, "quiet", false, "no progress lines on stderr")
 	fs.StringVar(&cfg.cpuProfile, "cpuprofile", "", "write a CPU profile of this tool to the file")
@@ -241,6 +245,10 @@ Examples:
 	}
 	if len(cfg.scenarios) == 0 {
 		return nil, errors.New("-scenario: none given")
+	}
+	var err error
+	if cfg.compression, err = parseCompression(*compression); err != nil {
+		return nil, err
 	}
 	switch cfg.transport {
 	case "websocket":

@@ -71,11 +71,16 @@ type deliveryPhase struct {
 	Latency          latencySummary `json:"latency"`
 	AckLatency       latencySummary `json:"publish_ack_latency"`
 
-	CPU          cpuUsage       `json:"cpu"`
-	Disconnected int64          `json:"subscribers_disconnected"`
-	CloseCodes   map[string]int `json:"close_codes,omitempty"`
-	OverMaxP99   bool           `json:"over_max_p99,omitempty"`
-	Incomplete   string         `json:"incomplete,omitempty"`
+	CPU cpuUsage `json:"cpu"`
+	// Bytes every connection of chatbench read during the phase (frames,
+	// the publisher's replies too) and the nodes' CPU (-pids), each per
+	// delivery.
+	WireBytesPerDelivery       float64        `json:"wire_bytes_per_delivery,omitempty"`
+	ServerCPUMicrosPerDelivery float64        `json:"server_cpu_us_per_delivery,omitempty"`
+	Disconnected               int64          `json:"subscribers_disconnected"`
+	CloseCodes                 map[string]int `json:"close_codes,omitempty"`
+	OverMaxP99                 bool           `json:"over_max_p99,omitempty"`
+	Incomplete                 string         `json:"incomplete,omitempty"`
 }
 
 func writeJSON(path string, rep *report) error {
@@ -145,6 +150,13 @@ func writeTable(w io.Writer, rep *report) {
 				}
 				if p.OverMaxP99 {
 					notes = append(notes, "p99 over -max-p99: stepping stopped")
+				}
+				if p.WireBytesPerDelivery > 0 {
+					note := fmt.Sprintf("%.0f wire bytes/delivery", p.WireBytesPerDelivery)
+					if p.ServerCPUMicrosPerDelivery > 0 {
+						note += fmt.Sprintf(", %.2f µs node CPU/delivery", p.ServerCPUMicrosPerDelivery)
+					}
+					notes = append(notes, note)
 				}
 				if p.Incomplete != "" {
 					notes = append(notes, p.Incomplete)
