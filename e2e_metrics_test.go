@@ -66,6 +66,7 @@ func TestMetricsMoveWithTraffic(t *testing.T) {
 		"caddy_chat_messages_received_total", "caddy_chat_messages_delivered_total",
 		"caddy_chat_messages_dropped_total", "caddy_chat_slow_consumers_total",
 		"caddy_chat_broker_publish_seconds_count", "caddy_chat_broker_reconnects_total", brokerUpSample(rs.URL(), "chat:"),
+		"caddy_chat_broker_lag_seconds_count", "caddy_chat_broker_lag_max_seconds",
 	} {
 		if _, ok := before[name]; !ok {
 			t.Errorf("/metrics lacks %s", name)
@@ -99,6 +100,7 @@ func TestMetricsMoveWithTraffic(t *testing.T) {
 		"caddy_chat_messages_received_total":                     6, // 2 subscribes, 4 publishes
 		"caddy_chat_messages_delivered_total":                    8, // 4 messages × 2 subscribers
 		"caddy_chat_broker_publish_seconds_count":                4,
+		"caddy_chat_broker_lag_seconds_count":                    4, // once per message, not per subscriber
 		`caddy_chat_auth_failures_total{reason="missing_token"}`: 1,
 	}
 	for name, want := range expect {

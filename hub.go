@@ -132,6 +132,8 @@ type hub struct {
 	publishOutage atomic.Int64
 	// dropped counts deliveries not queued because a client's send queue was full.
 	dropped atomic.Uint64
+	// lag holds the recent broker lags of its messages (lag.go).
+	lag lagWindow
 
 	// webhooks are the deliverers of the routes' webhooks (webhook.go), and
 	// webhookSeq numbers the node's webhook events.
@@ -413,6 +415,9 @@ func (h *hub) deliver(channel string, payload []byte) {
 		return
 	}
 	body, stamped := unstamp(payload)
+	if stamped {
+		h.observeLag(body, time.Now())
+	}
 	h.deliverBody(channel, body, stamped)
 }
 

@@ -40,6 +40,9 @@ type chatMetrics struct {
 	// streams count in connections and every other metric too.
 	sseStreams prometheus.Gauge
 	ssePosts   *prometheus.CounterVec
+	// brokerLag and brokerLagMax: how late broker messages reach the hubs (lag.go).
+	brokerLag    prometheus.Histogram
+	brokerLagMax prometheus.GaugeFunc
 }
 
 var (
@@ -117,6 +120,15 @@ func moduleMetrics() *chatMetrics {
 			Namespace: ns, Subsystem: sub, Name: "queued_bytes",
 			Help: "Bytes waiting to be sent to this node's clients (send queues and held resume messages; each frame counts 128 bytes of overhead). Each client's share is bounded by send_queue.",
 		}, liveHubs.queuedBytes)
+		metrics.brokerLag = prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: ns, Subsystem: sub, Name: "broker_lag_seconds",
+			Help:    "Time from a node's publish (the envelope's ts) to the broker handing the message to this node's hub, once per message; includes clock skew between nodes (negative clamped to 0). Backends' plain PUBLISHes are not observed.",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+		})
+		metrics.brokerLagMax = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "broker_lag_max_seconds",
+			Help: "Largest broker lag of the last 10 to 20 seconds, over this node's hubs; 0 when no node-stamped message arrived in that time.",
+		}, liveHubs.maxLag)
 		metrics.sseStreams = gauge("sse_streams", "SSE streams open now (each also counts in connections).")
 		metrics.ssePosts = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "sse_posts_total",
@@ -138,6 +150,7 @@ func (m *chatMetrics) register(reg prometheus.Registerer) error {
 		m.received, m.delivered, m.dropped, m.slowConsumers, m.publishSeconds, m.publishFailures,
 		m.brokerReconnects, m.brokerUp, m.authFailures, m.httpPublishes, m.presenceFailures,
 		m.queuedBytes,
+		m.brokerLag, m.brokerLagMax,
 		m.panics,
 		m.historyBytes,
 		m.webhookEvents, m.webhookSeconds, m.webhookBacklog,
