@@ -41,7 +41,9 @@ func apiDisconnect(t apiTarget, w http.ResponseWriter, r *http.Request) {
 		writePublishError(w, http.StatusBadRequest, errBadRequest, fmt.Sprintf(`"reason" must be UTF-8 of at most %d bytes (a close frame's limit)`, maxCloseReason))
 		return
 	}
-	callNodes(t, w, r, controlRequest{Op: "disconnect", User: req.User, Conn: req.Conn, Code: req.Code, Reason: req.Reason}, "disconnected")
+	if out, ok := callNodes(t, w, r, controlRequest{Op: "disconnect", User: req.User, Conn: req.Conn, Code: req.Code, Reason: req.Reason}, "disconnected"); ok {
+		writeJSON(w, http.StatusOK, out)
+	}
 }
 
 // validUser checks a user (or connection) id the API names; "" passes.
@@ -71,41 +73,43 @@ func userChannel(w http.ResponseWriter, r *http.Request) (user, channel string, 
 
 func apiUnsubscribe(t apiTarget, w http.ResponseWriter, r *http.Request) {
 	if user, channel, ok := userChannel(w, r); ok {
-		callNodes(t, w, r, controlRequest{Op: "unsubscribe", User: user, Channel: channel}, "unsubscribed")
+		if out, ok := callNodes(t, w, r, controlRequest{Op: "unsubscribe", User: user, Channel: channel}, "unsubscribed"); ok {
+			writeJSON(w, http.StatusOK, out)
+		}
 	}
 }
 
 func apiSubscribe(t apiTarget, w http.ResponseWriter, r *http.Request) {
 	if user, channel, ok := userChannel(w, r); ok {
-		callNodes(t, w, r, controlRequest{Op: "subscribe", User: user, Channel: channel}, "subscribed")
+		if out, ok := callNodes(t, w, r, controlRequest{Op: "subscribe", User: user, Channel: channel}, "subscribed"); ok {
+			writeJSON(w, http.StatusOK, out)
+		}
 	}
 }
 
-// callNodes sends req to every node and answers with the connections they
-// acted on, under the name counted.
-func callNodes(t apiTarget, w http.ResponseWriter, r *http.Request, req controlRequest, counted string) map[string]any {
+// callNodes sends req to every node and sums the connections they acted
+// on, under the name counted, for the op to answer with; ok false: the
+// nodes could not be asked, and the client has been told.
+func callNodes(t apiTarget, w http.ResponseWriter, r *http.Request, req controlRequest, counted string) (out map[string]any, ok bool) {
 	ctx, cancel := t.brokerContext(r)
 	defer cancel()
 	replies, nodes, err := t.hub.control.call(ctx, req)
 	if err != nil {
 		writeUnavailable(w, req.Op+" not sent to the nodes", err)
-		return nil
+		return nil, false
 	}
 	total, refused := 0, 0
 	for _, rep := range replies {
 		total += rep.Count
 		refused += rep.Refused
 	}
-	out := map[string]any{counted: total}
+	out = map[string]any{counted: total}
 	if refused > 0 {
 		out["refused"] = refused
 		out["message"] = "some connections were not subscribed: raw routes, max_subscriptions reached, or the broker did not answer"
 	}
 	answered(out, replies, nodes)
-	if req.Op != "revoke" {
-		writeJSON(w, http.StatusOK, out)
-	}
-	return out
+	return out, true
 }
 
 func apiRevoke(t apiTarget, w http.ResponseWriter, r *http.Request) {
@@ -125,10 +129,10 @@ func apiRevoke(t apiTarget, w http.ResponseWriter, r *http.Request) {
 	case (req.JTI == "") == (req.User == ""):
 		writePublishError(w, http.StatusBadRequest, errBadRequest, `name either "jti" or "user"`)
 		return
-	case len(req.JTI) > maxTokenIDLen || !validUser(w, req.User):
-		if len(req.JTI) > maxTokenIDLen {
-			writePublishError(w, http.StatusBadRequest, errBadRequest, fmt.Sprintf(`"jti" is at most %d bytes`, maxTokenIDLen))
-		}
+	case len(req.JTI) > maxTokenIDLen:
+		writePublishError(w, http.StatusBadRequest, errBadRequest, fmt.Sprintf(`"jti" is at most %d bytes`, maxTokenIDLen))
+		return
+	case !validUser(w, req.User):
 		return
 	case req.JTI != "" && req.IssuedBefore != nil:
 		writePublishError(w, http.StatusBadRequest, errBadRequest, `"issued_before" goes with "user"`)
@@ -160,8 +164,8 @@ func apiRevoke(t apiTarget, w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// Kept before the nodes hear of it: a node started meanwhile reads it.
-	out := callNodes(t, w, r, controlRequest{Op: "revoke", Revocation: &rv}, "disconnected")
-	if out == nil {
+	out, ok := callNodes(t, w, r, controlRequest{Op: "revoke", Revocation: &rv}, "disconnected")
+	if !ok {
 		return
 	}
 	out["revoked"] = kind

@@ -105,12 +105,7 @@ func (h *hub) deliverEphemeral(channel string, body []byte) {
 			queued++
 		}
 	}
-	m := moduleMetrics()
-	m.delivered.Add(float64(queued))
-	if dropped := len(cs.members) - skipped - queued; dropped > 0 {
-		h.dropped.Add(uint64(dropped))
-		m.dropped.Add(float64(dropped))
-	}
+	h.countFanOut(len(cs.members), skipped, queued)
 }
 
 // wantsEphemeral: every JSON connection but the sender. Raw clients get

@@ -50,14 +50,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if err != nil {
 		return refuse(w, r, err)
 	}
-	release, err := h.hub.admit(id.user, h.MaxConnections, h.MaxConnectionsPerUser)
+	release, err := h.reserveConnection(w, id)
 	if err != nil {
-		status := http.StatusServiceUnavailable
-		if err == errTooManyUserConnections {
-			status = http.StatusTooManyRequests
-		}
-		w.Header().Set("Retry-After", "5")
-		return refuse(w, r, caddyhttp.Error(status, err))
+		return refuse(w, r, err)
 	}
 	if err := h.upgrade(w, r, id, rawChannel, release); err != nil {
 		release()
@@ -102,6 +97,22 @@ func (h *Handler) admit(r *http.Request) (id *identity, rawChannel string, err e
 		return nil, "", refused(http.StatusForbidden, "forbidden: may not subscribe to "+rawChannel)
 	}
 	return id, rawChannel, nil
+}
+
+// reserveConnection takes a connection slot of the hub for id (WebSocket
+// or SSE alike), or gives the refusal: 503 when the node is full, 429 when
+// the user is, with Retry-After set on w.
+func (h *Handler) reserveConnection(w http.ResponseWriter, id *identity) (release func(), err error) {
+	release, err = h.hub.admit(id.user, h.MaxConnections, h.MaxConnectionsPerUser)
+	if err == nil {
+		return release, nil
+	}
+	status := http.StatusServiceUnavailable
+	if err == errTooManyUserConnections {
+		status = http.StatusTooManyRequests
+	}
+	w.Header().Set("Retry-After", "5")
+	return nil, caddyhttp.Error(status, err)
 }
 
 // upgrade completes the WebSocket handshake and starts the connection,

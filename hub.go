@@ -454,10 +454,16 @@ func (h *hub) deliverBody(channel string, body []byte, stamped bool) {
 			queued++
 		}
 	}
-	// One metrics update per message, not per subscriber.
+	h.countFanOut(len(cs.members), skipped, queued)
+}
+
+// countFanOut records one message's fan-out to members subscribers, of
+// which skipped were not meant to get it and queued took it: the rest were
+// dropped (full queues). One metrics update per message, not per subscriber.
+func (h *hub) countFanOut(members, skipped, queued int) {
 	m := moduleMetrics()
 	m.delivered.Add(float64(queued))
-	if dropped := len(cs.members) - skipped - queued; dropped > 0 {
+	if dropped := members - skipped - queued; dropped > 0 {
 		h.dropped.Add(uint64(dropped))
 		m.dropped.Add(float64(dropped))
 	}

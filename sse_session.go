@@ -17,7 +17,6 @@ import (
 	"sync"
 	"unicode/utf8"
 
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 )
 
@@ -134,14 +133,9 @@ func (h *Handler) serveStream(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return refuse(w, r, err)
 	}
-	release, err := h.hub.admit(id.user, h.MaxConnections, h.MaxConnectionsPerUser)
+	release, err := h.reserveConnection(w, id)
 	if err != nil {
-		status := http.StatusServiceUnavailable
-		if err == errTooManyUserConnections {
-			status = http.StatusTooManyRequests
-		}
-		w.Header().Set("Retry-After", "5")
-		return refuse(w, r, caddyhttp.Error(status, err))
+		return refuse(w, r, err)
 	}
 	defer release()
 
