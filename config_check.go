@@ -311,6 +311,9 @@ func (h *Handler) checkOptions(static bool) []error {
 			add(d.name, "", "chat: %s %s: must be between %v and 1h", d.name, formatDuration(d.v), d.min)
 		}
 	}
+	if l := h.MaxLag; l != nil && (*l < 0 || (*l > 0 && (time.Duration(*l) < minMaxLag || time.Duration(*l) > time.Hour))) {
+		add("max_lag", "", "chat: max_lag %s: must be off (0) or between %v and 1h", formatDuration(time.Duration(*l)), minMaxLag)
+	}
 	if w := h.IdempotencyWindow; w != nil && (*w < 0 || time.Duration(*w) > maxIdempotencyWindow || (*w > 0 && time.Duration(*w) < time.Second)) {
 		add("idempotency_window", "", "chat: idempotency_window %s: must be off (0) or between 1s and 24h", formatDuration(time.Duration(*w)))
 	}

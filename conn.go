@@ -41,6 +41,9 @@ type conn struct {
 	// while there is something to write (or a close to perform), so an idle
 	// connection costs one goroutine, not two.
 	writing atomic.Bool
+	// owed counts, per channel, the messages the connection missed (late)
+	// and has not been told of yet; the writer's alone, nil when none (late.go).
+	owed map[string]int
 	// closed is closed by the writer once the close handshake is done.
 	closed chan struct{}
 	// pingTimer is set once serve starts; the timer's own callback reads it.
@@ -375,6 +378,15 @@ func (c *conn) writeLoop() {
 			}
 			continue
 		}
+		if len(c.owed) > 0 {
+			if err := c.writeBatch(nil); err != nil {
+				c.fail(closeInternal, "write failed")
+				c.tr.closeNow()
+				c.closeHandshake()
+				return
+			}
+			continue
+		}
 		// Queue empty: stop, unless a frame or a close slipped in between the
 		// check and giving up the writer role (its enqueue or fail saw
 		// writing == true and started no writer).
@@ -400,8 +412,9 @@ func (c *conn) closeHandshake() {
 // maxBatch bounds the frames sent with one socket write.
 const maxBatch = 64
 
-// writeBatch writes d and whatever else is queued (up to maxBatch frames)
-// with the socket corked, then sends them with one write.
+// writeBatch writes d (if not nil) and whatever else is queued (up to
+// maxBatch frames) with the socket corked, then sends them with one write;
+// when the queue runs empty, the gap frames owed too (late.go).
 func (c *conn) writeBatch(d *delivery) error {
 	// context.Background in the writes, not c.ctx: a write cut short by
 	// closing would tear the connection down before the close frame could be
@@ -410,18 +423,32 @@ func (c *conn) writeBatch(d *delivery) error {
 	c.writeTimer.Reset(c.route.writeTimeout)
 	defer c.writeTimer.Stop()
 	c.tr.cork()
-	err := c.write(d)
+	now := time.Now().UnixNano()
+	var err error
+	if d != nil {
+		err = c.writeScreened(d, now)
+	}
 	for n := 1; err == nil && n < maxBatch; n++ {
 		next := c.send.pop()
 		if next == nil {
+			if len(c.owed) > 0 {
+				err = c.writeOwedGaps()
+			}
 			break
 		}
-		err = c.write(next)
+		err = c.writeScreened(next, now)
 	}
 	if uncorkErr := c.tr.uncork(); err == nil {
 		err = uncorkErr
 	}
 	return err
+}
+
+func (c *conn) writeScreened(d *delivery, now int64) error {
+	if write, err := c.screen(d, now); !write || err != nil {
+		return err
+	}
+	return c.write(d)
 }
 
 func (c *conn) write(d *delivery) error {

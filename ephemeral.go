@@ -81,7 +81,7 @@ func cutEphemeral(body []byte) (conn string, env []byte, ok bool) {
 
 // deliverEphemeral queues an ephemeral message (body after the stamp) to
 // the local members of channel but its sender.
-func (h *hub) deliverEphemeral(channel string, body []byte) {
+func (h *hub) deliverEphemeral(channel string, body []byte, born int64) {
 	from, env, ok := cutEphemeral(body)
 	if !ok {
 		return // no node writes this: someone with Redis access did
@@ -95,6 +95,7 @@ func (h *hub) deliverEphemeral(channel string, body []byte) {
 	// Not kept: messageID finds no id in it, so no resync or catch-up
 	// treats it as part of the history.
 	d := newDelivery(channel, env, true, h.ids)
+	d.born, d.ephemeral = born, true
 	queued, skipped := 0, 0
 	for s := range cs.members {
 		if !s.wantsEphemeral(from) {

@@ -135,6 +135,17 @@ type hub struct {
 	// lag holds the recent broker lags of its messages (lag.go).
 	lag lagWindow
 
+	// inbox is where a Redis broker's messages wait for the delivering
+	// goroutine (inbox.go); nil with the memory broker. maxLag (ns, 0: off)
+	// is the latest configuration's max_lag, lateAt when the delivering
+	// goroutine last skipped a late message (Unix ns), and gapped the
+	// channels whose members are owed a gap frame, that goroutine's own
+	// (late.go).
+	inbox  *inbox
+	maxLag atomic.Int64
+	lateAt atomic.Int64
+	gapped []string
+
 	// webhooks are the deliverers of the routes' webhooks (webhook.go), and
 	// webhookSeq numbers the node's webhook events.
 	webhooks   webhookRegistry
@@ -167,6 +178,9 @@ type channelState struct {
 	lastKept streamID
 	// lastEpoch is the epoch of that message (epochresync.go); same owner.
 	lastEpoch string
+	// missed counts the messages the members were not sent because they
+	// were late, until the gap frame that reports them (late.go); same owner.
+	missed int
 }
 
 var errHubClosed = errors.New("node is shutting down")
@@ -203,12 +217,14 @@ func newHub(cfg hubConfig) (*hub, error) {
 	}
 	h.redis = client
 	var broker Broker
+	h.inbox = newInbox(h)
 	if sharded {
-		broker, err = newClusterBroker(client.(*redis.ClusterClient), cfg.channelPrefix, h.ids, h.log, h.deliverRecovering, h.resyncRecovering)
+		broker, err = newClusterBroker(client.(*redis.ClusterClient), cfg.channelPrefix, h.ids, h.log, h.inbox.push, h.inbox.pushResync)
 	} else {
-		broker, err = newRedisBroker(client, cfg.channelPrefix, h.ids, h.log, h.deliverRecovering, h.resyncRecovering)
+		broker, err = newRedisBroker(client, cfg.channelPrefix, h.ids, h.log, h.inbox.push, h.inbox.pushResync)
 	}
 	if err != nil {
+		h.inbox.close()
 		_ = client.Close()
 		return nil, err
 	}
@@ -414,18 +430,25 @@ func (h *hub) deliver(channel string, payload []byte) {
 		h.control.receive(channel, payload)
 		return
 	}
+	now := time.Now()
 	body, stamped := unstamp(payload)
+	born := now.UnixNano()
 	if stamped {
-		h.observeLag(body, time.Now())
+		if ts, ok := h.observeLag(body, now); ok {
+			born = ts
+		}
 	}
-	h.deliverBody(channel, body, stamped)
+	h.deliverBody(channel, body, stamped, born)
 }
 
 // deliverBody delivers a payload whose stamp was checked (and cut off): only
-// a stamped one is read for an id or a presence event (envelope.go).
-func (h *hub) deliverBody(channel string, body []byte, stamped bool) {
+// a stamped one is read for an id or a presence event (envelope.go). born
+// is its publish time (Unix ns), by which writers drop it once it is later
+// than max_lag (late.go); 0 for what a resync reads from history, which is
+// old by nature and must reach the clients anyway.
+func (h *hub) deliverBody(channel string, body []byte, stamped bool, born int64) {
 	if stamped && len(body) > 0 && body[0] == ephemeralMark {
-		h.deliverEphemeral(channel, body)
+		h.deliverEphemeral(channel, body, born)
 		return
 	}
 	h.mu.RLock()
@@ -435,6 +458,7 @@ func (h *hub) deliverBody(channel string, body []byte, stamped bool) {
 		return
 	}
 	d := newDelivery(channel, body, stamped, h.ids)
+	h.sendGap(channel, cs)
 	if d.kept {
 		if !cs.lastKept.less(d.keptID) {
 			return // a resync delivered it already
@@ -444,6 +468,9 @@ func (h *hub) deliverBody(channel string, body []byte, stamped bool) {
 	}
 	// Join and leave events go to the clients that asked for presence only.
 	event := stamped && isPresenceEvent(channel, body)
+	if !event {
+		d.born = born
+	}
 	queued, skipped := 0, 0
 	for s := range cs.members {
 		if event && !s.wantsPresence() {
@@ -527,6 +554,9 @@ func (h *hub) Destruct() error {
 	h.webhooks.closeAll()
 
 	err := h.broker.Close()
+	if h.inbox != nil {
+		h.inbox.close()
+	}
 	if h.redis != nil {
 		err = errors.Join(err, h.redis.Close())
 	}

@@ -40,19 +40,21 @@ const lagWindowSpan = 10 * time.Second
 
 // observeLag records the broker lag of a stamped body (the payload after
 // the node stamp) that reached the hub at now. It runs once per message,
-// not per subscriber, and allocates nothing.
-func (h *hub) observeLag(body []byte, now time.Time) {
+// not per subscriber, and allocates nothing. It returns the publish time
+// (Unix ns) when the body has a plausible one.
+func (h *hub) observeLag(body []byte, now time.Time) (born int64, ok bool) {
 	ts, ok := envelopeTS(body)
 	if !ok {
-		return
+		return 0, false
 	}
 	lag := now.Sub(time.UnixMilli(ts))
 	if lag < -lagSkewLimit || lag > lagSkewLimit {
-		return
+		return 0, false
 	}
 	lag = max(lag, 0)
 	moduleMetrics().brokerLag.Observe(lag.Seconds())
 	h.lag.observe(now.UnixNano(), int64(lag))
+	return ts * int64(time.Millisecond), true
 }
 
 // envelopeTS returns the "ts" of a stamped body (a message's envelope or an

@@ -43,6 +43,11 @@ type chatMetrics struct {
 	// brokerLag and brokerLagMax: how late broker messages reach the hubs (lag.go).
 	brokerLag    prometheus.Histogram
 	brokerLagMax prometheus.GaugeFunc
+	// brokerBacklog, lateSkipped and publishRefusedLate: the max_lag
+	// bound (inbox.go, late.go).
+	brokerBacklog      prometheus.GaugeFunc
+	lateSkipped        *prometheus.CounterVec
+	publishRefusedLate prometheus.Counter
 }
 
 var (
@@ -129,6 +134,15 @@ func moduleMetrics() *chatMetrics {
 			Namespace: ns, Subsystem: sub, Name: "broker_lag_max_seconds",
 			Help: "Largest broker lag of the last 10 to 20 seconds, over this node's hubs; 0 when no node-stamped message arrived in that time.",
 		}, liveHubs.maxLag)
+		metrics.brokerBacklog = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "broker_backlog_bytes",
+			Help: "Bytes of broker messages read from Redis and waiting for this node's fan-out (at most 64 MiB per hub); 0 with the in-process broker.",
+		}, liveHubs.backlogBytes)
+		metrics.lateSkipped = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "late_skipped_total",
+			Help: "Message deliveries not made because the message was later than max_lag (or the backlog was full), by where: hub (not fanned out; once per subscriber owed it) or queue (a connection's writer). Each is reported to its client in a gap frame.",
+		}, []string{"where"})
+		metrics.publishRefusedLate = counter("publish_refused_late_total", "Publishes answered unavailable because the node was behind by more than max_lag.")
 		metrics.sseStreams = gauge("sse_streams", "SSE streams open now (each also counts in connections).")
 		metrics.ssePosts = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "sse_posts_total",
@@ -150,7 +164,7 @@ func (m *chatMetrics) register(reg prometheus.Registerer) error {
 		m.received, m.delivered, m.dropped, m.slowConsumers, m.publishSeconds, m.publishFailures,
 		m.brokerReconnects, m.brokerUp, m.authFailures, m.httpPublishes, m.presenceFailures,
 		m.queuedBytes,
-		m.brokerLag, m.brokerLagMax,
+		m.brokerLag, m.brokerLagMax, m.brokerBacklog, m.lateSkipped, m.publishRefusedLate,
 		m.panics,
 		m.historyBytes,
 		m.webhookEvents, m.webhookSeconds, m.webhookBacklog,

@@ -110,6 +110,17 @@ type Handler struct {
 	// told "unavailable". Default: 2s.
 	PublishTimeout caddy.Duration `json:"publish_timeout,omitempty"`
 
+	// How late a message may reach a client. A message that has waited
+	// longer (since its publish, in the node's backlog from the broker or in
+	// a connection's queue) is not sent: the connection gets a gap frame
+	// counting the messages it missed instead, and while the node's own
+	// backlog is that far behind, publishes on it are answered unavailable.
+	// So a message is delivered within max_lag or its loss is reported
+	// (late.go). Routes sharing a broker share one backlog: the bound
+	// loaded last applies to it. 0 turns it off (JSON; "off" in a
+	// Caddyfile). Default: 5s.
+	MaxLag *caddy.Duration `json:"max_lag,omitempty"`
+
 	// How long a publish's idempotency_key is remembered: a publish with
 	// the same key, by the same publisher, on the same channel within it
 	// delivers nothing and is answered with the first message id, on every
@@ -425,6 +436,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.route = h.resolveRoute()
+	// The latest configuration's bound applies to the hub's backlog.
+	h.hub.maxLag.Store(int64(h.route.maxLag))
 	h.hub.addRoute(h.route)
 	return nil
 }

@@ -119,6 +119,10 @@ func (c *conn) opPublish(f clientFrame) {
 		c.replyError(f.ID, errLimitExceeded, c.route.newChannelsRefusal(f.Channel))
 		return
 	}
+	if errors.Is(err, errDeliveriesLate) {
+		c.replyError(f.ID, errUnavailable, lateReason)
+		return
+	}
 	if err != nil {
 		c.route.log.Debug("publish failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
 		c.replyError(f.ID, errUnavailable, "message not published: the broker did not accept it within publish_timeout (down or overloaded); retry later")

@@ -218,6 +218,15 @@ type delivery struct {
 	keptID streamID
 	ids    *idGenerator
 
+	// born is a live message's publish time (Unix ns), 0 for a frame that
+	// has no deadline; a writer drops the message once it is older than
+	// max_lag (late.go). ephemeral: dropped then without a count.
+	born      int64
+	ephemeral bool
+	// gap, when set, is no frame: it adds gap missed messages of channel to
+	// the gap frame the connection owes (late.go).
+	gap int
+
 	jsonOnce  sync.Once
 	jsonFrame []byte
 	rawOnce   sync.Once

@@ -109,6 +109,9 @@ func (p publisher) serve(w http.ResponseWriter, r *http.Request, limit int64, st
 		}
 		res, status := p.publishOne(r.Context(), publishItem{Channel: req.Channel, Data: req.Data, IdempotencyKey: req.IdempotencyKey})
 		if res.Error != nil {
+			if status == http.StatusServiceUnavailable {
+				w.Header().Set("Retry-After", "1")
+			}
 			writePublishError(w, status, res.Error.Code, res.Error.Message)
 			return
 		}
@@ -251,6 +254,9 @@ func (p publisher) publishOne(ctx context.Context, item publishItem) (publishRes
 	msgID, err := rt.publish(ctx, key, Publication{Channel: item.Channel, From: id.user, Origin: originOf(id), Data: data, path: p.path, idem: idem})
 	if errors.Is(err, errNewHistoryLimited) {
 		return fail(http.StatusTooManyRequests, errLimitExceeded, rt.newChannelsRefusal(item.Channel))
+	}
+	if errors.Is(err, errDeliveriesLate) {
+		return fail(http.StatusServiceUnavailable, errUnavailable, lateReason)
 	}
 	if err != nil {
 		rt.log.Debug("publish endpoint: publish failed", zap.String("channel", item.Channel), zap.Error(err))

@@ -46,7 +46,7 @@ func (h *hub) resyncNewEpoch(channel, oldEpoch string) bool {
 	}
 	h.mu.RUnlock()
 	for _, e := range page.entries {
-		h.deliverBody(channel, e.payload, true)
+		h.deliverBody(channel, e.payload, true, 0)
 	}
 	h.log.Info("the channel's history was lost (new epoch); delivered the new epoch's messages",
 		zap.String("channel", channel), zap.String("old_epoch", oldEpoch), zap.String("epoch", page.epoch), zap.Int("messages", len(page.entries)))
@@ -95,7 +95,7 @@ func (h *hub) resync() {
 			continue
 		}
 		for _, e := range page.entries {
-			h.deliverBody(p.channel, e.payload, true)
+			h.deliverBody(p.channel, e.payload, true, 0)
 		}
 		if n := len(page.entries); n > 0 {
 			h.log.Info("delivered messages missed during a broker outage", zap.String("channel", p.channel), zap.Int("messages", n))

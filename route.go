@@ -32,6 +32,8 @@ type route struct {
 	maxSubscriptions int
 	maxReplay        int
 	publishTimeout   time.Duration
+	// maxLag: later than this a message is not written (late.go); 0: off.
+	maxLag time.Duration
 	// idemWindow: how long idempotency keys are remembered; 0: keys are
 	// ignored.
 	idemWindow   time.Duration
@@ -101,6 +103,10 @@ func (h *Handler) resolveRoute() *route {
 	if c := h.PublishHook; c != nil {
 		r.publishHook = newHookClient("publish", c, h.logger)
 	}
+	r.maxLag = defaultMaxLag
+	if l := h.MaxLag; l != nil {
+		r.maxLag = time.Duration(*l)
+	}
 	r.idemWindow = defaultIdempotencyWindow
 	if w := h.IdempotencyWindow; w != nil {
 		r.idemWindow = time.Duration(*w)
@@ -142,6 +148,10 @@ func (r *route) publish(ctx context.Context, key *publisherKey, msg Publication)
 }
 
 func (r *route) publishMessage(ctx context.Context, key *publisherKey, msg Publication) (string, error) {
+	if r.hub.refusesPublishes() {
+		moduleMetrics().publishRefusedLate.Inc()
+		return "", errDeliveriesLate
+	}
 	msg.History = r.history.policyFor(msg.Channel)
 	if msg.History == nil || key == nil || r.newChannels == nil {
 		return r.hub.publish(ctx, msg)
