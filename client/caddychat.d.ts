@@ -269,8 +269,15 @@ export interface GapEvent {
    * channel's history (e.g. Redis restarted without persistence) while the
    * connection stayed up; it delivers the new history whole, and only messages
    * sent just before the loss may be missing.
+   * late: the server skipped `missed` messages that were later than its max_lag.
    */
-  reason: "not_recovered" | "no_resume_point" | "history_lost";
+  reason: "not_recovered" | "no_resume_point" | "history_lost" | "late";
+  /**
+   * late: how many of the channel's messages the server did not send because
+   * they were later than its max_lag (it was overloaded); never delivered
+   * late. On a channel with history, history() can read them.
+   */
+  missed?: number;
   /**
    * The history the position pointed into was lost (the epoch changed): for
    * not_recovered, the replay then holds the whole new history, so only
@@ -329,7 +336,7 @@ export const TOKEN_REVOKED: 4006;
 export function isStreamId(id: unknown): id is string;
 export function compareStreamIds(a: string, b: string): number;
 /** A sentence telling a user what a `gap` event means, in words true for its cause; null for a gap that needs no notice. */
-export function describeGap(gap: { reason: GapEvent["reason"]; reply: SubscribeReply | null; historyLost?: boolean | undefined }): string | null;
+export function describeGap(gap: { reason: GapEvent["reason"]; reply: SubscribeReply | null; historyLost?: boolean | undefined; missed?: number | undefined }): string | null;
 export function backoffDelay(attempt: number, backoff?: Required<BackoffOptions>, random?: () => number): number;
 
 export interface OwnMessagesOptions {

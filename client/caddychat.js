@@ -127,7 +127,11 @@ function report(err) {
  * A sentence telling a user what a `gap` event means, in words that are true
  * for its cause; null for a gap that needs no notice.
  */
-export function describeGap({ reason, reply, historyLost }) {
+export function describeGap({ reason, reply, historyLost, missed }) {
+  if (reason === "late") {
+    const n = missed ?? 0;
+    return `${n} ${n === 1 ? "message was" : "messages were"} not shown: the server was too busy to deliver ${n === 1 ? "it" : "them"} in time.`;
+  }
   if (reason === "history_lost") {
     return "The server lost this room's earlier history (e.g. Redis restarted without persistence). Everything sent since is shown; a message sent at the moment it happened may be missing, and scrolling back stops there.";
   }
@@ -1046,6 +1050,13 @@ export class CaddyChat {
         return;
       case "unsubscribed":
         if (typeof frame.channel === "string") this.#onServerUnsubscribed(frame.channel);
+        return;
+      case "gap":
+        // Messages the server did not send because they were later than its
+        // max_lag (overloaded): counted, never delivered late.
+        if (typeof frame.channel === "string" && Number.isInteger(frame.missed) && frame.missed > 0) {
+          this.#emit("gap", { channel: frame.channel, reply: null, reason: "late", missed: frame.missed });
+        }
         return;
     }
     // Everything else answers a request (ok, error, presence, history);

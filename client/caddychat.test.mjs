@@ -495,6 +495,21 @@ test("recovered:false emits a gap event and delivery goes on", async () => {
   assert.deepEqual(got, ["100-0", "200-0"]);
 });
 
+test("a gap frame (late messages the server skipped) emits a late gap with the count; delivery goes on", async () => {
+  const { client, events } = setup();
+  const ws = await connect();
+  const got = [];
+  client.subscribe("room:a", (m) => got.push(m.id));
+  ws.ok(ws.lastOp("subscribe"));
+  ws.receive(msg("room:a", "100-0", "e1"));
+  ws.receive({ type: "gap", channel: "room:a", missed: 17 });
+  ws.receive({ type: "gap", channel: "room:a", missed: "many" }); // malformed: ignored
+  ws.receive(msg("room:a", "300-0", "e1"));
+  assert.deepEqual(named(events, "gap"), [{ channel: "room:a", reply: null, reason: "late", missed: 17 }]);
+  assert.deepEqual(got, ["100-0", "300-0"]);
+  assert.match(describeGap(named(events, "gap")[0]), /^17 messages were not shown/);
+});
+
 test("recovered:true emits resubscribed but no gap", async () => {
   const { clock, client, events } = setup();
   let ws = await connect();

@@ -289,11 +289,12 @@ chat.on("resubscribed", ({ channel, reply, resumed }: ResubscribedEvent) => {
   void [channel, r, b];
 });
 chat.on("gap", (gap: GapEvent) => {
-  const reason: "not_recovered" | "no_resume_point" | "history_lost" = gap.reason;
+  const reason: "not_recovered" | "no_resume_point" | "history_lost" | "late" = gap.reason;
   const reply: SubscribeReply | null = gap.reply;
   const lost: boolean | undefined = gap.historyLost;
+  const missed: number | undefined = gap.missed;
   const notice: string | null = describeGap(gap);
-  const fromParts: string | null = describeGap({ reason, reply, historyLost: lost });
+  const fromParts: string | null = describeGap({ reason, reply, historyLost: lost, missed });
   void [notice, fromParts];
 });
 chat.on("disconnect", (d: DisconnectEvent) => {

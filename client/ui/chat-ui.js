@@ -221,10 +221,10 @@ function onError(err) {
   notice(`Error: ${describe(err)}`);
 }
 
-function onGap({ channel: ch, reason, reply, historyLost }) {
+function onGap({ channel: ch, reason, reply, historyLost, missed }) {
   if (ch !== channel) return;
-  if (reason === "history_lost" || reason === "not_recovered") {
-    notice(describeGap({ reason, reply, historyLost }));
+  if (reason === "history_lost" || reason === "not_recovered" || reason === "late") {
+    notice(describeGap({ reason, reply, historyLost, missed }));
   } else if (!reply?.epoch) {
     // A resubscribe with history has no position to resume from only when
     // nothing came yet; then the replay shows everything. Without history,
