@@ -368,7 +368,8 @@ model() {
 	def node_cpu(n): ($msgs * ($i.c_p + k(n) * $i.c_n + ($room - k(n)) * $i.c_d)
 		+ $bcast * ($i.c_p + n * $i.c_n + ($conns - n) * $i.c_d)) / 1e6;
 	def nodes(n): [n, $n_conn, (node_cpu(n) / ($cores * $util) | ceil)] | max;
-	(nodes(nodes(nodes(nodes($n_conn))))) as $N |
+	def fix(n): nodes(n) as $m | if $m == n then n else fix($m) end;
+	fix($n_conn) as $N |
 	($i.r_m + k($N) * $i.r_n) as $rmsg |
 	(($msgs * $rmsg + $bcast * ($i.r_m + $N * $i.r_n)) / 1e6) as $rcpu |
 	($rcpu / $util | ceil) as $S |
@@ -376,7 +377,7 @@ model() {
 	"- Connections per node: min(max_connections \($nmax), \($gib) GiB × \($mutil) ÷ (\($i.idle_kib | r(100)) + \($kern)) KiB) = \($cpn); nodes for the connections: ⌈\($conns) ÷ \($cpn)⌉ = \($n_conn).",
 	"- Node CPU: rooms \($msgs) × (c_p + k c_n + (\($room) − k) c_d) + broadcast \($bcast) × (c_p + N c_n + (\($conns) − N) c_d) = \($msgs) × (\($i.c_p | r(10)) + k × \($i.c_n | r(10)) + (\($room) − k) × \($i.c_d | r(100))) µs + \($bcast) × (\($i.c_p | r(10)) + N × \($i.c_n | r(10)) + (\($conns) − N) × \($i.c_d | r(100))) µs, with k = N(1 − (1 − 1/N)^\($room)) = \(k($N) | r(10)) nodes a room message reaches at N = \($N): \(node_cpu($N) | r(10)) cores busy; at \($util * 100 | round) % of \($cores) cores per node: ⌈\(node_cpu($N) | r(10)) ÷ \($cores * $util)⌉ = \(node_cpu($N) / ($cores * $util) | ceil) nodes.",
 	"- **Nodes: N = \($N)** (the larger of the two): \($conns / $N | floor) connections, \($conns / $N * ($i.idle_kib + $kern) / 1048576 | r(10)) GiB of idle-connection memory and \($D / $N | floor) deliveries/s per node; after a restart of every node, the \($conns) clients reconnect in \(if $i.connects_per_sec > 0 then "\($conns / ($N * $i.connects_per_sec) | r(10)) s at \($i.connects_per_sec) connects/s per node" else "- (no connects/s figure)" end).",
-	"- Redis, per room message: r_m + k r_n = \($i.r_m | r(100)) + \(k($N) | r(10)) × \($i.r_n | r(100)) = \($rmsg | r(100)) µs of a shard'"'"'s main thread; \($msgs) msgs/s and the broadcast: \($rcpu | r(100)) cores; at \($util * 100 | round) % per shard: **shards S = \($S)** (one shard carries \(1e6 * $util / $rmsg | floor) room msgs/s at that k; a standalone Redis or Sentinel master carries the same, so \(if $S <= 1 then "one Redis is enough" else "one Redis is not enough: a cluster of \($S) shards" end))."
+	"- Redis, per room message: r_m + k r_n = \($i.r_m | r(100)) + \(k($N) | r(10)) × \($i.r_n | r(100)) = \($rmsg | r(100)) µs of a shard'"'"'s main thread; \($msgs) msgs/s and the broadcast: \($rcpu | r(100)) cores; at \($util * 100 | round) % per shard: **shards S = \($S)** (one shard carries \(if $rmsg > 0 then 1e6 * $util / $rmsg | floor else "-" end) room msgs/s at that k; a standalone Redis or Sentinel master carries the same, so \(if $S <= 1 then "one Redis is enough" else "one Redis is not enough: a cluster of \($S) shards" end))."
 	' "$out/capacity.json"
 }
 
