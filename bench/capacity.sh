@@ -51,7 +51,7 @@ if [ -n "${QUICK:-}" ]; then
 	fan_subs=900 fan_rates=20,60 fan_msgs=100 fan_p99=500ms
 	rooms=1800 rooms_dur=6s pub_rate=5000 pub_msgs=10000
 else
-	fan_subs=3000 fan_rates=10,20,40,60 fan_msgs=150 fan_p99=500ms
+	fan_subs=3000 fan_rates=10,20,40,60,80,100 fan_msgs=150 fan_p99=500ms
 	rooms=4000 rooms_dur=15s pub_rate=5000 pub_msgs=50000
 fi
 
