@@ -4,7 +4,7 @@
 #
 #   bash bench/run.sh            # the full run (about 7.5 minutes on 2 cores)
 #   QUICK=1 bash bench/run.sh    # smaller sizes, for a smoke test
-#   ONLY="fanout rooms" bash bench/run.sh   # some parts only: idle idle3 fanout history hook rooms abuse sse compression
+#   ONLY="fanout rooms" bash bench/run.sh   # some parts only: idle idle3 fanout history hook rooms abuse sse compression capacity
 #   ONLY=sse bash bench/run.sh   # SSE against WebSocket: the same fan-out over
 #                                # both, idle memory per connection over both;
 #                                # replaces only the "SSE and WebSocket" section
@@ -424,6 +424,16 @@ if [ -n "${ONLY:-}" ] && [ -z "${CADDY_BIN:-}${QUICK:-}" ]; then
 	' bench/results.md >"$out/results.spliced" && mv "$out/results.spliced" bench/results.md
 	echo "replaced the Compression section of bench/results.md" >&2
 fi
+fi
+
+# Capacity: 3 nodes on this Redis and on a 3-shard Redis Cluster, Redis CPU
+# per message, and the README's capacity model with these figures
+# (bench/capacity.sh; about 3 minutes). Run after idle/idle3 to use their
+# memory per connection.
+if want capacity; then
+	out=$out caddy=$out/caddy chatbench=$out/chatbench redis_port=$redis_port QUICK=${QUICK:-} ONLY=${ONLY:-} \
+		bash bench/capacity.sh || printf '\n## Capacity\n\nThe part failed (exit %s): see its output above.\n' $? >"$out/capacity.md"
+	cat "$out/capacity.md" >>"$out/tables.md"
 fi
 
 {
