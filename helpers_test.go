@@ -159,6 +159,7 @@ type caddyNode struct {
 	tls       bool // overTLS
 	httpPort  int  // with tls: the http_port Caddy binds besides addr
 	debug     bool // log at debug level
+	retryBind bool // run reports a port in use at start instead of failing
 	cmd       *exec.Cmd
 	exited    chan struct{}
 	stopOnce  sync.Once
@@ -187,9 +188,21 @@ func startCaddy(t testing.TB, name, routes string, opts ...caddyOption) *caddyNo
 		n.httpPort = freePort(t)
 	}
 	n.caddyfile = filepath.Join(dir, "Caddyfile")
-	n.writeCaddyfile(t, routes)
-	n.run(t, []string{"run", "--config", n.caddyfile, "--adapter", "caddyfile"}, nil, "")
-	return n
+	// A port freePort found free may be taken again before Caddy binds it
+	// (another test's outgoing connection can get it): then start over on
+	// other ports.
+	for attempt := 1; ; attempt++ {
+		n.writeCaddyfile(t, routes)
+		n.retryBind = attempt < 3
+		if n.run(t, []string{"run", "--config", n.caddyfile, "--adapter", "caddyfile"}, nil, "") {
+			n.retryBind = false
+			return n
+		}
+		n.addr, n.admin = freeAddr(t), freeAddr(t)
+		if n.tls {
+			n.httpPort = freePort(t)
+		}
+	}
 }
 
 // writeCaddyfile writes the node's whole Caddyfile: test-safe global options
@@ -238,8 +251,9 @@ https://127.0.0.1:%[4]s {
 }
 
 // run starts the binary with args, waits until n.addr accepts connections and
-// registers the stop in t.Cleanup.
-func (n *caddyNode) run(t testing.TB, args []string, extraEnv []string, workDir string) {
+// registers the stop in t.Cleanup. With n.retryBind, a node that exited at
+// start because a port was in use makes it report false instead of failing.
+func (n *caddyNode) run(t testing.TB, args []string, extraEnv []string, workDir string) bool {
 	t.Helper()
 	bin := caddyBinary(t)
 	n.logPath = filepath.Join(n.dir, "caddy.log")
@@ -277,13 +291,16 @@ func (n *caddyNode) run(t testing.TB, args []string, extraEnv []string, workDir 
 	for {
 		select {
 		case <-n.exited:
+			if n.retryBind && strings.Contains(n.logTail(60), "address already in use") {
+				return false
+			}
 			t.Fatalf("%s: caddy exited during start-up (%v); log %s:\n%s", n.name, cmd.ProcessState, n.logPath, n.logTail(60))
 		default:
 		}
 		c, err := net.DialTimeout("tcp", n.addr, time.Second)
 		if err == nil {
 			c.Close()
-			return
+			return true
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("%s: %s does not accept connections 30s after start; log %s:\n%s", n.name, n.addr, n.logPath, n.logTail(60))

@@ -273,9 +273,12 @@ func (hc *hookClient) call(ctx context.Context, req any, check func(*hookAnswer)
 	return ans, nil
 }
 
-// failed is a call that got no answer: a timeout when the context ran out.
+// failed is a call that got no answer: a timeout when the context ran out,
+// or when the transport gave up waiting first (its ResponseHeaderTimeout is
+// the same timeout, and either may fire first).
 func (hc *hookClient) failed(ctx context.Context, kind string, err error) error {
-	if ctx.Err() != nil {
+	var netErr net.Error
+	if ctx.Err() != nil || (errors.As(err, &netErr) && netErr.Timeout()) {
 		hc.warn("timeout", fmt.Sprintf("no answer within %v", hc.timeout))
 		return &hookFailure{hookTimeout, fmt.Errorf("no answer within %v", hc.timeout)}
 	}

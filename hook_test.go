@@ -1,11 +1,19 @@
 package caddychat
 
 import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 	"unicode/utf8"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
 )
 
 // TestHookCacheBounded: the subscribe hook's decision cache never holds
@@ -47,5 +55,22 @@ func TestCloseReasonText(t *testing.T) {
 		if len(in) <= maxCloseReason && utf8.ValidString(in) && out != in {
 			t.Errorf("closeReasonText(%q) changed a reason that fits: %q", in, out)
 		}
+	}
+}
+
+// TestHookTransportTimeoutIsATimeout: the hook's HTTP transport gives up
+// after the same timeout as the call's context (ResponseHeaderTimeout),
+// and may do so first; such a failure is a timeout, not an error, in the
+// metric and in the close reason.
+func TestHookTransportTimeoutIsATimeout(t *testing.T) {
+	hc := newHookClient("connect", &HookConfig{URL: "http://127.0.0.1:1/hook", Timeout: caddy.Duration(200 * time.Millisecond)}, zap.NewNop())
+	err := hc.failed(context.Background(), "unreachable", fmt.Errorf("Post: %w", &net.OpError{Op: "read", Net: "tcp", Err: os.ErrDeadlineExceeded}))
+	var f *hookFailure
+	if !errors.As(err, &f) || f.outcome != hookTimeout {
+		t.Fatalf("a transport timeout with the context still live: %v, want outcome %q", err, hookTimeout)
+	}
+	err = hc.failed(context.Background(), "unreachable", errors.New("connection refused"))
+	if !errors.As(err, &f) || f.outcome != hookError {
+		t.Fatalf("connection refused: %v, want outcome %q", err, hookError)
 	}
 }
