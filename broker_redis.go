@@ -103,6 +103,30 @@ func (b *redisBroker) Publish(ctx context.Context, msg Publication) (string, err
 	return id, nil
 }
 
+// submit queues a plain publish (no history, no idempotency) on the
+// publish pipeline without waiting for Redis: wait waits for its answer.
+// Publishes submitted in turn reach Redis in that order, so a connection
+// can have several on their way and still publish in order (pipeline.go).
+func (b *redisBroker) submit(ctx context.Context, msg Publication) (id string, wait func() error, err error) {
+	now := time.Now()
+	id = b.ids.next(now)
+	payload, err := msg.payload(id, now)
+	if err != nil {
+		return "", nil, fmt.Errorf("encoding message: %w", err)
+	}
+	name, command := b.prefix+msg.Channel, "publish"
+	if b.sharded {
+		command = "spublish"
+	}
+	reply := b.batched.Submit(ctx, onceOnly{redis.NewIntCmd(ctx, command, name, payload)})
+	return id, func() error {
+		if err := reply.WaitContext(ctx); err != nil {
+			return fmt.Errorf("redis %s %s: %w", strings.ToUpper(command), name, err)
+		}
+		return nil
+	}, nil
+}
+
 // signal publishes a control message (control.go) as it is; Redis answers
 // with the number of nodes subscribed to it.
 func (b *redisBroker) signal(ctx context.Context, channel string, payload []byte) (int64, error) {

@@ -41,6 +41,9 @@ type conn struct {
 	// while there is something to write (or a close to perform), so an idle
 	// connection costs one goroutine, not two.
 	writing atomic.Bool
+	// pipeline holds the connection's publishes waiting for Redis, made
+	// with the first (pipeline.go); only the reading goroutine sets it.
+	pipeline chan pendingPublish
 	// owed counts, per channel, the messages the connection missed (late)
 	// and has not been told of yet; the writer's alone, nil when none (late.go).
 	owed map[string]int

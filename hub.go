@@ -503,6 +503,13 @@ func (h *hub) publish(ctx context.Context, msg Publication) (string, error) {
 	if errors.Is(err, errNewHistoryLimited) {
 		return id, err // the publisher's limit, not the broker's health
 	}
+	return id, h.published(start, err)
+}
+
+// published records the outcome of a publish started at start: its time,
+// and the broker's health (an outage is logged once when it starts and
+// once when it ends). It returns err.
+func (h *hub) published(start time.Time, err error) error {
 	m := moduleMetrics()
 	m.publishSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
@@ -513,13 +520,13 @@ func (h *hub) publish(ctx context.Context, msg Publication) (string, error) {
 			m.brokerUp.WithLabelValues(h.brokerName, h.prefix).Set(0)
 			h.log.Warn("the broker is not accepting publishes; clients are told unavailable until it is back", zap.Error(err))
 		}
-		return id, err
+		return err
 	}
 	if since := h.publishOutage.Load(); since != 0 && h.publishOutage.CompareAndSwap(since, 0) {
 		m.brokerUp.WithLabelValues(h.brokerName, h.prefix).Set(1)
 		h.log.Info("the broker accepts publishes again", zap.Duration("outage", time.Since(time.Unix(0, since))))
 	}
-	return id, nil
+	return nil
 }
 
 // Destruct closes the hub when no handler uses it any more: on shutdown

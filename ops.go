@@ -111,9 +111,13 @@ func (c *conn) opPublish(f clientFrame) {
 		c.replyError(f.ID, errUnavailable, reason)
 		return
 	}
-	ctx, cancel := c.brokerContext()
 	idem := c.route.idempotent(idemScope(c.identity, c.id), idemKey)
-	id, err := c.route.publish(ctx, c.publisher(), Publication{Channel: f.Channel, From: c.identity.user, Origin: originOf(c.identity), Guest: c.identity.guest, Name: c.identity.name, Info: c.identity.info, Data: data, conn: c.id, path: c.path, idem: idem})
+	msg := Publication{Channel: f.Channel, From: c.identity.user, Origin: originOf(c.identity), Guest: c.identity.guest, Name: c.identity.name, Info: c.identity.info, Data: data, conn: c.id, path: c.path, idem: idem}
+	if c.publishPipelined(f.ID, msg) {
+		return
+	}
+	ctx, cancel := c.brokerContext()
+	id, err := c.route.publish(ctx, c.publisher(), msg)
 	cancel()
 	if errors.Is(err, errNewHistoryLimited) {
 		c.replyError(f.ID, errLimitExceeded, c.route.newChannelsRefusal(f.Channel))
@@ -124,8 +128,7 @@ func (c *conn) opPublish(f clientFrame) {
 		return
 	}
 	if err != nil {
-		c.route.log.Debug("publish failed", zap.String("conn", c.id), zap.String("channel", f.Channel), zap.Error(err))
-		c.replyError(f.ID, errUnavailable, "message not published: the broker did not accept it within publish_timeout (down or overloaded); retry later")
+		c.publishFailed(f.ID, f.Channel, err)
 		return
 	}
 	c.sendOwn(reply{Type: "ok", ID: f.ID, Channel: f.Channel, MessageID: id, Duplicate: idem != nil && idem.duplicate})

@@ -135,16 +135,24 @@ func (r *route) publish(ctx context.Context, key *publisherKey, msg Publication)
 	if err == nil && msg.idem != nil && msg.idem.duplicate {
 		return id, nil // the first publish was recorded; nothing new happened
 	}
-	if err == nil && r.webhooks.wants("publish") {
-		// The one place a publish event is recorded: the broker took it.
-		data := msg.Data
-		if msg.Raw != nil {
-			data, _ = json.Marshal(string(msg.Raw))
-		}
-		r.webhooks.record(webhookEvent{Type: "publish", Route: msg.path, User: msg.From, Conn: msg.conn,
-			Channel: msg.Channel, MessageID: id, Data: data})
+	if err == nil {
+		r.recordPublish(msg, id)
 	}
 	return id, err
+}
+
+// recordPublish records the publish event of msg, which the broker took
+// with id: the one place it is recorded, for every way of publishing.
+func (r *route) recordPublish(msg Publication, id string) {
+	if !r.webhooks.wants("publish") {
+		return
+	}
+	data := msg.Data
+	if msg.Raw != nil {
+		data, _ = json.Marshal(string(msg.Raw))
+	}
+	r.webhooks.record(webhookEvent{Type: "publish", Route: msg.path, User: msg.From, Conn: msg.conn,
+		Channel: msg.Channel, MessageID: id, Data: data})
 }
 
 func (r *route) publishMessage(ctx context.Context, key *publisherKey, msg Publication) (string, error) {
