@@ -21,8 +21,8 @@ import (
 
 // TestMain lets the test binary act as the baseline child process.
 func TestMain(m *testing.M) {
-	if len(os.Args) == 2 && os.Args[1] == serveBaselineFlag {
-		os.Exit(serveBaselineChild())
+	if len(os.Args) >= 2 && os.Args[1] == serveBaselineFlag {
+		os.Exit(serveBaselineChild(os.Args[2:]))
 	}
 	os.Exit(m.Run())
 }
@@ -371,7 +371,7 @@ func TestReportFields(t *testing.T) {
 // chatbench does when the connections do not fit in one process.
 func TestBaselineChild(t *testing.T) {
 	t.Parallel()
-	url, pid, stop, err := startBaselineChild()
+	url, pid, stop, err := startBaselineChild(baselineQueue)
 	if err != nil {
 		t.Fatal(err)
 	}
