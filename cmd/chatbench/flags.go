@@ -128,8 +128,8 @@ type config struct {
 	// memoryURLs: for fanout-memory, a route of the same node with the
 	// in-process broker (no redis option), to compare the Redis path with.
 	memoryURLs []string
-	quiet              bool
-	cpuProfile         string
+	quiet      bool
+	cpuProfile string
 
 	// fanout and baseline
 	subs      int

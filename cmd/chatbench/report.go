@@ -75,16 +75,16 @@ type deliveryPhase struct {
 	OutOfOrder int64 `json:"out_of_order"`
 	Stray      int64 `json:"stray"` // deliveries not belonging to this phase
 
-	Seconds          float64        `json:"seconds"` // first publish → last delivery
-	DeliveriesPerSec float64        `json:"deliveries_per_sec"`
-	BaselineRatio    *float64       `json:"baseline_ratio,omitempty"`
+	Seconds          float64  `json:"seconds"` // first publish → last delivery
+	DeliveriesPerSec float64  `json:"deliveries_per_sec"`
+	BaselineRatio    *float64 `json:"baseline_ratio,omitempty"`
 	// P99Ratio is p99 over the baseline phase's p99 (the same comparison as
 	// BaselineRatio); MemoryRatio is a fanout phase's deliveries/s over the
 	// fanout-memory phase's (the Redis path against the in-process broker).
-	P99Ratio    *float64 `json:"p99_baseline_ratio,omitempty"`
-	MemoryRatio *float64 `json:"memory_ratio,omitempty"`
-	Latency          latencySummary `json:"latency"`
-	AckLatency       latencySummary `json:"publish_ack_latency"`
+	P99Ratio    *float64       `json:"p99_baseline_ratio,omitempty"`
+	MemoryRatio *float64       `json:"memory_ratio,omitempty"`
+	Latency     latencySummary `json:"latency"`
+	AckLatency  latencySummary `json:"publish_ack_latency"`
 
 	CPU cpuUsage `json:"cpu"`
 	// Bytes every connection of chatbench read during the phase (frames,
