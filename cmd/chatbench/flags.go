@@ -32,7 +32,8 @@ Scenarios (-scenario, a comma list runs several in order):
             one publisher on the first node sending -messages messages at
             -rate msgs/s with at most -inflight unanswered publishes.
             -step-rates 100,200,400 runs one phase per rate on the same
-            connections and stops after the first whose p99 exceeds -max-p99.
+            connections and stops after the first whose p99 exceeds -max-p99
+            (baseline with fanout in the run steps through every rate).
   rooms     -clients clients in rooms of -room-size; each subscribes to its
             room and publishes -client-rate msgs/s (jittered start) for
             -duration. Every message is expected by the room's members,

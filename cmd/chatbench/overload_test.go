@@ -304,3 +304,22 @@ func TestStepRatesMax(t *testing.T) {
 		}
 	}
 }
+
+// TestBaselineStepsEveryRateWithFanout: a baseline compared with fanout
+// does not stop at -max-p99, so that every fanout phase has a ratio.
+func TestBaselineStepsEveryRateWithFanout(t *testing.T) {
+	t.Parallel()
+	_, urls := startFake(t, 1, 0, 0)
+	cfg := testConfig(urls)
+	cfg.stepRates = []float64{2000, 4000, 8000}
+	cfg.maxP99 = 0
+	cfg.scenarios = []string{"baseline", "fanout"}
+	rep := run(context.Background(), cfg, []string{"-test"})
+	if rep.Error != "" {
+		t.Fatal(rep.Error)
+	}
+	base, fan := rep.Scenarios[0], rep.Scenarios[1]
+	if len(base.Phases) != 3 || len(fan.Phases) != 1 || !fan.Phases[0].OverMaxP99 || fan.Phases[0].BaselineRatio == nil {
+		t.Errorf("baseline %d phases, fanout %d", len(base.Phases), len(fan.Phases))
+	}
+}
