@@ -351,15 +351,15 @@ b_load1=$(cut -d' ' -f1-3 /proc/loadavg)
 # by side (baseline, memory, Redis).
 broker_rows() {
 	jq -r '
-		def r2: if . == null then "-" else (. * 100 | round / 100 | tostring) end;
+		def r2: if . == null then "-" else (. * 100 | round) as $c | "\($c / 100 | floor).\($c % 100 | tostring | if length < 2 then "0" + . else . end)" end;
 		[.scenarios[] | . as $s | .phases[]? | {s: $s.scenario, p: .}] | group_by(.p.phase)[] | .[] | .s as $s | .p |
 		"| \(.subscribers) | \(if .rate == 0 then "max" else .rate end) | \({"baseline": "bare baseline", "fanout-memory": "memory", "fanout": "Redis"}[$s] // $s)" +
 		" | \(.publish_rate | floor) | \(.publish_ok) | \(.refused) | \(.received) | \(.reported) | \(.lost)\(if .drain_capped then " (capped)" else "" end) | \(.subscribers_disconnected)" +
-		" | \(.deliveries_per_sec | floor) | \(.latency.p50_ms | r2) / \(.latency.p99_ms | r2) | \(.latency.max_ms | r2) | \(.node_lag.lag_max_seconds | r2)" +
+		" | \(.deliveries_per_sec | floor) | \(.latency.p50_ms | r2) / \(.latency.p99_ms | r2) | \(.latency.max_ms | r2) | \(.node_lag.lag_max_seconds | r2) / \(.node_lag.lag_bucket_le_seconds | if . == null then "-" elif . < 0 then "+Inf" else "≤ \(.)" end)" +
 		" | \(.baseline_ratio | r2) / \(.p99_baseline_ratio | r2) | \(.memory_ratio | r2) |"' "$out/$1.json" 2>/dev/null || echo "| $1: no result |"
 }
 mem_ratio() { # run, rate (0: unpaced)
-	jq -r --argjson r "$2" 'first(.scenarios[] | select(.scenario == "fanout") | .phases[] | select(.rate == $r) | .memory_ratio // empty) | . * 100 | round / 100' \
+	jq -r --argjson r "$2" 'first(.scenarios[] | select(.scenario == "fanout") | .phases[] | select(.rate == $r) | .memory_ratio // empty) | (. * 100 | round) as $c | "\($c / 100 | floor).\($c % 100 | tostring | if length < 2 then "0" + . else . end)"' \
 		"$out/$1.json" 2>/dev/null || true
 }
 {
@@ -375,9 +375,9 @@ mem_ratio() { # run, rate (0: unpaced)
 	if want overload; then
 		echo "Overload ($fan_large subscribers at 50 and 200 msgs/s offered): publishing stops after $over_for (\`-publish-for\`), deliveries are waited for $over_drain after the last publish (\`-drain-max\`); what neither arrived by then nor was reported in a gap frame counts as lost, marked (capped)."
 	fi
-	echo "acked: publishes answered ok; refused: answered \`unavailable\` (nothing published); delivered: distinct messages received over all subscribers; reported: messages the node said it did not send (gap frames' \`missed\`); lost = expected − delivered − reported; node lag: the highest \`caddy_chat_broker_lag_max_seconds\` during the phase (its 10–20 s window may carry the previous run's); vs baseline: deliveries/s and p99 relative to the bare server's at the same rate; Redis / memory: deliveries/s relative to the memory route's."
+	echo "acked: publishes answered ok; refused: answered \`unavailable\` (nothing published); delivered: distinct messages received over all subscribers; reported: messages the node said it did not send (gap frames' \`missed\`); lost = expected − delivered − reported; node lag: the highest \`caddy_chat_broker_lag_max_seconds\` during the phase (its 10–20 s window may carry the previous run's) / the bucket bound of \`caddy_chat_broker_lag_seconds\` that holds every lag observed during the phase; vs baseline: deliveries/s and p99 relative to the bare server's at the same rate; Redis / memory: deliveries/s relative to the memory route's."
 	echo
-	echo "| subs | rate msgs/s | path | pub/s | acked | refused | delivered | reported | lost | disc | deliveries/s | p50 / p99 ms | max ms | node lag max s | vs baseline (throughput / p99) | Redis / memory |"
+	echo "| subs | rate msgs/s | path | pub/s | acked | refused | delivered | reported | lost | disc | deliveries/s | p50 / p99 ms | max ms | node lag max s (gauge / histogram) | vs baseline (throughput / p99) | Redis / memory |"
 	echo "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 	for run in "${broker_runs[@]}"; do broker_rows "$run"; done
 	echo
