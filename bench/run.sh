@@ -301,13 +301,14 @@ bench fanout-$fan_large -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -metrics-url 
 fi
 # Publish throughput with and without history: one publisher as fast as 64
 # unanswered publishes allow, one subscriber per node, so that publishing,
-# not fan-out, is what limits the rate.
+# not fan-out, is what limits the rate; the bare baseline first, for fanout's
+# ratio to it (fanout-history's and fanout-hook's are to fanout).
 want history && bench history-cost -url "$url_a,$url_b" -history-url "${url_a}h,${url_b}h" -pids "$pid_a,$pid_b" \
-	-scenario fanout,fanout-history -subs 2 -rate 0 -messages "$history_msgs" -inflight 64
+	-scenario baseline,fanout,fanout-history -subs 2 -rate 0 -messages "$history_msgs" -inflight 64
 # The same with a publish hook on every message: a keep-alive HTTP call to
 # a backend per publish, before the message reaches Redis.
 want hook && bench hook-cost -url "$url_a,$url_b" -hook-url "${url_a}k,${url_b}k" -pids "$pid_a,$pid_b" \
-	-scenario fanout,fanout-hook -subs 2 -rate 0 -messages "$history_msgs" -inflight 64
+	-scenario baseline,fanout,fanout-hook -subs 2 -rate 0 -messages "$history_msgs" -inflight 64
 if want rooms; then
 bench rooms-$((rooms / 2)) -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -metrics-url "$metrics_ab" -scenario baseline-rooms,rooms -clients "$((rooms / 2))" -room-size 10 \
 	-client-rate 1 -duration 15s
