@@ -16,13 +16,13 @@
 #                    saturation and unpaced (~2 min)
 #       overload     one node, 10,000 subscribers at 50 and 200 msgs/s
 #                    offered, each phase bounded (-publish-for, -drain-max):
-#                    delivered, reported (gap frames), lost, refused (~2 min)
-#       abuse sse compression
+#                    delivered, reported (gap frames), lost, refused (~2.5 min)
+#       abuse (~0.5 min) sse (~1.5 min) compression (~1 min)
 #   (a capacity part, issue 21's capacity model, is to come after overload)
 #   ONLY=sse bash bench/run.sh   # SSE against WebSocket: the same fan-out over
 #                                # both, idle memory per connection over both;
 #                                # replaces only the "SSE and WebSocket" section
-#                                # of bench/results.md (about 2.5 minutes)
+#                                # of bench/results.md (about 1.5 minutes)
 #   ONLY=compression bash bench/run.sh   # permessage-deflate off, on and
 #                                # context_takeover on one fan-out; replaces
 #                                # only the "Compression" section (about 1 minute)
@@ -390,6 +390,9 @@ if [ -n "${ONLY:-}" ] && [ -z "${CADDY_BIN:-}${QUICK:-}" ]; then
 	splice_section "Fan-out on one node: memory broker and Redis" "$out/broker.md"
 fi
 fi
+
+# (Issue 21's capacity part goes here: its own nodes and Redis topology,
+# a part name in the header's list and its section, as broker's above.)
 
 # One hostile connection per attack for 20 s against two fresh nodes with
 # production settings, honest clients on both; -max-rss stops the attacks
