@@ -2,12 +2,12 @@
 # Runs every chatbench scenario against real Caddy nodes and one redis-server
 # on loopback, and writes bench/results.md. Sized for a 2-core machine.
 #
-#   bash bench/run.sh            # the full run (about 14 minutes on 2 cores)
+#   bash bench/run.sh            # the full run (about 15 minutes on 2 cores)
 #   QUICK=1 bash bench/run.sh    # smaller sizes, for a smoke test
 #   ONLY="fanout rooms" bash bench/run.sh   # some parts only, in this order:
 #       idle         18,000 idle connections on one node, and on the bare
-#                    server (baseline-idle) for the ratio (~1.5 min)
-#       idle3        3 nodes × 16,600 idle connections (~1 min)
+#                    server (baseline-idle) for the ratio (~1 min)
+#       idle3        3 nodes × 16,600 idle connections (~0.7 min)
 #       fanout       two nodes through Redis, 2,000 and 10,000 subscribers,
 #                    stepping the rate, against the baseline (~2 min)
 #       history hook rooms   (on the fanout part's two nodes)
@@ -16,13 +16,15 @@
 #                    saturation and unpaced (~2 min)
 #       overload     one node, 10,000 subscribers at 50 and 200 msgs/s
 #                    offered, each phase bounded (-publish-for, -drain-max):
-#                    delivered, reported (gap frames), lost, refused (~2.5 min)
-#       abuse (~0.5 min) sse (~1.5 min) compression (~1 min)
-#   (a capacity part, issue 21's capacity model, is to come after overload)
+#                    delivered, reported (gap frames), lost, refused
+#                    (~1.5 min; ~2.5 on a build without max_lag)
+#       abuse (~0.5 min) sse (~1 min) compression (~0.5 min)
+#       capacity     bench/capacity.sh: 3 nodes on Redis and on a 3-shard
+#                    Redis Cluster, the README's capacity model (~3 min)
 #   ONLY=sse bash bench/run.sh   # SSE against WebSocket: the same fan-out over
 #                                # both, idle memory per connection over both;
 #                                # replaces only the "SSE and WebSocket" section
-#                                # of bench/results.md (about 1.5 minutes)
+#                                # of bench/results.md (about 1 minute)
 #   ONLY=compression bash bench/run.sh   # permessage-deflate off, on and
 #                                # context_takeover on one fan-out; replaces
 #                                # only the "Compression" section (about 1 minute)
@@ -213,8 +215,8 @@ if [ -n "${QUICK:-}" ]; then
 	sse_subs=500 sse_idle=2000 sse_hold=5s sse_msgs=100
 	over_for=2s over_drain=5s sat_msgs=500
 else
-	fan_small=2000 fan_large=10000 rooms=10000 idle_one=18000 idle_each=16600 hold=30s history_msgs=100000
-	sse_subs=2000 sse_idle=10000 sse_hold=15s sse_msgs=300
+	fan_small=2000 fan_large=10000 rooms=10000 idle_one=18000 idle_each=16600 hold=20s history_msgs=100000
+	sse_subs=2000 sse_idle=10000 sse_hold=10s sse_msgs=300
 	over_for=5s over_drain=10s sat_msgs=2000
 fi
 
@@ -295,7 +297,7 @@ start B; url_b=$node_url pid_b=$node_pid admin_b=$node_admin
 metrics_ab="http://127.0.0.1:$admin_a/metrics,http://127.0.0.1:$admin_b/metrics"
 if want fanout; then
 bench fanout-$fan_small -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -metrics-url "$metrics_ab" -scenario baseline,fanout -subs "$fan_small" \
-	-step-rates 25,50,80,100 -max-p99 150ms -messages 300 -inflight 32
+	-step-rates 25,50,100 -max-p99 150ms -messages 300 -inflight 32
 bench fanout-$fan_large -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -metrics-url "$metrics_ab" -scenario baseline,fanout -subs "$fan_large" \
 	-step-rates 4,8,13 -max-p99 500ms -messages 60 -inflight 32
 fi
@@ -392,9 +394,6 @@ if [ -n "${ONLY:-}" ] && [ -z "${CADDY_BIN:-}${QUICK:-}" ]; then
 	splice_section "Fan-out on one node: memory broker and Redis" "$out/broker.md"
 fi
 fi
-
-# (Issue 21's capacity part goes here: its own nodes and Redis topology,
-# a part name in the header's list and its section, as broker's above.)
 
 # One hostile connection per attack for 20 s against two fresh nodes with
 # production settings, honest clients on both; -max-rss stops the attacks
