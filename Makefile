@@ -48,7 +48,8 @@ run:
 	$(GO) run ./cmd/caddy run --config Caddyfile.example
 
 # The benchmark: Caddy nodes, redis-server and chatbench on loopback; writes
-# bench/results.md (about 7.5 minutes on 2 cores; ONLY=sse make bench: the
-# SSE and WebSocket section only, about 2.5 minutes).
+# bench/results.md (about 15 minutes on 2 cores; ONLY=sse make bench: the
+# SSE and WebSocket section only, about 1 minute; bench/run.sh's header
+# lists the parts).
 bench:
 	bash bench/run.sh

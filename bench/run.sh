@@ -2,13 +2,29 @@
 # Runs every chatbench scenario against real Caddy nodes and one redis-server
 # on loopback, and writes bench/results.md. Sized for a 2-core machine.
 #
-#   bash bench/run.sh            # the full run (about 7.5 minutes on 2 cores)
+#   bash bench/run.sh            # the full run (about 15 minutes on 2 cores)
 #   QUICK=1 bash bench/run.sh    # smaller sizes, for a smoke test
-#   ONLY="fanout rooms" bash bench/run.sh   # some parts only: idle idle3 fanout history hook rooms abuse sse compression capacity
+#   ONLY="fanout rooms" bash bench/run.sh   # some parts only, in this order:
+#       idle         18,000 idle connections on one node, and on the bare
+#                    server (baseline-idle) for the ratio (~1 min)
+#       idle3        3 nodes × 16,600 idle connections (~0.7 min)
+#       fanout       two nodes through Redis, 2,000 and 10,000 subscribers,
+#                    stepping the rate, against the baseline (~2 min)
+#       history hook rooms   (on the fanout part's two nodes)
+#       broker       one node, the memory broker (/wsm) against Redis (/ws)
+#                    and the baseline, 2,000 and 10,000 subscribers, below
+#                    saturation and unpaced (~2 min)
+#       overload     one node, 10,000 subscribers at 50 and 200 msgs/s
+#                    offered, each phase bounded (-publish-for, -drain-max):
+#                    delivered, reported (gap frames), lost, refused
+#                    (~1.5 min; ~2.5 on a build without max_lag)
+#       abuse (~0.5 min) sse (~1 min) compression (~0.5 min)
+#       capacity     bench/capacity.sh: 3 nodes on Redis and on a 3-shard
+#                    Redis Cluster, the README's capacity model (~3 min)
 #   ONLY=sse bash bench/run.sh   # SSE against WebSocket: the same fan-out over
 #                                # both, idle memory per connection over both;
 #                                # replaces only the "SSE and WebSocket" section
-#                                # of bench/results.md (about 2.5 minutes)
+#                                # of bench/results.md (about 1 minute)
 #   ONLY=compression bash bench/run.sh   # permessage-deflate off, on and
 #                                # context_takeover on one fan-out; replaces
 #                                # only the "Compression" section (about 1 minute)
@@ -109,6 +125,12 @@ bench_routes() {
 		redis redis://127.0.0.1:$redis_port/0
 		rate_limit off
 	}
+	# The same with the in-process broker (no redis option): it serves this
+	# node only, so the broker and overload parts compare it with /ws on one
+	# node. max_lag stays at its default on both.
+	chat /wsm {
+		rate_limit off
+	}
 	# The same, keeping history: the cost of history on publishing.
 	chat /wsh {
 		redis redis://127.0.0.1:$redis_port/0
@@ -191,9 +213,11 @@ start() { start_node "$@"; node_pids+=("$node_pid"); }
 if [ -n "${QUICK:-}" ]; then
 	fan_small=500 fan_large=2000 rooms=2000 idle_one=3000 idle_each=2000 hold=5s history_msgs=2000
 	sse_subs=500 sse_idle=2000 sse_hold=5s sse_msgs=100
+	over_for=2s over_drain=5s sat_msgs=500
 else
-	fan_small=2000 fan_large=10000 rooms=10000 idle_one=18000 idle_each=16600 hold=30s history_msgs=100000
-	sse_subs=2000 sse_idle=10000 sse_hold=20s sse_msgs=300
+	fan_small=2000 fan_large=10000 rooms=10000 idle_one=18000 idle_each=16600 hold=20s history_msgs=100000
+	sse_subs=2000 sse_idle=10000 sse_hold=10s sse_msgs=300
+	over_for=5s over_drain=10s sat_msgs=2000
 fi
 
 bench() { # name, then chatbench flags
@@ -213,11 +237,31 @@ bench() { # name, then chatbench flags
 	} >>"${tables:-$out/tables.md}"
 }
 
+# splice_section TITLE FILE: a partial run of a part with its own section
+# ("## TITLE"), on this tree's build, replaces that section of the committed
+# results (appends it when missing) and leaves the others as they are.
+splice_section() {
+	awk -v title="## $1" -v section="$2" '
+		$0 == title { skip = 1; done = 1; while ((getline l < section) > 0) if (started || l != "") { print l; started = 1 }; print ""; next }
+		skip && /^## / { skip = 0 }
+		!skip { print }
+		END { if (!done) { while ((getline l < section) > 0) print l } }
+	' bench/results.md >"$out/results.spliced" && mv "$out/results.spliced" bench/results.md
+	echo "replaced the $1 section of bench/results.md" >&2
+}
+
+# built: where the nodes under test come from, for a section's first line.
+built() {
+	echo "nodes built from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/results.md' || echo '+changes')"
+}
+
 # Memory is measured on fresh nodes: Go keeps freed memory for a while, so
 # a node that has served a load test shows too little growth.
 if want idle; then
 start A; url_a=$node_url pid_a=$node_pid
-bench idle-$idle_one -url "$url_a" -scenario idle -clients "$idle_one" -hold "$hold" -pids "$pid_a"
+# baseline-idle: the same connections to the bare coder/websocket server in
+# a child process, whose VmRSS is its own: the node's cost as a ratio.
+bench idle-$idle_one -url "$url_a" -scenario idle,baseline-idle -clients "$idle_one" -hold "$hold" -pids "$pid_a"
 stop_nodes
 fi
 
@@ -248,30 +292,107 @@ fi
 
 if want fanout || want history || want hook || want rooms; then
 if want hook; then start_node hook hook_routes; hook_port=$node_port; fi
-start A; url_a=$node_url pid_a=$node_pid
-start B; url_b=$node_url pid_b=$node_pid
+start A; url_a=$node_url pid_a=$node_pid admin_a=$node_admin
+start B; url_b=$node_url pid_b=$node_pid admin_b=$node_admin
+metrics_ab="http://127.0.0.1:$admin_a/metrics,http://127.0.0.1:$admin_b/metrics"
 if want fanout; then
-bench fanout-$fan_small -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline,fanout -subs "$fan_small" \
-	-step-rates 25,50,65,70,80,100 -max-p99 150ms -messages 300 -inflight 32
-bench fanout-$fan_large -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline,fanout -subs "$fan_large" \
-	-step-rates 4,7,8,10,13 -max-p99 500ms -messages 60 -inflight 32
+bench fanout-$fan_small -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -metrics-url "$metrics_ab" -scenario baseline,fanout -subs "$fan_small" \
+	-step-rates 25,50,100 -max-p99 150ms -messages 300 -inflight 32
+bench fanout-$fan_large -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -metrics-url "$metrics_ab" -scenario baseline,fanout -subs "$fan_large" \
+	-step-rates 4,8,13 -max-p99 500ms -messages 60 -inflight 32
 fi
 # Publish throughput with and without history: one publisher as fast as 64
 # unanswered publishes allow, one subscriber per node, so that publishing,
-# not fan-out, is what limits the rate.
+# not fan-out, is what limits the rate; the bare baseline first, for fanout's
+# ratio to it (fanout-history's and fanout-hook's are to fanout).
 want history && bench history-cost -url "$url_a,$url_b" -history-url "${url_a}h,${url_b}h" -pids "$pid_a,$pid_b" \
-	-scenario fanout,fanout-history -subs 2 -rate 0 -messages "$history_msgs" -inflight 64
+	-scenario baseline,fanout,fanout-history -subs 2 -rate 0 -messages "$history_msgs" -inflight 64
 # The same with a publish hook on every message: a keep-alive HTTP call to
 # a backend per publish, before the message reaches Redis.
 want hook && bench hook-cost -url "$url_a,$url_b" -hook-url "${url_a}k,${url_b}k" -pids "$pid_a,$pid_b" \
-	-scenario fanout,fanout-hook -subs 2 -rate 0 -messages "$history_msgs" -inflight 64
+	-scenario baseline,fanout,fanout-hook -subs 2 -rate 0 -messages "$history_msgs" -inflight 64
 if want rooms; then
-bench rooms-$((rooms / 2)) -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline-rooms,rooms -clients "$((rooms / 2))" -room-size 10 \
-	-client-rate 1 -duration 20s
-bench rooms-$rooms -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -scenario baseline-rooms,rooms -clients "$rooms" -room-size 10 \
-	-client-rate 1 -duration 20s
+bench rooms-$((rooms / 2)) -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -metrics-url "$metrics_ab" -scenario baseline-rooms,rooms -clients "$((rooms / 2))" -room-size 10 \
+	-client-rate 1 -duration 15s
+bench rooms-$rooms -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -metrics-url "$metrics_ab" -scenario baseline-rooms,rooms -clients "$rooms" -room-size 10 \
+	-client-rate 1 -duration 15s
 fi
 stop_nodes
+fi
+
+# The memory broker against Redis on ONE node (the memory broker serves one
+# node only): the same subscribers and rates on /wsm (in-process broker) and
+# /ws (Redis), each scenario on fresh connections, with the bare baseline
+# first; the node's broker lag from its admin /metrics.
+if want broker || want overload; then
+b_load0=$(cut -d' ' -f1-3 /proc/loadavg)
+tables=$out/broker-runs.md
+: >"$tables"
+start A; url_a=$node_url pid_a=$node_pid admin_a=$node_admin
+one=(-url "$url_a" -memory-url "${url_a}m" -pids "$pid_a" -metrics-url "http://127.0.0.1:$admin_a/metrics" -scenario baseline,fanout-memory,fanout -inflight 32)
+broker_runs=()
+if want broker; then
+# Below saturation and above it, then unpaced on its own (the ratio of the
+# Redis path to the memory path is issue 21's "≥ 0.85" at 2,000
+# subscribers): with enough messages that the phase lasts seconds, not one.
+bench broker-$fan_small "${one[@]}" -subs "$fan_small" -step-rates 50,200 -max-p99 1h -messages 400 -drain-max 20s
+bench broker-$fan_small-max "${one[@]}" -subs "$fan_small" -rate 0 -messages "$sat_msgs" -drain-max 30s
+bench broker-$fan_large "${one[@]}" -subs "$fan_large" -step-rates 5,max -max-p99 1h -messages 40 -drain-max 20s
+broker_runs+=(broker-$fan_small broker-$fan_small-max broker-$fan_large)
+fi
+if want overload; then
+# Offered far above what the node delivers, for a bounded time: publishing
+# stops after $over_for, waiting for deliveries $over_drain after the last
+# publish; one run per rate, so that a rate's backlog does not reach the next.
+for r in 50 200; do
+	bench overload-$fan_large-$r "${one[@]}" -subs "$fan_large" -rate $r -messages $((r * 60)) -publish-for $over_for -drain-max $over_drain
+	broker_runs+=(overload-$fan_large-$r)
+done
+fi
+stop_nodes
+unset tables
+b_load1=$(cut -d' ' -f1-3 /proc/loadavg)
+# One row per phase and path, from the JSON results; phases of a run side
+# by side (baseline, memory, Redis).
+broker_rows() {
+	jq -r '
+		def r2: if . == null then "-" else (. * 100 | round) as $c | "\($c / 100 | floor).\($c % 100 | tostring | if length < 2 then "0" + . else . end)" end;
+		[.scenarios[] | . as $s | .phases[]? | {s: $s.scenario, p: .}] | group_by(.p.phase)[] | .[] | .s as $s | .p |
+		"| \(.subscribers) | \(if .rate == 0 then "max" else .rate end) | \({"baseline": "bare baseline", "fanout-memory": "memory", "fanout": "Redis"}[$s] // $s)" +
+		" | \(.publish_rate | floor) | \(.publish_ok) | \(.refused) | \(.received) | \(.reported) | \(.lost)\(if .drain_capped then " (capped)" else "" end) | \(.subscribers_disconnected)" +
+		" | \(.deliveries_per_sec | floor) | \(.latency.p50_ms | r2) / \(.latency.p99_ms | r2) | \(.latency.max_ms | r2) | \(.node_lag.lag_max_seconds | r2) / \(.node_lag.lag_bucket_le_seconds | if . == null then "-" elif . < 0 then "+Inf" else "≤ \(.)" end)" +
+		" | \(.baseline_ratio | r2) / \(.p99_baseline_ratio | r2) | \(.memory_ratio | r2) |"' "$out/$1.json" 2>/dev/null || echo "| $1: no result |"
+}
+mem_ratio() { # run, rate (0: unpaced)
+	jq -r --argjson r "$2" 'first(.scenarios[] | select(.scenario == "fanout") | .phases[] | select(.rate == $r) | .memory_ratio // empty) | (. * 100 | round) as $c | "\($c / 100 | floor).\($c % 100 | tostring | if length < 2 then "0" + . else . end)"' \
+		"$out/$1.json" 2>/dev/null || true
+}
+{
+	echo
+	echo "## Fan-out on one node: memory broker and Redis"
+	echo
+	echo "Run by \`${ONLY:+ONLY=\"$ONLY\" }${QUICK:+QUICK=1 }bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'), $(built): $(nproc) cores shared by the node, redis-server and chatbench (load average $b_load0 when the part started, $b_load1 when it ended)."
+	echo "One node with two routes: \`/wsm\` without a redis option (the in-process broker, which back-pressures the publisher) and \`/ws\` through Redis, \`max_lag\` at its default on both; for each size, the bare coder/websocket baseline, then the memory route, then the Redis route, each on fresh connections; one publisher with 32 unanswered publishes at most, on the same node."
+	if want broker; then
+		r_small=$(mem_ratio broker-$fan_small-max 0)
+		echo "**Redis path / memory path at $fan_small subscribers, unpaced ($sat_msgs messages): ${r_small:-n/a}** (issue 21's target: ≥ 0.85 at 2,000 subscribers); at 200 msgs/s offered: $(mem_ratio broker-$fan_small 200); at $fan_large subscribers unpaced (40 messages): $(mem_ratio broker-$fan_large 0)."
+	fi
+	if want overload; then
+		echo "Overload ($fan_large subscribers at 50 and 200 msgs/s offered): publishing stops after $over_for (\`-publish-for\`), deliveries are waited for $over_drain after the last publish (\`-drain-max\`); what neither arrived by then nor was reported in a gap frame counts as lost, marked (capped)."
+	fi
+	echo "acked: publishes answered ok; refused: answered \`unavailable\` (nothing published); delivered: distinct messages received over all subscribers; reported: messages the node said it did not send (gap frames' \`missed\`); lost = expected − delivered − reported; node lag: the highest \`caddy_chat_broker_lag_max_seconds\` during the phase (its 10–20 s window may carry the previous run's) / the bucket bound of \`caddy_chat_broker_lag_seconds\` that holds every lag observed during the phase; vs baseline: deliveries/s and p99 relative to the bare server's at the same rate; Redis / memory: deliveries/s relative to the memory route's."
+	echo
+	echo "| subs | rate msgs/s | path | pub/s | acked | refused | delivered | reported | lost | disc | deliveries/s | p50 / p99 ms | max ms | node lag max s (gauge / histogram) | vs baseline (throughput / p99) | Redis / memory |"
+	echo "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+	for run in "${broker_runs[@]}"; do broker_rows "$run"; done
+	echo
+	echo "The runs:"
+	sed 's/^### /#### /' "$out/broker-runs.md"
+} >"$out/broker.md"
+cat "$out/broker.md" >>"$out/tables.md"
+if [ -n "${ONLY:-}" ] && [ -z "${CADDY_BIN:-}${QUICK:-}" ]; then
+	splice_section "Fan-out on one node: memory broker and Redis" "$out/broker.md"
+fi
 fi
 
 # One hostile connection per attack for 20 s against two fresh nodes with
@@ -304,7 +425,7 @@ fi
 # the same two nodes over each transport (publisher on WebSocket both
 # times), then idle memory per connection over each, each on a fresh node.
 if want sse; then
-sse_rates=25,50,100
+sse_rates=50,100
 sse_load0=$(cut -d' ' -f1-3 /proc/loadavg)
 tables=$out/sse-runs.md
 : >"$tables"
@@ -338,7 +459,7 @@ idle_row() { # transport
 	echo
 	echo "## SSE and WebSocket"
 	echo
-	echo "Run by \`${ONLY:+ONLY=\"$ONLY\" }${QUICK:+QUICK=1 }bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'), nodes built from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/results.md' || echo '+changes'): $(nproc) cores, the nodes, redis-server and chatbench sharing them (load average $sse_load0 when the part started, $sse_load1 when it ended: other work on the machine makes the figures noisy)."
+	echo "Run by \`${ONLY:+ONLY=\"$ONLY\" }${QUICK:+QUICK=1 }bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'), $(built): $(nproc) cores, the nodes, redis-server and chatbench sharing them (load average $sse_load0 when the part started, $sse_load1 when it ended: other work on the machine makes the figures noisy)."
 	echo "Fan-out: one channel, $sse_subs subscribers spread over two nodes, one publisher (WebSocket both times) sending $sse_msgs messages per rate, $sse_rates msgs/s on the same"
 	echo "two nodes, first with WebSocket subscribers (\`-transport websocket\`), then with one SSE stream each (\`-transport sse\`); latency is publish → receive, from the publisher's send time in the payload."
 	echo "A rate whose pub/s (in the runs below) stays under it saturated the machine: the publisher waited for its window of 32 unanswered publishes."
@@ -366,13 +487,7 @@ cat "$out/sse.md" >>"$out/tables.md"
 # A run of this part on this tree's build replaces its section of the
 # committed results and leaves the others as they are.
 if [ -n "${ONLY:-}" ] && [ -z "${CADDY_BIN:-}${QUICK:-}" ]; then
-	awk -v section="$out/sse.md" '
-		/^## SSE and WebSocket$/ { skip = 1; done = 1; while ((getline l < section) > 0) if (started || l != "") { print l; started = 1 }; print ""; next }
-		skip && /^## / { skip = 0 }
-		!skip { print }
-		END { if (!done) { while ((getline l < section) > 0) print l } }
-	' bench/results.md >"$out/results.spliced" && mv "$out/results.spliced" bench/results.md
-	echo "replaced the SSE and WebSocket section of bench/results.md" >&2
+	splice_section "SSE and WebSocket" "$out/sse.md"
 fi
 fi
 
@@ -403,7 +518,7 @@ z_row() {
 	echo
 	echo "## Compression"
 	echo
-	echo "Run by \`${ONLY:+ONLY=\"$ONLY\" }${QUICK:+QUICK=1 }bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'), nodes built from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/results.md' || echo '+changes'): **$(nproc) cores shared** by the two nodes, redis-server, chatbench and other work on the machine (load average $z_load0 when the part started, $z_load1 when it ended), so CPU figures are noisy; compare the rows with one another."
+	echo "Run by \`${ONLY:+ONLY=\"$ONLY\" }${QUICK:+QUICK=1 }bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'), $(built): **$(nproc) cores shared** by the two nodes, redis-server, chatbench and other work on the machine (load average $z_load0 when the part started, $z_load1 when it ended), so CPU figures are noisy; compare the rows with one another."
 	echo "One channel, $z_subs subscribers over two nodes, one publisher sending $z_msgs messages at $z_rate msgs/s, each a JSON object whose text is ~200 bytes of chat prose (\`-payload 250\`: a delivery frame of ~320 bytes)."
 	echo "Each row is a route with \`compression\` set to the mode and subscribers offering it (\`chatbench -compression\`). Wire bytes: what chatbench's connections read during the phase (frames, the publisher's replies too) per delivery; node CPU: both nodes' CPU time per delivery (\`-pids\`). Every message carries the same text, so context takeover's figure is its best case: a chat whose messages differ compresses less against its window."
 	echo
@@ -416,13 +531,7 @@ z_row() {
 } >"$out/compression.md"
 cat "$out/compression.md" >>"$out/tables.md"
 if [ -n "${ONLY:-}" ] && [ -z "${CADDY_BIN:-}${QUICK:-}" ]; then
-	awk -v section="$out/compression.md" '
-		/^## Compression$/ { skip = 1; done = 1; while ((getline l < section) > 0) if (started || l != "") { print l; started = 1 }; print ""; next }
-		skip && /^## / { skip = 0 }
-		!skip { print }
-		END { if (!done) { while ((getline l < section) > 0) print l } }
-	' bench/results.md >"$out/results.spliced" && mv "$out/results.spliced" bench/results.md
-	echo "replaced the Compression section of bench/results.md" >&2
+	splice_section "Compression" "$out/compression.md"
 fi
 fi
 

@@ -87,7 +87,6 @@ func addAbuseFlags(fs *flag.FlagSet, cfg *config) (check func() error) {
 	fs.StringVar(&cfg.rawChannel, "raw-channel", cfg.rawChannel, "abuse: the channel the -raw-url route bridges, shared by honest JSON clients")
 	rawURLs := fs.String("raw-url", "", "abuse: WebSocket URLs of a raw-protocol route bridging -raw-channel, comma separated (needed by forge and impersonate)")
 	fs.StringVar(&cfg.createPrefix, "create-prefix", cfg.createPrefix, "abuse: prefix of the fresh channels of create and opflood (under a history pattern)")
-	metricsURLs := fs.String("metrics-url", "", "abuse: the nodes' Caddy admin /metrics URLs, one per -url in the same order")
 	attacks := fs.String("attacks", "all", "abuse: comma list of attacks by name or letter; all: every one whose flags are given (forge, impersonate need -raw-url; http needs -publish-url)")
 	fs.StringVar(&cfg.publishURL, "publish-url", "", "abuse: the HTTP publish endpoint, for the http attack")
 	fs.StringVar(&cfg.token, "token", "", "abuse: a JWT for the http attack (`caddy chat token` mints one)")
@@ -102,7 +101,7 @@ func addAbuseFlags(fs *flag.FlagSet, cfg *config) (check func() error) {
 	fs.DurationVar(&cfg.after, "after", cfg.after, "abuse: wait after the attacks before the last RSS and metrics readings")
 	fs.DurationVar(&cfg.attackerDrain, "attacker-drain", cfg.attackerDrain, "abuse: how long to read what each attacker was sent")
 	return func() error {
-		cfg.rawURLs, cfg.metricsURLs = splitList(*rawURLs), splitList(*metricsURLs)
+		cfg.rawURLs = splitList(*rawURLs)
 		var err error
 		if cfg.maxRSS, err = parseSize(*maxRSS); err != nil {
 			return fmt.Errorf("-max-rss: %v", err)
@@ -115,9 +114,6 @@ func addAbuseFlags(fs *flag.FlagSet, cfg *config) (check func() error) {
 func checkAbuseFlags(cfg *config, attacks []string) error {
 	if len(cfg.urls) < 2 {
 		return fmt.Errorf("-scenario abuse needs at least two -url nodes (honest clients on every node), got %d", len(cfg.urls))
-	}
-	if len(cfg.metricsURLs) > 0 && len(cfg.metricsURLs) != len(cfg.urls) {
-		return fmt.Errorf("-metrics-url: %d URLs for %d nodes; give one per node, in -url order", len(cfg.metricsURLs), len(cfg.urls))
 	}
 	for _, ch := range []string{cfg.abuseChannel, cfg.rawChannel} {
 		if ch == "" {

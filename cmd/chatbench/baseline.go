@@ -29,7 +29,7 @@ import (
 func runBaseline(ctx context.Context, cfg *config, name string, conns int, measure func(ctx context.Context, cfg *config, name string, urls []string, pids []int) (*scenarioResult, error)) (*scenarioResult, error) {
 	need := uint64(2*conns + 64)
 	if cur, _, err := raiseNoFile(); err == nil && need > cur {
-		url, pid, stop, err := startBaselineChild()
+		url, pid, stop, err := startBaselineChild(baselineQueue)
 		if err != nil {
 			return &scenarioResult{Scenario: name}, fmt.Errorf("%d connections need about %d file descriptors for both ends in one process (RLIMIT_NOFILE %d), and the baseline server could not run as a child process: %v", conns, need, cur, err)
 		}
@@ -50,17 +50,46 @@ func runBaseline(ctx context.Context, cfg *config, name string, conns int, measu
 	return res, err
 }
 
+// runBaselineIdle runs the idle measurement against the bare server, always
+// in a child process: its VmRSS is then the server's alone, as a node's is.
+func runBaselineIdle(ctx context.Context, cfg *config, name string) (*scenarioResult, error) {
+	url, pid, stop, err := startBaselineChild(baselineIdleQueue)
+	if err != nil {
+		return &scenarioResult{Scenario: name}, fmt.Errorf("the baseline server could not run as a child process: %v", err)
+	}
+	defer stop()
+	logf(cfg, "[%s] server in child process %d on %s", name, pid, url)
+	res, err := runIdle(ctx, cfg, name, []string{url}, []int{pid})
+	res.Server = fmt.Sprintf("child process %d", pid)
+	return res, err
+}
+
 // baselineQueue is the frames that may wait for one subscriber, like the
 // send_queue a node under test should be given.
 const baselineQueue = 1024
 
+// baselineIdleQueue is the bare server's send channel in baseline-idle: a
+// channel of baselineQueue slots is 24 KiB per connection by itself, which
+// no server built for many idle connections would allocate up front.
+const baselineIdleQueue = 16
+
 // serveBaselineFlag makes the binary the baseline server: it prints the URL
-// on stdout and serves until stdin is closed (its parent ended).
+// on stdout and serves until stdin is closed (its parent ended). An
+// argument after it is the send channel's size.
 const serveBaselineFlag = "-serve-baseline"
 
-func serveBaselineChild() int {
+func serveBaselineChild(args []string) int {
 	raiseNoFile()
-	srv, err := startBaselineServer(baselineQueue)
+	queue := baselineQueue
+	if len(args) > 0 {
+		n, err := strconv.Atoi(args[0])
+		if err != nil || n < 1 {
+			fmt.Fprintln(os.Stderr, "chatbench baseline server: bad queue size", args[0])
+			return 2
+		}
+		queue = n
+	}
+	srv, err := startBaselineServer(queue)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "chatbench baseline server:", err)
 		return 1
@@ -73,12 +102,12 @@ func serveBaselineChild() int {
 
 // startBaselineChild starts this binary as the baseline server and returns
 // its URL and pid, and a function that ends it.
-func startBaselineChild() (url string, pid int, stop func(), err error) {
+func startBaselineChild(queue int) (url string, pid int, stop func(), err error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return "", 0, nil, err
 	}
-	cmd := exec.Command(exe, serveBaselineFlag)
+	cmd := exec.Command(exe, serveBaselineFlag, strconv.Itoa(queue))
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {

@@ -21,8 +21,8 @@ import (
 
 // TestMain lets the test binary act as the baseline child process.
 func TestMain(m *testing.M) {
-	if len(os.Args) == 2 && os.Args[1] == serveBaselineFlag {
-		os.Exit(serveBaselineChild())
+	if len(os.Args) >= 2 && os.Args[1] == serveBaselineFlag {
+		os.Exit(serveBaselineChild(os.Args[2:]))
 	}
 	os.Exit(m.Run())
 }
@@ -39,6 +39,19 @@ type fakeServer struct {
 	// maxFrames > 0: a connection that sends more is closed with 4003.
 	strict    bool
 	maxFrames int
+	// Bounded latency (overload_test.go): every refuseEvery-th publish is
+	// answered unavailable and not published; skip(n, i) says publish n is
+	// not sent to the channel's i-th subscriber but owed to it in a gap
+	// frame, sent before its next message or, when gapNow(i), at once;
+	// delay > 0 sends publish n's deliveries n×delay after it arrives.
+	refuseEvery int
+	skip        func(n, i int) bool
+	gapNow      func(i int) bool
+	delay       time.Duration
+	owed        map[*fakeConn]int64
+	// What the faults did: publishes refused, messages reported in gap
+	// frames and the frames.
+	refused, reported, gapFrames int64
 
 	mu        sync.Mutex
 	channels  map[string][]*fakeConn
@@ -133,12 +146,30 @@ func (s *fakeServer) serve(w http.ResponseWriter, r *http.Request) {
 			s.mu.Lock()
 			s.published++
 			n := s.published
+			if s.refuseEvery > 0 && n%s.refuseEvery == 0 {
+				s.refused++
+				s.mu.Unlock()
+				c.send([]byte(`{"type":"error","id":` + string(f.ID) + `,"code":"unavailable","message":"deliveries are running late on this node; retry later"}`))
+				continue
+			}
 			subs := append([]*fakeConn(nil), s.channels[f.Channel]...)
 			msg := []byte(`{"type":"message","channel":"` + f.Channel + `","id":"m` + string(f.ID) + `","from":"","ts":1,"data":` + string(f.Data) + `}`)
 			// Deliver before answering, under the lock, so that every
 			// subscriber sees the publishes in one order.
 			for i, sub := range subs {
 				if n == s.dropAt && i == 1 {
+					continue
+				}
+				if s.skip != nil && s.skip(n, i) {
+					s.owe(sub, f.Channel, i)
+					continue
+				}
+				s.payGap(sub, f.Channel)
+				if s.delay > 0 {
+					go func() {
+						time.Sleep(time.Duration(n) * s.delay)
+						sub.send(msg)
+					}()
 					continue
 				}
 				sub.send(msg)
@@ -371,7 +402,7 @@ func TestReportFields(t *testing.T) {
 // chatbench does when the connections do not fit in one process.
 func TestBaselineChild(t *testing.T) {
 	t.Parallel()
-	url, pid, stop, err := startBaselineChild()
+	url, pid, stop, err := startBaselineChild(baselineQueue)
 	if err != nil {
 		t.Fatal(err)
 	}

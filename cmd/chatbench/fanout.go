@@ -66,8 +66,11 @@ func runFanout(ctx context.Context, cfg *config, name string, urls []string, pid
 			return res, err
 		}
 		base += int64(cfg.messages)
-		if stepping && ph.Latency.P99MS > float64(cfg.maxP99)/float64(time.Millisecond) {
+		if stepping && ph.Latency.P99MS > float64(cfg.maxP99)/float64(time.Millisecond) && !cfg.comparedWith(name) {
 			ph.OverMaxP99 = true
+			break
+		}
+		if ph.DrainCapped {
 			break
 		}
 		if alive(subs) == 0 {
@@ -102,7 +105,7 @@ func connectPool(ctx context.Context, cfg *config, name string, res *scenarioRes
 // measures their delivery.
 func fanoutPhase(ctx context.Context, cfg *config, name string, phase int, rate float64, base int64, pub *publisher, subs *pool, states []*subState, pids []int) (*deliveryPhase, error) {
 	ph := &deliveryPhase{Phase: phase, Rate: rate, Publishers: 1}
-	m := startMeasure(subs, states, base, int64(cfg.messages), pids)
+	m := startMeasure(subs, states, base, int64(cfg.messages), pids, cfg.metricsFor(name))
 	ph.Subscribers = m.alive
 	weights := []int64{int64(m.alive)}
 	pubs := []*publisher{pub}
@@ -117,17 +120,28 @@ func fanoutPhase(ctx context.Context, cfg *config, name string, phase int, rate 
 	if rate > 0 {
 		interval = time.Duration(float64(time.Second) / rate)
 	}
+	// Above saturation the node may answer publishes slower than -rate:
+	// -publish-for bounds the phase's time instead of -messages alone.
+	pctx := ctx
+	if cfg.publishFor > 0 {
+		var cancel context.CancelFunc
+		pctx, cancel = context.WithTimeout(ctx, cfg.publishFor)
+		defer cancel()
+	}
 	var pubErr error
 	start := time.Now()
 	for k := 0; k < cfg.messages; k++ {
 		if interval > 0 {
-			if pubErr = sleepUntil(ctx, start.Add(time.Duration(k)*interval)); pubErr != nil {
+			if pubErr = sleepUntil(pctx, start.Add(time.Duration(k)*interval)); pubErr != nil {
 				break
 			}
 		}
-		if pubErr = pub.publish(ctx, base+int64(k), -1); pubErr != nil {
+		if pubErr = pub.publish(pctx, base+int64(k), -1); pubErr != nil {
 			break
 		}
+	}
+	if pubErr != nil && ctx.Err() == nil && pctx.Err() != nil {
+		pubErr, ph.PublishStopped = nil, true
 	}
 	if elapsed := time.Since(start).Seconds(); elapsed > 0 {
 		sent, _, _ := pub.counts()
@@ -138,6 +152,21 @@ func fanoutPhase(ctx context.Context, cfg *config, name string, phase int, rate 
 		return ph, fmt.Errorf("publishing: %w", pubErr)
 	}
 	return ph, ctx.Err()
+}
+
+// comparedWith says whether scenario is the baseline of another fanout
+// scenario of the run: it then steps through every rate, so that each of
+// the other's phases has one to be compared with.
+func (cfg *config) comparedWith(scenario string) bool {
+	if scenario != "baseline" {
+		return false
+	}
+	for _, s := range cfg.scenarios {
+		if s == "fanout" || s == "fanout-memory" {
+			return true
+		}
+	}
+	return false
 }
 
 func rateText(r float64) string {
@@ -159,13 +188,15 @@ type measure struct {
 	start  time.Time
 	cpu    *cpuMeter
 	wire0  int64 // wireRead at the start
+	lag    *lagSampler
 }
 
 // startMeasure resets every subscriber for a phase expecting seqs
 // [base, base+limit) (limit 0: any seq from base).
-// CPU use is measured for this process and the server pids.
-func startMeasure(subs *pool, states []*subState, base, limit int64, pids []int) *measure {
-	m := &measure{subs: subs, states: states, lat: &shardedHist{}, start: time.Now(), cpu: startCPU(pids), wire0: wireRead.Load()}
+// CPU use is measured for this process and the server pids, lag from the
+// nodes' metrics pages.
+func startMeasure(subs *pool, states []*subState, base, limit int64, pids []int, metrics []string) *measure {
+	m := &measure{subs: subs, states: states, lat: &shardedHist{}, start: time.Now(), cpu: startCPU(pids), wire0: wireRead.Load(), lag: startLagSampler(metrics)}
 	for i, s := range states {
 		s.reset(base, limit, m.lat.shard(i))
 	}
@@ -213,10 +244,16 @@ func expected(pubs []*publisher, weights []int64) int64 {
 }
 
 // finish waits until every publish is answered and every expected delivery
-// arrived, or until nothing moved for cfg.drain, then fills ph.
+// arrived or was reported missed, or until nothing moved for cfg.drain, or
+// cfg.drainMax after publishing ended (a node far behind keeps making
+// progress for minutes), then fills ph.
 func (m *measure) finish(ctx context.Context, cfg *config, ph *deliveryPhase, pubs []*publisher, weights []int64) {
 	var lastPending, lastUnique int64 = -1, -1
 	lastMove := time.Now()
+	var capAt time.Time
+	if cfg.drainMax > 0 {
+		capAt = lastMove.Add(cfg.drainMax)
+	}
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -227,7 +264,8 @@ func (m *measure) finish(ctx context.Context, cfg *config, ph *deliveryPhase, pu
 			}
 		}
 		for _, s := range m.states {
-			unique += s.uniqueNow()
+			u, r := s.accountedNow()
+			unique += u + r
 		}
 		want := expected(pubs, weights)
 		if pending == 0 && unique >= want {
@@ -237,6 +275,11 @@ func (m *measure) finish(ctx context.Context, cfg *config, ph *deliveryPhase, pu
 			lastPending, lastUnique, lastMove = pending, unique, time.Now()
 		} else if time.Since(lastMove) > cfg.drain {
 			ph.Incomplete = fmt.Sprintf("stopped waiting after %v without progress: %d deliveries and %d publish replies missing", cfg.drain, max(want-unique, 0), pending)
+			break
+		}
+		if !capAt.IsZero() && time.Now().After(capAt) {
+			ph.Incomplete = fmt.Sprintf("stopped waiting %v after the last publish (-drain-max): %d deliveries and %d publish replies missing", cfg.drainMax, max(want-unique, 0), pending)
+			ph.DrainCapped = unique < want
 			break
 		}
 		if ctx.Err() != nil {
@@ -264,6 +307,7 @@ func (m *measure) finish(ctx context.Context, cfg *config, ph *deliveryPhase, pu
 		}
 	}
 	ph.AckLatency = ack.summary()
+	ph.Refused = ph.PublishErrors["unavailable"]
 
 	t := sumSubs(m.states)
 	ph.Received = t.unique
@@ -271,7 +315,9 @@ func (m *measure) finish(ctx context.Context, cfg *config, ph *deliveryPhase, pu
 	ph.Duplicates = t.dups
 	ph.OutOfOrder = t.outOfOrder
 	ph.Stray = t.stray
-	ph.Lost = max(ph.Expected-t.unique, 0)
+	ph.Reported = t.reported
+	ph.GapFrames = t.gaps
+	ph.Lost = max(ph.Expected-t.unique-t.reported, 0)
 	if !first.IsZero() && t.last.After(first) {
 		ph.Seconds = t.last.Sub(first).Seconds()
 		ph.DeliveriesPerSec = float64(t.deliveries) / ph.Seconds
@@ -279,6 +325,7 @@ func (m *measure) finish(ctx context.Context, cfg *config, ph *deliveryPhase, pu
 	ph.Latency = m.lat.merged().summary()
 
 	ph.CPU = m.cpu.stop()
+	ph.NodeLag = m.lag.finish()
 	ph.WireBytesPerDelivery = perDelivery(float64(wireRead.Load()-m.wire0), ph.Deliveries)
 	var srv float64
 	for _, s := range ph.CPU.ServerSeconds {

@@ -32,7 +32,8 @@ Scenarios (-scenario, a comma list runs several in order):
             one publisher on the first node sending -messages messages at
             -rate msgs/s with at most -inflight unanswered publishes.
             -step-rates 100,200,400 runs one phase per rate on the same
-            connections and stops after the first whose p99 exceeds -max-p99.
+            connections and stops after the first whose p99 exceeds -max-p99
+            (baseline with fanout in the run steps through every rate).
   rooms     -clients clients in rooms of -room-size; each subscribes to its
             room and publishes -client-rate msgs/s (jittered start) for
             -duration. Every message is expected by the room's members,
@@ -59,17 +60,43 @@ Scenarios (-scenario, a comma list runs several in order):
   fanout-hook  the fanout measurement against -hook-url, the same nodes'
             route with a publish_hook; its vs_baseline column is relative
             to fanout in the same run: the cost of asking the backend.
+  fanout-memory  the fanout measurement against -memory-url, a route of
+            the same node with the in-process broker (no redis option; it
+            serves one node only, so give one -url). With fanout in the same
+            run, fanout's vs_memory column is its deliveries/s relative to
+            fanout-memory's: the Redis path against the memory broker.
   baseline-rooms  the rooms measurement against the same bare server; with
             rooms in the same run, the table shows rooms' deliveries/s
             relative to it.
+  baseline-idle  the idle measurement against the bare server, always in a
+            child process (its send channel 16 frames): with idle in the
+            same run, idle's KiB per connection and connects/s relative to
+            it (KiB_vs_base, conns/s_vs_base).
+Each delivery scenario's vs_baseline and p99_vs_base columns are its
+deliveries/s and p99 relative to its baseline's phase of the same index.
 ` + abuseUsage + `
 Figures:
   latency       receive time minus the send time the publisher put in the
                 payload (one machine, one clock); time a publisher waits for
                 room in its -inflight window is not included.
-  lost          expected minus distinct messages received; expected counts
-                every publish not answered with an error (unanswered ones
-                included) once per subscriber (per room member for rooms).
+  acked         publishes answered ok; refused: answered unavailable (the
+                node would not take them; nothing published); pub_err: the
+                other error answers.
+  delivered     distinct messages received, summed over subscribers.
+  reported      messages the server said it did not send: the "missed" of
+                gap frames ({"type":"gap","channel":...,"missed":N}; SSE
+                event: gap), credited to the phase they arrive in.
+  lost          expected minus delivered minus reported: loss nobody was
+                told of. expected counts every publish not answered with an
+                error (unanswered ones included) once per subscriber (per
+                room member for rooms).
+  lag_max_s     with -metrics-url, the highest caddy_chat_broker_lag_max_seconds
+                the nodes showed during the phase (sampled every 500 ms; the
+                gauge spans 10-20 s, so it may carry a previous phase's);
+                a note gives the bound of caddy_chat_broker_lag_seconds that
+                holds every lag observed in the phase, and the mechanism's
+                backlog peak, late-skipped and refused-late counts when the
+                nodes export them. max_ms is the client side's largest.
   deliveries/s  delivery frames received by all subscribers over the time
                 from the first publish to the last delivery.
   tool_cores    CPU used by this process (cores busy on average), srv_cores
@@ -99,8 +126,11 @@ type config struct {
 	out                string
 	compression        websocket.CompressionMode // fanout: what its WebSocket clients offer
 	transport          string                    // subscribers of fanout and its variants, idle clients: websocket or sse
-	quiet              bool
-	cpuProfile         string
+	// memoryURLs: for fanout-memory, a route of the same node with the
+	// in-process broker (no redis option), to compare the Redis path with.
+	memoryURLs []string
+	quiet      bool
+	cpuProfile string
 
 	// fanout and baseline
 	subs      int
@@ -111,6 +141,11 @@ type config struct {
 	stepRates []float64
 	maxP99    time.Duration
 	drain     time.Duration
+	// drainMax bounds the wait for deliveries after the last publish even
+	// while they still arrive; publishFor bounds a fanout phase's
+	// publishing (0: -messages alone).
+	drainMax   time.Duration
+	publishFor time.Duration
 
 	// rooms and idle
 	clients    int
@@ -148,6 +183,7 @@ func defaultConfig() *config {
 		payload:            100,
 		maxP99:             100 * time.Millisecond,
 		drain:              5 * time.Second,
+		drainMax:           time.Minute,
 		clients:            2000,
 		roomSize:           10,
 		clientRate:         1,
@@ -171,6 +207,8 @@ Examples:
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario fanout,baseline -subs 2000 -messages 200 -rate 200
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario fanout,baseline -subs 2000 -step-rates 10,25,50,75,100 -max-p99 100ms
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario fanout -transport sse -subs 2000 -messages 300 -rate 50
+  chatbench -url ws://127.0.0.1:8081/ws -memory-url ws://127.0.0.1:8081/wsm -metrics-url http://127.0.0.1:2019/metrics \
+      -scenario baseline,fanout-memory,fanout -subs 10000 -rate 200 -messages 100000 -publish-for 5s -drain-max 10s
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario rooms -clients 2000 -room-size 10 -client-rate 1 -duration 30s
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario idle -clients 5000 -hold 30s -pids 1234,5678
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario abuse -duration 20s -pids 1234,5678 \
@@ -182,7 +220,9 @@ Examples:
 	urls := fs.String("url", strings.Join(cfg.urls, ","), "node WebSocket URLs, comma separated; clients are spread round-robin over them")
 	historyURLs := fs.String("history-url", "", "for fanout-history: the same nodes' URLs of a route that keeps history, comma separated")
 	hookURLs := fs.String("hook-url", "", "for fanout-hook: the same nodes' URLs of a route with a publish_hook, comma separated")
-	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, baseline-rooms, fanout-history, fanout-hook, abuse, or a comma list of them")
+	memoryURLs := fs.String("memory-url", "", "for fanout-memory: the same node's URL of a route with the in-process broker (no redis option)")
+	metricsURLs := fs.String("metrics-url", "", "the nodes' Caddy admin /metrics URLs, one per -url in the same order: delivery phases report the broker lag they export; abuse reports gauges and closes")
+	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, baseline-rooms, baseline-idle, fanout-history, fanout-hook, fanout-memory, abuse, or a comma list of them")
 	fs.IntVar(&cfg.sources, "sources", cfg.sources, "loopback source addresses 127.0.0.1..127.0.0.N to spread connections over (loopback nodes only)")
 	fs.IntVar(&cfg.connectConcurrency, "connect-concurrency", cfg.connectConcurrency, "WebSocket handshakes in flight at once")
 	fs.DurationVar(&cfg.connectTimeout, "connect-timeout", cfg.connectTimeout, "limit for one connection's handshake, welcome and subscribe")
@@ -198,9 +238,11 @@ Examples:
 	fs.Float64Var(&cfg.rate, "rate", cfg.rate, "fanout/baseline: publishes per second (0: as fast as -inflight allows)")
 	fs.IntVar(&cfg.inflight, "inflight", cfg.inflight, "publishes a publisher may have unanswered")
 	fs.IntVar(&cfg.payload, "payload", cfg.payload, "approximate size of a message's data in bytes")
-	steps := fs.String("step-rates", "", "fanout/baseline: comma list of rates, one phase each, stopping once p99 exceeds -max-p99")
+	steps := fs.String("step-rates", "", "fanout/baseline: comma list of rates (max or 0: unpaced), one phase each, stopping once p99 exceeds -max-p99")
 	fs.DurationVar(&cfg.maxP99, "max-p99", cfg.maxP99, "fanout/baseline stepping: stop after a phase whose p99 latency is above this")
 	fs.DurationVar(&cfg.drain, "drain", cfg.drain, "after publishing, wait this long without progress for missing deliveries and replies")
+	fs.DurationVar(&cfg.drainMax, "drain-max", cfg.drainMax, "after publishing, stop waiting for deliveries after this long even while they arrive, and count the missing (0: no limit); stepping stops after a phase cut short so")
+	fs.DurationVar(&cfg.publishFor, "publish-for", 0, "fanout/baseline: stop publishing a phase after this long even if fewer than -messages were sent (0: no limit)")
 
 	fs.IntVar(&cfg.clients, "clients", cfg.clients, "rooms/idle: connections")
 	fs.IntVar(&cfg.roomSize, "room-size", cfg.roomSize, "rooms: clients per room")
@@ -223,10 +265,15 @@ Examples:
 	cfg.urls = splitList(*urls)
 	cfg.historyURLs = splitList(*historyURLs)
 	cfg.hookURLs = splitList(*hookURLs)
+	cfg.memoryURLs = splitList(*memoryURLs)
+	cfg.metricsURLs = splitList(*metricsURLs)
+	if len(cfg.metricsURLs) > 0 && len(cfg.metricsURLs) != len(cfg.urls) {
+		return nil, fmt.Errorf("-metrics-url: %d URLs for %d nodes; give one per node, in -url order", len(cfg.metricsURLs), len(cfg.urls))
+	}
 	cfg.scenarios = splitList(*scen)
 	for _, s := range cfg.scenarios {
 		switch s {
-		case "fanout", "rooms", "idle", "baseline", "baseline-rooms":
+		case "fanout", "rooms", "idle", "baseline", "baseline-rooms", "baseline-idle":
 		case "abuse":
 			if err := checkAbuse(); err != nil {
 				return nil, err
@@ -239,8 +286,12 @@ Examples:
 			if len(cfg.hookURLs) == 0 {
 				return nil, errors.New("-scenario fanout-hook needs -hook-url")
 			}
+		case "fanout-memory":
+			if len(cfg.memoryURLs) == 0 {
+				return nil, errors.New("-scenario fanout-memory needs -memory-url")
+			}
 		default:
-			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline, baseline-rooms, fanout-history, fanout-hook, abuse)", s)
+			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline, baseline-rooms, baseline-idle, fanout-history, fanout-hook, fanout-memory, abuse)", s)
 		}
 	}
 	if len(cfg.scenarios) == 0 {
@@ -255,17 +306,20 @@ Examples:
 	case "sse":
 		for _, s := range cfg.scenarios {
 			switch s {
-			case "fanout", "fanout-history", "fanout-hook", "idle":
+			case "fanout", "fanout-history", "fanout-hook", "fanout-memory", "idle":
 			default:
-				return nil, fmt.Errorf("-transport sse: scenario %s runs over WebSocket only (sse: fanout, fanout-history, fanout-hook, idle)", s)
+				return nil, fmt.Errorf("-transport sse: scenario %s runs over WebSocket only (sse: fanout, fanout-history, fanout-hook, fanout-memory, idle)", s)
 			}
 		}
 	default:
 		return nil, fmt.Errorf("-transport: %q is neither websocket nor sse", cfg.transport)
 	}
 	for _, s := range splitList(*steps) {
+		if s == "max" {
+			s = "0"
+		}
 		r, err := strconv.ParseFloat(s, 64)
-		if err != nil || r <= 0 {
+		if err != nil || r < 0 {
 			return nil, fmt.Errorf("-step-rates: bad rate %q", s)
 		}
 		cfg.stepRates = append(cfg.stepRates, r)
@@ -287,6 +341,8 @@ Examples:
 		return nil, errors.New("-room-size must be at least 1")
 	case cfg.rate < 0 || cfg.clientRate <= 0:
 		return nil, errors.New("-rate must be >= 0 and -client-rate > 0")
+	case cfg.drainMax < 0 || cfg.publishFor < 0:
+		return nil, errors.New("-drain-max and -publish-for may not be negative")
 	}
 	cfg.settings = map[string]string{}
 	fs.VisitAll(func(f *flag.Flag) { cfg.settings[f.Name] = f.Value.String() })

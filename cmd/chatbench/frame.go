@@ -14,13 +14,16 @@ import (
 // frame holds the fields of a server frame the bench looks at. Byte slices
 // point into the frame's buffer.
 type frame struct {
-	typ   []byte // welcome, ok, error, message
+	typ   []byte // welcome, ok, error, message, gap
 	id    int64  // our correlation id, when it is a number (hasID)
 	hasID bool
 	code  []byte // error code
-	data  []byte // raw JSON of a delivery's data
-	conn  []byte // welcome: connection id
-	node  []byte // welcome: node id
+	// missed: a gap frame's count of the channel's messages the connection
+	// was not sent (issue 21's bounded latency).
+	missed int64
+	data   []byte // raw JSON of a delivery's data
+	conn   []byte // welcome: connection id
+	node   []byte // welcome: node id
 }
 
 // payload is what the bench puts in the data of its publishes.
@@ -45,6 +48,10 @@ func parseFrame(b []byte, f *frame) error {
 			}
 		case "code":
 			f.code = plainString(val)
+		case "missed":
+			if n, err := strconv.ParseInt(string(val), 10, 64); err == nil && n > 0 {
+				f.missed = n
+			}
 		case "data":
 			f.data = val
 		case "conn":

@@ -14,6 +14,10 @@ type idleResult struct {
 	CloseCodes   map[string]int `json:"close_codes,omitempty"`
 	Nodes        []idleNode     `json:"nodes,omitempty"` // with -pids
 	Total        idleNode       `json:"total"`
+	// With baseline-idle in the run: KiB per connection (settled) and
+	// connects/s relative to the bare server's.
+	BaselineKiBRatio      *float64 `json:"baseline_kib_ratio,omitempty"`
+	BaselineConnectsRatio *float64 `json:"baseline_connects_ratio,omitempty"`
 }
 
 // idleNode is the memory of one server process (or, as the total, of all).
@@ -30,18 +34,18 @@ type idleNode struct {
 	KiBPerConnEnd     float64 `json:"kib_per_conn_end"`
 }
 
-// runIdle opens cfg.clients connections, each subscribed to its own channel
-// (or all to -idle-channel), holds them for cfg.hold and reads the servers'
-// VmRSS before, cfg.settle after connecting and at the end of the hold.
-func runIdle(ctx context.Context, cfg *config) (*scenarioResult, error) {
-	const name = "idle"
-	res := &scenarioResult{Scenario: name, Targets: cfg.urls, Transport: cfg.transport}
+// runIdle opens cfg.clients connections to urls, each subscribed to its own
+// channel (or all to -idle-channel), holds them for cfg.hold and reads the
+// VmRSS of pids (one per URL) before, cfg.settle after connecting and at the
+// end of the hold.
+func runIdle(ctx context.Context, cfg *config, name string, urls []string, pids []int) (*scenarioResult, error) {
+	res := &scenarioResult{Scenario: name, Targets: urls, Transport: cfg.transport}
 	id := &idleResult{Channel: "per connection", HoldSeconds: cfg.hold.Seconds()}
 	res.Idle = id
 	if cfg.idleChannel != "" {
 		id.Channel = cfg.idleChannel
 	}
-	d, err := newDialer(cfg.urls, cfg.sources, cfg.connectTimeout)
+	d, err := newDialer(urls, cfg.sources, cfg.connectTimeout)
 	if err != nil {
 		return res, err
 	}
@@ -49,8 +53,8 @@ func runIdle(ctx context.Context, cfg *config) (*scenarioResult, error) {
 
 	// RSS readings, one slice per moment, one value per pid.
 	read := func() ([]int64, error) {
-		out := make([]int64, len(cfg.pids))
-		for i, pid := range cfg.pids {
+		out := make([]int64, len(pids))
+		for i, pid := range pids {
 			kb, err := readRSS(pid)
 			if err != nil {
 				return nil, err
@@ -121,8 +125,8 @@ func runIdle(ctx context.Context, cfg *config) (*scenarioResult, error) {
 		perNode[d.nodeOf(i)]++
 	}
 	id.Total = idleNode{Node: -1, Conns: cfg.clients}
-	for i, pid := range cfg.pids {
-		n := idleNode{Node: i, URL: cfg.urls[i], PID: pid, Conns: perNode[i], RSSBeforeKiB: before[i], RSSSettledKiB: settled[i], RSSEndKiB: end[i]}
+	for i, pid := range pids {
+		n := idleNode{Node: i, URL: urls[i], PID: pid, Conns: perNode[i], RSSBeforeKiB: before[i], RSSSettledKiB: settled[i], RSSEndKiB: end[i]}
 		n.perConn()
 		id.Nodes = append(id.Nodes, n)
 		id.Total.RSSBeforeKiB += n.RSSBeforeKiB

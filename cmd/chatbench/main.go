@@ -22,8 +22,8 @@ import (
 func main() { os.Exit(mainCode()) }
 
 func mainCode() int {
-	if len(os.Args) == 2 && os.Args[1] == serveBaselineFlag {
-		return serveBaselineChild()
+	if len(os.Args) >= 2 && os.Args[1] == serveBaselineFlag {
+		return serveBaselineChild(os.Args[2:])
 	}
 	cfg, err := parseFlags(os.Args[1:], os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
@@ -98,8 +98,12 @@ func run(ctx context.Context, cfg *config, args []string) *report {
 			res, err = runFanout(ctx, cfg, s, cfg.historyURLs, cfg.pids)
 		case "fanout-hook":
 			res, err = runFanout(ctx, cfg, s, cfg.hookURLs, cfg.pids)
+		case "fanout-memory":
+			res, err = runFanout(ctx, cfg, s, cfg.memoryURLs, cfg.pids)
 		case "idle":
-			res, err = runIdle(ctx, cfg)
+			res, err = runIdle(ctx, cfg, s, cfg.urls, cfg.pids)
+		case "baseline-idle":
+			res, err = runBaselineIdle(ctx, cfg, s)
 		case "abuse":
 			res, err = runAbuse(ctx, cfg)
 		}
@@ -122,9 +126,9 @@ func maxConns(cfg *config) int {
 	n := 0
 	for _, s := range cfg.scenarios {
 		switch s {
-		case "fanout", "baseline", "fanout-history", "fanout-hook": // a baseline that does not fit runs its server in a child
+		case "fanout", "baseline", "fanout-history", "fanout-hook", "fanout-memory": // a baseline that does not fit runs its server in a child
 			n = max(n, cfg.subs+1)
-		case "rooms", "baseline-rooms", "idle":
+		case "rooms", "baseline-rooms", "idle", "baseline-idle":
 			n = max(n, cfg.clients)
 		case "abuse":
 			n = max(n, 2*len(cfg.urls)*(cfg.honestSubs+1)+len(abuseAttacks))
@@ -133,28 +137,56 @@ func maxConns(cfg *config) int {
 	return n
 }
 
-// addBaselineRatios sets fanout's deliveries/s relative to baseline's,
-// rooms' relative to baseline-rooms', and fanout-history's and
-// fanout-hook's relative to fanout's (the cost of keeping history, of a
-// publish hook), phase by phase.
+// addBaselineRatios sets, phase by phase, fanout's and fanout-memory's
+// deliveries/s and p99 relative to baseline's, rooms' relative to
+// baseline-rooms', fanout-history's and fanout-hook's relative to fanout's
+// (the cost of keeping history, of a publish hook), and fanout's
+// deliveries/s relative to fanout-memory's (the Redis path against the
+// in-process broker); and idle's memory per connection and connect rate
+// relative to baseline-idle's.
 func addBaselineRatios(rep *report) {
-	baseOf := map[string]string{"fanout": "baseline", "rooms": "baseline-rooms", "fanout-history": "fanout", "fanout-hook": "fanout"}
+	baseOf := map[string]string{"fanout": "baseline", "fanout-memory": "baseline", "rooms": "baseline-rooms", "fanout-history": "fanout", "fanout-hook": "fanout"}
 	bases := map[string]*scenarioResult{}
 	for _, s := range rep.Scenarios {
 		bases[s.Scenario] = s
 	}
-	for _, s := range rep.Scenarios {
-		base := bases[baseOf[s.Scenario]]
-		if base == nil {
-			continue
+	ratio := func(a, b float64) *float64 {
+		if b <= 0 {
+			return nil
 		}
-		for i, p := range s.Phases {
-			if i < len(base.Phases) && base.Phases[i].DeliveriesPerSec > 0 {
-				r := p.DeliveriesPerSec / base.Phases[i].DeliveriesPerSec
-				p.BaselineRatio = &r
+		r := a / b
+		return &r
+	}
+	for _, s := range rep.Scenarios {
+		if base := bases[baseOf[s.Scenario]]; base != nil {
+			for i, p := range s.Phases {
+				if i < len(base.Phases) {
+					p.BaselineRatio = ratio(p.DeliveriesPerSec, base.Phases[i].DeliveriesPerSec)
+					p.P99Ratio = ratio(p.Latency.P99MS, base.Phases[i].Latency.P99MS)
+				}
 			}
 		}
+		if mem := bases["fanout-memory"]; mem != nil && s.Scenario == "fanout" {
+			for i, p := range s.Phases {
+				if i < len(mem.Phases) {
+					p.MemoryRatio = ratio(p.DeliveriesPerSec, mem.Phases[i].DeliveriesPerSec)
+				}
+			}
+		}
+		if base := bases["baseline-idle"]; base != nil && base.Idle != nil && s.Scenario == "idle" && s.Idle != nil {
+			s.Idle.BaselineKiBRatio = ratio(s.Idle.Total.KiBPerConnSettled, base.Idle.Total.KiBPerConnSettled)
+			s.Idle.BaselineConnectsRatio = ratio(s.ConnectsPerSec, base.ConnectsPerSec)
+		}
 	}
+}
+
+// metricsFor is the -metrics-url pages of the nodes scenario runs against:
+// none for the bare server.
+func (cfg *config) metricsFor(scenario string) []string {
+	if strings.HasPrefix(scenario, "baseline") {
+		return nil
+	}
+	return cfg.metricsURLs
 }
 
 var logMu sync.Mutex

@@ -57,19 +57,34 @@ type deliveryPhase struct {
 	Unanswered    int64            `json:"publish_unanswered"`
 	PublishRate   float64          `json:"publish_rate"` // achieved, all publishers
 
+	// Refused: publishes answered unavailable (the node would not take
+	// them, e.g. deliveries running later than its max_lag); also counted
+	// in PublishErrors.
+	Refused int64 `json:"refused"`
+
 	Expected   int64 `json:"expected"`
 	Received   int64 `json:"received"`   // distinct messages, summed over subscribers
 	Deliveries int64 `json:"deliveries"` // delivery frames, duplicates included
+	// Reported: messages the server said it did not send (the missed
+	// counts of gap frames, GapFrames of them); not lost.
+	Reported  int64 `json:"reported"`
+	GapFrames int64 `json:"gap_frames"`
+	// Lost: expected − received − reported, loss nobody was told of.
 	Lost       int64 `json:"lost"`
 	Duplicates int64 `json:"duplicates"`
 	OutOfOrder int64 `json:"out_of_order"`
 	Stray      int64 `json:"stray"` // deliveries not belonging to this phase
 
-	Seconds          float64        `json:"seconds"` // first publish → last delivery
-	DeliveriesPerSec float64        `json:"deliveries_per_sec"`
-	BaselineRatio    *float64       `json:"baseline_ratio,omitempty"`
-	Latency          latencySummary `json:"latency"`
-	AckLatency       latencySummary `json:"publish_ack_latency"`
+	Seconds          float64  `json:"seconds"` // first publish → last delivery
+	DeliveriesPerSec float64  `json:"deliveries_per_sec"`
+	BaselineRatio    *float64 `json:"baseline_ratio,omitempty"`
+	// P99Ratio is p99 over the baseline phase's p99 (the same comparison as
+	// BaselineRatio); MemoryRatio is a fanout phase's deliveries/s over the
+	// fanout-memory phase's (the Redis path against the in-process broker).
+	P99Ratio    *float64       `json:"p99_baseline_ratio,omitempty"`
+	MemoryRatio *float64       `json:"memory_ratio,omitempty"`
+	Latency     latencySummary `json:"latency"`
+	AckLatency  latencySummary `json:"publish_ack_latency"`
 
 	CPU cpuUsage `json:"cpu"`
 	// Bytes every connection of chatbench read during the phase (frames,
@@ -81,6 +96,13 @@ type deliveryPhase struct {
 	CloseCodes                 map[string]int `json:"close_codes,omitempty"`
 	OverMaxP99                 bool           `json:"over_max_p99,omitempty"`
 	Incomplete                 string         `json:"incomplete,omitempty"`
+	// DrainCapped: waiting stopped -drain-max after the last publish with
+	// deliveries missing; stepping stops after such a phase, as the next
+	// rate would receive what is still in flight.
+	DrainCapped bool `json:"drain_capped,omitempty"`
+	// PublishStopped: -publish-for ended publishing before -messages.
+	PublishStopped bool     `json:"publish_stopped,omitempty"`
+	NodeLag        *nodeLag `json:"node_lag,omitempty"`
 }
 
 func writeJSON(path string, rep *report) error {
@@ -104,16 +126,17 @@ func writeTable(w io.Writer, rep *report) {
 	}
 	if len(phases) > 0 {
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "scenario\tphase\trate\tsubs\tpubs\tpublished\tpub/s\tpub_err\tunanswered\texpected\treceived\tlost\tdup\tooo\tdisc\tdeliveries/s\tvs_baseline\tp50_ms\tp90_ms\tp99_ms\tmax_ms\tack_p99_ms\ttool_cores\tsrv_cores\tsrv_rss_MiB\t")
+		fmt.Fprintln(tw, "scenario\tphase\trate\tsubs\tpubs\tpublished\tpub/s\tacked\trefused\tpub_err\tunanswered\texpected\tdelivered\treported\tlost\tdup\tooo\tdisc\tdeliveries/s\tvs_baseline\tvs_memory\tp50_ms\tp90_ms\tp99_ms\tp99_vs_base\tmax_ms\tlag_max_s\tack_p99_ms\ttool_cores\tsrv_cores\tsrv_rss_MiB\t")
 		for _, s := range phases {
 			for _, p := range s.Phases {
-				ratio := "-"
-				if p.BaselineRatio != nil {
-					ratio = fmt.Sprintf("%.2f", *p.BaselineRatio)
-				}
 				var errs int64
 				for _, n := range p.PublishErrors {
 					errs += n
+				}
+				errs -= p.Refused
+				lag := "-"
+				if p.NodeLag != nil && p.NodeLag.LagMaxSeconds != nil {
+					lag = fmt.Sprintf("%.2f", *p.NodeLag.LagMaxSeconds)
 				}
 				srvCores, srvRSS := "-", "-"
 				if len(p.CPU.ServerSeconds) > 0 {
@@ -126,10 +149,11 @@ func writeTable(w io.Writer, rep *report) {
 				if p.Rate > 0 {
 					rate = strconv.FormatFloat(p.Rate, 'g', -1, 64)
 				}
-				fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%d\t%d\t%.0f\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%.0f\t%s\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%s\t%s\t\n",
-					s.label(), p.Phase, rate, p.Subscribers, p.Publishers, p.Published, p.PublishRate, errs, p.Unanswered,
-					p.Expected, p.Received, p.Lost, p.Duplicates, p.OutOfOrder, p.Disconnected,
-					p.DeliveriesPerSec, ratio, p.Latency.P50MS, p.Latency.P90MS, p.Latency.P99MS, p.Latency.MaxMS, p.AckLatency.P99MS, p.CPU.ToolCores, srvCores, srvRSS)
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%d\t%d\t%.0f\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%.0f\t%s\t%s\t%.2f\t%.2f\t%.2f\t%s\t%.2f\t%s\t%.2f\t%.2f\t%s\t%s\t\n",
+					s.label(), p.Phase, rate, p.Subscribers, p.Publishers, p.Published, p.PublishRate, p.PublishOK, p.Refused, errs, p.Unanswered,
+					p.Expected, p.Received, p.Reported, p.Lost, p.Duplicates, p.OutOfOrder, p.Disconnected,
+					p.DeliveriesPerSec, ratioText(p.BaselineRatio), ratioText(p.MemoryRatio), p.Latency.P50MS, p.Latency.P90MS, p.Latency.P99MS, ratioText(p.P99Ratio),
+					p.Latency.MaxMS, lag, p.AckLatency.P99MS, p.CPU.ToolCores, srvCores, srvRSS)
 			}
 		}
 		tw.Flush()
@@ -158,6 +182,15 @@ func writeTable(w io.Writer, rep *report) {
 					}
 					notes = append(notes, note)
 				}
+				if p.GapFrames > 0 {
+					notes = append(notes, fmt.Sprintf("%d gap frames reported %d missed messages", p.GapFrames, p.Reported))
+				}
+				if p.PublishStopped {
+					notes = append(notes, "publishing stopped by -publish-for")
+				}
+				if p.NodeLag != nil {
+					notes = append(notes, p.NodeLag.text())
+				}
 				if p.Incomplete != "" {
 					notes = append(notes, p.Incomplete)
 				}
@@ -172,20 +205,21 @@ func writeTable(w io.Writer, rep *report) {
 			fmt.Fprintln(w)
 		}
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "scenario\tconns\tconnect_s\tconns/s\tdisc\tnode\tpid\tnode_conns\trss_before_MiB\trss_settled_MiB\trss_end_MiB\tKiB/conn_settled\tKiB/conn_end\t")
+		fmt.Fprintln(tw, "scenario\tconns\tconnect_s\tconns/s\tdisc\tnode\tpid\tnode_conns\trss_before_MiB\trss_settled_MiB\trss_end_MiB\tKiB/conn_settled\tKiB/conn_end\tKiB_vs_base\tconns/s_vs_base\t")
 		for _, s := range idles {
 			id := s.Idle
+			vs := ratioText(id.BaselineKiBRatio) + "\t" + ratioText(id.BaselineConnectsRatio)
 			if len(id.Nodes) == 0 {
-				fmt.Fprintf(tw, "%s\t%d\t%.2f\t%.0f\t%d\t-\t-\t-\t-\t-\t-\t-\t-\t\n", s.label(), s.Connections, s.ConnectSeconds, s.ConnectsPerSec, id.Disconnected)
+				fmt.Fprintf(tw, "%s\t%d\t%.2f\t%.0f\t%d\t-\t-\t-\t-\t-\t-\t-\t-\t%s\t\n", s.label(), s.Connections, s.ConnectSeconds, s.ConnectsPerSec, id.Disconnected, vs)
 			}
 			for _, n := range id.Nodes {
-				fmt.Fprintf(tw, "%s\t%d\t%.2f\t%.0f\t%d\t%d\t%d\t%d\t%.1f\t%.1f\t%.1f\t%.2f\t%.2f\t\n", s.label(), s.Connections, s.ConnectSeconds, s.ConnectsPerSec, id.Disconnected,
+				fmt.Fprintf(tw, "%s\t%d\t%.2f\t%.0f\t%d\t%d\t%d\t%d\t%.1f\t%.1f\t%.1f\t%.2f\t%.2f\t-\t-\t\n", s.label(), s.Connections, s.ConnectSeconds, s.ConnectsPerSec, id.Disconnected,
 					n.Node, n.PID, n.Conns, kib2mib(n.RSSBeforeKiB), kib2mib(n.RSSSettledKiB), kib2mib(n.RSSEndKiB), n.KiBPerConnSettled, n.KiBPerConnEnd)
 			}
 			if len(id.Nodes) > 0 {
 				t := id.Total
-				fmt.Fprintf(tw, "%s\t%d\t%.2f\t%.0f\t%d\tall\t-\t%d\t%.1f\t%.1f\t%.1f\t%.2f\t%.2f\t\n", s.label(), s.Connections, s.ConnectSeconds, s.ConnectsPerSec, id.Disconnected,
-					t.Conns, kib2mib(t.RSSBeforeKiB), kib2mib(t.RSSSettledKiB), kib2mib(t.RSSEndKiB), t.KiBPerConnSettled, t.KiBPerConnEnd)
+				fmt.Fprintf(tw, "%s\t%d\t%.2f\t%.0f\t%d\tall\t-\t%d\t%.1f\t%.1f\t%.1f\t%.2f\t%.2f\t%s\t\n", s.label(), s.Connections, s.ConnectSeconds, s.ConnectsPerSec, id.Disconnected,
+					t.Conns, kib2mib(t.RSSBeforeKiB), kib2mib(t.RSSSettledKiB), kib2mib(t.RSSEndKiB), t.KiBPerConnSettled, t.KiBPerConnEnd, vs)
 			}
 		}
 		tw.Flush()
@@ -208,6 +242,45 @@ func writeTable(w io.Writer, rep *report) {
 			fmt.Fprintf(w, "%s: error: %s\n", s.Scenario, s.Error)
 		}
 	}
+}
+
+func ratioText(r *float64) string {
+	if r == nil {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f", *r)
+}
+
+// text is the phase note of the nodes' figures.
+func (l *nodeLag) text() string {
+	var parts []string
+	if l.LagBucketSeconds != nil {
+		le := "+Inf"
+		if *l.LagBucketSeconds >= 0 {
+			le = strconv.FormatFloat(*l.LagBucketSeconds, 'g', -1, 64)
+		}
+		parts = append(parts, fmt.Sprintf("node broker lag <= %s s for all %.0f messages (histogram)", le, *l.LagObserved))
+	}
+	if l.BacklogPeakBytes != nil {
+		parts = append(parts, fmt.Sprintf("backlog peak %.0f bytes", *l.BacklogPeakBytes))
+	}
+	if len(l.LateSkipped) > 0 {
+		m := map[string]int64{}
+		for k, v := range l.LateSkipped {
+			m[k] = int64(v)
+		}
+		parts = append(parts, "late skipped "+formatCounts(m))
+	}
+	if l.RefusedLate != nil {
+		parts = append(parts, fmt.Sprintf("publishes refused late %.0f", *l.RefusedLate))
+	}
+	if len(l.Errors) > 0 {
+		parts = append(parts, "metrics: "+strings.Join(l.Errors, "; "))
+	}
+	if len(parts) == 0 {
+		return "no lag metrics on the nodes"
+	}
+	return strings.Join(parts, ", ")
 }
 
 // label names the scenario in the tables: with "/sse" when its subscribers

@@ -130,7 +130,7 @@ func TestIdleOverSSE(t *testing.T) {
 	s, urls := startFake(t, 2, 0, 0)
 	cfg := testConfig(urls)
 	cfg.transport = "sse"
-	res, err := runIdle(context.Background(), cfg)
+	res, err := runIdle(context.Background(), cfg, "idle", cfg.urls, cfg.pids)
 	if err != nil {
 		t.Fatal(err)
 	}

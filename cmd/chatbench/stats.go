@@ -192,6 +192,9 @@ type subState struct {
 
 	unique, deliveries, dups, outOfOrder, stray int64
 	last                                        time.Time
+	// reported is the sum of the gap frames' missed counts, gaps their
+	// number: messages the server says it did not send, which are not lost.
+	reported, gaps int64
 
 	// delivered counts deliveries for the progress line without the lock.
 	delivered atomic.Int64
@@ -214,6 +217,7 @@ func (s *subState) reset(base, limit int64, lat *hist) {
 	}
 	s.base, s.limit, s.lat = base, limit, lat
 	s.unique, s.deliveries, s.dups, s.outOfOrder, s.stray = 0, 0, 0, 0, 0
+	s.reported, s.gaps = 0, 0
 	s.last = time.Time{}
 	s.delivered.Store(0)
 }
@@ -243,16 +247,33 @@ func (s *subState) deliver(slot int, seq, sentNanos int64, now time.Time) {
 	}
 }
 
-// uniqueNow is the number of distinct messages received so far this phase.
-func (s *subState) uniqueNow() int64 {
+// gap accounts a gap frame: missed messages of the channel were not sent.
+// The frame names no seqs, so a gap is credited to the phase it arrives in.
+func (s *subState) gap(missed int64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.unique
+	s.gaps++
+	s.reported += missed
+}
+
+// uniqueNow is the number of distinct messages received so far this phase.
+func (s *subState) uniqueNow() int64 {
+	u, _ := s.accountedNow()
+	return u
+}
+
+// accountedNow is the number of distinct messages received so far this
+// phase and the number reported missed.
+func (s *subState) accountedNow() (unique, reported int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.unique, s.reported
 }
 
 // subTotals sums the accounting of many subscribers.
 type subTotals struct {
 	unique, deliveries, dups, outOfOrder, stray int64
+	reported, gaps                              int64
 	last                                        time.Time
 }
 
@@ -265,6 +286,8 @@ func sumSubs(subs []*subState) subTotals {
 		t.dups += s.dups
 		t.outOfOrder += s.outOfOrder
 		t.stray += s.stray
+		t.reported += s.reported
+		t.gaps += s.gaps
 		if s.last.After(t.last) {
 			t.last = s.last
 		}
