@@ -217,7 +217,9 @@ if [ -n "${QUICK:-}" ]; then
 else
 	fan_small=2000 fan_large=10000 rooms=10000 idle_one=18000 idle_each=16600 hold=20s history_msgs=100000
 	sse_subs=2000 sse_idle=10000 sse_hold=10s sse_msgs=300
-	over_for=5s over_drain=10s sat_msgs=2000
+	# Publishing for longer than max_lag (5s), so that publishers are refused
+	# while the node skips.
+	over_for=10s over_drain=10s sat_msgs=2000
 fi
 
 bench() { # name, then chatbench flags
