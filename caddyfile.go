@@ -269,34 +269,8 @@ var chatOptions = &optionTable[Handler]{options: []option[Handler]{
 	durationOption("publish_timeout", "2s", func(h *Handler, d caddy.Duration) { h.PublishTimeout = d }),
 	durationOption("drain_period", "10s", func(h *Handler, d caddy.Duration) { h.DrainPeriod = d }),
 	compressionOption,
-	{name: "max_lag", min: 1, max: 1, syntax: "<duration> | off",
-		takes: "one duration, or off", example: "max_lag 5s",
-		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error {
-			var bound caddy.Duration
-			if args[0] != "off" {
-				d, err := caddy.ParseDuration(args[0])
-				if err != nil || d <= 0 {
-					return fmt.Errorf("max_lag %q: want a positive duration such as 5s, or off", args[0])
-				}
-				bound = caddy.Duration(d)
-			}
-			h.MaxLag = &bound
-			return nil
-		}},
-	{name: "idempotency_window", min: 1, max: 1, syntax: "<duration> | off",
-		takes: "one duration, or off", example: "idempotency_window 5m",
-		parse: func(h *Handler, _ *caddyfile.Dispenser, args []string) error {
-			var window caddy.Duration
-			if args[0] != "off" {
-				d, err := caddy.ParseDuration(args[0])
-				if err != nil || d <= 0 {
-					return fmt.Errorf("idempotency_window %q: want a positive duration such as 5m, or off", args[0])
-				}
-				window = caddy.Duration(d)
-			}
-			h.IdempotencyWindow = &window
-			return nil
-		}},
+	durationOrOffOption("max_lag", "5s", func(h *Handler) **caddy.Duration { return &h.MaxLag }),
+	durationOrOffOption("idempotency_window", "5m", func(h *Handler) **caddy.Duration { return &h.IdempotencyWindow }),
 	{name: "jwt", takes: "no values, only a block", example: "jwt { secret {env.CHAT_JWT_SECRET} }",
 		block: jwtOptions,
 		parse: func(h *Handler, d *caddyfile.Dispenser, _ []string) error {

@@ -245,6 +245,24 @@ func durationOption[T any](name, example string, set func(*T, caddy.Duration)) o
 		}}
 }
 
+// durationOrOffOption is an option taking a duration or off (0), kept in a
+// pointer so that unset keeps the default.
+func durationOrOffOption[T any](name, example string, field func(*T) **caddy.Duration) option[T] {
+	return option[T]{name: name, min: 1, max: 1, syntax: "<duration> | off", takes: "one duration, or off", example: name + " " + example,
+		parse: func(t *T, _ *caddyfile.Dispenser, args []string) error {
+			var d caddy.Duration
+			if args[0] != "off" {
+				dur, err := caddy.ParseDuration(args[0])
+				if err != nil || dur <= 0 {
+					return fmt.Errorf("%s %q: want a positive duration such as %s, or off", name, args[0], example)
+				}
+				d = caddy.Duration(dur)
+			}
+			*field(t) = &d
+			return nil
+		}}
+}
+
 func countOption[T any](name, example string, set func(*T, int)) option[T] {
 	return option[T]{name: name, min: 1, max: 1, syntax: "<n>", takes: "one number", example: name + " " + example,
 		parse: func(t *T, _ *caddyfile.Dispenser, args []string) error {

@@ -109,19 +109,7 @@ func labelValue(labels, key string) string {
 var metricsClient = &http.Client{Timeout: 3 * time.Second}
 
 func fetchMetrics(ctx context.Context, url string) (nodeMetrics, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return nodeMetrics{}, err
-	}
-	resp, err := metricsClient.Do(req)
-	if err != nil {
-		return nodeMetrics{}, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nodeMetrics{}, fmt.Errorf("%s: HTTP %d", url, resp.StatusCode)
-	}
-	return parseMetrics(resp.Body)
+	return fetchPage(ctx, url, parseMetrics)
 }
 
 // monitor samples the nodes for the abuse scenario.

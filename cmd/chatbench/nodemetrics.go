@@ -114,19 +114,25 @@ func parsePromPage(r io.Reader) (promPage, error) {
 }
 
 func fetchPromPage(ctx context.Context, url string) (promPage, error) {
+	return fetchPage(ctx, url, parsePromPage)
+}
+
+// fetchPage GETs a node's metrics page at url and parses it.
+func fetchPage[T any](ctx context.Context, url string, parse func(io.Reader) (T, error)) (T, error) {
+	var zero T
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
-		return promPage{}, err
+		return zero, err
 	}
 	resp, err := metricsClient.Do(req)
 	if err != nil {
-		return promPage{}, err
+		return zero, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return promPage{}, &httpStatusError{url: url, code: resp.StatusCode}
+		return zero, &httpStatusError{url: url, code: resp.StatusCode}
 	}
-	return parsePromPage(resp.Body)
+	return parse(resp.Body)
 }
 
 type httpStatusError struct {
