@@ -122,6 +122,9 @@ func (t *sseTransport) writeFrame(d *delivery, frame []byte) error {
 	if t.done {
 		return net.ErrClosed
 	}
+	if t.buf == nil {
+		t.buf = takeCorkBuf()
+	}
 	if d != nil && d.own == nil && d.kept {
 		t.buf = t.appendID(t.buf, d)
 	}
@@ -199,11 +202,8 @@ func (t *sseTransport) flushLocked() error {
 	if err == nil {
 		err = t.rc.Flush()
 	}
-	if cap(t.buf) > maxCorkRetained {
-		t.buf = nil
-	} else {
-		t.buf = t.buf[:0]
-	}
+	releaseCorkBuf(t.buf)
+	t.buf = nil
 	return err
 }
 
