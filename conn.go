@@ -53,6 +53,9 @@ type conn struct {
 	subMu      sync.Mutex
 	subscribed map[string]struct{}
 	subsEnded  bool
+	// done, if set, runs once the connection has ended (a WebSocket's
+	// connection slot goes back).
+	done func()
 	// sess is who the connection is, for the server API.
 	sess atomic.Pointer[session]
 	// streamSession and streamSubs are an SSE stream's: the secret its
@@ -169,34 +172,43 @@ func (c *conn) recordEvent(kind, channel string) {
 	}
 }
 
+// serve sets the connection up and reads its frames. A WebSocket that can
+// wait on its socket reads on goroutines of its own (readIdle) and serve
+// returns at once; otherwise serve returns when the connection has ended.
 func (c *conn) serve() {
-	// No per-connection logger (With copies the encoder): fields per entry.
-	log := c.route.log
+	if !c.open() {
+		return
+	}
+	if c.ctx.Err() == nil {
+		if w, ok := c.tr.(frameWaiter); ok && w.canWait() {
+			go c.readIdle(w)
+			return
+		}
+		c.protect("read", c.readLoop)
+	}
+	c.finish()
+}
+
+// open registers the connection, welcomes it and subscribes what its request
+// named; false when the hub refused it.
+func (c *conn) open() bool {
 	if err := c.hub.register(c); err != nil {
 		c.tr.close(closeGoingAway, "node shutting down")
-		return
+		if c.done != nil {
+			c.done()
+		}
+		return false
 	}
 	m := moduleMetrics()
 	m.connections.Inc()
 	m.connectionsOpened.Inc()
-	defer func() {
-		m.connections.Dec()
-		m.connectionsClosed.WithLabelValues(closeReason(c.closeCode)).Inc()
-		if c.closeCode == closeSlowConsumer {
-			m.slowConsumers.Inc()
-		}
-	}()
+	// No per-connection logger (With copies the encoder): fields per entry.
+	log := c.route.log
 	log.Debug("connection opened", zap.String("conn", c.id), zap.String("user", c.identity.user))
 	c.recordEvent("connect", "")
 	pingTimer := time.AfterFunc(c.route.pingInterval, c.pingDue)
 	c.pingTimer.Store(pingTimer)
-	defer pingTimer.Stop()
 	c.armExpiry()
-	defer func() {
-		if c.expiry != nil {
-			c.expiry.Stop()
-		}
-	}()
 
 	if c.rawChannel != "" {
 		var err error
@@ -216,51 +228,90 @@ func (c *conn) serve() {
 			c.joinStream()
 		})
 	}
-	if c.ctx.Err() == nil {
-		c.protect("read", c.readLoop)
-	}
-	c.fail(closeNormal, "")
+	return true
+}
 
+// finish ends an open connection once its reading has ended: it leaves the
+// hub and waits for the writer's close handshake.
+func (c *conn) finish() {
+	c.fail(closeNormal, "")
 	c.hub.unregister(c, c.endSubscriptions())
 	c.recordEvent("disconnect", "")
 	<-c.closed
-	log.Debug("connection closed", zap.String("conn", c.id), zap.Int("code", int(c.closeCode)), zap.String("reason", c.closeWhy))
+	c.route.log.Debug("connection closed", zap.String("conn", c.id), zap.Int("code", int(c.closeCode)), zap.String("reason", c.closeWhy))
+	if t := c.pingTimer.Load(); t != nil {
+		t.Stop()
+	}
+	if c.expiry != nil {
+		c.expiry.Stop()
+	}
+	m := moduleMetrics()
+	m.connections.Dec()
+	m.connectionsClosed.WithLabelValues(closeReason(c.closeCode)).Inc()
+	if c.closeCode == closeSlowConsumer {
+		m.slowConsumers.Inc()
+	}
+	if c.done != nil {
+		c.done()
+	}
+}
+
+// frameWaiter is a transport that can wait for the client's next frame on
+// a small stack (idleread.go).
+type frameWaiter interface {
+	canWait() bool
+	// awaitFrame returns once a frame waits to be read, or reading fails.
+	awaitFrame()
+}
+
+// readIdle waits for the client's next frame, reads it, and hands the wait
+// on to a new goroutine: the library's read path grows a goroutine's stack
+// for good, so an idle connection holds only the small stack of a waiting
+// goroutine that has read nothing yet.
+func (c *conn) readIdle(w frameWaiter) {
+	more := false
+	c.protect("read", func() {
+		w.awaitFrame()
+		more = c.readFrame()
+	})
+	if more && c.ctx.Err() == nil {
+		go c.readIdle(w)
+		return
+	}
+	c.finish()
 }
 
 func (c *conn) readLoop() {
-	for {
-		frame, text, err := c.tr.read()
-		if err != nil {
-			return
-		}
-		moduleMetrics().received.Inc()
-		if !text {
-			c.fail(closeUnsupported, "binary frames are not supported")
-			return
-		}
-		if !utf8.Valid(frame) {
-			c.fail(closeInvalidPayload, "text frame is not valid UTF-8")
-			return
-		}
-		if !c.withinRateLimit(frame) {
-			if c.ctx.Err() != nil {
-				return
-			}
-			continue
-		}
-		if c.rawChannel != "" {
-			published := false
-			c.offStack(func() { published = c.publishRaw(frame) })
-			if !published {
-				return
-			}
-			continue
-		}
-		c.offStack(func() { c.handleFrame(frame) })
-		if c.ctx.Err() != nil {
-			return
-		}
+	for c.readFrame() {
 	}
+}
+
+// readFrame reads and handles one frame of the client; false when reading
+// has ended.
+func (c *conn) readFrame() bool {
+	frame, text, err := c.tr.read()
+	if err != nil {
+		return false
+	}
+	moduleMetrics().received.Inc()
+	if !text {
+		c.fail(closeUnsupported, "binary frames are not supported")
+		return false
+	}
+	if !utf8.Valid(frame) {
+		c.fail(closeInvalidPayload, "text frame is not valid UTF-8")
+		return false
+	}
+	if !c.withinRateLimit(frame) {
+		return c.ctx.Err() == nil
+	}
+	if c.rawChannel != "" {
+		published := false
+		c.offStack(func() { published = c.publishRaw(frame) })
+		return published
+	}
+	c.offStack(func() { c.handleFrame(frame) })
+	return c.ctx.Err() == nil
 }
 
 // offStack runs f on a short-lived goroutine and waits for it. Decoding

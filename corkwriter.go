@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"syscall"
 )
 
 // Left to itself, the WebSocket library flushes every message to the socket:
@@ -170,6 +171,7 @@ func (w *corkWriter) flushLocked() error {
 type corkingResponseWriter struct {
 	http.ResponseWriter
 	cork *corkWriter // set by Hijack
+	idle *idleReader // if set, Hijack gives it the socket and the read buffer
 }
 
 func (w *corkingResponseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
@@ -203,6 +205,16 @@ func (w *corkingResponseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		if _, err := br.Peek(n); err != nil {
 			conn.Close()
 			return nil, nil, err
+		}
+	}
+	if w.idle != nil {
+		// The library keeps br (it resets its source, not the buffer),
+		// moving what br holds into that source, where awaitFrame cannot
+		// see it: with early bytes, the first frame is read at once.
+		w.idle.br = br
+		w.idle.unseen = brw.Reader.Buffered() > 0
+		if sc, ok := conn.(syscall.Conn); ok {
+			w.idle.rc, _ = sc.SyscallConn()
 		}
 	}
 	return conn, bufio.NewReadWriter(br, bufio.NewWriterSize(w.cork, bw)), nil
