@@ -34,9 +34,12 @@ type conn struct {
 	writeTimer *time.Timer
 	ctx        context.Context // ends when the connection starts closing
 	cancel     context.CancelFunc
-	closeOnce  sync.Once
-	closeCode  websocket.StatusCode
-	closeWhy   string
+	// ops are the cancels of the broker calls under way (brokerContext).
+	opMu      sync.Mutex
+	ops       []*context.CancelFunc
+	closeOnce sync.Once
+	closeCode websocket.StatusCode
+	closeWhy  string
 	// writing is true while a writer goroutine runs. A writer exists only
 	// while there is something to write (or a close to perform), so an idle
 	// connection costs one goroutine, not two.
@@ -115,6 +118,7 @@ func (c *conn) fail(code websocket.StatusCode, why string) {
 	c.closeOnce.Do(func() {
 		c.closeCode, c.closeWhy = code, why
 		c.cancel()
+		c.cancelOps()
 		// The writer performs the close handshake.
 		c.kickWriter()
 	})
@@ -328,8 +332,45 @@ func (c *conn) offStack(f func()) {
 	<-done
 }
 
+// brokerContext bounds a broker call by publish_timeout, and ends it when
+// the connection starts closing. It is not derived from c.ctx: a derived
+// context leaves c.ctx a map of children and a done channel for the rest of
+// the connection's life, and an idle connection would keep them.
 func (c *conn) brokerContext() (context.Context, context.CancelFunc) {
-	return context.WithTimeout(c.ctx, c.route.publishTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), c.route.publishTimeout)
+	op := &cancel
+	c.opMu.Lock()
+	if c.ctx.Err() != nil {
+		c.opMu.Unlock()
+		cancel()
+		return ctx, cancel
+	}
+	c.ops = append(c.ops, op)
+	c.opMu.Unlock()
+	return ctx, func() {
+		c.opMu.Lock()
+		for i, o := range c.ops {
+			if o == op {
+				c.ops = append(c.ops[:i], c.ops[i+1:]...)
+				break
+			}
+		}
+		if len(c.ops) == 0 {
+			c.ops = nil
+		}
+		c.opMu.Unlock()
+		cancel()
+	}
+}
+
+// cancelOps ends the broker calls under way; fail calls it after ending
+// c.ctx, so a brokerContext made later starts ended.
+func (c *conn) cancelOps() {
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
+	for _, op := range c.ops {
+		(*op)()
+	}
 }
 
 // armExpiry closes the connection when its token expires.
@@ -496,28 +537,22 @@ func (c *conn) writeTimedOut() {
 }
 
 // pingDue runs every ping_interval on a timer (no goroutine waits for it)
-// and starts a ping unless one is in flight.
+// and pings unless a ping is still being written. The timer's callback runs
+// on a goroutine of its own, so a ping write that waits on a full socket
+// holds up nothing else.
 func (c *conn) pingDue() {
 	defer c.recoverPanic("ping timer")
 	if c.ctx.Err() != nil {
 		return
 	}
-	if c.pinging.CompareAndSwap(false, true) {
-		go c.ping()
-	}
 	if t := c.pingTimer.Load(); t != nil {
 		t.Reset(c.route.pingInterval)
 	}
-}
-
-// ping runs outside the writer so that waiting for the pong never delays
-// deliveries; at most one ping per connection is in flight.
-func (c *conn) ping() {
+	if !c.pinging.CompareAndSwap(false, true) {
+		return
+	}
 	defer c.pinging.Store(false)
-	defer c.recoverPanic("ping")
-	ctx, cancel := context.WithTimeout(c.ctx, c.route.pingInterval)
-	defer cancel()
-	if err := c.tr.ping(ctx); err != nil && c.ctx.Err() == nil {
+	if err := c.tr.ping(); err != nil && c.ctx.Err() == nil {
 		c.fail(closePingTimeout, "ping timeout")
 	}
 }

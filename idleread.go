@@ -42,6 +42,8 @@ type idleReader struct {
 	// not show them (corkingResponseWriter.Hijack); read them first.
 	unseen bool
 
+	takeFn func(fd uintptr) bool // take, bound once
+
 	// awaitingPong is set by a ping and cleared by any pong.
 	awaitingPong atomic.Bool
 }
@@ -87,18 +89,25 @@ func (r *idleReader) awaitFrame() {
 	// br is empty, and the socket is at a frame boundary: wait on it. The
 	// callback runs under the socket's read lock, so the library (a close
 	// handshake) cannot read while it takes pongs.
-	_ = r.rc.Read(func(fd uintptr) bool {
-		for {
-			if r.closing.Load() {
-				return true
-			}
-			k, again := takePongs(fd)
-			if k == 0 {
-				return !again
-			}
-			r.pongReceived()
+	if r.takeFn == nil {
+		r.takeFn = r.take // one closure per connection, not one per wait
+	}
+	_ = r.rc.Read(r.takeFn)
+}
+
+// take is the callback of the socket's wait: true once something other than
+// pongs waits (or the socket failed, or the connection is closing).
+func (r *idleReader) take(fd uintptr) bool {
+	for {
+		if r.closing.Load() {
+			return true
 		}
-	})
+		k, again := takePongs(fd)
+		if k == 0 {
+			return !again
+		}
+		r.pongReceived()
+	}
 }
 
 // pongFrames is the length of the complete masked pong frames at the head

@@ -26,9 +26,10 @@ type transport interface {
 	close(code websocket.StatusCode, reason string)
 	// closeNow cuts the connection, from any goroutine, without waiting.
 	closeNow()
-	// ping checks that the client is still there, within ctx: an error
-	// means it is not (a WebSocket: the previous ping got no pong).
-	ping(ctx context.Context) error
+	// ping checks that the client is still there, without waiting for an
+	// answer: an error means it is not (a WebSocket: the previous ping, a
+	// ping_interval ago, got no pong).
+	ping() error
 	// name labels the transport in logs and the welcome.
 	name() string
 }
@@ -80,7 +81,7 @@ func (t *wsTransport) closeNow() { _ = t.ws.CloseNow() }
 // ping sends a ping and returns: its pong is awaited until the next ping,
 // ping_interval later, and taken by awaitFrame or the library
 // (pongReceived), so no goroutine waits for it.
-func (t *wsTransport) ping(context.Context) error {
+func (t *wsTransport) ping() error {
 	if t.awaitingPong.Swap(true) {
 		return errPingTimeout
 	}
