@@ -46,13 +46,13 @@ const maxCorkRetained = 64 << 10
 // connection holds none, and a busy node reuses a few warm ones.
 var corkBufs sync.Pool
 
-// takeCorkBuf is an empty buffer from corkBufs, or a new one large enough
-// for a typical batch.
+// takeCorkBuf is an empty buffer from corkBufs, or nil when none is free:
+// append then allocates what the batch needs, and the pool keeps it grown.
 func takeCorkBuf() []byte {
 	if p, ok := corkBufs.Get().(*[]byte); ok {
 		return (*p)[:0]
 	}
-	return make([]byte, 0, 2<<10)
+	return nil
 }
 
 // releaseCorkBuf gives b back to corkBufs unless it grew past
