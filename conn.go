@@ -34,9 +34,12 @@ type conn struct {
 	writeTimer *time.Timer
 	ctx        context.Context // ends when the connection starts closing
 	cancel     context.CancelFunc
-	closeOnce  sync.Once
-	closeCode  websocket.StatusCode
-	closeWhy   string
+	// ops are the cancels of the broker calls under way (brokerContext).
+	opMu      sync.Mutex
+	ops       []*context.CancelFunc
+	closeOnce sync.Once
+	closeCode websocket.StatusCode
+	closeWhy  string
 	// writing is true while a writer goroutine runs. A writer exists only
 	// while there is something to write (or a close to perform), so an idle
 	// connection costs one goroutine, not two.
@@ -59,6 +62,9 @@ type conn struct {
 	subMu      sync.Mutex
 	subscribed map[string]struct{}
 	subsEnded  bool
+	// done, if set, runs once the connection has ended (a WebSocket's
+	// connection slot goes back).
+	done func()
 	// sess is who the connection is, for the server API.
 	sess atomic.Pointer[session]
 	// streamSession and streamSubs are an SSE stream's: the secret its
@@ -118,6 +124,7 @@ func (c *conn) fail(code websocket.StatusCode, why string) {
 	c.closeOnce.Do(func() {
 		c.closeCode, c.closeWhy = code, why
 		c.cancel()
+		c.cancelOps()
 		// The writer performs the close handshake.
 		c.kickWriter()
 	})
@@ -175,34 +182,43 @@ func (c *conn) recordEvent(kind, channel string) {
 	}
 }
 
+// serve sets the connection up and reads its frames. A WebSocket that can
+// wait on its socket reads on goroutines of its own (readIdle) and serve
+// returns at once; otherwise serve returns when the connection has ended.
 func (c *conn) serve() {
-	// No per-connection logger (With copies the encoder): fields per entry.
-	log := c.route.log
+	if !c.open() {
+		return
+	}
+	if c.ctx.Err() == nil {
+		if w, ok := c.tr.(frameWaiter); ok && w.canWait() {
+			go c.readIdle(w)
+			return
+		}
+		c.protect("read", c.readLoop)
+	}
+	c.finish()
+}
+
+// open registers the connection, welcomes it and subscribes what its request
+// named; false when the hub refused it.
+func (c *conn) open() bool {
 	if err := c.hub.register(c); err != nil {
 		c.tr.close(closeGoingAway, "node shutting down")
-		return
+		if c.done != nil {
+			c.done()
+		}
+		return false
 	}
 	m := moduleMetrics()
 	m.connections.Inc()
 	m.connectionsOpened.Inc()
-	defer func() {
-		m.connections.Dec()
-		m.connectionsClosed.WithLabelValues(closeReason(c.closeCode)).Inc()
-		if c.closeCode == closeSlowConsumer {
-			m.slowConsumers.Inc()
-		}
-	}()
+	// No per-connection logger (With copies the encoder): fields per entry.
+	log := c.route.log
 	log.Debug("connection opened", zap.String("conn", c.id), zap.String("user", c.identity.user))
 	c.recordEvent("connect", "")
 	pingTimer := time.AfterFunc(c.route.pingInterval, c.pingDue)
 	c.pingTimer.Store(pingTimer)
-	defer pingTimer.Stop()
 	c.armExpiry()
-	defer func() {
-		if c.expiry != nil {
-			c.expiry.Stop()
-		}
-	}()
 
 	if c.rawChannel != "" {
 		var err error
@@ -222,51 +238,90 @@ func (c *conn) serve() {
 			c.joinStream()
 		})
 	}
-	if c.ctx.Err() == nil {
-		c.protect("read", c.readLoop)
-	}
-	c.fail(closeNormal, "")
+	return true
+}
 
+// finish ends an open connection once its reading has ended: it leaves the
+// hub and waits for the writer's close handshake.
+func (c *conn) finish() {
+	c.fail(closeNormal, "")
 	c.hub.unregister(c, c.endSubscriptions())
 	c.recordEvent("disconnect", "")
 	<-c.closed
-	log.Debug("connection closed", zap.String("conn", c.id), zap.Int("code", int(c.closeCode)), zap.String("reason", c.closeWhy))
+	c.route.log.Debug("connection closed", zap.String("conn", c.id), zap.Int("code", int(c.closeCode)), zap.String("reason", c.closeWhy))
+	if t := c.pingTimer.Load(); t != nil {
+		t.Stop()
+	}
+	if c.expiry != nil {
+		c.expiry.Stop()
+	}
+	m := moduleMetrics()
+	m.connections.Dec()
+	m.connectionsClosed.WithLabelValues(closeReason(c.closeCode)).Inc()
+	if c.closeCode == closeSlowConsumer {
+		m.slowConsumers.Inc()
+	}
+	if c.done != nil {
+		c.done()
+	}
+}
+
+// frameWaiter is a transport that can wait for the client's next frame on
+// a small stack (idleread.go).
+type frameWaiter interface {
+	canWait() bool
+	// awaitFrame returns once a frame waits to be read, or reading fails.
+	awaitFrame()
+}
+
+// readIdle waits for the client's next frame, reads it, and hands the wait
+// on to a new goroutine: the library's read path grows a goroutine's stack
+// for good, so an idle connection holds only the small stack of a waiting
+// goroutine that has read nothing yet.
+func (c *conn) readIdle(w frameWaiter) {
+	more := false
+	c.protect("read", func() {
+		w.awaitFrame()
+		more = c.readFrame()
+	})
+	if more && c.ctx.Err() == nil {
+		go c.readIdle(w)
+		return
+	}
+	c.finish()
 }
 
 func (c *conn) readLoop() {
-	for {
-		frame, text, err := c.tr.read()
-		if err != nil {
-			return
-		}
-		moduleMetrics().received.Inc()
-		if !text {
-			c.fail(closeUnsupported, "binary frames are not supported")
-			return
-		}
-		if !utf8.Valid(frame) {
-			c.fail(closeInvalidPayload, "text frame is not valid UTF-8")
-			return
-		}
-		if !c.withinRateLimit(frame) {
-			if c.ctx.Err() != nil {
-				return
-			}
-			continue
-		}
-		if c.rawChannel != "" {
-			published := false
-			c.offStack(func() { published = c.publishRaw(frame) })
-			if !published {
-				return
-			}
-			continue
-		}
-		c.offStack(func() { c.handleFrame(frame) })
-		if c.ctx.Err() != nil {
-			return
-		}
+	for c.readFrame() {
 	}
+}
+
+// readFrame reads and handles one frame of the client; false when reading
+// has ended.
+func (c *conn) readFrame() bool {
+	frame, text, err := c.tr.read()
+	if err != nil {
+		return false
+	}
+	moduleMetrics().received.Inc()
+	if !text {
+		c.fail(closeUnsupported, "binary frames are not supported")
+		return false
+	}
+	if !utf8.Valid(frame) {
+		c.fail(closeInvalidPayload, "text frame is not valid UTF-8")
+		return false
+	}
+	if !c.withinRateLimit(frame) {
+		return c.ctx.Err() == nil
+	}
+	if c.rawChannel != "" {
+		published := false
+		c.offStack(func() { published = c.publishRaw(frame) })
+		return published
+	}
+	c.offStack(func() { c.handleFrame(frame) })
+	return c.ctx.Err() == nil
 }
 
 // offStack runs f on a short-lived goroutine and waits for it. Decoding
@@ -283,8 +338,45 @@ func (c *conn) offStack(f func()) {
 	<-done
 }
 
+// brokerContext bounds a broker call by publish_timeout, and ends it when
+// the connection starts closing. It is not derived from c.ctx: a derived
+// context leaves c.ctx a map of children and a done channel for the rest of
+// the connection's life, and an idle connection would keep them.
 func (c *conn) brokerContext() (context.Context, context.CancelFunc) {
-	return context.WithTimeout(c.ctx, c.route.publishTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), c.route.publishTimeout)
+	op := &cancel
+	c.opMu.Lock()
+	if c.ctx.Err() != nil {
+		c.opMu.Unlock()
+		cancel()
+		return ctx, cancel
+	}
+	c.ops = append(c.ops, op)
+	c.opMu.Unlock()
+	return ctx, func() {
+		c.opMu.Lock()
+		for i, o := range c.ops {
+			if o == op {
+				c.ops = append(c.ops[:i], c.ops[i+1:]...)
+				break
+			}
+		}
+		if len(c.ops) == 0 {
+			c.ops = nil
+		}
+		c.opMu.Unlock()
+		cancel()
+	}
+}
+
+// cancelOps ends the broker calls under way; fail calls it after ending
+// c.ctx, so a brokerContext made later starts ended.
+func (c *conn) cancelOps() {
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
+	for _, op := range c.ops {
+		(*op)()
+	}
 }
 
 // armExpiry closes the connection when its token expires.
@@ -475,28 +567,22 @@ func (c *conn) writeTimedOut() {
 }
 
 // pingDue runs every ping_interval on a timer (no goroutine waits for it)
-// and starts a ping unless one is in flight.
+// and pings unless a ping is still being written. The timer's callback runs
+// on a goroutine of its own, so a ping write that waits on a full socket
+// holds up nothing else.
 func (c *conn) pingDue() {
 	defer c.recoverPanic("ping timer")
 	if c.ctx.Err() != nil {
 		return
 	}
-	if c.pinging.CompareAndSwap(false, true) {
-		go c.ping()
-	}
 	if t := c.pingTimer.Load(); t != nil {
 		t.Reset(c.route.pingInterval)
 	}
-}
-
-// ping runs outside the writer so that waiting for the pong never delays
-// deliveries; at most one ping per connection is in flight.
-func (c *conn) ping() {
+	if !c.pinging.CompareAndSwap(false, true) {
+		return
+	}
 	defer c.pinging.Store(false)
-	defer c.recoverPanic("ping")
-	ctx, cancel := context.WithTimeout(c.ctx, c.route.pingInterval)
-	defer cancel()
-	if err := c.tr.ping(ctx); err != nil && c.ctx.Err() == nil {
+	if err := c.tr.ping(); err != nil && c.ctx.Err() == nil {
 		c.fail(closePingTimeout, "ping timeout")
 	}
 }

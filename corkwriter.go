@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"syscall"
 )
 
 // Left to itself, the WebSocket library flushes every message to the socket:
@@ -36,19 +37,49 @@ type corkWriter struct {
 // opCloseFinal is the first byte of a close frame (FIN and opcode 8).
 const opCloseFinal = 0x88
 
-// maxCorkRetained bounds the buffer a connection keeps between batches; a
+// maxCorkRetained bounds the buffers kept for reuse between batches; a
 // larger one (after a burst) is dropped for the garbage collector.
 const maxCorkRetained = 64 << 10
 
-// libraryWriteBuffer is the size of the library's own write buffer, which
-// now carries control frames only. It must hold a whole control frame (at
-// most 2+125 bytes): that is what makes each one reach Write in one call, so
-// that writeText's frames never land inside one.
-const libraryWriteBuffer = 1 << 10
+// corkBufs are the batch buffers of every connection. A connection takes one
+// for a batch and gives it back once the batch is on the socket, so an idle
+// connection holds none, and a busy node reuses a few warm ones.
+var corkBufs sync.Pool
 
-// libraryReadBuffer is the size of the library's read buffer: enough for
-// frame headers and small frames.
-const libraryReadBuffer = 1 << 10
+// takeCorkBuf is an empty buffer from corkBufs, or nil when none is free:
+// append then allocates what the batch needs, and the pool keeps it grown.
+func takeCorkBuf() []byte {
+	if p, ok := corkBufs.Get().(*[]byte); ok {
+		return (*p)[:0]
+	}
+	return nil
+}
+
+// releaseCorkBuf gives b back to corkBufs unless it grew past
+// maxCorkRetained.
+func releaseCorkBuf(b []byte) {
+	if cap(b) == 0 || cap(b) > maxCorkRetained {
+		return
+	}
+	corkBufs.Put(&b)
+}
+
+// libraryWriteBuffer is the size of the library's own write buffer when it
+// carries control frames only. It must hold a whole control frame (at most
+// 2+125 bytes): that is what makes each one reach Write in one call, so
+// that writeText's frames never land inside one. Every idle connection
+// keeps this buffer, so it is no larger.
+const libraryWriteBuffer = 128
+
+// libraryDataWriteBuffer is that buffer when the library writes data frames
+// too (compression with context takeover, compression.go).
+const libraryDataWriteBuffer = 1 << 10
+
+// libraryReadBuffer is the size of the library's read buffer, which every
+// idle connection keeps: enough for frame headers and a typical client
+// frame (a subscribe, a short message) in one read; a larger frame's payload
+// is read straight into the message.
+const libraryReadBuffer = 256
 
 func (w *corkWriter) Write(p []byte) (int, error) {
 	w.mu.Lock()
@@ -57,6 +88,9 @@ func (w *corkWriter) Write(p []byte) (int, error) {
 		w.closeSent = true
 	}
 	if w.corked {
+		if w.buf == nil {
+			w.buf = takeCorkBuf()
+		}
 		w.buf = append(w.buf, p...)
 		return len(p), nil
 	}
@@ -103,6 +137,9 @@ func (w *corkWriter) writeData(first byte, payload []byte) error {
 	if w.closeSent {
 		return net.ErrClosed
 	}
+	if w.buf == nil {
+		w.buf = takeCorkBuf()
+	}
 	w.buf = append(w.buf, header[:n]...)
 	w.buf = append(w.buf, payload...)
 	if w.corked {
@@ -124,11 +161,8 @@ func (w *corkWriter) flushLocked() error {
 		return nil
 	}
 	_, err := w.conn.Write(w.buf)
-	if cap(w.buf) > maxCorkRetained {
-		w.buf = nil
-	} else {
-		w.buf = w.buf[:0]
-	}
+	releaseCorkBuf(w.buf)
+	w.buf = nil
 	return err
 }
 
@@ -137,6 +171,7 @@ func (w *corkWriter) flushLocked() error {
 type corkingResponseWriter struct {
 	http.ResponseWriter
 	cork *corkWriter // set by Hijack
+	idle *idleReader // if set, Hijack gives it the socket and the read buffer
 }
 
 func (w *corkingResponseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
@@ -154,6 +189,10 @@ func (w *corkingResponseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	// net/http has flushed its writer (the 101 response) before handing it
 	// over; from here on writes go through the cork.
 	w.cork = &corkWriter{conn: conn}
+	bw := libraryWriteBuffer
+	if _, library := negotiatedCompression(w.Header()); library {
+		bw = libraryDataWriteBuffer
+	}
 	// net/http's 4 KiB read buffer is swapped for a small one (frames larger
 	// than it are read straight into the message), keeping what the client
 	// may already have sent after its handshake.
@@ -168,7 +207,17 @@ func (w *corkingResponseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 			return nil, nil, err
 		}
 	}
-	return conn, bufio.NewReadWriter(br, bufio.NewWriterSize(w.cork, libraryWriteBuffer)), nil
+	if w.idle != nil {
+		// The library keeps br (it resets its source, not the buffer),
+		// moving what br holds into that source, where awaitFrame cannot
+		// see it: with early bytes, the first frame is read at once.
+		w.idle.br = br
+		w.idle.unseen = brw.Reader.Buffered() > 0
+		if sc, ok := conn.(syscall.Conn); ok {
+			w.idle.rc, _ = sc.SyscallConn()
+		}
+	}
+	return conn, bufio.NewReadWriter(br, bufio.NewWriterSize(w.cork, bw)), nil
 }
 
 // innermostWriter unwraps w down to the writer that wraps nothing.

@@ -2,6 +2,7 @@ package caddychat
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -120,8 +121,11 @@ func (h *Handler) reserveConnection(w http.ResponseWriter, id *identity) (releas
 // handshake was refused, and answered, by the WebSocket library (403 for a
 // foreign origin, 400 for a malformed handshake).
 func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request, id *identity, rawChannel string, release func()) error {
-	cw := &corkingResponseWriter{ResponseWriter: w}
-	ws, err := websocket.Accept(cw, r, &h.acceptOptions)
+	tr := &wsTransport{}
+	cw := &corkingResponseWriter{ResponseWriter: w, idle: &tr.idleReader}
+	opts := h.acceptOptions
+	opts.OnPongReceived = func(context.Context, []byte) { tr.pongReceived() }
+	ws, err := websocket.Accept(cw, r, &opts)
 	if err != nil {
 		return err
 	}
@@ -133,16 +137,14 @@ func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request, id *identity, 
 	// ServeHTTP: the connection runs on contexts of its own, on a goroutine
 	// of its own. Returning lets net/http's goroutine end, and with it the
 	// stack that Caddy's handler chain grew: an idle connection then costs
-	// two small goroutine stacks, not a large one.
+	// one small goroutine stack (conn.readIdle), not a large one.
 	ws.SetReadLimit(h.MaxMessageSize)
-	tr := &wsTransport{ws: ws, cw: cw.cork}
+	tr.ws, tr.cw = ws, cw.cork
 	tr.deflate, tr.library = negotiatedCompression(w.Header())
 	c := newConn(h.route, tr, rawChannel, id)
 	c.path = r.URL.Path
-	go func() {
-		defer release()
-		c.serve()
-	}()
+	c.done = release
+	go c.serve()
 	return nil
 }
 

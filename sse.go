@@ -2,7 +2,6 @@ package caddychat
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"net"
@@ -122,6 +121,9 @@ func (t *sseTransport) writeFrame(d *delivery, frame []byte) error {
 	if t.done {
 		return net.ErrClosed
 	}
+	if t.buf == nil {
+		t.buf = takeCorkBuf()
+	}
 	if d != nil && d.own == nil && d.kept {
 		t.buf = t.appendID(t.buf, d)
 	}
@@ -199,11 +201,8 @@ func (t *sseTransport) flushLocked() error {
 	if err == nil {
 		err = t.rc.Flush()
 	}
-	if cap(t.buf) > maxCorkRetained {
-		t.buf = nil
-	} else {
-		t.buf = t.buf[:0]
-	}
+	releaseCorkBuf(t.buf)
+	t.buf = nil
 	return err
 }
 
@@ -218,6 +217,9 @@ func (t *sseTransport) close(code websocket.StatusCode, reason string) {
 	t.mu.Lock()
 	if !t.done {
 		ev, _ := json.Marshal(sseClose{Type: "close", Code: int(code), Reason: closeReasonText(reason)})
+		if t.buf == nil {
+			t.buf = takeCorkBuf()
+		}
 		t.buf = appendSSEData(t.buf, ev)
 		_ = t.flushLocked()
 		t.done = true
@@ -236,11 +238,14 @@ func (t *sseTransport) closeNow() {
 
 // ping sends a comment: it keeps proxies from timing the stream out, and a
 // client that went away makes it fail.
-func (t *sseTransport) ping(context.Context) error {
+func (t *sseTransport) ping() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.done {
 		return nil
+	}
+	if t.buf == nil {
+		t.buf = takeCorkBuf()
 	}
 	t.buf = append(t.buf, ":\n\n"...)
 	if t.corked {

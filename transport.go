@@ -2,6 +2,7 @@ package caddychat
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/coder/websocket"
 )
@@ -25,8 +26,10 @@ type transport interface {
 	close(code websocket.StatusCode, reason string)
 	// closeNow cuts the connection, from any goroutine, without waiting.
 	closeNow()
-	// ping checks that the client is still there, within ctx.
-	ping(ctx context.Context) error
+	// ping checks that the client is still there, without waiting for an
+	// answer: an error means it is not (a WebSocket: the previous ping, a
+	// ping_interval ago, got no pong).
+	ping() error
 	// name labels the transport in logs and the welcome.
 	name() string
 }
@@ -35,6 +38,7 @@ type transport interface {
 type wsTransport struct {
 	ws *websocket.Conn
 	cw *corkWriter
+	idleReader
 	// Negotiated compression (compression.go): deflate, without context
 	// takeover, frames compressed once per delivery; library, with it,
 	// frames written and compressed by the library.
@@ -68,11 +72,23 @@ func (t *wsTransport) writeFrame(d *delivery, frame []byte) error {
 func (t *wsTransport) uncork() error { return t.cw.uncork() }
 
 func (t *wsTransport) close(code websocket.StatusCode, reason string) {
+	t.startClosing()
 	_ = t.ws.Close(code, reason)
 }
 
 func (t *wsTransport) closeNow() { _ = t.ws.CloseNow() }
 
-func (t *wsTransport) ping(ctx context.Context) error { return t.ws.Ping(ctx) }
+// ping sends a ping and returns: its pong is awaited until the next ping,
+// ping_interval later, and taken by awaitFrame or the library
+// (pongReceived), so no goroutine waits for it.
+func (t *wsTransport) ping() error {
+	if t.awaitingPong.Swap(true) {
+		return errPingTimeout
+	}
+	if err := t.cw.writeData(opPing, nil); err != nil {
+		return fmt.Errorf("sending a ping: %w", err)
+	}
+	return nil
+}
 
 func (t *wsTransport) name() string { return "websocket" }
