@@ -60,7 +60,7 @@ type conn struct {
 	// the server API (conn_server.go) change them, under subMu; subsEnded
 	// is set when the closing connection lists them for the last time.
 	subMu      sync.Mutex
-	subscribed map[string]struct{}
+	subscribed channelSet
 	subsEnded  bool
 	// done, if set, runs once the connection has ended (a WebSocket's
 	// connection slot goes back).
@@ -111,7 +111,6 @@ func newConn(rt *route, tr transport, rawChannel string, id *identity) *conn {
 		ctx:        ctx,
 		cancel:     cancel,
 		closed:     make(chan struct{}),
-		subscribed: make(map[string]struct{}),
 	}
 	c.writeTimer = time.AfterFunc(time.Hour, c.writeTimedOut)
 	c.writeTimer.Stop()

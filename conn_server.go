@@ -53,8 +53,8 @@ func (c *conn) serverSubscribe(ctx context.Context, channel string) (bool, error
 		return false, nil // a raw route bridges one channel, its own
 	}
 	c.subMu.Lock()
-	_, already := c.subscribed[channel]
-	full := len(c.subscribed) >= c.route.maxSubscriptions
+	already := c.subscribed.has(channel)
+	full := c.subscribed.len() >= c.route.maxSubscriptions
 	c.subMu.Unlock()
 	if already {
 		return true, nil
@@ -89,26 +89,21 @@ type serverPush struct {
 func (c *conn) isSubscribed(channel string) bool {
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
-	_, ok := c.subscribed[channel]
-	return ok
+	return c.subscribed.has(channel)
 }
 
 // subscriptions is how many channels c is subscribed to.
 func (c *conn) subscriptions() int {
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
-	return len(c.subscribed)
+	return c.subscribed.len()
 }
 
 // subscribedChannels lists c's channels.
 func (c *conn) subscribedChannels() []string {
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
-	out := make([]string, 0, len(c.subscribed))
-	for ch := range c.subscribed {
-		out = append(out, ch)
-	}
-	return out
+	return c.subscribed.list()
 }
 
 // endSubscriptions lists c's channels for the last time: a server
@@ -117,9 +112,5 @@ func (c *conn) endSubscriptions() []string {
 	c.subMu.Lock()
 	defer c.subMu.Unlock()
 	c.subsEnded = true
-	out := make([]string, 0, len(c.subscribed))
-	for ch := range c.subscribed {
-		out = append(out, ch)
-	}
-	return out
+	return c.subscribed.list()
 }

@@ -311,8 +311,8 @@ func (c *conn) joinWithin(ctx context.Context, channel string) error {
 	}
 	c.subMu.Lock()
 	ended := c.subsEnded
-	if !ended {
-		c.subscribed[channel] = struct{}{}
+	if !ended && !c.subscribed.has(channel) {
+		c.subscribed.add(channel)
 	}
 	c.subMu.Unlock()
 	if ended {
@@ -325,8 +325,7 @@ func (c *conn) joinWithin(ctx context.Context, channel string) error {
 // leave unsubscribes the connection from channel.
 func (c *conn) leave(channel string) {
 	c.subMu.Lock()
-	_, ok := c.subscribed[channel]
-	delete(c.subscribed, channel)
+	ok := c.subscribed.remove(channel)
 	c.subMu.Unlock()
 	if ok {
 		c.hub.unsubscribe(c, channel)
