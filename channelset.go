@@ -1,6 +1,9 @@
 package caddychat
 
-import "slices"
+import (
+	"iter"
+	"slices"
+)
 
 // channelSet is the channels of one connection. Most connections have one
 // or a few: a short slice costs one small allocation where a map costs a
@@ -72,4 +75,81 @@ func (s *channelSet) list() []string {
 		out = append(out, ch)
 	}
 	return out
+}
+
+// memberSet is the local subscribers of one channel: like channelSet, a
+// short slice for the one or few members most channels have on a node, a
+// map past memberSetSlice.
+type memberSet struct {
+	few  []subscriber
+	many map[subscriber]struct{}
+}
+
+const memberSetSlice = 8
+
+func (m *memberSet) len() int {
+	if m.many != nil {
+		return len(m.many)
+	}
+	return len(m.few)
+}
+
+func (m *memberSet) has(s subscriber) bool {
+	if m.many != nil {
+		_, ok := m.many[s]
+		return ok
+	}
+	return slices.Contains(m.few, s)
+}
+
+// add adds s, which must not be in m yet.
+func (m *memberSet) add(s subscriber) {
+	if m.many != nil {
+		m.many[s] = struct{}{}
+		return
+	}
+	if len(m.few) < memberSetSlice {
+		m.few = append(m.few, s)
+		return
+	}
+	m.many = make(map[subscriber]struct{}, 2*memberSetSlice)
+	for _, x := range m.few {
+		m.many[x] = struct{}{}
+	}
+	m.many[s] = struct{}{}
+	m.few = nil
+}
+
+// remove removes s and reports whether it was there.
+func (m *memberSet) remove(s subscriber) bool {
+	if m.many != nil {
+		_, ok := m.many[s]
+		delete(m.many, s)
+		return ok
+	}
+	i := slices.Index(m.few, s)
+	if i < 0 {
+		return false
+	}
+	m.few = slices.Delete(m.few, i, i+1)
+	return true
+}
+
+// all iterates over the members; m must not change meanwhile.
+func (m *memberSet) all() iter.Seq[subscriber] {
+	return func(yield func(subscriber) bool) {
+		if m.many == nil {
+			for _, s := range m.few {
+				if !yield(s) {
+					return
+				}
+			}
+			return
+		}
+		for s := range m.many {
+			if !yield(s) {
+				return
+			}
+		}
+	}
 }

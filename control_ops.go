@@ -101,10 +101,10 @@ func (h *hub) localChannels(pattern string, limit int) (out []channelCount, trun
 	acl := compileACL([]string{pattern}, "")
 	h.mu.RLock()
 	for name, cs := range h.channels {
-		if len(cs.members) == 0 || !acl.allows(name) {
+		if cs.members.len() == 0 || !acl.allows(name) {
 			continue
 		}
-		out = append(out, channelCount{Channel: name, Subscribers: len(cs.members)})
+		out = append(out, channelCount{Channel: name, Subscribers: cs.members.len()})
 	}
 	h.mu.RUnlock()
 	slices.SortFunc(out, func(a, b channelCount) int { return strings.Compare(a.Channel, b.Channel) })

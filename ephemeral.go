@@ -89,7 +89,7 @@ func (h *hub) deliverEphemeral(channel string, body []byte, born int64) {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	cs := h.channels[channel]
-	if cs == nil || len(cs.members) == 0 {
+	if cs == nil || cs.members.len() == 0 {
 		return
 	}
 	// Not kept: messageID finds no id in it, so no resync or catch-up
@@ -97,7 +97,7 @@ func (h *hub) deliverEphemeral(channel string, body []byte, born int64) {
 	d := newDelivery(channel, env, true, h.ids)
 	d.born, d.ephemeral = born, true
 	queued, skipped := 0, 0
-	for s := range cs.members {
+	for s := range cs.members.all() {
 		if !s.wantsEphemeral(from) {
 			skipped++
 			continue
@@ -106,7 +106,7 @@ func (h *hub) deliverEphemeral(channel string, body []byte, born int64) {
 			queued++
 		}
 	}
-	h.countFanOut(len(cs.members), skipped, queued)
+	h.countFanOut(cs.members.len(), skipped, queued)
 }
 
 // wantsEphemeral: every JSON connection but the sender. Raw clients get

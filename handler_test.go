@@ -252,7 +252,7 @@ func (h *hub) members(channel string) int {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	if cs := h.channels[channel]; cs != nil {
-		return len(cs.members)
+		return cs.members.len()
 	}
 	return 0
 }

@@ -170,7 +170,7 @@ type channelState struct {
 	// refs counts members plus joins in progress; guarded by hub.mu. The entry
 	// stays in hub.channels while refs > 0 or a broker call is under way.
 	refs    int
-	members map[subscriber]struct{} // guarded by hub.mu
+	members memberSet // guarded by hub.mu
 
 	// lastKept is the id of the last kept message delivered; only the
 	// broker's delivering goroutine touches it. It drops live copies of
@@ -332,10 +332,10 @@ func (h *hub) subscribe(ctx context.Context, s subscriber, channel string) error
 	}
 	cs := h.channels[channel]
 	if cs == nil {
-		cs = &channelState{members: make(map[subscriber]struct{})}
+		cs = &channelState{}
 		h.channels[channel] = cs
 	}
-	if _, ok := cs.members[s]; ok {
+	if cs.members.has(s) {
 		h.mu.Unlock()
 		return nil
 	}
@@ -351,9 +351,10 @@ func (h *hub) subscribe(ctx context.Context, s subscriber, channel string) error
 		}
 	}
 	h.mu.Lock()
-	if err == nil {
-		cs.members[s] = struct{}{}
+	if err == nil && !cs.members.has(s) {
+		cs.members.add(s)
 	} else {
+		// Failed, or a join of s that ran beside this one won: one ref.
 		cs.refs--
 	}
 	h.mu.Unlock()
@@ -387,10 +388,9 @@ func (h *hub) dropMember(s subscriber, channel string) *channelState {
 	if cs == nil {
 		return nil
 	}
-	if _, ok := cs.members[s]; !ok {
+	if !cs.members.remove(s) {
 		return nil
 	}
-	delete(cs.members, s)
 	cs.refs--
 	return cs
 }
@@ -454,7 +454,7 @@ func (h *hub) deliverBody(channel string, body []byte, stamped bool, born int64)
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	cs := h.channels[channel]
-	if cs == nil || len(cs.members) == 0 {
+	if cs == nil || cs.members.len() == 0 {
 		return
 	}
 	d := newDelivery(channel, body, stamped, h.ids)
@@ -472,7 +472,7 @@ func (h *hub) deliverBody(channel string, body []byte, stamped bool, born int64)
 		d.born = born
 	}
 	queued, skipped := 0, 0
-	for s := range cs.members {
+	for s := range cs.members.all() {
 		if event && !s.wantsPresence() {
 			skipped++
 			continue
@@ -481,7 +481,7 @@ func (h *hub) deliverBody(channel string, body []byte, stamped bool, born int64)
 			queued++
 		}
 	}
-	h.countFanOut(len(cs.members), skipped, queued)
+	h.countFanOut(cs.members.len(), skipped, queued)
 }
 
 // countFanOut records one message's fan-out to members subscribers, of

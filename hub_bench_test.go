@@ -22,7 +22,7 @@ func BenchmarkHubDeliver(b *testing.B) {
 				b.Fatal(err)
 			}
 			const channel = "room:bench"
-			cs := &channelState{members: make(map[subscriber]struct{}, subscribers), subscribed: true, refs: subscribers}
+			cs := &channelState{subscribed: true, refs: subscribers}
 			h.channels[channel] = cs
 			var drained sync.WaitGroup
 			stop := make(chan struct{})
@@ -32,7 +32,7 @@ func BenchmarkHubDeliver(b *testing.B) {
 			for range subscribers {
 				c := &conn{route: rt, cancel: func() {}}
 				c.writing.Store(true) // the drain goroutine below is its writer
-				cs.members[c] = struct{}{}
+				cs.members.add(c)
 				drained.Add(1)
 				go func() {
 					defer drained.Done()
@@ -122,7 +122,7 @@ func (h *hub) queued(channel string) int {
 	defer h.mu.RUnlock()
 	n := 0
 	if cs := h.channels[channel]; cs != nil {
-		for s := range cs.members {
+		for s := range cs.members.all() {
 			n += s.(*conn).send.len()
 		}
 	}

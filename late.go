@@ -85,7 +85,7 @@ func (h *hub) skipLate(channel string, body []byte, stamped bool) {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	cs := h.channels[channel]
-	if cs == nil || len(cs.members) == 0 {
+	if cs == nil || cs.members.len() == 0 {
 		return
 	}
 	if stamped {
@@ -96,7 +96,7 @@ func (h *hub) skipLate(channel string, body []byte, stamped bool) {
 		}
 	}
 	h.owe(channel, cs, 1)
-	moduleMetrics().lateSkipped.WithLabelValues("hub").Add(float64(len(cs.members)))
+	moduleMetrics().lateSkipped.WithLabelValues("hub").Add(float64(cs.members.len()))
 }
 
 // skipDropped counts n messages of channel that a full inbox refused.
@@ -104,9 +104,9 @@ func (h *hub) skipDropped(channel string, n int) {
 	h.lateAt.Store(time.Now().UnixNano())
 	h.mu.RLock()
 	defer h.mu.RUnlock()
-	if cs := h.channels[channel]; cs != nil && len(cs.members) > 0 {
+	if cs := h.channels[channel]; cs != nil && cs.members.len() > 0 {
 		h.owe(channel, cs, n)
-		moduleMetrics().lateSkipped.WithLabelValues("hub").Add(float64(n * len(cs.members)))
+		moduleMetrics().lateSkipped.WithLabelValues("hub").Add(float64(n * cs.members.len()))
 	}
 }
 
@@ -126,7 +126,7 @@ func (h *hub) sendGap(channel string, cs *channelState) {
 	}
 	gap := &delivery{channel: channel, gap: cs.missed}
 	cs.missed = 0
-	for s := range cs.members {
+	for s := range cs.members.all() {
 		s.enqueue(gap)
 	}
 }

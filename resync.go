@@ -71,7 +71,7 @@ func (h *hub) resync() {
 	var todo []pending
 	h.mu.RLock()
 	for ch, cs := range h.channels {
-		if cs.lastKept != (streamID{}) && len(cs.members) > 0 {
+		if cs.lastKept != (streamID{}) && cs.members.len() > 0 {
 			todo = append(todo, pending{ch, cs.lastKept, cs.lastEpoch})
 		}
 	}
@@ -109,8 +109,8 @@ func (h *hub) restartMembers(channel string) {
 	h.mu.RLock()
 	var members []subscriber
 	if cs := h.channels[channel]; cs != nil {
-		members = make([]subscriber, 0, len(cs.members))
-		for s := range cs.members {
+		members = make([]subscriber, 0, cs.members.len())
+		for s := range cs.members.all() {
 			members = append(members, s)
 		}
 	}

@@ -87,7 +87,7 @@ func (h *hub) localStats() nodeStats {
 	}
 	channels := 0
 	for _, cs := range h.channels {
-		if len(cs.members) > 0 {
+		if cs.members.len() > 0 {
 			channels++
 		}
 	}
