@@ -35,7 +35,7 @@ func TestChannelSet(t *testing.T) {
 			t.Fatalf("%s: has a channel never added", step)
 		}
 	}
-	for i := range 3 * channelSetSlice {
+	for i := range 3 * smallSetSlice {
 		ch := fmt.Sprintf("room:%d", i)
 		s.add(ch)
 		want[ch] = true
@@ -49,7 +49,7 @@ func TestChannelSet(t *testing.T) {
 		}
 	}
 	if s.many == nil {
-		t.Fatal("past channelSetSlice channels the set is still a slice")
+		t.Fatal("past smallSetSlice channels the set is still a slice")
 	}
 	list := s.list()
 	list[0] = "changed"
