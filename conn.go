@@ -35,23 +35,31 @@ type conn struct {
 	ctx        context.Context // ends when the connection starts closing
 	cancel     context.CancelFunc
 	// ops are the cancels of the broker calls under way (brokerContext).
+	// opMu also guards closed and handshakeDone.
 	opMu      sync.Mutex
 	ops       []*context.CancelFunc
 	closeOnce sync.Once
-	closeCode websocket.StatusCode
-	closeWhy  string
+	// handshakeDone is set by the writer once the close handshake is done
+	// (closeDone); closed, made only when finish has to wait for that, is
+	// closed then. An idle connection holds no channel for it.
+	handshakeDone bool
+	closed        chan struct{}
+	closeCode     websocket.StatusCode
+	closeWhy      string
 	// writing is true while a writer goroutine runs. A writer exists only
 	// while there is something to write (or a close to perform), so an idle
 	// connection costs one goroutine, not two.
 	writing atomic.Bool
+	// admitted: the connection holds a slot of the hub (hub.admit, a
+	// WebSocket's), given back once it has ended. The slot is its user's,
+	// identity.user, which a refresh cannot change (opRefresh).
+	admitted bool
 	// pipeline holds the connection's publishes waiting for Redis, made
 	// with the first (pipeline.go); only the reading goroutine sets it.
 	pipeline chan pendingPublish
 	// owed counts, per channel, the messages the connection missed (late)
 	// and has not been told of yet; the writer's alone, nil when none (late.go).
 	owed map[string]int
-	// closed is closed by the writer once the close handshake is done.
-	closed chan struct{}
 	// pingTimer is set once serve starts; the timer's own callback reads it.
 	pingTimer atomic.Pointer[time.Timer]
 	pinging   atomic.Bool
@@ -60,17 +68,15 @@ type conn struct {
 	// the server API (conn_server.go) change them, under subMu; subsEnded
 	// is set when the closing connection lists them for the last time.
 	subMu      sync.Mutex
-	subscribed channelSet
 	subsEnded  bool
-	// done, if set, runs once the connection has ended (a WebSocket's
-	// connection slot goes back).
-	done func()
-	// sess is who the connection is, for the server API.
-	sess atomic.Pointer[session]
-	// streamSession and streamSubs are an SSE stream's: the secret its
-	// POSTs name, and the subscribes its query asked for (sse_session.go).
-	streamSession string
-	streamSubs    []clientFrame
+	subscribed channelSet
+	// sessIdentity is the identity the server API sees (conn_server.go):
+	// the reading goroutine's, published atomically. opened is when the
+	// connection opened (Unix nanoseconds), the issue time of a credential
+	// without a token. No session value is kept: built on demand, it is not
+	// one more allocation held by every idle connection.
+	sessIdentity atomic.Pointer[identity]
+	opened       int64
 
 	// Only touched by the reading goroutine: the identity (replaced by a
 	// refresh) and the rate limiter's state.
@@ -110,11 +116,11 @@ func newConn(rt *route, tr transport, rawChannel string, id *identity) *conn {
 		rawChannel: rawChannel,
 		ctx:        ctx,
 		cancel:     cancel,
-		closed:     make(chan struct{}),
 	}
 	c.writeTimer = time.AfterFunc(time.Hour, c.writeTimedOut)
 	c.writeTimer.Stop()
-	c.setSession(time.Now())
+	c.opened = time.Now().UnixNano()
+	c.setSession()
 	return c
 }
 
@@ -203,9 +209,7 @@ func (c *conn) serve() {
 func (c *conn) open() bool {
 	if err := c.hub.register(c); err != nil {
 		c.tr.close(closeGoingAway, "node shutting down")
-		if c.done != nil {
-			c.done()
-		}
+		c.releaseSlot()
 		return false
 	}
 	m := moduleMetrics()
@@ -229,8 +233,8 @@ func (c *conn) open() bool {
 	} else {
 		c.offStack(func() {
 			w := welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user, Guest: c.identity.guest, Name: c.identity.name, Info: c.identity.info}
-			if c.streamSession != "" {
-				w.Transport, w.Session = c.tr.name(), c.streamSession
+			if t := c.stream(); t != nil && t.streamSession != "" {
+				w.Transport, w.Session = c.tr.name(), t.streamSession
 			}
 			c.sendOwn(w)
 			c.joinInitial()
@@ -246,7 +250,7 @@ func (c *conn) finish() {
 	c.fail(closeNormal, "")
 	c.hub.unregister(c, c.endSubscriptions())
 	c.recordEvent("disconnect", "")
-	<-c.closed
+	c.awaitCloseDone()
 	c.route.log.Debug("connection closed", zap.String("conn", c.id), zap.Int("code", int(c.closeCode)), zap.String("reason", c.closeWhy))
 	if t := c.pingTimer.Load(); t != nil {
 		t.Stop()
@@ -260,8 +264,14 @@ func (c *conn) finish() {
 	if c.closeCode == closeSlowConsumer {
 		m.slowConsumers.Inc()
 	}
-	if c.done != nil {
-		c.done()
+	c.releaseSlot()
+}
+
+// releaseSlot gives back the connection's slot of the hub, if it holds one;
+// it runs once, when the connection has ended.
+func (c *conn) releaseSlot() {
+	if c.admitted {
+		c.hub.release(c.identity.user)
 	}
 }
 
@@ -500,7 +510,41 @@ func (c *conn) writeLoop() {
 func (c *conn) closeHandshake() {
 	c.writeTimer.Stop()
 	c.tr.close(c.closeCode, c.closeWhy)
-	close(c.closed)
+	c.closeDone()
+}
+
+// closeDone records that the close handshake is done, and wakes finish if
+// it waits for that; the writer calls it once.
+func (c *conn) closeDone() {
+	c.opMu.Lock()
+	c.handshakeDone = true
+	closed := c.closed
+	c.opMu.Unlock()
+	if closed != nil {
+		close(closed)
+	}
+}
+
+// isCloseDone reports whether the close handshake is done.
+func (c *conn) isCloseDone() bool {
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
+	return c.handshakeDone
+}
+
+// awaitCloseDone returns once the close handshake is done.
+func (c *conn) awaitCloseDone() {
+	c.opMu.Lock()
+	if c.handshakeDone {
+		c.opMu.Unlock()
+		return
+	}
+	if c.closed == nil {
+		c.closed = make(chan struct{})
+	}
+	closed := c.closed
+	c.opMu.Unlock()
+	<-closed
 }
 
 // maxBatch bounds the frames sent with one socket write.
