@@ -32,10 +32,17 @@ type conn struct {
 	// takes longer than write_timeout. One timer per connection, reset per
 	// write, instead of a context (and its allocations) per write.
 	writeTimer *time.Timer
-	ctx        context.Context // ends when the connection starts closing
-	cancel     context.CancelFunc
+	// closing is set when the connection starts closing (fail), and ends
+	// ctx. ctx is made on first use (context): for a hook call, a publish
+	// pipeline, a writer waiting for the read to end. An idle connection
+	// holds none: a cancelable context and its cancel function per
+	// connection would be two more allocations each. One pointer, not the
+	// context and its cancel function: 16 bytes less keep conn within the
+	// 448-byte size class (conn_mem_test.go).
+	closing atomic.Bool
+	ctx     *cancelableContext
 	// ops are the cancels of the broker calls under way (brokerContext).
-	// opMu also guards closed and handshakeDone.
+	// opMu also guards ctx, closed and handshakeDone.
 	opMu      sync.Mutex
 	ops       []*context.CancelFunc
 	closeOnce sync.Once
@@ -101,7 +108,6 @@ type conn struct {
 }
 
 func newConn(rt *route, tr transport, rawChannel string, id *identity) *conn {
-	ctx, cancel := context.WithCancel(context.Background())
 	var limiter *rate.Limiter
 	if rt.rate > 0 {
 		limiter = rate.NewLimiter(rate.Limit(rt.rate), rt.rateBurst)
@@ -114,8 +120,6 @@ func newConn(rt *route, tr transport, rawChannel string, id *identity) *conn {
 		hub:        rt.hub,
 		tr:         tr,
 		rawChannel: rawChannel,
-		ctx:        ctx,
-		cancel:     cancel,
 	}
 	c.writeTimer = time.AfterFunc(time.Hour, c.writeTimedOut)
 	c.writeTimer.Stop()
@@ -128,7 +132,7 @@ func newConn(rt *route, tr transport, rawChannel string, id *identity) *conn {
 func (c *conn) fail(code websocket.StatusCode, why string) {
 	c.closeOnce.Do(func() {
 		c.closeCode, c.closeWhy = code, why
-		c.cancel()
+		c.closing.Store(true)
 		c.cancelOps()
 		// The writer performs the close handshake.
 		c.kickWriter()
@@ -194,7 +198,7 @@ func (c *conn) serve() {
 	if !c.open() {
 		return
 	}
-	if c.ctx.Err() == nil {
+	if !c.closing.Load() {
 		if w, ok := c.tr.(frameWaiter); ok && w.canWait() {
 			go c.readIdle(w)
 			return
@@ -293,7 +297,7 @@ func (c *conn) readIdle(w frameWaiter) {
 		w.awaitFrame()
 		more = c.readFrame()
 	})
-	if more && c.ctx.Err() == nil {
+	if more && !c.closing.Load() {
 		go c.readIdle(w)
 		return
 	}
@@ -322,7 +326,7 @@ func (c *conn) readFrame() bool {
 		return false
 	}
 	if !c.withinRateLimit(frame) {
-		return c.ctx.Err() == nil
+		return !c.closing.Load()
 	}
 	if c.rawChannel != "" {
 		published := false
@@ -330,7 +334,7 @@ func (c *conn) readFrame() bool {
 		return published
 	}
 	c.offStack(func() { c.handleFrame(frame) })
-	return c.ctx.Err() == nil
+	return !c.closing.Load()
 }
 
 // offStack runs f on a short-lived goroutine and waits for it. Decoding
@@ -347,6 +351,27 @@ func (c *conn) offStack(f func()) {
 	<-done
 }
 
+// cancelableContext is a context with its cancel function.
+type cancelableContext struct {
+	context.Context
+	cancel context.CancelFunc
+}
+
+// context is ctx, made on first use: it ends when the connection starts
+// closing.
+func (c *conn) context() context.Context {
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
+	if c.ctx == nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		c.ctx = &cancelableContext{Context: ctx, cancel: cancel}
+		if c.closing.Load() {
+			cancel()
+		}
+	}
+	return c.ctx.Context
+}
+
 // brokerContext bounds a broker call by publish_timeout, and ends it when
 // the connection starts closing. It is not derived from c.ctx: a derived
 // context leaves c.ctx a map of children and a done channel for the rest of
@@ -355,7 +380,7 @@ func (c *conn) brokerContext() (context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithTimeout(context.Background(), c.route.publishTimeout)
 	op := &cancel
 	c.opMu.Lock()
-	if c.ctx.Err() != nil {
+	if c.closing.Load() {
 		c.opMu.Unlock()
 		cancel()
 		return ctx, cancel
@@ -378,11 +403,15 @@ func (c *conn) brokerContext() (context.Context, context.CancelFunc) {
 	}
 }
 
-// cancelOps ends the broker calls under way; fail calls it after ending
-// c.ctx, so a brokerContext made later starts ended.
+// cancelOps ends the broker calls under way, and ctx if it was made; fail
+// calls it after setting closing, so a brokerContext or a ctx made later
+// starts ended.
 func (c *conn) cancelOps() {
 	c.opMu.Lock()
 	defer c.opMu.Unlock()
+	if c.ctx != nil {
+		c.ctx.cancel()
+	}
 	for _, op := range c.ops {
 		(*op)()
 	}
@@ -459,7 +488,7 @@ func (c *conn) writeLoop() {
 	defer c.recoverWriter()
 	for {
 		// Closing wins over queued frames.
-		if c.ctx.Err() != nil {
+		if c.closing.Load() {
 			c.closeHandshake()
 			return
 		}
@@ -471,7 +500,7 @@ func (c *conn) writeLoop() {
 					// the peer's. The read fails too and ends c.ctx; then finish
 					// the close handshake, since closing the socket now could
 					// reset it before the peer has read that close frame.
-					<-c.ctx.Done()
+					<-c.context().Done()
 					c.closeHandshake()
 					return
 				}
@@ -495,7 +524,7 @@ func (c *conn) writeLoop() {
 		// check and giving up the writer role (its enqueue or fail saw
 		// writing == true and started no writer).
 		c.writing.Store(false)
-		if c.send.len() == 0 && c.ctx.Err() == nil {
+		if c.send.len() == 0 && !c.closing.Load() {
 			return
 		}
 		if !c.writing.CompareAndSwap(false, true) {
@@ -615,7 +644,7 @@ func (c *conn) writeTimedOut() {
 // holds up nothing else.
 func (c *conn) pingDue() {
 	defer c.recoverPanic("ping timer")
-	if c.ctx.Err() != nil {
+	if c.closing.Load() {
 		return
 	}
 	if t := c.pingTimer.Load(); t != nil {
@@ -625,7 +654,7 @@ func (c *conn) pingDue() {
 		return
 	}
 	defer c.pinging.Store(false)
-	if err := c.tr.ping(); err != nil && c.ctx.Err() == nil {
+	if err := c.tr.ping(); err != nil && !c.closing.Load() {
 		c.fail(closePingTimeout, "ping timeout")
 	}
 }

@@ -220,7 +220,7 @@ func (c *conn) joinStream() {
 	}
 	defer t.seeding.Store(false)
 	for _, f := range t.streamSubs {
-		if c.ctx.Err() != nil {
+		if c.closing.Load() {
 			return
 		}
 		if err := validateChannel(f.Channel); err != nil {
