@@ -32,26 +32,41 @@ type conn struct {
 	// takes longer than write_timeout. One timer per connection, reset per
 	// write, instead of a context (and its allocations) per write.
 	writeTimer *time.Timer
-	ctx        context.Context // ends when the connection starts closing
-	cancel     context.CancelFunc
+	// closing is set when the connection starts closing (fail), and ends
+	// ctx. ctx is made on first use (context): for a hook call, a publish
+	// pipeline, a writer waiting for the read to end. An idle connection
+	// holds none: a cancelable context and its cancel function per
+	// connection would be two more allocations each. One pointer, not the
+	// context and its cancel function: 16 bytes less keep conn within the
+	// 448-byte size class (conn_mem_test.go).
+	closing atomic.Bool
+	ctx     *cancelableContext
 	// ops are the cancels of the broker calls under way (brokerContext).
+	// opMu also guards ctx, closed and handshakeDone.
 	opMu      sync.Mutex
 	ops       []*context.CancelFunc
 	closeOnce sync.Once
-	closeCode websocket.StatusCode
-	closeWhy  string
+	// handshakeDone is set by the writer once the close handshake is done
+	// (closeDone); closed, made only when finish has to wait for that, is
+	// closed then. An idle connection holds no channel for it.
+	handshakeDone bool
+	closed        chan struct{}
+	closeCode     websocket.StatusCode
+	closeWhy      string
 	// writing is true while a writer goroutine runs. A writer exists only
 	// while there is something to write (or a close to perform), so an idle
 	// connection costs one goroutine, not two.
 	writing atomic.Bool
+	// admitted: the connection holds a slot of the hub (hub.admit, a
+	// WebSocket's), given back once it has ended. The slot is its user's,
+	// identity.user, which a refresh cannot change (opRefresh).
+	admitted bool
 	// pipeline holds the connection's publishes waiting for Redis, made
 	// with the first (pipeline.go); only the reading goroutine sets it.
 	pipeline chan pendingPublish
 	// owed counts, per channel, the messages the connection missed (late)
 	// and has not been told of yet; the writer's alone, nil when none (late.go).
 	owed map[string]int
-	// closed is closed by the writer once the close handshake is done.
-	closed chan struct{}
 	// pingTimer is set once serve starts; the timer's own callback reads it.
 	pingTimer atomic.Pointer[time.Timer]
 	pinging   atomic.Bool
@@ -60,17 +75,15 @@ type conn struct {
 	// the server API (conn_server.go) change them, under subMu; subsEnded
 	// is set when the closing connection lists them for the last time.
 	subMu      sync.Mutex
-	subscribed channelSet
 	subsEnded  bool
-	// done, if set, runs once the connection has ended (a WebSocket's
-	// connection slot goes back).
-	done func()
-	// sess is who the connection is, for the server API.
-	sess atomic.Pointer[session]
-	// streamSession and streamSubs are an SSE stream's: the secret its
-	// POSTs name, and the subscribes its query asked for (sse_session.go).
-	streamSession string
-	streamSubs    []clientFrame
+	subscribed channelSet
+	// sessIdentity is the identity the server API sees (conn_server.go):
+	// the reading goroutine's, published atomically. opened is when the
+	// connection opened (Unix nanoseconds), the issue time of a credential
+	// without a token. No session value is kept: built on demand, it is not
+	// one more allocation held by every idle connection.
+	sessIdentity atomic.Pointer[identity]
+	opened       int64
 
 	// Only touched by the reading goroutine: the identity (replaced by a
 	// refresh) and the rate limiter's state.
@@ -95,7 +108,6 @@ type conn struct {
 }
 
 func newConn(rt *route, tr transport, rawChannel string, id *identity) *conn {
-	ctx, cancel := context.WithCancel(context.Background())
 	var limiter *rate.Limiter
 	if rt.rate > 0 {
 		limiter = rate.NewLimiter(rate.Limit(rt.rate), rt.rateBurst)
@@ -108,13 +120,11 @@ func newConn(rt *route, tr transport, rawChannel string, id *identity) *conn {
 		hub:        rt.hub,
 		tr:         tr,
 		rawChannel: rawChannel,
-		ctx:        ctx,
-		cancel:     cancel,
-		closed:     make(chan struct{}),
 	}
 	c.writeTimer = time.AfterFunc(time.Hour, c.writeTimedOut)
 	c.writeTimer.Stop()
-	c.setSession(time.Now())
+	c.opened = time.Now().UnixNano()
+	c.setSession()
 	return c
 }
 
@@ -122,7 +132,7 @@ func newConn(rt *route, tr transport, rawChannel string, id *identity) *conn {
 func (c *conn) fail(code websocket.StatusCode, why string) {
 	c.closeOnce.Do(func() {
 		c.closeCode, c.closeWhy = code, why
-		c.cancel()
+		c.closing.Store(true)
 		c.cancelOps()
 		// The writer performs the close handshake.
 		c.kickWriter()
@@ -188,7 +198,7 @@ func (c *conn) serve() {
 	if !c.open() {
 		return
 	}
-	if c.ctx.Err() == nil {
+	if !c.closing.Load() {
 		if w, ok := c.tr.(frameWaiter); ok && w.canWait() {
 			go c.readIdle(w)
 			return
@@ -203,9 +213,7 @@ func (c *conn) serve() {
 func (c *conn) open() bool {
 	if err := c.hub.register(c); err != nil {
 		c.tr.close(closeGoingAway, "node shutting down")
-		if c.done != nil {
-			c.done()
-		}
+		c.releaseSlot()
 		return false
 	}
 	m := moduleMetrics()
@@ -229,8 +237,8 @@ func (c *conn) open() bool {
 	} else {
 		c.offStack(func() {
 			w := welcome{Type: "welcome", Conn: c.id, Node: c.hub.node, User: c.identity.user, Guest: c.identity.guest, Name: c.identity.name, Info: c.identity.info}
-			if c.streamSession != "" {
-				w.Transport, w.Session = c.tr.name(), c.streamSession
+			if t := c.stream(); t != nil && t.streamSession != "" {
+				w.Transport, w.Session = c.tr.name(), t.streamSession
 			}
 			c.sendOwn(w)
 			c.joinInitial()
@@ -246,7 +254,7 @@ func (c *conn) finish() {
 	c.fail(closeNormal, "")
 	c.hub.unregister(c, c.endSubscriptions())
 	c.recordEvent("disconnect", "")
-	<-c.closed
+	c.awaitCloseDone()
 	c.route.log.Debug("connection closed", zap.String("conn", c.id), zap.Int("code", int(c.closeCode)), zap.String("reason", c.closeWhy))
 	if t := c.pingTimer.Load(); t != nil {
 		t.Stop()
@@ -260,8 +268,14 @@ func (c *conn) finish() {
 	if c.closeCode == closeSlowConsumer {
 		m.slowConsumers.Inc()
 	}
-	if c.done != nil {
-		c.done()
+	c.releaseSlot()
+}
+
+// releaseSlot gives back the connection's slot of the hub, if it holds one;
+// it runs once, when the connection has ended.
+func (c *conn) releaseSlot() {
+	if c.admitted {
+		c.hub.release(c.identity.user)
 	}
 }
 
@@ -283,7 +297,7 @@ func (c *conn) readIdle(w frameWaiter) {
 		w.awaitFrame()
 		more = c.readFrame()
 	})
-	if more && c.ctx.Err() == nil {
+	if more && !c.closing.Load() {
 		go c.readIdle(w)
 		return
 	}
@@ -312,7 +326,7 @@ func (c *conn) readFrame() bool {
 		return false
 	}
 	if !c.withinRateLimit(frame) {
-		return c.ctx.Err() == nil
+		return !c.closing.Load()
 	}
 	if c.rawChannel != "" {
 		published := false
@@ -320,7 +334,7 @@ func (c *conn) readFrame() bool {
 		return published
 	}
 	c.offStack(func() { c.handleFrame(frame) })
-	return c.ctx.Err() == nil
+	return !c.closing.Load()
 }
 
 // offStack runs f on a short-lived goroutine and waits for it. Decoding
@@ -337,6 +351,27 @@ func (c *conn) offStack(f func()) {
 	<-done
 }
 
+// cancelableContext is a context with its cancel function.
+type cancelableContext struct {
+	context.Context
+	cancel context.CancelFunc
+}
+
+// context is ctx, made on first use: it ends when the connection starts
+// closing.
+func (c *conn) context() context.Context {
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
+	if c.ctx == nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		c.ctx = &cancelableContext{Context: ctx, cancel: cancel}
+		if c.closing.Load() {
+			cancel()
+		}
+	}
+	return c.ctx.Context
+}
+
 // brokerContext bounds a broker call by publish_timeout, and ends it when
 // the connection starts closing. It is not derived from c.ctx: a derived
 // context leaves c.ctx a map of children and a done channel for the rest of
@@ -345,7 +380,7 @@ func (c *conn) brokerContext() (context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithTimeout(context.Background(), c.route.publishTimeout)
 	op := &cancel
 	c.opMu.Lock()
-	if c.ctx.Err() != nil {
+	if c.closing.Load() {
 		c.opMu.Unlock()
 		cancel()
 		return ctx, cancel
@@ -368,11 +403,15 @@ func (c *conn) brokerContext() (context.Context, context.CancelFunc) {
 	}
 }
 
-// cancelOps ends the broker calls under way; fail calls it after ending
-// c.ctx, so a brokerContext made later starts ended.
+// cancelOps ends the broker calls under way, and ctx if it was made; fail
+// calls it after setting closing, so a brokerContext or a ctx made later
+// starts ended.
 func (c *conn) cancelOps() {
 	c.opMu.Lock()
 	defer c.opMu.Unlock()
+	if c.ctx != nil {
+		c.ctx.cancel()
+	}
 	for _, op := range c.ops {
 		(*op)()
 	}
@@ -449,7 +488,7 @@ func (c *conn) writeLoop() {
 	defer c.recoverWriter()
 	for {
 		// Closing wins over queued frames.
-		if c.ctx.Err() != nil {
+		if c.closing.Load() {
 			c.closeHandshake()
 			return
 		}
@@ -461,7 +500,7 @@ func (c *conn) writeLoop() {
 					// the peer's. The read fails too and ends c.ctx; then finish
 					// the close handshake, since closing the socket now could
 					// reset it before the peer has read that close frame.
-					<-c.ctx.Done()
+					<-c.context().Done()
 					c.closeHandshake()
 					return
 				}
@@ -485,7 +524,7 @@ func (c *conn) writeLoop() {
 		// check and giving up the writer role (its enqueue or fail saw
 		// writing == true and started no writer).
 		c.writing.Store(false)
-		if c.send.len() == 0 && c.ctx.Err() == nil {
+		if c.send.len() == 0 && !c.closing.Load() {
 			return
 		}
 		if !c.writing.CompareAndSwap(false, true) {
@@ -500,7 +539,41 @@ func (c *conn) writeLoop() {
 func (c *conn) closeHandshake() {
 	c.writeTimer.Stop()
 	c.tr.close(c.closeCode, c.closeWhy)
-	close(c.closed)
+	c.closeDone()
+}
+
+// closeDone records that the close handshake is done, and wakes finish if
+// it waits for that; the writer calls it once.
+func (c *conn) closeDone() {
+	c.opMu.Lock()
+	c.handshakeDone = true
+	closed := c.closed
+	c.opMu.Unlock()
+	if closed != nil {
+		close(closed)
+	}
+}
+
+// isCloseDone reports whether the close handshake is done.
+func (c *conn) isCloseDone() bool {
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
+	return c.handshakeDone
+}
+
+// awaitCloseDone returns once the close handshake is done.
+func (c *conn) awaitCloseDone() {
+	c.opMu.Lock()
+	if c.handshakeDone {
+		c.opMu.Unlock()
+		return
+	}
+	if c.closed == nil {
+		c.closed = make(chan struct{})
+	}
+	closed := c.closed
+	c.opMu.Unlock()
+	<-closed
 }
 
 // maxBatch bounds the frames sent with one socket write.
@@ -571,7 +644,7 @@ func (c *conn) writeTimedOut() {
 // holds up nothing else.
 func (c *conn) pingDue() {
 	defer c.recoverPanic("ping timer")
-	if c.ctx.Err() != nil {
+	if c.closing.Load() {
 		return
 	}
 	if t := c.pingTimer.Load(); t != nil {
@@ -581,7 +654,7 @@ func (c *conn) pingDue() {
 		return
 	}
 	defer c.pinging.Store(false)
-	if err := c.tr.ping(); err != nil && c.ctx.Err() == nil {
+	if err := c.tr.ping(); err != nil && !c.closing.Load() {
 		c.fail(closePingTimeout, "ping timeout")
 	}
 }

@@ -37,13 +37,19 @@ func credentialOf(id *identity, now time.Time) credential {
 	return credential{issuedAt: now}
 }
 
+// session is who the connection is now. The connection's id and route
+// never change; its identity does, with a refresh (setSession).
 func (c *conn) session() session {
-	return *c.sess.Load()
+	id := c.sessIdentity.Load()
+	return session{user: id.user, conn: c.id, route: c.route.name, credential: credentialOf(id, time.Unix(0, c.opened))}
 }
 
-// setSession records who the connection is: at the start and after a refresh.
-func (c *conn) setSession(now time.Time) {
-	c.sess.Store(&session{user: c.identity.user, conn: c.id, route: c.route.name, credential: credentialOf(c.identity, now)})
+// setSession records who the connection is: at the start and after a
+// refresh. A refresh's identity always comes from a token (verify), with a
+// credential of its own, so opened stays the issue time of a credential
+// without a token.
+func (c *conn) setSession() {
+	c.sessIdentity.Store(c.identity)
 }
 
 // serverSubscribe subscribes c to channel without the ACL or the hooks (the

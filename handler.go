@@ -51,12 +51,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if err != nil {
 		return refuse(w, r, err)
 	}
-	release, err := h.reserveConnection(w, id)
-	if err != nil {
+	if err := h.reserveConnection(w, id); err != nil {
 		return refuse(w, r, err)
 	}
-	if err := h.upgrade(w, r, id, rawChannel, release); err != nil {
-		release()
+	if err := h.upgrade(w, r, id, rawChannel); err != nil {
+		h.hub.release(id.user)
 		h.logger.Debug("websocket upgrade refused", zap.Error(err))
 	}
 	return nil
@@ -102,25 +101,26 @@ func (h *Handler) admit(r *http.Request) (id *identity, rawChannel string, err e
 
 // reserveConnection takes a connection slot of the hub for id (WebSocket
 // or SSE alike), or gives the refusal: 503 when the node is full, 429 when
-// the user is, with Retry-After set on w.
-func (h *Handler) reserveConnection(w http.ResponseWriter, id *identity) (release func(), err error) {
-	release, err = h.hub.admit(id.user, h.MaxConnections, h.MaxConnectionsPerUser)
+// the user is, with Retry-After set on w. h.hub.release(id.user) gives the
+// slot back.
+func (h *Handler) reserveConnection(w http.ResponseWriter, id *identity) error {
+	err := h.hub.admit(id.user, h.MaxConnections, h.MaxConnectionsPerUser)
 	if err == nil {
-		return release, nil
+		return nil
 	}
 	status := http.StatusServiceUnavailable
 	if err == errTooManyUserConnections {
 		status = http.StatusTooManyRequests
 	}
 	w.Header().Set("Retry-After", "5")
-	return nil, caddyhttp.Error(status, err)
+	return caddyhttp.Error(status, err)
 }
 
 // upgrade completes the WebSocket handshake and starts the connection,
-// which gives its slot back (release) when it ends. An error means the
+// which gives its slot back (hub.release) when it ends. An error means the
 // handshake was refused, and answered, by the WebSocket library (403 for a
 // foreign origin, 400 for a malformed handshake).
-func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request, id *identity, rawChannel string, release func()) error {
+func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request, id *identity, rawChannel string) error {
 	tr := &wsTransport{}
 	cw := &corkingResponseWriter{ResponseWriter: w, idle: &tr.idleReader}
 	opts := h.acceptOptions
@@ -143,7 +143,7 @@ func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request, id *identity, 
 	tr.deflate, tr.library = negotiatedCompression(w.Header())
 	c := newConn(h.route, tr, rawChannel, id)
 	c.path = r.URL.Path
-	c.done = release
+	c.admitted = true
 	go c.serve()
 	return nil
 }

@@ -52,7 +52,7 @@ func (c *conn) subscribeAllowed(f clientFrame) bool {
 		}
 		return d.allow
 	}
-	ans, err := hook.decide(c.ctx, c.channelHookRequest("subscribe", f.Channel, nil), nil)
+	ans, err := hook.decide(c.context(), c.channelHookRequest("subscribe", f.Channel, nil), nil)
 	if err != nil {
 		var hf *hookFailure
 		errors.As(err, &hf)
@@ -110,7 +110,7 @@ func (c *conn) checkPublish(channel string, data json.RawMessage) (out json.RawM
 	if !c.route.publishHook.applies(channel) {
 		return data, publishAllowed, ""
 	}
-	return c.route.checkPublish(c.ctx, c.channelHookRequest("publish", channel, data))
+	return c.route.checkPublish(c.context(), c.channelHookRequest("publish", channel, data))
 }
 
 // checkPublish asks the publish hook about the message of req (a

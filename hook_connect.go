@@ -232,7 +232,7 @@ func closeReasonText(reason string) string {
 // welcome.
 func (c *conn) joinInitial() {
 	for _, ch := range c.identity.channels {
-		if c.ctx.Err() != nil {
+		if c.closing.Load() {
 			return
 		}
 		c.opSubscribe(clientFrame{Op: "subscribe", Channel: ch, initial: true})

@@ -261,36 +261,37 @@ var (
 )
 
 // admit reserves a connection slot for user (empty: anonymous) before the
-// upgrade; release gives it back when the connection ends.
-func (h *hub) admit(user string, maxTotal, maxPerUser int) (release func(), err error) {
+// upgrade; release gives it back when the connection ends. There is no
+// release closure: one per connection would be held by every idle one.
+func (h *hub) admit(user string, maxTotal, maxPerUser int) error {
 	h.admitMu.Lock()
 	defer h.admitMu.Unlock()
 	if h.admitted >= maxTotal {
-		return nil, errTooManyConnections
+		return errTooManyConnections
 	}
 	if user != "" {
 		if h.userConns == nil {
 			h.userConns = make(map[string]int)
 		}
 		if h.userConns[user] >= maxPerUser {
-			return nil, errTooManyUserConnections
+			return errTooManyUserConnections
 		}
 		h.userConns[user]++
 	}
 	h.admitted++
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			h.admitMu.Lock()
-			defer h.admitMu.Unlock()
-			h.admitted--
-			if user != "" {
-				if h.userConns[user]--; h.userConns[user] <= 0 {
-					delete(h.userConns, user)
-				}
-			}
-		})
-	}, nil
+	return nil
+}
+
+// release gives back the slot admit reserved for user; once per admit.
+func (h *hub) release(user string) {
+	h.admitMu.Lock()
+	defer h.admitMu.Unlock()
+	h.admitted--
+	if user != "" {
+		if h.userConns[user]--; h.userConns[user] <= 0 {
+			delete(h.userConns, user)
+		}
+	}
 }
 
 // register adds s to the node's subscribers, so that closing the hub closes it.

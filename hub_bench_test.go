@@ -30,7 +30,7 @@ func BenchmarkHubDeliver(b *testing.B) {
 			// deliveries never fill one (a full queue would close the client).
 			rt := &route{sendQueue: 1 << 30}
 			for range subscribers {
-				c := &conn{route: rt, cancel: func() {}}
+				c := &conn{route: rt}
 				c.writing.Store(true) // the drain goroutine below is its writer
 				cs.members.add(c)
 				drained.Add(1)

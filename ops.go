@@ -245,7 +245,7 @@ func (c *conn) opRefresh(f clientFrame) {
 		return
 	}
 	c.identity = id
-	c.setSession(time.Now())
+	c.setSession()
 	c.armExpiry()
 	for _, ch := range c.subscribedChannels() {
 		if !id.subscribe.allows(ch) {

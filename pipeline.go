@@ -70,7 +70,7 @@ func (c *conn) publishPipelined(reqID json.RawMessage, msg Publication) bool {
 	}
 	select {
 	case c.pipeline <- p:
-	case <-c.ctx.Done():
+	case <-c.context().Done():
 		cancel()
 	}
 	return true
@@ -84,7 +84,7 @@ func (c *conn) answerPublishes(pipeline <-chan pendingPublish) {
 		select {
 		case p := <-pipeline:
 			c.answerPublish(p)
-		case <-c.ctx.Done():
+		case <-c.context().Done():
 			// The waits end with the connection's context: release them.
 			for {
 				select {
@@ -111,7 +111,7 @@ func (c *conn) answerPublish(p pendingPublish) {
 
 // publishFailed answers a publish the broker did not take.
 func (c *conn) publishFailed(reqID json.RawMessage, channel string, err error) {
-	if errors.Is(err, context.Canceled) && c.ctx.Err() != nil {
+	if errors.Is(err, context.Canceled) && c.closing.Load() {
 		return // the connection is closing; no one to answer
 	}
 	c.route.log.Debug("publish failed", zap.String("conn", c.id), zap.String("channel", channel), zap.Error(err))

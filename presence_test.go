@@ -542,7 +542,7 @@ func TestPresenceCloseRemovesEntries(t *testing.T) {
 	defer h.Destruct()
 	rt := &route{presence: true, presenceTTL: 30 * time.Second, publishTimeout: time.Second}
 	for i, user := range []string{"alice", "bob", ""} {
-		c := &conn{route: rt, hub: h, id: fmt.Sprintf("%s-%d", h.node, i), identity: &identity{user: user}, ctx: context.Background()}
+		c := &conn{route: rt, hub: h, id: fmt.Sprintf("%s-%d", h.node, i), identity: &identity{user: user}}
 		h.presence.join(context.Background(), c, "room:x")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

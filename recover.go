@@ -56,8 +56,8 @@ func (c *conn) panicked(where string, v any) {
 }
 
 // recoverWriter, deferred by writeLoop, closes the connection after a panic
-// of the writer. The writer is the only one to close c.closed, and the
-// writing flag stays set, so no other writer starts.
+// of the writer. The writer is the only one to finish the close handshake
+// (closeDone), and the writing flag stays set, so no other writer starts.
 func (c *conn) recoverWriter() {
 	v := recover()
 	if v == nil {
@@ -65,17 +65,15 @@ func (c *conn) recoverWriter() {
 	}
 	c.writing.Store(true)
 	c.panicked("writer", v)
-	select {
-	case <-c.closed:
+	if c.isCloseDone() {
 		return // the panic came after the close handshake
-	default:
 	}
 	func() {
 		defer func() {
 			if recover() != nil {
 				// The WebSocket is beyond a close handshake: drop it.
 				c.tr.closeNow()
-				close(c.closed)
+				c.closeDone()
 			}
 		}()
 		// Frames left in the cork buffer are whole; send them before the

@@ -170,10 +170,10 @@ func TestResumeOnABusyChannelKeepsAReadingClient(t *testing.T) {
 				}
 				// Not reading until the node holds more than send_queue for it,
 				// or closed it.
-				for sc.ctx.Err() == nil && sc.send.queuedBytes()+sc.heldBytes.Load() <= h.SendQueue+16<<10 {
+				for !sc.closing.Load() && sc.send.queuedBytes()+sc.heldBytes.Load() <= h.SendQueue+16<<10 {
 					time.Sleep(2 * time.Millisecond)
 				}
-				if sc.ctx.Err() != nil {
+				if sc.closing.Load() {
 					fail("the node closed the resuming client (%d, %q) holding %d bytes for it", sc.closeCode, sc.closeWhy, sc.send.queuedBytes())
 					return
 				}
@@ -287,7 +287,7 @@ func TestResumeThenStopReadingIsClosed(t *testing.T) {
 				// The client reads no more: sample what the node holds for it
 				// until it is closed.
 				var peak int64
-				for sc.ctx.Err() == nil {
+				for !sc.closing.Load() {
 					peak = max(peak, sc.send.queuedBytes()+sc.heldBytes.Load())
 					time.Sleep(time.Millisecond)
 				}

@@ -56,6 +56,12 @@ type sseTransport struct {
 	stopOnce sync.Once
 	// cut is set by closeNow: writes fail from then on, without a new deadline.
 	cut atomic.Bool
+
+	// streamSession and streamSubs are the stream's: the secret its POSTs
+	// name, and the subscribes its query asked for (sse_session.go). They
+	// are here, not in conn, which every WebSocket holds too.
+	streamSession string
+	streamSubs    []clientFrame
 }
 
 var _ transport = (*sseTransport)(nil)

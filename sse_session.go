@@ -133,21 +133,20 @@ func (h *Handler) serveStream(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return refuse(w, r, err)
 	}
-	release, err := h.reserveConnection(w, id)
-	if err != nil {
+	if err := h.reserveConnection(w, id); err != nil {
 		return refuse(w, r, err)
 	}
-	defer release()
+	defer h.hub.release(id.user)
 
 	startStream(w)
 	t := newSSETransport(w, r, h.route.writeTimeout, seed)
 	c := newConn(h.route, t, "", id)
 	t.c = c
 	c.path = r.URL.Path
-	c.streamSession = newStreamSession(h.hub.node)
-	c.streamSubs = subs
-	h.hub.streams.add(c.streamSession, t)
-	defer h.hub.streams.remove(c.streamSession)
+	t.streamSession = newStreamSession(h.hub.node)
+	t.streamSubs = subs
+	h.hub.streams.add(t.streamSession, t)
+	defer h.hub.streams.remove(t.streamSession)
 	m := moduleMetrics()
 	m.sseStreams.Inc()
 	defer m.sseStreams.Dec()
@@ -215,14 +214,13 @@ func streamSubscribes(r *http.Request) (subs []clientFrame, seed []ssePosition, 
 // joinStream runs the subscribes an SSE stream's query asked for; each gets
 // its ok or error (with the channel, without an id), after the welcome.
 func (c *conn) joinStream() {
-	if c.streamSession == "" {
+	t := c.stream()
+	if t == nil || t.streamSession == "" {
 		return
 	}
-	if t, ok := c.tr.(*sseTransport); ok {
-		defer t.seeding.Store(false)
-	}
-	for _, f := range c.streamSubs {
-		if c.ctx.Err() != nil {
+	defer t.seeding.Store(false)
+	for _, f := range t.streamSubs {
+		if c.closing.Load() {
 			return
 		}
 		if err := validateChannel(f.Channel); err != nil {
@@ -231,7 +229,13 @@ func (c *conn) joinStream() {
 		}
 		c.opSubscribe(f)
 	}
-	c.streamSubs = nil
+	t.streamSubs = nil
+}
+
+// stream is the connection's SSE transport; nil on a WebSocket.
+func (c *conn) stream() *sseTransport {
+	t, _ := c.tr.(*sseTransport)
+	return t
 }
 
 // serveStreamPost hands a POSTed frame to its stream, here or on the node
