@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -45,51 +44,17 @@ type nodeMetrics struct {
 // over their series, should they have labels) and the close counters.
 func parseMetrics(r io.Reader) (nodeMetrics, error) {
 	m := nodeMetrics{closes: map[string]float64{}}
-	add := func(p **float64, v float64) {
-		if *p == nil {
-			*p = new(float64)
-		}
-		**p += v
-	}
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64*1024), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || line[0] == '#' {
-			continue
-		}
-		name, labels, rest := line, "", ""
-		if i := strings.IndexAny(line, "{ "); i >= 0 {
-			name, rest = line[:i], line[i:]
-			if line[i] == '{' {
-				if j := strings.LastIndexByte(line, '}'); j > i {
-					labels, rest = line[i+1:j], line[j+1:]
-				}
-			}
-		}
-		switch name {
-		case "caddy_chat_queued_bytes", "caddy_chat_history_bytes", "caddy_chat_connections_closed_total":
-		default:
-			continue
-		}
-		fields := strings.Fields(rest)
-		if len(fields) == 0 {
-			continue
-		}
-		v, err := strconv.ParseFloat(fields[0], 64)
-		if err != nil {
-			continue
-		}
+	err := scanSamples(r, func(name, labels string, v float64) {
 		switch name {
 		case "caddy_chat_queued_bytes":
-			add(&m.queued, v)
+			addSample(&m.queued, v)
 		case "caddy_chat_history_bytes":
-			add(&m.history, v)
-		default:
+			addSample(&m.history, v)
+		case "caddy_chat_connections_closed_total":
 			m.closes[labelValue(labels, "reason")] += v
 		}
-	}
-	return m, sc.Err()
+	})
+	return m, err
 }
 
 // labelValue returns the value of label key in a Prometheus label list.

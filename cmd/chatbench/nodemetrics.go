@@ -61,12 +61,33 @@ const (
 // differ in labels chatbench does not look at.
 func parsePromPage(r io.Reader) (promPage, error) {
 	p := promPage{lagBuckets: map[float64]float64{}, lateSkipped: map[string]float64{}}
-	add := func(dst **float64, v float64) {
-		if *dst == nil {
-			*dst = new(float64)
+	err := scanSamples(r, func(name, labels string, v float64) {
+		switch name {
+		case mLagMax:
+			// Several hubs' gauges would be maxima too.
+			if p.lagMax == nil || v > *p.lagMax {
+				p.lagMax = &v
+			}
+		case mBacklog:
+			addSample(&p.backlog, v)
+		case mRefusedLate:
+			addSample(&p.refusedLate, v)
+		case mLateSkipped:
+			p.lateSkipped[labelValue(labels, "where")] += v
+		case mLagBucket:
+			le, err := strconv.ParseFloat(labelValue(labels, "le"), 64)
+			if err == nil {
+				p.lagBuckets[le] += v
+			}
 		}
-		**dst += v
-	}
+	})
+	return p, err
+}
+
+// scanSamples calls sample for each caddy_chat_ sample of a page in the
+// Prometheus text format: its name, its label list (without braces) and
+// its value. Lines it cannot read are skipped.
+func scanSamples(r io.Reader, sample func(name, labels string, v float64)) error {
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64*1024), 1<<20)
 	for sc.Scan() {
@@ -91,26 +112,18 @@ func parsePromPage(r io.Reader) (promPage, error) {
 		if err != nil {
 			continue
 		}
-		switch name {
-		case mLagMax:
-			// Several hubs' gauges would be maxima too.
-			if p.lagMax == nil || v > *p.lagMax {
-				p.lagMax = &v
-			}
-		case mBacklog:
-			add(&p.backlog, v)
-		case mRefusedLate:
-			add(&p.refusedLate, v)
-		case mLateSkipped:
-			p.lateSkipped[labelValue(labels, "where")] += v
-		case mLagBucket:
-			le, err := strconv.ParseFloat(labelValue(labels, "le"), 64)
-			if err == nil {
-				p.lagBuckets[le] += v
-			}
-		}
+		sample(name, labels, v)
 	}
-	return p, sc.Err()
+	return sc.Err()
+}
+
+// addSample adds v to *dst, which a first sample creates: nil means the
+// node has no such series.
+func addSample(dst **float64, v float64) {
+	if *dst == nil {
+		*dst = new(float64)
+	}
+	**dst += v
 }
 
 func fetchPromPage(ctx context.Context, url string) (promPage, error) {
