@@ -252,6 +252,16 @@ splice_section() {
 	echo "replaced the $1 section of bench/results.md" >&2
 }
 
+# add_section TITLE FILE: a part's section goes into this run's tables; a
+# partial run of it on this tree's build also splices it into the
+# committed results.
+add_section() {
+	cat "$2" >>"$out/tables.md"
+	if [ -n "${ONLY:-}" ] && [ -z "${CADDY_BIN:-}${QUICK:-}" ]; then
+		splice_section "$1" "$2"
+	fi
+}
+
 # built: where the nodes under test come from, for a section's first line.
 built() {
 	echo "nodes built from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/results.md' || echo '+changes')"
@@ -391,10 +401,7 @@ mem_ratio() { # run, rate (0: unpaced)
 	echo "The runs:"
 	sed 's/^### /#### /' "$out/broker-runs.md"
 } >"$out/broker.md"
-cat "$out/broker.md" >>"$out/tables.md"
-if [ -n "${ONLY:-}" ] && [ -z "${CADDY_BIN:-}${QUICK:-}" ]; then
-	splice_section "Fan-out on one node: memory broker and Redis" "$out/broker.md"
-fi
+add_section "Fan-out on one node: memory broker and Redis" "$out/broker.md"
 fi
 
 # One hostile connection per attack for 20 s against two fresh nodes with
@@ -485,12 +492,7 @@ idle_row() { # transport
 	echo "The runs (\`chatbench\` tables; the scenario is labelled fanout/sse and idle/sse when the subscribers read SSE):"
 	sed 's/^### /#### /' "$out/sse-runs.md"
 } >"$out/sse.md"
-cat "$out/sse.md" >>"$out/tables.md"
-# A run of this part on this tree's build replaces its section of the
-# committed results and leaves the others as they are.
-if [ -n "${ONLY:-}" ] && [ -z "${CADDY_BIN:-}${QUICK:-}" ]; then
-	splice_section "SSE and WebSocket" "$out/sse.md"
-fi
+add_section "SSE and WebSocket" "$out/sse.md"
 fi
 
 # Compression: the same fan-out of a ~200-byte chat text on the same two
@@ -531,10 +533,7 @@ z_row() {
 	echo "The runs:"
 	sed 's/^### /#### /' "$out/compression-runs.md"
 } >"$out/compression.md"
-cat "$out/compression.md" >>"$out/tables.md"
-if [ -n "${ONLY:-}" ] && [ -z "${CADDY_BIN:-}${QUICK:-}" ]; then
-	splice_section "Compression" "$out/compression.md"
-fi
+add_section "Compression" "$out/compression.md"
 fi
 
 # Capacity: 3 nodes on this Redis and on a 3-shard Redis Cluster, Redis CPU
