@@ -492,7 +492,8 @@ func (c *conn) writeLoop() {
 			c.closeHandshake()
 			return
 		}
-		if d := c.send.pop(); d != nil {
+		// A frame to write, or only gap frames owed (late.go).
+		if d := c.send.pop(); d != nil || len(c.owed) > 0 {
 			if err := c.writeBatch(d); err != nil {
 				if errors.Is(err, net.ErrClosed) {
 					// A close frame is already out: the WebSocket library sent
@@ -504,15 +505,6 @@ func (c *conn) writeLoop() {
 					c.closeHandshake()
 					return
 				}
-				c.fail(closeInternal, "write failed")
-				c.tr.closeNow()
-				c.closeHandshake()
-				return
-			}
-			continue
-		}
-		if len(c.owed) > 0 {
-			if err := c.writeBatch(nil); err != nil {
 				c.fail(closeInternal, "write failed")
 				c.tr.closeNow()
 				c.closeHandshake()
