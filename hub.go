@@ -427,17 +427,31 @@ func (h *hub) releaseIfIdle(channel string, cs *channelState) {
 // the broker's deliverFunc: it never blocks, and a member whose queue is full
 // is disconnected as a slow consumer rather than waited for.
 func (h *hub) deliver(channel string, payload []byte) {
+	h.deliverReceived(channel, payload, 0)
+}
+
+// deliverReceived delivers one broker message that the inbox received at
+// received (Unix ns), or, with 0, one delivered on its publisher's
+// goroutine (the memory broker), which is never late at the hub.
+func (h *hub) deliverReceived(channel string, payload []byte, received int64) {
 	if channel != "" && channel[0] == '#' {
 		h.control.receive(channel, payload)
 		return
 	}
 	now := time.Now()
 	body, stamped := unstamp(payload)
-	born := now.UnixNano()
+	born := received
+	if born == 0 {
+		born = now.UnixNano()
+	}
 	if stamped {
 		if ts, ok := h.observeLag(body, now); ok {
 			born = ts
 		}
+	}
+	if received != 0 && h.tooLate(now.UnixNano()-born, channel, body, stamped) {
+		h.skipLate(channel, body, stamped)
+		return
 	}
 	h.deliverBody(channel, body, stamped, born)
 }

@@ -151,7 +151,7 @@ func (in *inbox) run() {
 			if it.resync {
 				in.h.resyncRecovering()
 			} else {
-				in.h.deliverReceived(it.channel, it.payload, it.received)
+				in.h.deliverReceivedRecovering(it.channel, it.payload, it.received)
 			}
 		}
 		clear(batch) // let the payloads go

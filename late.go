@@ -45,34 +45,23 @@ var errDeliveriesLate = errors.New("deliveries are running late on this node")
 // lateReason is what a refused publisher is told.
 const lateReason = "message not published: deliveries are running late on this node (max_lag); retry later"
 
-// refusesPublishes reports whether the node is behind by more than max_lag.
-func (h *hub) refusesPublishes() bool {
+// refuseIfLate refuses a publish, counted, with errDeliveriesLate while
+// the node is behind by more than max_lag; nil otherwise.
+func (h *hub) refuseIfLate() error {
 	at := h.lateAt.Load()
-	return at != 0 && time.Since(time.Unix(0, at)) < refuseLateFor
+	if at == 0 || time.Since(time.Unix(0, at)) >= refuseLateFor {
+		return nil
+	}
+	moduleMetrics().publishRefusedLate.Inc()
+	return errDeliveriesLate
 }
 
-// deliverReceived is the inbox's delivery of one message read from the
-// broker at received (Unix ns): a late one is skipped, the others go to
-// deliverBody as the memory broker's do.
-func (h *hub) deliverReceived(channel string, payload []byte, received int64) {
-	defer h.recoverDelivery(channel)
-	if f := testHookDeliver.Load(); f != nil {
-		(*f)(channel)
-	}
-	now := time.Now()
-	body, stamped := unstamp(payload)
-	born := received
-	if stamped {
-		if ts, ok := h.observeLag(body, now); ok {
-			born = ts
-		}
-	}
+// tooLate reports whether a message of channel that waited age (ns) since
+// its publish is not to be fanned out: past max_lag, unless it is a
+// presence event.
+func (h *hub) tooLate(age int64, channel string, body []byte, stamped bool) bool {
 	maxLag := h.maxLag.Load()
-	if maxLag > 0 && now.UnixNano()-born > maxLag && !(stamped && isPresenceEvent(channel, body)) {
-		h.skipLate(channel, body, stamped)
-		return
-	}
-	h.deliverBody(channel, body, stamped, born)
+	return maxLag > 0 && age > maxLag && !(stamped && isPresenceEvent(channel, body))
 }
 
 // skipLate drops one late message of channel: the channel's members are

@@ -50,8 +50,7 @@ func (c *conn) publishPipelined(reqID json.RawMessage, msg Publication) bool {
 	if !ok || msg.idem != nil || c.route.history.policyFor(msg.Channel) != nil {
 		return false
 	}
-	if c.hub.refusesPublishes() {
-		moduleMetrics().publishRefusedLate.Inc()
+	if c.hub.refuseIfLate() != nil {
 		c.replyError(reqID, errUnavailable, lateReason)
 		return true
 	}

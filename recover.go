@@ -83,15 +83,22 @@ func (c *conn) recoverWriter() {
 	}()
 }
 
-// deliverRecovering is the hub's deliverFunc as the brokers see it: a panic
-// while delivering one message drops that message, and the broker's
-// delivering goroutine goes on with the next.
+// deliverRecovering is the hub's deliverFunc as the memory broker sees it
+// (and the inbox's for control messages): a panic while delivering one
+// message drops that message, and the delivering goroutine goes on with
+// the next.
 func (h *hub) deliverRecovering(channel string, payload []byte) {
+	h.deliverReceivedRecovering(channel, payload, 0)
+}
+
+// deliverReceivedRecovering is deliverReceived with the same protection:
+// how the inbox delivers what it received from the broker at received.
+func (h *hub) deliverReceivedRecovering(channel string, payload []byte, received int64) {
 	defer h.recoverDelivery(channel)
 	if f := testHookDeliver.Load(); f != nil {
 		(*f)(channel)
 	}
-	h.deliver(channel, payload)
+	h.deliverReceived(channel, payload, received)
 }
 
 func (h *hub) recoverDelivery(channel string) {

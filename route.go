@@ -156,9 +156,8 @@ func (r *route) recordPublish(msg Publication, id string) {
 }
 
 func (r *route) publishMessage(ctx context.Context, key *publisherKey, msg Publication) (string, error) {
-	if r.hub.refusesPublishes() {
-		moduleMetrics().publishRefusedLate.Inc()
-		return "", errDeliveriesLate
+	if err := r.hub.refuseIfLate(); err != nil {
+		return "", err
 	}
 	msg.History = r.history.policyFor(msg.Channel)
 	if msg.History == nil || key == nil || r.newChannels == nil {
