@@ -85,7 +85,6 @@ func (h *hub) skipLate(channel string, body []byte, stamped bool) {
 		}
 	}
 	h.owe(channel, cs, 1)
-	moduleMetrics().lateSkipped.WithLabelValues("hub").Add(float64(cs.members.len()))
 }
 
 // skipDropped counts n messages of channel that a full inbox refused.
@@ -95,16 +94,17 @@ func (h *hub) skipDropped(channel string, n int) {
 	defer h.mu.RUnlock()
 	if cs := h.channels[channel]; cs != nil && cs.members.len() > 0 {
 		h.owe(channel, cs, n)
-		moduleMetrics().lateSkipped.WithLabelValues("hub").Add(float64(n * cs.members.len()))
 	}
 }
 
-// owe adds n missed messages to cs's next gap frame; h.mu is read-locked.
+// owe adds n missed messages to cs's next gap frame, counted once per
+// member; h.mu is read-locked.
 func (h *hub) owe(channel string, cs *channelState, n int) {
 	if cs.missed == 0 {
 		h.gapped = append(h.gapped, channel)
 	}
 	cs.missed += n
+	moduleMetrics().lateSkipped.WithLabelValues("hub").Add(float64(n * cs.members.len()))
 }
 
 // sendGap queues cs's gap frame to its members; h.mu is read-locked and
