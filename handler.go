@@ -142,7 +142,7 @@ func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request, id *identity, 
 	tr.ws, tr.cw = ws, cw.cork
 	tr.deflate, tr.library = negotiatedCompression(w.Header())
 	c := newConn(h.route, tr, rawChannel, id)
-	c.path = r.URL.Path
+	c.path = h.route.connPath(r.URL.Path)
 	c.admitted = true
 	go c.serve()
 	return nil

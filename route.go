@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -66,6 +68,23 @@ type route struct {
 	publishHook    *hookClient
 	connectHeaders []string
 	hookCache      *hookCache
+
+	// lastPath is the path the route's latest connection came on
+	// (connPath); connections on one path share it.
+	lastPath atomic.Pointer[string]
+}
+
+// connPath is the path a connection keeps for its hooks and webhooks. The
+// request's own path is a substring of its request line, so keeping it
+// would keep the line, a ?token=… of a few KiB included, for the life of the
+// connection; this is a copy, shared by connections on the same path.
+func (r *route) connPath(requestPath string) string {
+	if last := r.lastPath.Load(); last != nil && *last == requestPath {
+		return *last
+	}
+	p := strings.Clone(requestPath)
+	r.lastPath.Store(&p)
+	return p
 }
 
 // resolveRoute builds the route of a provisioned Handler.

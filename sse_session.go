@@ -142,7 +142,7 @@ func (h *Handler) serveStream(w http.ResponseWriter, r *http.Request) error {
 	t := newSSETransport(w, r, h.route.writeTimeout, seed)
 	c := newConn(h.route, t, "", id)
 	t.c = c
-	c.path = r.URL.Path
+	c.path = h.route.connPath(r.URL.Path)
 	t.streamSession = newStreamSession(h.hub.node)
 	t.streamSubs = subs
 	h.hub.streams.add(t.streamSession, t)
