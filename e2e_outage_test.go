@@ -72,7 +72,13 @@ func (p *outagePublisher) acks() int {
 // unavailable; subscribers on both nodes stay connected and, once Redis is
 // back, have every message that got an ok exactly once (none twice, even
 // though publishes timed out after reaching Redis) and in order; the outage
-// shows in metrics and is logged once per node.
+// shows in metrics and is logged once per node. max_lag is set past the
+// outage: with the default 5 s, a publish Redis acknowledged in the last
+// instant before it stopped, whose delivery to the subscribing node was
+// still in Redis's output buffer, arrives 5.0x s after its publish and is
+// rightly reported in a gap rather than delivered (late.go; the overload
+// test covers that), which this test would read as a lost acknowledged
+// message.
 func TestRedisOutageLosesNoAcknowledgedMessage(t *testing.T) {
 	t.Run("history", func(t *testing.T) { testRedisOutage(t, "\n\t\thistory 10000 1h") })
 	t.Run("plain", func(t *testing.T) { testRedisOutage(t, "") })
@@ -81,7 +87,7 @@ func TestRedisOutageLosesNoAcknowledgedMessage(t *testing.T) {
 func testRedisOutage(t *testing.T, history string) {
 	const publishTimeout = time.Second
 	rs := redistest.Start(t)
-	routes := fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off%s\n\t\tpublish_timeout %v\n\t\tsend_queue 4MiB\n\t}",
+	routes := fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off%s\n\t\tpublish_timeout %v\n\t\tmax_lag 1m\n\t\tsend_queue 4MiB\n\t}",
 		rs.URL(), history, publishTimeout)
 	a := startCaddy(t, "A", routes)
 	b := startCaddy(t, "B", routes)
@@ -173,22 +179,11 @@ func testRedisOutage(t *testing.T, history string) {
 			}
 			return count
 		}
-		extra, late := 0, 0
+		extra := 0
 		for missing() > 0 {
 			m, err := c.readMsg(10 * time.Second)
 			if err != nil {
 				t.Fatalf("%s (must stay connected through the outage; %d acknowledged messages still missing): %v", c.name, missing(), err)
-			}
-			if m.Type == "gap" {
-				// Publishes answered unavailable that Redis ran when it
-				// resumed, more than max_lag after their publish: skipped
-				// and reported (late.go). Acknowledged ones must all come.
-				var g gapFrame
-				if err := json.Unmarshal([]byte(m.raw), &g); err != nil || g.Missed < 1 {
-					t.Fatalf("%s: bad gap frame %s", c.name, m)
-				}
-				late += g.Missed
-				continue
 			}
 			if m.Type != "message" {
 				t.Fatalf("%s: unexpected frame %s", c.name, m)
@@ -218,7 +213,7 @@ func testRedisOutage(t *testing.T, history string) {
 				}
 			}
 		}
-		t.Logf("%s: every acknowledged message once, in order, without reconnecting (%d more that were answered unavailable but reached Redis, %d such reported late)", c.name, extra, late)
+		t.Logf("%s: every acknowledged message once, in order, without reconnecting (%d more that were answered unavailable but reached Redis)", c.name, extra)
 	}
 
 	for _, n := range []*caddyNode{a, b} {
