@@ -10,7 +10,11 @@
 #       idle3        3 nodes × 16,600 idle connections (~0.7 min)
 #       fanout       two nodes through Redis, 2,000 and 10,000 subscribers,
 #                    stepping the rate, against the baseline (~2 min)
-#       history hook rooms   (on the fanout part's two nodes)
+#       history hook   (on the fanout part's two nodes)
+#       rooms        on the fanout part's two nodes, the bare server
+#                    (baseline-rooms), two bare servers bridged through the
+#                    Redis (baseline-rooms-redis) and the nodes (rooms):
+#                    5,000 clients three times, 10,000 once (~6 min)
 #       broker       one node, the memory broker (/wsm) against Redis (/ws)
 #                    and the baseline, 2,000 and 10,000 subscribers, below
 #                    saturation and unpaced (~2 min)
@@ -323,11 +327,71 @@ want history && bench history-cost -url "$url_a,$url_b" -history-url "${url_a}h,
 # a backend per publish, before the message reaches Redis.
 want hook && bench hook-cost -url "$url_a,$url_b" -hook-url "${url_a}k,${url_b}k" -pids "$pid_a,$pid_b" \
 	-scenario baseline,fanout,fanout-hook -subs 2 -rate 0 -messages "$history_msgs" -inflight 64
+# Rooms: the bare server broadcasting in process (baseline-rooms), the same
+# bare servers bridged through this Redis, two of them as there are two
+# nodes (baseline-rooms-redis: the Redis hop and little else), then the
+# nodes (rooms), each on fresh connections; three runs at the smaller size
+# for the spread between runs, one at the full size.
 if want rooms; then
-bench rooms-$((rooms / 2)) -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -metrics-url "$metrics_ab" -scenario baseline-rooms,rooms -clients "$((rooms / 2))" -room-size 10 \
-	-client-rate 1 -duration 15s
-bench rooms-$rooms -url "$url_a,$url_b" -pids "$pid_a,$pid_b" -metrics-url "$metrics_ab" -scenario baseline-rooms,rooms -clients "$rooms" -room-size 10 \
-	-client-rate 1 -duration 15s
+r_load0=$(cut -d' ' -f1-3 /proc/loadavg)
+tables=$out/rooms-runs.md
+: >"$tables"
+rooms_small=$((rooms / 2))
+room_flags=(-url "$url_a,$url_b" -pids "$pid_a,$pid_b" -metrics-url "$metrics_ab" -scenario baseline-rooms,baseline-rooms-redis,rooms
+	-bridge-redis "redis://127.0.0.1:$redis_port/0" -bridge-nodes 2 -room-size 10 -client-rate 1 -duration 15s)
+room_runs=()
+for i in 1 2 3; do
+	bench rooms-$rooms_small-$i "${room_flags[@]}" -clients "$rooms_small"
+	room_runs+=(rooms-$rooms_small-$i)
+done
+bench rooms-$rooms "${room_flags[@]}" -clients "$rooms"
+room_runs+=(rooms-$rooms)
+unset tables
+r_load1=$(cut -d' ' -f1-3 /proc/loadavg)
+jq_r2='def r2: if . == null then "-" else (. * 100 | round) as $c | "\($c / 100 | floor).\($c % 100 | tostring | if length < 2 then "0" + . else . end)" end;'
+# One row per run: the three scenarios side by side.
+rooms_row() {
+	jq -r "$jq_r2"'
+		def s($n): first(.scenarios[] | select(.scenario == $n) | .phases[0]) // null;
+		def lat: if . == null then "-" else "\(.latency.p50_ms | r2) / \(.latency.p99_ms | r2)" end;
+		def f($k): if . == null then "-" else .[$k] end;
+		s("baseline-rooms") as $b | s("baseline-rooms-redis") as $r | s("rooms") as $n |
+		"| \(input_filename | sub(".*/"; "") | sub("\\.json$"; "")) | \($n | f("subscribers")) | \($b | lat) | \($r | lat) | \($n | lat)" +
+		" | \($b | f("refused")) / \($r | f("refused")) / \($n | f("refused")) | \($b | f("lost")) / \($r | f("lost")) / \($n | f("lost")) | \($b | f("deliveries_per_sec") | floor? // "-") / \($r | f("deliveries_per_sec") | floor? // "-") / \($n | f("deliveries_per_sec") | floor? // "-")" +
+		" | \($r | f("p99_baseline_ratio") | r2) | \($n | f("p99_baseline_ratio") | r2) | \($n | f("p99_bridged_baseline_ratio") | r2) |"' "$out/$1.json" 2>/dev/null || echo "| $1: no result |"
+}
+# rooms_p99 RUN SCENARIO: that scenario's p99 in ms (empty if none).
+rooms_p99() {
+	jq -r --arg s "$2" "$jq_r2"'first(.scenarios[] | select(.scenario == $s) | .phases[0].latency.p99_ms) // empty | r2' "$out/$1.json" 2>/dev/null || true
+}
+# rooms_ratio RUN: rooms' p99 over the bridged baseline's.
+rooms_ratio() {
+	jq -r "$jq_r2"'first(.scenarios[] | select(.scenario == "rooms") | .phases[0].p99_bridged_baseline_ratio) // empty | r2' "$out/$1.json" 2>/dev/null || true
+}
+# median of the arguments (numbers), "n/a" when there are none.
+median() { printf '%s\n' "$@" | grep . | sort -g | awk '{v[NR] = $1} END {print NR ? v[int((NR + 1) / 2)] : "n/a"}'; }
+{
+	echo
+	echo "## Rooms"
+	echo
+	echo "Run by \`${ONLY:+ONLY=\"$ONLY\" }${QUICK:+QUICK=1 }bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'), $(built): $(nproc) cores shared by the two nodes, redis-server, chatbench and the bare servers (load average $r_load0 when the part started, $r_load1 when it ended)."
+	echo "Clients in rooms of 10, each publishing 1 msg/s for 15 s, spread over two servers so that a room spans both. Each run measures, on fresh connections: **bare**, the bare coder/websocket server broadcasting in process (\`baseline-rooms\`); **bridged**, two such servers bridged through this Redis (\`baseline-rooms-redis\`: each publish through go-redis's autopipeline, answered after Redis; one SUBSCRIBE per room and server), the Redis hop and little else; **rooms**, the two Caddy nodes through the same Redis. $rooms_small clients three times (the spread between runs), $rooms once."
+	p_b=() p_r=() p_n=() p_x=()
+	for i in 1 2 3; do
+		p_b+=("$(rooms_p99 rooms-$rooms_small-$i baseline-rooms)") p_r+=("$(rooms_p99 rooms-$rooms_small-$i baseline-rooms-redis)") p_n+=("$(rooms_p99 rooms-$rooms_small-$i rooms)")
+		p_x+=("$(rooms_ratio rooms-$rooms_small-$i)")
+	done
+	echo "**p99 at $rooms_small clients, runs 1-3 (median): bare ${p_b[*]:-n/a} ms ($(median "${p_b[@]}")), bridged ${p_r[*]:-n/a} ms ($(median "${p_r[@]}")), rooms ${p_n[*]:-n/a} ms ($(median "${p_n[@]}")), rooms / bridged ${p_x[*]:-n/a} ($(median "${p_x[@]}")); at $rooms clients: bare $(rooms_p99 rooms-$rooms baseline-rooms) ms, bridged $(rooms_p99 rooms-$rooms baseline-rooms-redis) ms, rooms $(rooms_p99 rooms-$rooms rooms) ms, rooms / bridged $(rooms_ratio rooms-$rooms).**"
+	echo "lost: expected − delivered − reported; the ratios are p99 over p99 of the same run (bridged / bare is the Redis hop's cost, rooms / bridged caddychat's beyond it)."
+	echo
+	echo "| run | clients | bare p50 / p99 ms | bridged p50 / p99 ms | rooms p50 / p99 ms | refused bare / bridged / rooms | lost bare / bridged / rooms | deliveries/s bare / bridged / rooms | p99 bridged / bare | p99 rooms / bare | p99 rooms / bridged |"
+	echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+	for run in "${room_runs[@]}"; do rooms_row "$run"; done
+	echo
+	echo "The runs:"
+	sed 's/^### /#### /' "$out/rooms-runs.md"
+} >"$out/rooms.md"
+add_section "Rooms" "$out/rooms.md"
 fi
 stop_nodes
 fi

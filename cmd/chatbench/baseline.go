@@ -29,7 +29,7 @@ import (
 func runBaseline(ctx context.Context, cfg *config, name string, conns int, measure func(ctx context.Context, cfg *config, name string, urls []string, pids []int) (*scenarioResult, error)) (*scenarioResult, error) {
 	need := uint64(2*conns + 64)
 	if cur, _, err := raiseNoFile(); err == nil && need > cur {
-		url, pid, stop, err := startBaselineChild(baselineQueue)
+		url, pid, stop, err := startBaselineChild(baselineQueue, "")
 		if err != nil {
 			return &scenarioResult{Scenario: name}, fmt.Errorf("%d connections need about %d file descriptors for both ends in one process (RLIMIT_NOFILE %d), and the baseline server could not run as a child process: %v", conns, need, cur, err)
 		}
@@ -39,7 +39,7 @@ func runBaseline(ctx context.Context, cfg *config, name string, conns int, measu
 		res.Server = fmt.Sprintf("child process %d", pid)
 		return res, err
 	}
-	srv, err := startBaselineServer(baselineQueue)
+	srv, err := startBaselineServer(baselineQueue, "")
 	if err != nil {
 		return &scenarioResult{Scenario: name}, err
 	}
@@ -53,7 +53,7 @@ func runBaseline(ctx context.Context, cfg *config, name string, conns int, measu
 // runBaselineIdle runs the idle measurement against the bare server, always
 // in a child process: its VmRSS is then the server's alone, as a node's is.
 func runBaselineIdle(ctx context.Context, cfg *config, name string) (*scenarioResult, error) {
-	url, pid, stop, err := startBaselineChild(baselineIdleQueue)
+	url, pid, stop, err := startBaselineChild(baselineIdleQueue, "")
 	if err != nil {
 		return &scenarioResult{Scenario: name}, fmt.Errorf("the baseline server could not run as a child process: %v", err)
 	}
@@ -75,7 +75,8 @@ const baselineIdleQueue = 16
 
 // serveBaselineFlag makes the binary the baseline server: it prints the URL
 // on stdout and serves until stdin is closed (its parent ended). An
-// argument after it is the send channel's size.
+// argument after it is the send channel's size; a second, a Redis URL the
+// server is bridged through (bridge.go).
 const serveBaselineFlag = "-serve-baseline"
 
 func serveBaselineChild(args []string) int {
@@ -89,7 +90,11 @@ func serveBaselineChild(args []string) int {
 		}
 		queue = n
 	}
-	srv, err := startBaselineServer(queue)
+	redisURL := ""
+	if len(args) > 1 {
+		redisURL = args[1]
+	}
+	srv, err := startBaselineServer(queue, redisURL)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "chatbench baseline server:", err)
 		return 1
@@ -100,14 +105,19 @@ func serveBaselineChild(args []string) int {
 	return 0
 }
 
-// startBaselineChild starts this binary as the baseline server and returns
-// its URL and pid, and a function that ends it.
-func startBaselineChild(queue int) (url string, pid int, stop func(), err error) {
+// startBaselineChild starts this binary as the baseline server (bridged
+// through Redis at redisURL unless it is "") and returns its URL and pid,
+// and a function that ends it.
+func startBaselineChild(queue int, redisURL string) (url string, pid int, stop func(), err error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return "", 0, nil, err
 	}
-	cmd := exec.Command(exe, serveBaselineFlag, strconv.Itoa(queue))
+	args := []string{serveBaselineFlag, strconv.Itoa(queue)}
+	if redisURL != "" {
+		args = append(args, redisURL)
+	}
+	cmd := exec.Command(exe, args...)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -153,6 +163,10 @@ type baselineServer struct {
 	channels map[string]map[*baseConn]struct{}
 	conns    map[*baseConn]struct{}
 	nextID   atomic.Int64
+
+	// bridge, when set, carries publishes through Redis (bridge.go): a
+	// message reaches the members of every server bridged to the same Redis.
+	bridge *bridge
 }
 
 type baseConn struct {
@@ -161,9 +175,12 @@ type baseConn struct {
 	once sync.Once
 	gone chan struct{}
 	slow atomic.Bool // dropped because its queue was full
+	// acks: the bridged publishes waiting for Redis, answered in order by
+	// their own goroutine (bridge.go); made by the first one.
+	acks chan bridgeAck
 }
 
-func startBaselineServer(queue int) (*baselineServer, error) {
+func startBaselineServer(queue int, redisURL string) (*baselineServer, error) {
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
@@ -175,6 +192,12 @@ func startBaselineServer(queue int) (*baselineServer, error) {
 		channels: map[string]map[*baseConn]struct{}{},
 		conns:    map[*baseConn]struct{}{},
 	}
+	if redisURL != "" {
+		if s.bridge, err = newBridge(redisURL, s.deliver); err != nil {
+			ln.Close()
+			return nil, err
+		}
+	}
 	s.http = &http.Server{Handler: http.HandlerFunc(s.serve), ReadHeaderTimeout: 10 * time.Second, ErrorLog: log.New(io.Discard, "", 0)}
 	go s.http.Serve(ln)
 	return s, nil
@@ -182,6 +205,9 @@ func startBaselineServer(queue int) (*baselineServer, error) {
 
 func (s *baselineServer) close() {
 	s.http.Close() // the listener; hijacked connections are ours
+	if s.bridge != nil {
+		defer s.bridge.close()
+	}
 	s.mu.Lock()
 	conns := make([]*baseConn, 0, len(s.conns))
 	for c := range s.conns {
@@ -210,11 +236,20 @@ func (s *baselineServer) serve(w http.ResponseWriter, r *http.Request) {
 	defer func() {
 		s.mu.Lock()
 		delete(s.conns, c)
-		for _, subs := range s.channels {
-			delete(subs, c)
+		var left []string
+		for channel, subs := range s.channels {
+			if _, ok := subs[c]; ok {
+				delete(subs, c)
+				left = append(left, channel)
+			}
 		}
 		s.mu.Unlock()
 		c.drop()
+		if s.bridge != nil {
+			for _, channel := range left {
+				s.bridge.leave(channel)
+			}
+		}
 	}()
 	go s.write(c)
 	c.enqueue([]byte(`{"type":"welcome","conn":"b` + strconv.FormatInt(s.nextID.Add(1), 10) + `","node":"baseline","user":""}`))
@@ -237,14 +272,10 @@ func (s *baselineServer) serve(w http.ResponseWriter, r *http.Request) {
 		}
 		switch f.Op {
 		case "subscribe":
-			s.mu.Lock()
-			subs := s.channels[f.Channel]
-			if subs == nil {
-				subs = map[*baseConn]struct{}{}
-				s.channels[f.Channel] = subs
+			if err := s.join(c, f.Channel); err != nil {
+				c.enqueue(errorFrame(f.ID, "unavailable", err.Error()))
+				continue
 			}
-			subs[c] = struct{}{}
-			s.mu.Unlock()
 			c.enqueue(okFrame(f.ID, f.Channel, ""))
 		case "publish":
 			if len(f.Data) == 0 {
@@ -253,17 +284,52 @@ func (s *baselineServer) serve(w http.ResponseWriter, r *http.Request) {
 			}
 			now := time.Now()
 			msgID := strconv.FormatInt(now.UnixMilli(), 10) + "-b-" + strconv.FormatInt(s.nextID.Add(1), 10)
-			c.enqueue(okFrame(f.ID, f.Channel, msgID))
+			ok := okFrame(f.ID, f.Channel, msgID)
 			frame := fmt.Appendf(nil, `{"type":"message","channel":%q,"id":%q,"from":"","ts":%d,"data":%s}`, f.Channel, msgID, now.UnixMilli(), f.Data)
-			s.mu.RLock()
-			for sub := range s.channels[f.Channel] {
-				sub.enqueue(frame)
+			if s.bridge != nil {
+				s.bridge.publish(c, f.Channel, frame, ok, errorFrame(f.ID, "unavailable", "Redis did not take the message"))
+				continue
 			}
-			s.mu.RUnlock()
+			c.enqueue(ok)
+			s.deliver(f.Channel, frame)
 		default:
 			c.enqueue(errorFrame(f.ID, "bad_request", "unsupported op"))
 		}
 	}
+}
+
+// join makes c a member of channel; a bridged server first holds a Redis
+// subscription to it.
+func (s *baselineServer) join(c *baseConn, channel string) error {
+	s.mu.RLock()
+	_, member := s.channels[channel][c]
+	s.mu.RUnlock()
+	if member {
+		return nil
+	}
+	if s.bridge != nil {
+		if err := s.bridge.join(channel); err != nil {
+			return err
+		}
+	}
+	s.mu.Lock()
+	subs := s.channels[channel]
+	if subs == nil {
+		subs = map[*baseConn]struct{}{}
+		s.channels[channel] = subs
+	}
+	subs[c] = struct{}{}
+	s.mu.Unlock()
+	return nil
+}
+
+// deliver queues frame to every member of channel on this server.
+func (s *baselineServer) deliver(channel string, frame []byte) {
+	s.mu.RLock()
+	for sub := range s.channels[channel] {
+		sub.enqueue(frame)
+	}
+	s.mu.RUnlock()
 }
 
 // enqueue never blocks: a subscriber whose queue is full is dropped as a

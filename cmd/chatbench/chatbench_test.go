@@ -402,7 +402,7 @@ func TestReportFields(t *testing.T) {
 // chatbench does when the connections do not fit in one process.
 func TestBaselineChild(t *testing.T) {
 	t.Parallel()
-	url, pid, stop, err := startBaselineChild(baselineQueue)
+	url, pid, stop, err := startBaselineChild(baselineQueue, "")
 	if err != nil {
 		t.Fatal(err)
 	}

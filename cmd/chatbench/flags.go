@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/redis/go-redis/v9"
 )
 
 const usageText = `chatbench: load generator for caddychat nodes (WebSocket, JSON protocol).
@@ -68,6 +69,18 @@ Scenarios (-scenario, a comma list runs several in order):
   baseline-rooms  the rooms measurement against the same bare server; with
             rooms in the same run, the table shows rooms' deliveries/s
             relative to it.
+  baseline-rooms-redis  the rooms measurement against -bridge-nodes bare
+            servers (child processes), bridged through the Redis at
+            -bridge-redis as caddychat's nodes are: a publish goes to Redis
+            through go-redis's autopipeline and is answered ok once Redis
+            answered; each server holds one SUBSCRIBE per room it has
+            members in, confirmed before a member's subscribe is answered;
+            channels are prefixed chatbench-bridge:. Clients are spread
+            over the servers, so rooms span them. Its vs_baseline is
+            relative to baseline-rooms (the Redis hop); with rooms in the
+            same run, rooms' note and JSON give its deliveries/s and p99
+            relative to it (bridged_baseline_ratio,
+            p99_bridged_baseline_ratio): caddychat's cost beyond the hop.
   baseline-idle  the idle measurement against the bare server, always in a
             child process (its send channel 16 frames): with idle in the
             same run, idle's KiB per connection and connects/s relative to
@@ -153,6 +166,11 @@ type config struct {
 	clientRate float64
 	duration   time.Duration
 
+	// baseline-rooms-redis: the Redis its bare servers are bridged
+	// through, and how many of them
+	bridgeRedis string
+	bridgeNodes int
+
 	// idle
 	hold        time.Duration
 	settle      time.Duration
@@ -188,6 +206,7 @@ func defaultConfig() *config {
 		roomSize:           10,
 		clientRate:         1,
 		duration:           20 * time.Second,
+		bridgeNodes:        2,
 		hold:               30 * time.Second,
 		settle:             5 * time.Second,
 		runID:              newRunID(),
@@ -210,6 +229,8 @@ Examples:
   chatbench -url ws://127.0.0.1:8081/ws -memory-url ws://127.0.0.1:8081/wsm -metrics-url http://127.0.0.1:2019/metrics \
       -scenario baseline,fanout-memory,fanout -subs 10000 -rate 200 -messages 100000 -publish-for 5s -drain-max 10s
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario rooms -clients 2000 -room-size 10 -client-rate 1 -duration 30s
+  chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario baseline-rooms,baseline-rooms-redis,rooms \
+      -bridge-redis redis://127.0.0.1:6379/0 -bridge-nodes 2 -clients 5000 -room-size 10 -client-rate 1 -duration 15s
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario idle -clients 5000 -hold 30s -pids 1234,5678
   chatbench -url ws://127.0.0.1:8081/ws,ws://127.0.0.1:8082/ws -scenario abuse -duration 20s -pids 1234,5678 \
       -raw-url ws://127.0.0.1:8081/raw/abuse-raw,ws://127.0.0.1:8082/raw/abuse-raw -raw-channel room:abuse-raw \
@@ -222,7 +243,7 @@ Examples:
 	hookURLs := fs.String("hook-url", "", "for fanout-hook: the same nodes' URLs of a route with a publish_hook, comma separated")
 	memoryURLs := fs.String("memory-url", "", "for fanout-memory: the same node's URL of a route with the in-process broker (no redis option)")
 	metricsURLs := fs.String("metrics-url", "", "the nodes' Caddy admin /metrics URLs, one per -url in the same order: delivery phases report the broker lag they export; abuse reports gauges and closes")
-	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, baseline-rooms, baseline-idle, fanout-history, fanout-hook, fanout-memory, abuse, or a comma list of them")
+	scen := fs.String("scenario", strings.Join(cfg.scenarios, ","), "fanout, rooms, idle, baseline, baseline-rooms, baseline-rooms-redis, baseline-idle, fanout-history, fanout-hook, fanout-memory, abuse, or a comma list of them")
 	fs.IntVar(&cfg.sources, "sources", cfg.sources, "loopback source addresses 127.0.0.1..127.0.0.N to spread connections over (loopback nodes only)")
 	fs.IntVar(&cfg.connectConcurrency, "connect-concurrency", cfg.connectConcurrency, "WebSocket handshakes in flight at once")
 	fs.DurationVar(&cfg.connectTimeout, "connect-timeout", cfg.connectTimeout, "limit for one connection's handshake, welcome and subscribe")
@@ -248,6 +269,8 @@ Examples:
 	fs.IntVar(&cfg.roomSize, "room-size", cfg.roomSize, "rooms: clients per room")
 	fs.Float64Var(&cfg.clientRate, "client-rate", cfg.clientRate, "rooms: publishes per second of each client")
 	fs.DurationVar(&cfg.duration, "duration", cfg.duration, "rooms: how long clients publish; abuse: how long the attacks run")
+	fs.StringVar(&cfg.bridgeRedis, "bridge-redis", "", "baseline-rooms-redis (required for it): the Redis URL its bare servers are bridged through, e.g. redis://127.0.0.1:6379/0")
+	fs.IntVar(&cfg.bridgeNodes, "bridge-nodes", cfg.bridgeNodes, "baseline-rooms-redis: bare servers bridged through -bridge-redis; the clients are spread over them")
 
 	fs.DurationVar(&cfg.hold, "hold", cfg.hold, "idle: how long the connections are held")
 	fs.DurationVar(&cfg.settle, "settle", cfg.settle, "idle: wait after connecting before the second RSS reading")
@@ -290,8 +313,18 @@ Examples:
 			if len(cfg.memoryURLs) == 0 {
 				return nil, errors.New("-scenario fanout-memory needs -memory-url")
 			}
+		case "baseline-rooms-redis":
+			if cfg.bridgeRedis == "" {
+				return nil, errNoBridgeRedis
+			}
+			if _, err := redis.ParseURL(cfg.bridgeRedis); err != nil {
+				return nil, fmt.Errorf("-bridge-redis: %v", err)
+			}
+			if cfg.bridgeNodes < 1 {
+				return nil, errors.New("-bridge-nodes must be at least 1")
+			}
 		default:
-			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline, baseline-rooms, baseline-idle, fanout-history, fanout-hook, fanout-memory, abuse)", s)
+			return nil, fmt.Errorf("-scenario: unknown scenario %q (fanout, rooms, idle, baseline, baseline-rooms, baseline-rooms-redis, baseline-idle, fanout-history, fanout-hook, fanout-memory, abuse)", s)
 		}
 	}
 	if len(cfg.scenarios) == 0 {

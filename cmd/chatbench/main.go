@@ -94,6 +94,8 @@ func run(ctx context.Context, cfg *config, args []string) *report {
 			res, err = runRooms(ctx, cfg, s, cfg.urls, cfg.pids)
 		case "baseline-rooms":
 			res, err = runBaseline(ctx, cfg, s, cfg.clients, runRooms)
+		case "baseline-rooms-redis":
+			res, err = runBridgedBaseline(ctx, cfg, s)
 		case "fanout-history":
 			res, err = runFanout(ctx, cfg, s, cfg.historyURLs, cfg.pids)
 		case "fanout-hook":
@@ -128,7 +130,7 @@ func maxConns(cfg *config) int {
 		switch s {
 		case "fanout", "baseline", "fanout-history", "fanout-hook", "fanout-memory": // a baseline that does not fit runs its server in a child
 			n = max(n, cfg.subs+1)
-		case "rooms", "baseline-rooms", "idle", "baseline-idle":
+		case "rooms", "baseline-rooms", "baseline-rooms-redis", "idle", "baseline-idle":
 			n = max(n, cfg.clients)
 		case "abuse":
 			n = max(n, 2*len(cfg.urls)*(cfg.honestSubs+1)+len(abuseAttacks))
@@ -139,13 +141,15 @@ func maxConns(cfg *config) int {
 
 // addBaselineRatios sets, phase by phase, fanout's and fanout-memory's
 // deliveries/s and p99 relative to baseline's, rooms' relative to
-// baseline-rooms', fanout-history's and fanout-hook's relative to fanout's
+// baseline-rooms' and to baseline-rooms-redis' (the bridged baseline),
+// baseline-rooms-redis' relative to baseline-rooms' (the Redis hop),
+// fanout-history's and fanout-hook's relative to fanout's
 // (the cost of keeping history, of a publish hook), and fanout's
 // deliveries/s relative to fanout-memory's (the Redis path against the
 // in-process broker); and idle's memory per connection and connect rate
 // relative to baseline-idle's.
 func addBaselineRatios(rep *report) {
-	baseOf := map[string]string{"fanout": "baseline", "fanout-memory": "baseline", "rooms": "baseline-rooms", "fanout-history": "fanout", "fanout-hook": "fanout"}
+	baseOf := map[string]string{"fanout": "baseline", "fanout-memory": "baseline", "rooms": "baseline-rooms", "baseline-rooms-redis": "baseline-rooms", "fanout-history": "fanout", "fanout-hook": "fanout"}
 	bases := map[string]*scenarioResult{}
 	for _, s := range rep.Scenarios {
 		bases[s.Scenario] = s
@@ -163,6 +167,14 @@ func addBaselineRatios(rep *report) {
 				if i < len(base.Phases) {
 					p.BaselineRatio = ratio(p.DeliveriesPerSec, base.Phases[i].DeliveriesPerSec)
 					p.P99Ratio = ratio(p.Latency.P99MS, base.Phases[i].Latency.P99MS)
+				}
+			}
+		}
+		if base := bases["baseline-rooms-redis"]; base != nil && s.Scenario == "rooms" {
+			for i, p := range s.Phases {
+				if i < len(base.Phases) {
+					p.BridgedRatio = ratio(p.DeliveriesPerSec, base.Phases[i].DeliveriesPerSec)
+					p.P99BridgedRatio = ratio(p.Latency.P99MS, base.Phases[i].Latency.P99MS)
 				}
 			}
 		}

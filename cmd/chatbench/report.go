@@ -81,10 +81,15 @@ type deliveryPhase struct {
 	// P99Ratio is p99 over the baseline phase's p99 (the same comparison as
 	// BaselineRatio); MemoryRatio is a fanout phase's deliveries/s over the
 	// fanout-memory phase's (the Redis path against the in-process broker).
-	P99Ratio    *float64       `json:"p99_baseline_ratio,omitempty"`
-	MemoryRatio *float64       `json:"memory_ratio,omitempty"`
-	Latency     latencySummary `json:"latency"`
-	AckLatency  latencySummary `json:"publish_ack_latency"`
+	P99Ratio    *float64 `json:"p99_baseline_ratio,omitempty"`
+	MemoryRatio *float64 `json:"memory_ratio,omitempty"`
+	// BridgedRatio and P99BridgedRatio: a rooms phase's deliveries/s and
+	// p99 over baseline-rooms-redis' (the bare servers bridged through
+	// Redis): caddychat's cost beyond the Redis hop.
+	BridgedRatio    *float64       `json:"bridged_baseline_ratio,omitempty"`
+	P99BridgedRatio *float64       `json:"p99_bridged_baseline_ratio,omitempty"`
+	Latency         latencySummary `json:"latency"`
+	AckLatency      latencySummary `json:"publish_ack_latency"`
 
 	CPU cpuUsage `json:"cpu"`
 	// Bytes every connection of chatbench read during the phase (frames,
@@ -181,6 +186,9 @@ func writeTable(w io.Writer, rep *report) {
 						note += fmt.Sprintf(", %.2f µs node CPU/delivery", p.ServerCPUMicrosPerDelivery)
 					}
 					notes = append(notes, note)
+				}
+				if p.BridgedRatio != nil || p.P99BridgedRatio != nil {
+					notes = append(notes, fmt.Sprintf("vs baseline-rooms-redis: deliveries/s %s, p99 %s", ratioText(p.BridgedRatio), ratioText(p.P99BridgedRatio)))
 				}
 				if p.GapFrames > 0 {
 					notes = append(notes, fmt.Sprintf("%d gap frames reported %d missed messages", p.GapFrames, p.Reported))
