@@ -264,6 +264,7 @@ type lightSubscriber struct {
 	sessions    int
 	firstFrames []string
 	notReco     int
+	missed      int // messages reported in gap frames (late.go)
 	ready       chan struct{}
 	readyOne    sync.Once
 }
@@ -326,6 +327,7 @@ func (s *lightSubscriber) session(ws *websocket.Conn, channel string, stop <-cha
 			ID        json.RawMessage `json:"id"`
 			Epoch     string          `json:"epoch"`
 			Recovered *bool           `json:"recovered"`
+			Missed    int             `json:"missed"`
 			Data      struct{ N int } `json:"data"`
 		}
 		if json.Unmarshal(data, &f) != nil {
@@ -349,6 +351,8 @@ func (s *lightSubscriber) session(ws *websocket.Conn, channel string, stop <-cha
 				}
 			}
 			s.readyOne.Do(func() { close(s.ready) })
+		case "gap":
+			s.missed += f.Missed
 		case "message":
 			if s.last != 0 && f.Data.N != s.last+1 {
 				s.gaps = append(s.gaps, fmt.Sprintf("%d after %d (session %d, resuming %v, closes %v, reply %s, frames %q)", f.Data.N, s.last, session, resuming, s.closes, s.lastOK, s.firstFrames))
@@ -368,7 +372,13 @@ func (s *lightSubscriber) session(ws *websocket.Conn, channel string, stop <-cha
 func TestReloadUnderLoad(t *testing.T) {
 	rs := redistest.Start(t)
 	routesFor := func(redisURL string) string {
-		return fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off\n\t\thistory 100000 1h\n\t\tdrain_period 2s\n\t\tmax_connections_per_user 2000\n\t}", redisURL)
+		// max_lag past any stall of a CI machine. With the default 5 s, a
+		// run on a loaded machine (1,000 clients resuming under the race
+		// detector on 2 shared cores) missed the same messages on every
+		// client whatever its replay, as a hub that fell past max_lag skips
+		// them (late.go, reported in gap frames, now counted below); this
+		// test is about the reload, not bounded latency.
+		return fmt.Sprintf("\tchat /ws {\n\t\tredis %s\n\t\trate_limit off\n\t\thistory 100000 1h\n\t\tmax_lag 1m\n\t\tdrain_period 2s\n\t\tmax_connections_per_user 2000\n\t}", redisURL)
 	}
 	a := startCaddy(t, "A", routesFor(rs.URL()))
 	b := startCaddy(t, "B", routesFor(rs.URL()))
@@ -444,8 +454,8 @@ func TestReloadUnderLoad(t *testing.T) {
 	for i, s := range subs {
 		s.mu.Lock()
 		retries += s.retries
-		if len(s.gaps) > 0 || s.notReco > 0 {
-			t.Errorf("client %d: gaps %v, %d resumes not recovered", i, s.gaps, s.notReco)
+		if len(s.gaps) > 0 || s.notReco > 0 || s.missed > 0 {
+			t.Errorf("client %d: gaps %v, %d resumes not recovered, %d messages reported missed in gap frames", i, s.gaps, s.notReco, s.missed)
 		}
 		told += s.closes[int(websocket.StatusServiceRestart)]
 		s.mu.Unlock()
