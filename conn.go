@@ -28,54 +28,62 @@ type conn struct {
 
 	// send is the queue of frames for the writer, bounded by send_queue bytes.
 	send sendQueue
-	// writeTimer bounds each write: it cuts the connection when a write
-	// takes longer than write_timeout. One timer per connection, reset per
-	// write, instead of a context (and its allocations) per write.
-	writeTimer *time.Timer
-	// closing is set when the connection starts closing (fail), and ends
-	// ctx. ctx is made on first use (context): for a hook call, a publish
-	// pipeline, a writer waiting for the read to end. An idle connection
-	// holds none: a cancelable context and its cancel function per
-	// connection would be two more allocations each. One pointer, not the
-	// context and its cancel function: 16 bytes less keep conn within the
-	// 448-byte size class (conn_mem_test.go).
-	closing atomic.Bool
-	ctx     *cancelableContext
-	// ops are the cancels of the broker calls under way (brokerContext).
-	// opMu also guards ctx, closed and handshakeDone.
-	opMu      sync.Mutex
-	ops       []*context.CancelFunc
-	closeOnce sync.Once
+	// timer bounds each write by write_timeout, pings every ping_interval
+	// and ends the connection when its token expires (conntimer.go): one
+	// runtime timer for the three, instead of a context (and its
+	// allocations) per write.
+	timer connTimer
+	// ctx is made on first use (context), and ends once closing is set
+	// (fail): for a hook call, a publish pipeline, a writer waiting for the
+	// read to end. An idle connection holds none: a cancelable context and
+	// its cancel function per connection would be two more allocations
+	// each. One pointer, not the context and its cancel function: 16 bytes
+	// less keep conn within its size class (conn_mem_test.go).
+	ctx *cancelableContext
+	// ops are the cancels of the broker calls under way (brokerContext), a
+	// list through the ops themselves: no slice for the connection to keep.
+	// opMu also guards ctx, closed, handshakeDone and the timer's arming.
+	ops *brokerOp
+	// closeWith is the code and reason the connection closes with, made by
+	// the first fail: an open connection keeps no room for them.
+	closeWith *closeStatus
 	// handshakeDone is set by the writer once the close handshake is done
 	// (closeDone); closed, made only when finish has to wait for that, is
 	// closed then. An idle connection holds no channel for it.
-	handshakeDone bool
-	closed        chan struct{}
-	closeCode     websocket.StatusCode
-	closeWhy      string
+	closed chan struct{}
+
+	// The small fields side by side, so that no padding is spent on them.
+	opMu      sync.Mutex
+	closeOnce sync.Once
+	// closing is set when the connection starts closing (fail).
+	closing atomic.Bool
 	// writing is true while a writer goroutine runs. A writer exists only
 	// while there is something to write (or a close to perform), so an idle
 	// connection costs one goroutine, not two.
 	writing atomic.Bool
+	pinging atomic.Bool
+	// catchingUp counts channels whose history is being read (resume.go);
+	// while it is zero, deliveries skip catchMu altogether.
+	catchingUp atomic.Int32
+	// subMu guards subscribed and subsEnded, catchMu catchUps.
+	subMu   sync.Mutex
+	catchMu sync.Mutex
 	// admitted: the connection holds a slot of the hub (hub.admit, a
 	// WebSocket's), given back once it has ended. The slot is its user's,
 	// identity.user, which a refresh cannot change (opRefresh).
-	admitted bool
+	admitted      bool
+	handshakeDone bool
+	subsEnded     bool
 	// pipeline holds the connection's publishes waiting for Redis, made
 	// with the first (pipeline.go); only the reading goroutine sets it.
 	pipeline chan pendingPublish
 	// owed counts, per channel, the messages the connection missed (late)
 	// and has not been told of yet; the writer's alone, nil when none (late.go).
 	owed map[string]int
-	// pingTimer is set once serve starts; the timer's own callback reads it.
-	pingTimer atomic.Pointer[time.Timer]
-	pinging   atomic.Bool
 
 	// subscribed are the connection's channels. The reading goroutine and
 	// the server API (conn_server.go) change them, under subMu; subsEnded
 	// is set when the closing connection lists them for the last time.
-	subMu      sync.Mutex
-	subsEnded  bool
 	subscribed channelSet
 	// sessIdentity is the identity the server API sees (conn_server.go):
 	// the reading goroutine's, published atomically. opened is when the
@@ -88,7 +96,6 @@ type conn struct {
 	// Only touched by the reading goroutine: the identity (replaced by a
 	// refresh) and the rate limiter's state.
 	identity *identity
-	expiry   *time.Timer
 	limiter  *rate.Limiter // nil: no rate limit
 	// overLimit grows by one per frame refused by the limiter and shrinks by
 	// one per frame let through: a client that keeps sending faster than
@@ -98,11 +105,7 @@ type conn struct {
 	// until the first one.
 	ephemeralLimiter *rate.Limiter
 
-	// catchingUp counts channels whose history is being read (resume.go);
-	// while it is zero, deliveries skip catchMu altogether.
-	catchingUp atomic.Int32
-	catchMu    sync.Mutex
-	catchUps   map[string]*catchUp
+	catchUps map[string]*catchUp
 	// heldBytes is what the catch-ups hold: it counts against send_queue.
 	heldBytes atomic.Int64
 }
@@ -121,8 +124,6 @@ func newConn(rt *route, tr transport, rawChannel string, id *identity) *conn {
 		tr:         tr,
 		rawChannel: rawChannel,
 	}
-	c.writeTimer = time.AfterFunc(time.Hour, c.writeTimedOut)
-	c.writeTimer.Stop()
 	c.opened = time.Now().UnixNano()
 	c.setSession()
 	return c
@@ -131,7 +132,7 @@ func newConn(rt *route, tr transport, rawChannel string, id *identity) *conn {
 // fail starts closing the connection with code; the first call wins.
 func (c *conn) fail(code websocket.StatusCode, why string) {
 	c.closeOnce.Do(func() {
-		c.closeCode, c.closeWhy = code, why
+		c.closeWith = &closeStatus{code, why}
 		c.closing.Store(true)
 		c.cancelOps()
 		// The writer performs the close handshake.
@@ -223,8 +224,7 @@ func (c *conn) open() bool {
 	log := c.route.log
 	log.Debug("connection opened", zap.String("conn", c.id), zap.String("user", c.identity.user))
 	c.recordEvent("connect", "")
-	pingTimer := time.AfterFunc(c.route.pingInterval, c.pingDue)
-	c.pingTimer.Store(pingTimer)
+	c.startPings()
 	c.armExpiry()
 
 	if c.rawChannel != "" {
@@ -255,17 +255,13 @@ func (c *conn) finish() {
 	c.hub.unregister(c, c.endSubscriptions())
 	c.recordEvent("disconnect", "")
 	c.awaitCloseDone()
-	c.route.log.Debug("connection closed", zap.String("conn", c.id), zap.Int("code", int(c.closeCode)), zap.String("reason", c.closeWhy))
-	if t := c.pingTimer.Load(); t != nil {
-		t.Stop()
-	}
-	if c.expiry != nil {
-		c.expiry.Stop()
-	}
+	code, why := c.closeCode()
+	c.route.log.Debug("connection closed", zap.String("conn", c.id), zap.Int("code", int(code)), zap.String("reason", why))
+	c.stopTimer()
 	m := moduleMetrics()
 	m.connections.Dec()
-	m.connectionsClosed.WithLabelValues(closeReason(c.closeCode)).Inc()
-	if c.closeCode == closeSlowConsumer {
+	m.connectionsClosed.WithLabelValues(closeReason(code)).Inc()
+	if code == closeSlowConsumer {
 		m.slowConsumers.Inc()
 	}
 	c.releaseSlot()
@@ -378,29 +374,48 @@ func (c *conn) context() context.Context {
 // the connection's life, and an idle connection would keep them.
 func (c *conn) brokerContext() (context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithTimeout(context.Background(), c.route.publishTimeout)
-	op := &cancel
+	op := &brokerOp{cancel: cancel}
 	c.opMu.Lock()
 	if c.closing.Load() {
 		c.opMu.Unlock()
 		cancel()
 		return ctx, cancel
 	}
-	c.ops = append(c.ops, op)
+	op.next = c.ops
+	c.ops = op
 	c.opMu.Unlock()
 	return ctx, func() {
 		c.opMu.Lock()
-		for i, o := range c.ops {
-			if o == op {
-				c.ops = append(c.ops[:i], c.ops[i+1:]...)
+		for p := &c.ops; *p != nil; p = &(*p).next {
+			if *p == op {
+				*p = op.next
 				break
 			}
-		}
-		if len(c.ops) == 0 {
-			c.ops = nil
 		}
 		c.opMu.Unlock()
 		cancel()
 	}
+}
+
+// brokerOp is a broker call under way, one of the list c.ops.
+type brokerOp struct {
+	cancel context.CancelFunc
+	next   *brokerOp
+}
+
+// closeStatus is what a closing connection tells its client.
+type closeStatus struct {
+	code websocket.StatusCode
+	why  string
+}
+
+// closeCode is the code and reason the connection closes with; 0 until it
+// starts closing.
+func (c *conn) closeCode() (websocket.StatusCode, string) {
+	if s := c.closeWith; s != nil {
+		return s.code, s.why
+	}
+	return 0, ""
 }
 
 // cancelOps ends the broker calls under way, and ctx if it was made; fail
@@ -412,26 +427,9 @@ func (c *conn) cancelOps() {
 	if c.ctx != nil {
 		c.ctx.cancel()
 	}
-	for _, op := range c.ops {
-		(*op)()
+	for op := c.ops; op != nil; op = op.next {
+		op.cancel()
 	}
-}
-
-// armExpiry closes the connection when its token expires.
-func (c *conn) armExpiry() {
-	if c.expiry != nil {
-		c.expiry.Stop()
-		c.expiry = nil
-	}
-	if c.identity.expires.IsZero() {
-		return
-	}
-	// The leeway that let the token in also keeps it valid that much longer.
-	deadline := c.identity.expires.Add(c.route.tokenLeeway)
-	c.expiry = time.AfterFunc(time.Until(deadline), func() {
-		defer c.recoverPanic("expiry")
-		c.fail(closeTokenExpired, "token expired")
-	})
 }
 
 // withinRateLimit applies the connection's token bucket to one frame. A
@@ -529,8 +527,8 @@ func (c *conn) writeLoop() {
 // the writer calls it, once: the writing flag stays set, so no other writer
 // starts after it.
 func (c *conn) closeHandshake() {
-	c.writeTimer.Stop()
-	c.tr.close(c.closeCode, c.closeWhy)
+	c.endWriteDeadline()
+	c.tr.close(c.closeCode())
 	c.closeDone()
 }
 
@@ -579,8 +577,8 @@ func (c *conn) writeBatch(d *delivery) error {
 	// closing would tear the connection down before the close frame could be
 	// sent. The timer bounds the whole batch instead: corked writes can
 	// still wait for the library's lock behind a pong on a full socket.
-	c.writeTimer.Reset(c.route.writeTimeout)
-	defer c.writeTimer.Stop()
+	c.startWriteDeadline()
+	defer c.endWriteDeadline()
 	c.tr.cork()
 	now := time.Now().UnixNano()
 	var err error
@@ -620,33 +618,4 @@ func (c *conn) write(d *delivery) error {
 		}
 	}
 	return c.tr.writeFrame(d, frame)
-}
-
-// writeTimedOut runs when a write took longer than write_timeout: the peer
-// is not reading, so the connection is cut without a close handshake.
-func (c *conn) writeTimedOut() {
-	defer c.recoverPanic("write timer")
-	c.fail(closeSlowConsumer, "write timed out")
-	c.tr.closeNow()
-}
-
-// pingDue runs every ping_interval on a timer (no goroutine waits for it)
-// and pings unless a ping is still being written. The timer's callback runs
-// on a goroutine of its own, so a ping write that waits on a full socket
-// holds up nothing else.
-func (c *conn) pingDue() {
-	defer c.recoverPanic("ping timer")
-	if c.closing.Load() {
-		return
-	}
-	if t := c.pingTimer.Load(); t != nil {
-		t.Reset(c.route.pingInterval)
-	}
-	if !c.pinging.CompareAndSwap(false, true) {
-		return
-	}
-	defer c.pinging.Store(false)
-	if err := c.tr.ping(); err != nil && !c.closing.Load() {
-		c.fail(closePingTimeout, "ping timeout")
-	}
 }

@@ -10,7 +10,7 @@ import (
 // holds, within its size class: a field added past it costs every idle
 // connection 64 bytes more.
 func TestConnFitsSizeClass(t *testing.T) {
-	const class = 448
+	const class = 416
 	n := unsafe.Sizeof(conn{})
 	t.Logf("unsafe.Sizeof(conn{}) = %d", n)
 	if n > class {
@@ -94,5 +94,14 @@ func TestAwaitCloseDone(t *testing.T) {
 	<-waited
 	if !c.isCloseDone() {
 		t.Fatal("isCloseDone false after closeDone")
+	}
+}
+
+// TestWSTransportFitsSizeClass: every idle WebSocket holds its transport
+// (with its corkWriter and idleReader inside), within 128 bytes.
+func TestWSTransportFitsSizeClass(t *testing.T) {
+	const class = 128
+	if n := unsafe.Sizeof(wsTransport{}); n > class {
+		t.Errorf("unsafe.Sizeof(wsTransport{}) = %d, past the %d-byte size class", n, class)
 	}
 }

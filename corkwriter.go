@@ -25,13 +25,13 @@ import (
 // pong, close); each reaches Write whole, in one call, because the library
 // flushes its buffer, larger than any control frame, after every frame.
 type corkWriter struct {
-	mu     sync.Mutex
-	conn   net.Conn
-	corked bool
-	buf    []byte
+	mu   sync.Mutex
+	conn net.Conn
+	buf  []byte
 	// closeSent is set once the library has written a close frame: no data
 	// frame may follow it.
 	closeSent bool
+	corked    bool
 }
 
 // opCloseFinal is the first byte of a close frame (FIN and opcode 8).
@@ -170,7 +170,9 @@ func (w *corkWriter) flushLocked() error {
 // whose writes go through a corkWriter.
 type corkingResponseWriter struct {
 	http.ResponseWriter
-	cork *corkWriter // set by Hijack
+	// cork is the corkWriter Hijack gives the socket: the caller's (its
+	// transport's own), or one Hijack makes.
+	cork *corkWriter
 	idle *idleReader // if set, Hijack gives it the socket and the read buffer
 }
 
@@ -188,7 +190,10 @@ func (w *corkingResponseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	}
 	// net/http has flushed its writer (the 101 response) before handing it
 	// over; from here on writes go through the cork.
-	w.cork = &corkWriter{conn: conn}
+	if w.cork == nil {
+		w.cork = &corkWriter{}
+	}
+	w.cork.conn = conn
 	bw := libraryWriteBuffer
 	if _, library := negotiatedCompression(w.Header()); library {
 		bw = libraryDataWriteBuffer

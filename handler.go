@@ -2,7 +2,6 @@ package caddychat
 
 import (
 	"bufio"
-	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -122,16 +121,23 @@ func (h *Handler) reserveConnection(w http.ResponseWriter, id *identity) error {
 // foreign origin, 400 for a malformed handshake).
 func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request, id *identity, rawChannel string) error {
 	tr := &wsTransport{}
-	cw := &corkingResponseWriter{ResponseWriter: w, idle: &tr.idleReader}
+	cw := &corkingResponseWriter{ResponseWriter: w, cork: &tr.cw, idle: &tr.idleReader}
 	opts := h.acceptOptions
-	opts.OnPongReceived = func(context.Context, []byte) { tr.pongReceived() }
+	opts.OnPongReceived = pongRead
 	ws, err := websocket.Accept(cw, r, &opts)
 	if err != nil {
 		return err
 	}
-	if cw.cork == nil {
+	if tr.cw.conn == nil {
 		_ = ws.CloseNow()
 		return errors.New("the connection cannot be corked")
+	}
+	if !tr.unseen {
+		// The library reads through a wrapper of the socket (for what the
+		// client sent early, golang.org/issue/32314) that every idle
+		// connection would keep; with nothing sent early, the buffer reads
+		// the socket itself.
+		tr.br.Reset(tr.cw.conn)
 	}
 	// From here on w belongs to the WebSocket, and r's context ends with
 	// ServeHTTP: the connection runs on contexts of its own, on a goroutine
@@ -139,7 +145,7 @@ func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request, id *identity, 
 	// stack that Caddy's handler chain grew: an idle connection then costs
 	// one small goroutine stack (conn.readIdle), not a large one.
 	ws.SetReadLimit(h.MaxMessageSize)
-	tr.ws, tr.cw = ws, cw.cork
+	tr.ws = ws
 	tr.deflate, tr.library = negotiatedCompression(w.Header())
 	c := newConn(h.route, tr, rawChannel, id)
 	c.path = h.route.connPath(r.URL.Path)

@@ -19,7 +19,7 @@ import (
 // one would leave the goroutine parked deep in Read until the next data
 // frame. So the connection sends its own pings (with no payload) and takes
 // the client's answers off the socket itself; the library still handles
-// everything else, pongs it happens to read included (OnPongReceived).
+// everything else, pongs it happens to read included (pongRead).
 
 // errPingTimeout: the previous ping got no pong.
 var errPingTimeout = errors.New("no pong to the previous ping")

@@ -174,7 +174,7 @@ func TestResumeOnABusyChannelKeepsAReadingClient(t *testing.T) {
 					time.Sleep(2 * time.Millisecond)
 				}
 				if sc.closing.Load() {
-					fail("the node closed the resuming client (%d, %q) holding %d bytes for it", sc.closeCode, sc.closeWhy, sc.send.queuedBytes())
+					fail("the node closed the resuming client (%+v) holding %d bytes for it", sc.closeWith, sc.send.queuedBytes())
 					return
 				}
 				c := adopt(t, ws)
@@ -307,7 +307,7 @@ func TestResumeThenStopReadingIsClosed(t *testing.T) {
 				if code := websocket.CloseStatus(err); code != closeSlowConsumer {
 					t.Errorf("read replay %v: closed with %v (%v), want %d", readReplay, code, err, closeSlowConsumer)
 				}
-				t.Logf("read replay %v: peak held %d KiB (send_queue %d KiB), closed %d %q", readReplay, peak>>10, h.SendQueue>>10, sc.closeCode, sc.closeWhy)
+				t.Logf("read replay %v: peak held %d KiB (send_queue %d KiB), closed %v", readReplay, peak>>10, h.SendQueue>>10, sc.closeWith)
 			}()
 		}
 		wg.Wait()

@@ -3,6 +3,7 @@ package caddychat
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/coder/websocket"
 )
@@ -35,9 +36,11 @@ type transport interface {
 }
 
 // wsTransport is a WebSocket whose data frames go through a corkWriter.
+// The corkWriter is part of it, not one more allocation per connection:
+// every idle connection holds its transport, which fits 128 bytes so.
 type wsTransport struct {
 	ws *websocket.Conn
-	cw *corkWriter
+	cw corkWriter
 	idleReader
 	// Negotiated compression (compression.go): deflate, without context
 	// takeover, frames compressed once per delivery; library, with it,
@@ -51,8 +54,37 @@ func (t *wsTransport) read() ([]byte, bool, error) {
 	// Not tied to the connection's context: closing goes through the
 	// writer's close handshake, which ends this read once the peer answers
 	// or times out.
-	typ, frame, err := t.ws.Read(context.Background())
+	typ, frame, err := t.ws.Read((*readContext)(t))
 	return frame, typ == websocket.MessageText, err
+}
+
+// readContext is the context of a wsTransport's reads: Background's,
+// carrying the transport, so that one function (pongRead) serves every
+// connection's pongs instead of a closure per connection. Its own type, not
+// context.WithValue: no allocation per connection or per read.
+type readContext wsTransport
+
+// transportKey is the readContext's value key.
+type transportKey struct{}
+
+func (*readContext) Deadline() (time.Time, bool) { return time.Time{}, false }
+func (*readContext) Done() <-chan struct{}       { return nil }
+func (*readContext) Err() error                  { return nil }
+
+func (r *readContext) Value(key any) any {
+	if key == (transportKey{}) {
+		return (*wsTransport)(r)
+	}
+	return nil
+}
+
+// pongRead is the library's OnPongReceived: a pong it read answers the
+// ping. A pong read outside the transport's reads (the close handshake)
+// carries no transport, and the connection is ending anyway.
+func pongRead(ctx context.Context, _ []byte) {
+	if t, ok := ctx.Value(transportKey{}).(*wsTransport); ok {
+		t.pongReceived()
+	}
 }
 
 func (t *wsTransport) cork() { t.cw.cork() }
@@ -80,7 +112,7 @@ func (t *wsTransport) closeNow() { _ = t.ws.CloseNow() }
 
 // ping sends a ping and returns: its pong is awaited until the next ping,
 // ping_interval later, and taken by awaitFrame or the library
-// (pongReceived), so no goroutine waits for it.
+// (pongRead), so no goroutine waits for it.
 func (t *wsTransport) ping() error {
 	if t.awaitingPong.Swap(true) {
 		return errPingTimeout
