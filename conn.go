@@ -110,7 +110,9 @@ type conn struct {
 	heldBytes atomic.Int64
 }
 
-func newConn(rt *route, tr transport, rawChannel string, id *identity) *conn {
+// newConn makes the connection of a request on urlPath, which it keeps
+// as the route's shared copy (route.connPath), not the request's.
+func newConn(rt *route, tr transport, urlPath, rawChannel string, id *identity) *conn {
 	var limiter *rate.Limiter
 	if rt.rate > 0 {
 		limiter = rate.NewLimiter(rate.Limit(rt.rate), rt.rateBurst)
@@ -123,6 +125,7 @@ func newConn(rt *route, tr transport, rawChannel string, id *identity) *conn {
 		hub:        rt.hub,
 		tr:         tr,
 		rawChannel: rawChannel,
+		path:       rt.connPath(urlPath),
 	}
 	c.opened = time.Now().UnixNano()
 	c.setSession()

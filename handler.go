@@ -147,8 +147,7 @@ func (h *Handler) upgrade(w http.ResponseWriter, r *http.Request, id *identity, 
 	ws.SetReadLimit(h.MaxMessageSize)
 	tr.ws = ws
 	tr.deflate, tr.library = negotiatedCompression(w.Header())
-	c := newConn(h.route, tr, rawChannel, id)
-	c.path = h.route.connPath(r.URL.Path)
+	c := newConn(h.route, tr, r.URL.Path, rawChannel, id)
 	c.admitted = true
 	go c.serve()
 	return nil

@@ -140,9 +140,8 @@ func (h *Handler) serveStream(w http.ResponseWriter, r *http.Request) error {
 
 	startStream(w)
 	t := newSSETransport(w, r, h.route.writeTimeout, seed)
-	c := newConn(h.route, t, "", id)
+	c := newConn(h.route, t, r.URL.Path, "", id)
 	t.c = c
-	c.path = h.route.connPath(r.URL.Path)
 	t.streamSession = newStreamSession(h.hub.node)
 	t.streamSubs = subs
 	h.hub.streams.add(t.streamSession, t)
