@@ -382,7 +382,7 @@ median() { printf '%s\n' "$@" | grep . | sort -g | awk '{v[NR] = $1} END {print 
 		p_x+=("$(rooms_ratio rooms-$rooms_small-$i)")
 	done
 	echo "**p99 at $rooms_small clients, runs 1-3 (median): bare ${p_b[*]:-n/a} ms ($(median "${p_b[@]}")), bridged ${p_r[*]:-n/a} ms ($(median "${p_r[@]}")), rooms ${p_n[*]:-n/a} ms ($(median "${p_n[@]}")), rooms / bridged ${p_x[*]:-n/a} ($(median "${p_x[@]}")); at $rooms clients: bare $(rooms_p99 rooms-$rooms baseline-rooms) ms, bridged $(rooms_p99 rooms-$rooms baseline-rooms-redis) ms, rooms $(rooms_p99 rooms-$rooms rooms) ms, rooms / bridged $(rooms_ratio rooms-$rooms).**"
-	echo "lost: expected − delivered − reported; the ratios are p99 over p99 of the same run (bridged / bare is the Redis hop's cost, rooms / bridged caddychat's beyond it)."
+	echo "lost: expected − delivered − reported, where delivered leaves out deliveries of publishes answered \`unavailable\`; the ratios are p99 over p99 of the same run (bridged / bare is the Redis hop's cost, rooms / bridged caddychat's beyond it)."
 	echo
 	echo "| run | clients | bare p50 / p99 ms | bridged p50 / p99 ms | rooms p50 / p99 ms | refused bare / bridged / rooms | lost bare / bridged / rooms | deliveries/s bare / bridged / rooms | p99 bridged / bare | p99 rooms / bare | p99 rooms / bridged |"
 	echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -456,7 +456,7 @@ mem_ratio() { # run, rate (0: unpaced)
 	if want overload; then
 		echo "Overload ($fan_large subscribers at 50 and 200 msgs/s offered): publishing stops after $over_for (\`-publish-for\`), deliveries are waited for $over_drain after the last publish (\`-drain-max\`); what neither arrived by then nor was reported in a gap frame counts as lost, marked (capped)."
 	fi
-	echo "acked: publishes answered ok; refused: answered \`unavailable\` (nothing published); delivered: distinct messages received over all subscribers; reported: messages the node said it did not send (gap frames' \`missed\`); lost = expected − delivered − reported; node lag: the highest \`caddy_chat_broker_lag_max_seconds\` during the phase (its 10–20 s window may carry the previous run's) / the bucket bound of \`caddy_chat_broker_lag_seconds\` that holds every lag observed during the phase; vs baseline: deliveries/s and p99 relative to the bare server's at the same rate; Redis / memory: deliveries/s relative to the memory route's."
+	echo "acked: publishes answered ok; refused: answered \`unavailable\` (not known to be published: one that reached Redis before \`publish_timeout\` ran out is still delivered, beyond expected); delivered: distinct messages received over all subscribers; reported: messages the node said it did not send (gap frames' \`missed\`); lost = expected − delivered − reported, where delivered leaves out deliveries of refused publishes; node lag: the highest \`caddy_chat_broker_lag_max_seconds\` during the phase (its 10–20 s window may carry the previous run's) / the bucket bound of \`caddy_chat_broker_lag_seconds\` that holds every lag observed during the phase; vs baseline: deliveries/s and p99 relative to the bare server's at the same rate; Redis / memory: deliveries/s relative to the memory route's."
 	echo
 	echo "| subs | rate msgs/s | path | pub/s | acked | refused | delivered | reported | lost | disc | deliveries/s | p50 / p99 ms | max ms | node lag max s (gauge / histogram) | vs baseline (throughput / p99) | Redis / memory |"
 	echo "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"

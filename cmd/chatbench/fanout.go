@@ -189,6 +189,39 @@ type measure struct {
 	cpu    *cpuMeter
 	wire0  int64 // wireRead at the start
 	lag    *lagSampler
+	// senderOf is the index in the phase's publishers of subscriber sub's
+	// sender slot; nil: every slot is publisher 0.
+	senderOf func(sub, slot int) int
+}
+
+// errSeqsNow is each publisher's seqs answered with an error so far.
+func errSeqsNow(pubs []*publisher) [][]int64 {
+	seqs := make([][]int64, len(pubs))
+	for i, p := range pubs {
+		p.mu.Lock()
+		seqs[i] = p.stats.errSeqs[:len(p.stats.errSeqs):len(p.stats.errSeqs)]
+		p.mu.Unlock()
+	}
+	return seqs
+}
+
+// errorsReceived counts, over every subscriber, the deliveries of
+// publishes answered with an error (errSeqs[i]: publisher i's).
+func (m *measure) errorsReceived(errSeqs [][]int64) int64 {
+	var n int64
+	for i, s := range m.states {
+		n += s.errorsReceived(func(slot int) []int64 {
+			p := 0
+			if m.senderOf != nil {
+				p = m.senderOf(i, slot)
+			}
+			if p < 0 || p >= len(errSeqs) {
+				return nil
+			}
+			return errSeqs[p]
+		})
+	}
+	return n
 }
 
 // startMeasure resets every subscriber for a phase expecting seqs
@@ -268,7 +301,10 @@ func (m *measure) finish(ctx context.Context, cfg *config, ph *deliveryPhase, pu
 			unique += u + r
 		}
 		want := expected(pubs, weights)
-		if pending == 0 && unique >= want {
+		// Deliveries of refused publishes would end the wait early: they
+		// are taken off once the count looks complete (counting them on
+		// every tick would scan every refused seq for every subscriber).
+		if pending == 0 && unique >= want && unique-m.errorsReceived(errSeqsNow(pubs)) >= want {
 			break
 		}
 		if pending != lastPending || unique != lastUnique {
@@ -293,8 +329,10 @@ func (m *measure) finish(ctx context.Context, cfg *config, ph *deliveryPhase, pu
 	ph.PublishErrors = map[string]int64{}
 	ack := &hist{}
 	var first time.Time
-	for _, p := range pubs {
+	errSeqs := make([][]int64, len(pubs))
+	for i, p := range pubs {
 		s, unanswered := p.take()
+		errSeqs[i] = s.errSeqs
 		ph.Published += s.sent
 		ph.PublishOK += s.ok
 		ph.Unanswered += unanswered
@@ -308,6 +346,7 @@ func (m *measure) finish(ctx context.Context, cfg *config, ph *deliveryPhase, pu
 	}
 	ph.AckLatency = ack.summary()
 	ph.Refused = ph.PublishErrors["unavailable"]
+	ph.ErrorsReceived = m.errorsReceived(errSeqs)
 
 	t := sumSubs(m.states)
 	ph.Received = t.unique
@@ -317,7 +356,7 @@ func (m *measure) finish(ctx context.Context, cfg *config, ph *deliveryPhase, pu
 	ph.Stray = t.stray
 	ph.Reported = t.reported
 	ph.GapFrames = t.gaps
-	ph.Lost = max(ph.Expected-t.unique-t.reported, 0)
+	ph.Lost = max(ph.Expected-(t.unique-ph.ErrorsReceived)-t.reported, 0)
 	if !first.IsZero() && t.last.After(first) {
 		ph.Seconds = t.last.Sub(first).Seconds()
 		ph.DeliveriesPerSec = float64(t.deliveries) / ph.Seconds

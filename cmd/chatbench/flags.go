@@ -92,9 +92,11 @@ Figures:
   latency       receive time minus the send time the publisher put in the
                 payload (one machine, one clock); time a publisher waits for
                 room in its -inflight window is not included.
-  acked         publishes answered ok; refused: answered unavailable (the
-                node would not take them; nothing published); pub_err: the
-                other error answers.
+  acked         publishes answered ok; refused: answered unavailable (not
+                known to be published: the node would not take them, or
+                the broker did not answer within publish_timeout, and one
+                that had reached it is still delivered, beyond expected);
+                pub_err: the other error answers.
   delivered     distinct messages received, summed over subscribers.
   reported      messages the server said it did not send: the "missed" of
                 gap frames ({"type":"gap","channel":...,"missed":N}; SSE
@@ -102,7 +104,10 @@ Figures:
   lost          expected minus delivered minus reported: loss nobody was
                 told of. expected counts every publish not answered with an
                 error (unanswered ones included) once per subscriber (per
-                room member for rooms).
+                room member for rooms); delivered here leaves out the
+                deliveries of publishes answered with an error (noted as
+                "deliveries of publishes answered with an error"), so that
+                they do not stand in for expected ones that never came.
   lag_max_s     with -metrics-url, the highest caddy_chat_broker_lag_max_seconds
                 the nodes showed during the phase (sampled every 500 ms; the
                 gauge spans 10-20 s, so it may carry a previous phase's);

@@ -31,7 +31,8 @@ type publisher struct {
 type pubStats struct {
 	sent, ok           int64
 	errCodes           map[string]int64
-	ack                *hist // publish → ok
+	errSeqs            []int64 // the seqs answered with an error, in answer order
+	ack                *hist   // publish → ok
 	firstSent, lastAck time.Time
 }
 
@@ -151,6 +152,7 @@ func (p *publisher) reply(seq int64, code []byte, now time.Time) {
 		p.stats.ok++
 	} else {
 		p.stats.errCodes[string(code)]++
+		p.stats.errSeqs = append(p.stats.errSeqs, seq)
 	}
 	p.stats.lastAck = now
 	p.stats.ack.record(now.Sub(time.Unix(0, t)))

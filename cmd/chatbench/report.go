@@ -69,7 +69,12 @@ type deliveryPhase struct {
 	// counts of gap frames, GapFrames of them); not lost.
 	Reported  int64 `json:"reported"`
 	GapFrames int64 `json:"gap_frames"`
-	// Lost: expected − received − reported, loss nobody was told of.
+	// ErrorsReceived: deliveries (among Received) of publishes answered
+	// with an error, which are not expected: an unavailable publish that
+	// reached the broker before publish_timeout ran out is still delivered.
+	ErrorsReceived int64 `json:"errors_received"`
+	// Lost: expected − (received − errors received) − reported, loss
+	// nobody was told of.
 	Lost       int64 `json:"lost"`
 	Duplicates int64 `json:"duplicates"`
 	OutOfOrder int64 `json:"out_of_order"`
@@ -176,6 +181,9 @@ func writeTable(w io.Writer, rep *report) {
 				}
 				if p.Stray > 0 {
 					notes = append(notes, fmt.Sprintf("%d stray deliveries", p.Stray))
+				}
+				if p.ErrorsReceived > 0 {
+					notes = append(notes, fmt.Sprintf("%d deliveries of publishes answered with an error (not expected, not counted against lost)", p.ErrorsReceived))
 				}
 				if p.OverMaxP99 {
 					notes = append(notes, "p99 over -max-p99: stepping stopped")

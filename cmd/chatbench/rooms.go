@@ -52,6 +52,7 @@ func runRooms(ctx context.Context, cfg *config, name string, urls []string, pids
 	ph := &deliveryPhase{Phase: 1, Rate: cfg.clientRate, Publishers: cfg.clients, RoomSize: k}
 	res.Phases = append(res.Phases, ph)
 	m := startMeasure(clients, states, 0, 0, pids, cfg.metricsFor(name))
+	m.senderOf = func(sub, slot int) int { return sub/k*k + slot }
 	ph.Subscribers = m.alive
 	// A client's publishes are expected by the members of its room that are
 	// connected now.

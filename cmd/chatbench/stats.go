@@ -178,6 +178,31 @@ func (s *seqSet) add(seq int64) (dup, outOfOrder bool) {
 	return false, false
 }
 
+// has reports whether seq was recorded.
+func (s *seqSet) has(seq int64) bool {
+	w := seq >> 6
+	return seq >= 0 && w < int64(len(s.bits)) && s.bits[w]&(uint64(1)<<uint(seq&63)) != 0
+}
+
+// errorsReceived counts the deliveries to s of publishes answered with an
+// error (errSeqs(slot): the seqs its sender in that slot had refused),
+// each once: an unavailable publish that had reached the broker before
+// publish_timeout ran out is still delivered, and counted among the
+// received it would offset a loss of the expected ones.
+func (s *subState) errorsReceived(errSeqs func(slot int) []int64) int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var n int64
+	for slot := range s.senders {
+		for _, seq := range errSeqs(slot) {
+			if s.senders[slot].has(seq - s.base) {
+				n++
+			}
+		}
+	}
+	return n
+}
+
 // subState is the receive-side accounting of one subscriber for the current
 // phase. Its reader goroutine updates it; the scenario resets and reads it
 // between phases. The mutex is uncontended except at those moments.
