@@ -1,6 +1,7 @@
 package caddychat
 
 import (
+	"math"
 	"sync/atomic"
 	"time"
 )
@@ -98,7 +99,15 @@ func (c *conn) armExpiry() {
 	}
 	// The leeway that let the token in also keeps it valid that much longer.
 	deadline := c.identity.expires.Add(c.route.tokenLeeway)
-	at := max(monoNow()+int64(time.Until(deadline)), 1)
+	now, left := monoNow(), time.Until(deadline)
+	if left >= time.Duration(math.MaxInt64-now) {
+		// Further than the clock can count (time.Until caps at ~292
+		// years, an exp of 9999-12-31 is past that): no deadline, where
+		// the sum would wrap below zero and read as already expired.
+		c.timer.expiryAt.Store(0)
+		return
+	}
+	at := max(now+int64(left), 1)
 	c.timer.expiryAt.Store(at)
 	c.armTimer(at)
 }

@@ -290,3 +290,27 @@ func readServerFrameOp(br *bufio.Reader) (byte, string, error) {
 	p, err := readServerFrame(br)
 	return op, p, err
 }
+
+// TestFarFutureExpiryIsNoDeadline: a token that "never expires" (exp
+// 9999-12-31, or a hook's expires_at in the year 3000) is further away than
+// time.Until can say; added to the monotonic clock, its cap used to wrap
+// below zero, read as already past, and close the connection at once with
+// 4002.
+func TestFarFutureExpiryIsNoDeadline(t *testing.T) {
+	for _, expires := range []time.Time{time.Unix(253402300799, 0), time.Unix(32503680000, 0)} {
+		tr := &fakeTransport{closed: make(chan websocket.StatusCode, 1)}
+		rt := &route{log: zap.NewNop(), pingInterval: time.Hour, writeTimeout: time.Hour}
+		c := &conn{route: rt, tr: tr, identity: &identity{expires: expires}}
+		c.startPings()
+		c.armExpiry()
+		select {
+		case code := <-tr.closed:
+			t.Fatalf("expiry %v: closed at once with %d", expires, code)
+		case <-time.After(300 * time.Millisecond):
+		}
+		if at := c.timer.expiryAt.Load(); at != 0 && at < monoNow()+int64(100*365*24*time.Hour) {
+			t.Errorf("expiry %v: deadline %d, within a century of now", expires, at)
+		}
+		c.stopTimer()
+	}
+}
