@@ -7,9 +7,11 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -228,6 +230,14 @@ func (h *hub) checkRedisAtStart(timeout time.Duration) {
 		defer cancel()
 		start := time.Now()
 		err := h.redis.Ping(ctx).Err()
+		// With TLS 1.3 a Redis that refuses the client's certificate sends
+		// its alert after the client's side of the handshake: a PING written
+		// before the alert arrived meets a reset, which names no cause. A
+		// new connection usually reads the alert first; ask twice more.
+		for try := 0; try < 2 && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF)) && ctx.Err() == nil; try++ {
+			time.Sleep(100 * time.Millisecond)
+			err = h.redis.Ping(ctx).Err()
+		}
 		switch {
 		case err == nil:
 			h.log.Debug("redis answers", zap.Duration("ping", time.Since(start)))
