@@ -242,6 +242,10 @@ func openIdle(t *testing.T, n *testNode, k int, done func([]net.Conn)) []net.Con
 	return conns
 }
 
+// rawUpgradeRequest asks for a WebSocket on /ws, written byte by byte.
+var rawUpgradeRequest = "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" +
+	"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + base64.StdEncoding.EncodeToString([]byte("0123456789abcdef")) + "\r\n\r\n"
+
 // rawHandshake opens a WebSocket to n's /ws over a plain socket, so that
 // the test writes and reads frames byte by byte; br holds what follows the
 // 101.
@@ -253,10 +257,7 @@ func rawHandshake(t *testing.T, n *testNode) (net.Conn, *bufio.Reader) {
 	}
 	t.Cleanup(func() { c.Close() })
 	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	key := base64.StdEncoding.EncodeToString([]byte("0123456789abcdef"))
-	req := "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" +
-		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + "\r\n\r\n"
-	if _, err := c.Write([]byte(req)); err != nil {
+	if _, err := c.Write([]byte(rawUpgradeRequest)); err != nil {
 		t.Fatal(err)
 	}
 	br := bufio.NewReaderSize(c, 512)

@@ -3,7 +3,6 @@ package caddychat
 import (
 	"bufio"
 	"context"
-	"encoding/base64"
 	"fmt"
 	"io"
 	"net"
@@ -117,11 +116,8 @@ func TestFrameSentWithTheHandshakeIsRead(t *testing.T) {
 	}
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	key := base64.StdEncoding.EncodeToString([]byte("0123456789abcdef"))
-	req := "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" +
-		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + "\r\n\r\n"
-	frame := maskedText(`{"op":"subscribe","channel":"early","id":7}`)
-	if _, err := c.Write(append([]byte(req), frame...)); err != nil {
+	frame := maskedFrame(0x81, `{"op":"subscribe","channel":"early","id":7}`)
+	if _, err := c.Write(append([]byte(rawUpgradeRequest), frame...)); err != nil {
 		t.Fatal(err)
 	}
 	br := bufio.NewReader(c)
@@ -141,16 +137,6 @@ func TestFrameSentWithTheHandshakeIsRead(t *testing.T) {
 			return
 		}
 	}
-}
-
-// maskedText is a client's final text frame (payload under 126 bytes).
-func maskedText(s string) []byte {
-	mask := [4]byte{1, 2, 3, 4}
-	b := []byte{0x81, 0x80 | byte(len(s)), mask[0], mask[1], mask[2], mask[3]}
-	for i := range len(s) {
-		b = append(b, s[i]^mask[i%4])
-	}
-	return b
 }
 
 // readServerFrame reads one unmasked server frame and returns its payload.
